@@ -1,0 +1,284 @@
+"""Actors run in-process on real sockets (ipc in a temp dir) and a real Valkey.
+
+Test rules: no network beyond loopback/ipc; every test under ``trio.fail_after``; peers that
+misbehave (a silent executor, a dead ledger) are played by raw sockets.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import trio
+import zmq
+
+from vajra.actors.base import wait_until
+from vajra.actors.executor import Executor
+from vajra.actors.gateway import Gateway
+from vajra.actors.ledger import Ledger
+from vajra.actors.scheduler import Scheduler
+from vajra.bus.codec import decode, encode
+from vajra.bus.messages import (
+    ErrorReply,
+    ExecutorHello,
+    InferResult,
+    InferWork,
+    LoadReport,
+    UsageAck,
+    UsageEvent,
+)
+from vajra.bus.zsocket import ZSocket, open_socket
+from vajra.client import (
+    AsyncClient,
+    AuthError,
+    NotFoundError,
+    OverloadedError,
+    TimeoutError,
+    UnavailableError,
+)
+from vajra.config import VajraConfig
+from vajra.state import AsyncClusterState, ClusterState
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, valkey_url: str) -> VajraConfig:
+    run = tmp_path / "run"
+    run.mkdir()
+    base = VajraConfig().replace(
+        "cluster",
+        redis_url=valkey_url,
+        model="null",
+        gateway_address="tcp://127.0.0.1:0",
+        gateway_backend_address=f"ipc://{run}/gw",
+        scheduler_address=f"ipc://{run}/sched",
+        scheduler_dispatch_address=f"ipc://{run}/dispatch",
+        events_address=f"ipc://{run}/events",
+        ledger_address=f"ipc://{run}/ledger",
+    )
+    return base.replace("scheduler", executor_timeout_s=0.4).replace(
+        "executor", usage_resend_s=0.2, drain_timeout_s=1.0
+    )
+
+
+@pytest.fixture
+def flushed(valkey_url: str) -> Iterator[None]:
+    r: redis.Redis[str] = redis.Redis.from_url(valkey_url)
+    r.flushdb()
+    r.close()
+    yield
+
+
+@pytest.fixture
+async def astate(valkey_url: str, flushed: None) -> AsyncIterator[AsyncClusterState]:
+    s = AsyncClusterState.from_url(valkey_url)
+    yield s
+    await s.aclose()
+
+
+def _api_key(valkey_url: str) -> tuple[str, str]:
+    with ClusterState(valkey_url) as s:
+        t, key = s.create_tenant(f"t{uuid.uuid4().hex[:8]}")
+    return t.tenant_id, key
+
+
+def _work(rid: str, tenant: str = "t_1", deadline_ms: int = 60_000) -> InferWork:
+    from vajra.actors.base import now_ms
+
+    return InferWork(
+        request_id=rid,
+        tenant_id=tenant,
+        prompt="p",
+        adapter=None,
+        max_tokens=1,
+        temperature=0.0,
+        top_p=1.0,
+        stop=[],
+        seed=None,
+        stream=False,
+        deadline_unix_ms=now_ms() + deadline_ms,
+        gateway_id="gw-test",
+    )
+
+
+async def test_scheduler_fails_requests_of_a_silent_executor_and_of_a_restart(
+    cfg: VajraConfig,
+) -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            sched = Scheduler(cfg)
+            await nursery.start(sched.run)
+            gw = open_socket(ctx, zmq.DEALER, identity=b"gw-test")
+            gw.connect(cfg.cluster.scheduler_address)
+            # No executor at all: a retriable UnavailableError.
+            await gw.send(encode(_work("r0")))
+            reply = decode(await gw.recv()).message
+            assert isinstance(reply, ErrorReply) and reply.code == "unavailable" and reply.retriable
+
+            ex = open_socket(ctx, zmq.DEALER, identity=b"exec-9")
+            ex.connect(cfg.cluster.scheduler_dispatch_address)
+            await ex.send(encode(ExecutorHello("exec-9", "inc-1", "m", 2, 1)))
+            await trio.sleep(0.05)
+            for i in range(3):
+                await gw.send(encode(_work(f"r{i + 1}")))
+            got = [decode(await ex.recv()).message for _ in range(3)]
+            assert [w.request_id for w in got if isinstance(w, InferWork)] == ["r1", "r2", "r3"]
+            # Capacity is batch 2 + queue 1 = 3 in flight: the 4th is refused as overloaded.
+            await gw.send(encode(_work("r4")))
+            reply = decode(await gw.recv()).message
+            assert isinstance(reply, ErrorReply) and reply.code == "overloaded"
+            # r1 finishes; then the executor restarts with a new incarnation: r2, r3 fail.
+            await ex.send(encode(LoadReport("exec-9", "inc-1", 0, 2, finished_ids=["r1"])))
+            await trio.sleep(0.05)
+            await ex.send(encode(ExecutorHello("exec-9", "inc-2", "m", 2, 1)))
+            failed = {decode(await gw.recv()).message.request_id for _ in range(2)}  # type: ignore[attr-defined]
+            assert failed == {"r2", "r3"}
+            # New work goes to the new incarnation; then the executor falls silent.
+            await gw.send(encode(_work("r5")))
+            assert decode(await ex.recv()).message.request_id == "r5"  # type: ignore[attr-defined]
+            reply = decode(await gw.recv()).message
+            assert isinstance(reply, ErrorReply) and reply.request_id == "r5"
+            assert reply.code == "unavailable" and "stopped responding" in reply.message
+            assert sched.executors == {}
+            nursery.cancel_scope.cancel()
+    ctx.destroy(linger=0)
+
+
+async def test_gateway_sheds_load_expires_deadlines_and_answers_unknown_adapters(
+    cfg: VajraConfig, astate: AsyncClusterState, valkey_url: str
+) -> None:
+    cfg = cfg.replace("gateway", max_inflight=2)
+    _, key = _api_key(valkey_url)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            gateway = Gateway(cfg, astate)
+            address = await nursery.start(gateway.run)
+            # A scheduler that accepts work and never answers.
+            sched = open_socket(ctx, zmq.ROUTER)
+            sched.bind(cfg.cluster.scheduler_address)
+            async with AsyncClient(address, key, timeout_s=5) as c:
+                with pytest.raises(AuthError):
+                    async with AsyncClient(address, "vk_wrong", timeout_s=5) as bad:
+                        await bad.infer("x")
+                with pytest.raises(NotFoundError) as nf:
+                    await c.infer("x", adapter="someone-elses")
+                assert nf.value.field == "adapter"
+
+                async def hang() -> None:
+                    with pytest.raises(TimeoutError):
+                        await c.infer("x", timeout_s=0.5)
+
+                nursery.start_soon(hang)
+                nursery.start_soon(hang)
+                await sched.recv()
+                await sched.recv()
+                with pytest.raises(OverloadedError):
+                    await c.infer("x", timeout_s=2)
+                await trio.sleep(0.8)  # both deadlines pass: the gateway answers and forgets them
+                assert gateway.counters["deadline_expired"] == 2
+                assert not gateway._pending
+                # Draining: new work is refused with a retriable error.
+                gateway._accepting = False
+                with pytest.raises(UnavailableError):
+                    await c.infer("x", timeout_s=2)
+            nursery.cancel_scope.cancel()
+    ctx.destroy(linger=0)
+
+
+async def test_usage_is_resent_until_the_ledger_records_it_once(
+    cfg: VajraConfig, astate: AsyncClusterState, valkey_url: str
+) -> None:
+    tenant_id, key = _api_key(valkey_url)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Scheduler(cfg).run)
+            executor = Executor(cfg, astate, executor_id="exec-0", model="null")
+            await nursery.start(executor.run)
+            gateway_address = await nursery.start(Gateway(cfg, astate).run)
+            async with AsyncClient(gateway_address, key, timeout_s=10) as c:
+                for _ in range(20):
+                    try:
+                        r = await c.infer("hello", max_tokens=1)
+                        break
+                    except UnavailableError:  # the executor's hello may still be on its way
+                        await trio.sleep(0.1)
+                for _ in range(4):
+                    await c.infer("hello", max_tokens=1)
+            assert r.text == "."
+            # No ledger yet: the events wait in the outbox and are resent.
+            await trio.sleep(0.5)
+            assert len(executor._outbox) == 5
+            assert executor.counters["usage_resent"] >= 5
+            ledger = Ledger(cfg, astate)
+            await nursery.start(ledger.run)
+            await wait_until(lambda: not executor._outbox)
+            usage = await astate.get_usage(tenant_id)
+            assert usage.requests == 5
+            assert usage.completion_tokens == 5
+            nursery.cancel_scope.cancel()
+
+
+async def test_ledger_acknowledges_duplicates_without_counting_them(
+    cfg: VajraConfig, astate: AsyncClusterState
+) -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ledger = Ledger(cfg, astate)
+            await nursery.start(ledger.run)
+            sender: ZSocket = open_socket(ctx, zmq.DEALER, identity=b"exec-x")
+            sender.connect(cfg.cluster.ledger_address)
+            ev = UsageEvent("ev-1", "t_abc", "r1", "exec-x", 12.5, 3, 4, 1000)
+            bad = UsageEvent("ev bad id!", "t_abc", "r2", "exec-x", 1.0, 1, 1, 1000)
+            for e in (ev, ev, bad, ev):
+                await sender.send(encode(e))
+            acked: list[str] = []
+            while len(acked) < 4:
+                msg = decode(await sender.recv()).message
+                assert isinstance(msg, UsageAck)
+                acked += msg.event_ids
+            assert sorted(acked) == sorted(["ev-1", "ev-1", "ev bad id!", "ev-1"])
+            usage = await astate.get_usage("t_abc")
+            assert (usage.requests, usage.gpu_ms, usage.prompt_tokens) == (1, 12.5, 3)
+            assert ledger.counters["events_invalid"] == 1
+            await sender.send([b"garbage"])
+            await sender.send(encode(ev))
+            msg = decode(await sender.recv()).message
+            assert isinstance(msg, UsageAck) and msg.event_ids == ["ev-1"]
+            assert ledger.counters["malformed_frames"] == 1
+            nursery.cancel_scope.cancel()
+    ctx.destroy(linger=0)
+
+
+async def test_executor_drain_finishes_and_refuses_new_work(
+    cfg: VajraConfig, astate: AsyncClusterState
+) -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            dispatch = open_socket(ctx, zmq.ROUTER, handover=True)
+            dispatch.bind(cfg.cluster.scheduler_dispatch_address)
+            replies = open_socket(ctx, zmq.ROUTER, handover=True)
+            replies.bind(cfg.cluster.gateway_backend_address)
+            executor = Executor(cfg, astate, executor_id="exec-d", model="null")
+            await nursery.start(executor.run)
+            hello = decode((await dispatch.recv())[1:]).message
+            assert isinstance(hello, ExecutorHello) and hello.executor_id == "exec-d"
+            await dispatch.send([b"exec-d", *encode(_work("w1"))])
+            msg = decode((await replies.recv())[1:]).message
+            assert isinstance(msg, InferResult) and msg.request_id == "w1"
+            await executor.drain()
+            await dispatch.send([b"exec-d", *encode(_work("w2"))])
+            msg = decode((await replies.recv())[1:]).message
+            assert isinstance(msg, ErrorReply) and msg.code == "unavailable" and msg.retriable
+            # Expired work is answered with a timeout, never run.
+            executor._draining = False
+            await dispatch.send([b"exec-d", *encode(_work("w3", deadline_ms=-1))])
+            msg = decode((await replies.recv())[1:]).message
+            assert isinstance(msg, ErrorReply) and msg.code == "timeout"
+            nursery.cancel_scope.cancel()
+    ctx.destroy(linger=0)

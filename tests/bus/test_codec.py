@@ -1,0 +1,185 @@
+"""Codec tests: round trips for every kind, and typed errors for every kind of bad frame."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vajra.bus import codec
+from vajra.bus.codec import DecodeError, decode, decode_as, encode
+from vajra.bus.messages import (
+    ALL_MESSAGES,
+    PROTOCOL_VERSION,
+    ErrorReply,
+    InferRequest,
+    InferResult,
+    LoadReport,
+    StatsReply,
+)
+from vajra.errors import ErrorCode
+
+
+def _header(kind: str = "infer", version: int = PROTOCOL_VERSION) -> bytes:
+    return msgpack.packb([version, kind, "m1", None, None])
+
+
+def test_round_trip_keeps_every_field_and_header() -> None:
+    msg = InferRequest(
+        request_id="r1", api_key="k", prompt="héllo", adapter="a@2", stop=["\n"], seed=7
+    )
+    env = decode(encode(msg, message_id="m9", reply_to="r0", trace_id="t1"))
+    assert env.message == msg
+    assert (env.message_id, env.reply_to, env.trace_id) == ("m9", "r0", "t1")
+
+
+def test_every_kind_is_registered_once() -> None:
+    kinds = [cls.KIND for cls in ALL_MESSAGES]
+    assert len(kinds) == len(set(kinds))
+    assert all(kinds)
+
+
+def test_optional_fields_take_their_defaults_and_ints_widen_to_float() -> None:
+    body = msgpack.packb({"request_id": "r", "api_key": "k", "prompt": "p", "temperature": 1})
+    msg = decode([_header(), body]).message
+    assert isinstance(msg, InferRequest)
+    assert msg.max_tokens == 64 and msg.stop == [] and msg.temperature == 1.0
+    assert isinstance(msg.temperature, float)
+
+
+def test_unknown_extra_fields_are_ignored_for_forward_compatibility() -> None:
+    body = msgpack.packb({"request_id": "r", "api_key": "k", "prompt": "p", "future": 1})
+    assert isinstance(decode([_header(), body]).message, InferRequest)
+
+
+@pytest.mark.parametrize(
+    ("frames", "code", "field"),
+    [
+        ([b"\xc1", b"\x80"], ErrorCode.MALFORMED_FRAME, None),
+        ([_header()], ErrorCode.MALFORMED_FRAME, None),
+        ([_header(), b"\x80", b"x"], ErrorCode.MALFORMED_FRAME, None),
+        ([msgpack.packb([1, 2]), b"\x80"], ErrorCode.MALFORMED_FRAME, None),
+        ([_header(version=99), b"\x80"], ErrorCode.UNSUPPORTED_VERSION, "version"),
+        ([_header(kind="nope"), b"\x80"], ErrorCode.UNKNOWN_KIND, "kind"),
+        ([_header(), msgpack.packb([1, 2, 3])], ErrorCode.MALFORMED_FRAME, None),
+        ([_header(), b"\xff\xff"], ErrorCode.MALFORMED_FRAME, None),
+        (
+            [_header(), msgpack.packb({"request_id": "r", "api_key": "k"})],
+            ErrorCode.MALFORMED_FRAME,
+            "prompt",
+        ),
+        (
+            [_header(), msgpack.packb({"request_id": "r", "api_key": "k", "prompt": 5})],
+            ErrorCode.MALFORMED_FRAME,
+            "prompt",
+        ),
+        (
+            [
+                _header(),
+                msgpack.packb(
+                    {"request_id": "r", "api_key": "k", "prompt": "p", "max_tokens": True}
+                ),
+            ],
+            ErrorCode.MALFORMED_FRAME,
+            "max_tokens",
+        ),
+        (
+            [
+                _header(),
+                msgpack.packb({"request_id": "r", "api_key": "k", "prompt": "p", "stop": ["a", 1]}),
+            ],
+            ErrorCode.MALFORMED_FRAME,
+            "stop",
+        ),
+    ],
+)
+def test_bad_frames_raise_typed_errors_naming_the_problem(
+    frames: list[bytes], code: ErrorCode, field: str | None
+) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(frames)
+    assert info.value.code == code
+    assert info.value.field == field
+
+
+def test_decode_error_recovers_the_request_id_for_the_reply() -> None:
+    body = msgpack.packb({"request_id": "r42", "api_key": "k", "prompt": 3})
+    with pytest.raises(DecodeError) as info:
+        decode([_header(), body])
+    assert info.value.request_id == "r42"
+    assert info.value.message_id == "m1"
+
+
+def test_oversized_body_is_refused_before_unpacking() -> None:
+    body = msgpack.packb({"request_id": "r", "api_key": "k", "prompt": "x" * 2000})
+    with pytest.raises(DecodeError) as info:
+        decode([_header(), body], max_body_bytes=1000)
+    assert info.value.code == ErrorCode.PAYLOAD_TOO_LARGE
+
+
+def test_decode_as_refuses_another_kind() -> None:
+    frames = encode(ErrorReply(request_id="r", code="internal", message="m"))
+    with pytest.raises(DecodeError):
+        decode_as(frames, InferResult)
+    msg, _ = decode_as(frames, ErrorReply)
+    assert msg.code == "internal"
+
+
+def test_nested_types_validate() -> None:
+    good = StatsReply(request_id="r", actor="gw", counters={"a": 1})
+    assert decode(encode(good)).message == good
+    bad = encode(LoadReport(executor_id="e", incarnation="i", queue_depth=0, running=0))
+    body = msgpack.unpackb(bad[1])
+    body["finished_ids"] = [1]
+    with pytest.raises(DecodeError):
+        decode([bad[0], msgpack.packb(body)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), min_size=0, max_size=4))
+def test_random_frames_never_raise_anything_but_decode_error(frames: list[bytes]) -> None:
+    try:
+        decode(frames)
+    except DecodeError:
+        pass
+
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([cls.KIND for cls in ALL_MESSAGES]),
+    st.dictionaries(
+        st.sampled_from(sorted({f.name for c in ALL_MESSAGES for f in dataclasses.fields(c)})),
+        _json,
+        max_size=8,
+    ),
+)
+def test_random_bodies_for_every_kind_decode_or_fail_typed(
+    kind: str, body: dict[str, object]
+) -> None:
+    try:
+        env = decode([_header(kind=kind), msgpack.packb(body)])
+    except DecodeError:
+        return
+    assert kind == env.message.KIND
+    # Whatever decoded must encode again and decode to the same message.
+    assert decode(encode(env.message)).message == env.message
+
+
+def test_schemas_cover_all_messages() -> None:
+    assert set(codec._SCHEMAS) == {cls.KIND for cls in ALL_MESSAGES}

@@ -1,0 +1,30 @@
+"""Session-wide fixtures shared by every test package: a real Valkey server, a tiny model.
+
+Rules: loopback only, free ports chosen at start, no fakes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vajra.gpu.tiny import init_tiny_model
+from vajra.state import EmbeddedValkey
+
+
+@pytest.fixture(scope="session")
+def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = EmbeddedValkey(tmp_path_factory.mktemp("valkey"))
+    url = server.start()
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random-weight Llama and trained tokenizer, written as a real model directory."""
+    return init_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", seed=0)

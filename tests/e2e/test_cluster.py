@@ -1,0 +1,305 @@
+"""End to end: real actor processes started by `vajra up`, driven through the SDK and raw pyzmq.
+
+Test rules: loopback only, every wait under `trio.fail_after` or a subprocess timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+import trio
+import zmq
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.e2e.harness import RunningCluster
+from vajra.bus.codec import decode, encode
+from vajra.bus.messages import PROTOCOL_VERSION, ErrorReply, InferRequest, InferResult, LoadReport
+from vajra.client import (
+    AsyncClient,
+    AuthError,
+    Client,
+    InvalidRequest,
+    TimeoutError,
+    UnavailableError,
+    VajraError,
+)
+from vajra.state import ClusterState
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = [
+    "The river",
+    "Once upon a time there was",
+    "numbers: 1 2 3",
+    "A long and winding sentence about the weather in the mountains, which was",
+    "hello",
+    "Why is the sky",
+    "x",
+    "The quick brown fox jumps over the lazy dog.",
+    "In the beginning",
+    "tea or coffee?",
+]
+
+
+def _create_tenant(cluster: RunningCluster, name: str) -> str:
+    out = cluster.cli("tenant", "create", name)
+    assert out.returncode == 0, out.stderr
+    match = re.search(r"api key \(shown once\): (\S+)", out.stdout)
+    assert match, out.stdout
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def api_key(cluster: RunningCluster) -> str:
+    return _create_tenant(cluster, "acme")
+
+
+def _reference_greedy(model_dir: Path, prompt: str, max_new_tokens: int) -> list[int]:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+        )
+    return [int(t) for t in out[0, ids.shape[1] :]]
+
+
+def _strip_eos(tokens: list[int], eos: int | None) -> list[int]:
+    return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens
+
+
+async def test_fifty_concurrent_requests_match_transformers_greedy(
+    cluster: RunningCluster, api_key: str
+) -> None:
+    jobs = [(i, PROMPTS[i % len(PROMPTS)], 4 + (i * 7) % 13, i % 2 == 0) for i in range(50)]
+    results: dict[int, list[int]] = {}
+    texts: dict[int, str] = {}
+
+    async def one(c: AsyncClient, i: int, prompt: str, n: int, stream: bool) -> None:
+        if stream:
+            pieces: list[str] = []
+            tokens: list[int] = []
+            async with c.stream(prompt, max_tokens=n) as chunks:
+                async for ch in chunks:
+                    pieces.append(ch.text)
+                    tokens.extend(ch.token_ids)
+            results[i] = tokens
+            texts[i] = "".join(pieces)
+        else:
+            r = await c.infer(prompt, max_tokens=n)
+            assert r.usage.completion_tokens == len(r.tokens)
+            assert r.usage.prompt_tokens > 0
+            results[i] = r.tokens
+            texts[i] = r.text
+
+    with trio.fail_after(120):
+        async with (
+            AsyncClient(cluster.gateway, api_key, timeout_s=90) as c,
+            trio.open_nursery() as nursery,
+        ):
+            for job in jobs:
+                nursery.start_soon(one, c, *job)
+
+    tok = AutoTokenizer.from_pretrained(cluster.model_dir)
+    reference = {(p, n): _reference_greedy(cluster.model_dir, p, n) for _, p, n, _ in jobs}
+    for i, prompt, n, _ in jobs:
+        want = _strip_eos(reference[(prompt, n)], tok.eos_token_id)
+        assert results[i] == want, f"request {i} ({prompt!r}, {n} tokens) differs"
+        assert texts[i] == tok.decode(want, skip_special_tokens=True)
+
+
+async def test_usage_reaches_the_ledger_and_events_reach_the_predictor(
+    cluster: RunningCluster, api_key: str
+) -> None:
+    with trio.fail_after(30):
+        async with AsyncClient(cluster.gateway, api_key, timeout_s=20) as c:
+            r = await c.infer("billing check", max_tokens=3)
+    with ClusterState(cluster.redis_url) as state:
+        tenant = state.authenticate(api_key)
+        assert tenant is not None
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            usage = state.get_usage(tenant.tenant_id)
+            events = state.get_adapter_stats("__base__")
+            if usage.requests >= 1 and events.requests >= 1:
+                break
+            await trio.sleep(0.1)
+        assert usage.requests >= 1
+        assert usage.completion_tokens >= r.usage.completion_tokens
+        assert usage.gpu_ms > 0
+        assert events.requests >= 1
+
+
+def test_sync_client_and_cli(cluster: RunningCluster, api_key: str) -> None:
+    with Client(cluster.gateway, api_key, timeout_s=30) as c:
+        r = c.infer("hello", max_tokens=5)
+        streamed = "".join(ch.text for ch in c.stream("hello", max_tokens=5))
+    assert r.text == streamed
+    out = cluster.cli("infer", "--key", api_key, "--max-tokens", "5", "hello")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip("\n") == r.text
+    status = cluster.cli("status")
+    assert status.returncode == 0, status.stderr
+    assert "exec-0" in status.stdout and "executors: 1" in status.stdout
+    shown = cluster.cli("config", "show")
+    assert "max_prompt_chars" in shown.stdout
+
+
+async def test_bad_requests_get_typed_errors_naming_the_field(
+    cluster: RunningCluster, api_key: str
+) -> None:
+    with trio.fail_after(30):
+        async with AsyncClient(cluster.gateway, "vk_not-a-real-key", timeout_s=10) as bad:
+            with pytest.raises(AuthError):
+                await bad.infer("hello")
+        async with AsyncClient(cluster.gateway, api_key, tenant="nobody", timeout_s=10) as c:
+            with pytest.raises(InvalidRequest) as info:
+                await c.infer("hello")
+            assert info.value.field == "tenant"
+        async with AsyncClient(cluster.gateway, api_key, timeout_s=10) as c:
+            for kwargs, field in [
+                ({"prompt": ""}, "prompt"),
+                ({"prompt": "x" * 2001}, "prompt"),
+                ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+                ({"prompt": "hi", "max_tokens": 100_000}, "max_tokens"),
+                ({"prompt": "hi", "temperature": -1.0}, "temperature"),
+                ({"prompt": "hi", "top_p": 0.0}, "top_p"),
+            ]:
+                with pytest.raises(InvalidRequest) as info:
+                    await c.infer(**kwargs)  # type: ignore[arg-type]
+                assert info.value.field == field, kwargs
+            # The gateway is still serving.
+            assert (await c.infer("still alive", max_tokens=2)).tokens
+
+
+def _random_frames(rng: random.Random, i: int) -> list[bytes]:
+    header = msgpack.packb([PROTOCOL_VERSION, "infer", f"m{i}", None, None])
+    good_body = msgpack.packb({"request_id": f"r{i}", "api_key": "k", "prompt": "p"})
+    choices = [
+        lambda: [rng.randbytes(rng.randint(0, 40))],
+        lambda: [rng.randbytes(8), rng.randbytes(rng.randint(0, 64))],
+        lambda: [header],
+        lambda: [header, rng.randbytes(rng.randint(1, 32))],
+        lambda: [msgpack.packb([99, "infer", "m", None, None]), good_body],
+        lambda: [msgpack.packb([PROTOCOL_VERSION, "nope", "m", None, None]), good_body],
+        lambda: [header, msgpack.packb({"request_id": f"r{i}", "api_key": 5, "prompt": "p"})],
+        lambda: [header, msgpack.packb({"request_id": f"r{i}"})],
+        lambda: [header, msgpack.packb([1, 2, 3])],
+        lambda: [header, good_body, b"extra"],
+        lambda: encode(LoadReport(executor_id="e", incarnation="i", queue_depth=0, running=0)),
+        lambda: [b""],
+    ]
+    return rng.choice(choices)()
+
+
+def test_a_thousand_malformed_frames_are_each_answered(
+    cluster: RunningCluster, api_key: str
+) -> None:
+    rng = random.Random(1234)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.gateway)
+    try:
+        with Client(cluster.gateway, "", timeout_s=10) as c:
+            before = c.stats().get("malformed_frames", 0)
+        for i in range(1000):
+            sock.send_multipart(_random_frames(rng, i))
+        replies = 0
+        deadline = time.monotonic() + 30
+        while replies < 1000 and time.monotonic() < deadline:
+            if sock.poll(1000):
+                env = decode(sock.recv_multipart())
+                assert isinstance(env.message, ErrorReply)
+                replies += 1
+        assert replies == 1000
+        with Client(cluster.gateway, "", timeout_s=10) as c:
+            after = c.stats().get("malformed_frames", 0)
+        assert after - before == 1000
+        # ... and it still serves a valid request, on the very same connection.
+        sock.send_multipart(
+            encode(InferRequest(request_id="ok", api_key=api_key, prompt="hello", max_tokens=2))
+        )
+        assert sock.poll(30_000)
+        assert isinstance(decode(sock.recv_multipart()).message, InferResult)
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def _executor_pids(cluster: RunningCluster) -> list[str]:
+    out = subprocess.run(
+        ["pgrep", "-f", f"actor executor --config {cluster.home}/run/cluster.toml"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout.split()
+
+
+async def test_killed_executor_is_restarted_and_no_request_hangs(
+    cluster: RunningCluster, api_key: str
+) -> None:
+    (pid,) = _executor_pids(cluster)
+    outcomes: list[str] = []
+    deadline_s = 20.0
+
+    async def one(c: AsyncClient, i: int) -> None:
+        t0 = trio.current_time()
+        try:
+            if i % 2:
+                async with c.stream(PROMPTS[i % len(PROMPTS)], max_tokens=200) as chunks:
+                    async for _ in chunks:
+                        pass
+            else:
+                await c.infer(PROMPTS[i % len(PROMPTS)], max_tokens=200)
+            outcomes.append("ok")
+        except (UnavailableError, TimeoutError) as exc:
+            assert exc.retriable
+            outcomes.append(type(exc).__name__)
+        except VajraError as exc:  # any other error is a bug
+            outcomes.append(f"unexpected {exc!r}")
+        assert trio.current_time() - t0 <= deadline_s + 2.0
+
+    with trio.fail_after(60):
+        async with (
+            AsyncClient(cluster.gateway, api_key, timeout_s=deadline_s) as c,
+            trio.open_nursery() as nursery,
+        ):
+            for i in range(30):
+                nursery.start_soon(one, c, i)
+            await trio.sleep(0.5)
+            os.kill(int(pid), signal.SIGKILL)
+    assert len(outcomes) == 30
+    assert not [o for o in outcomes if o.startswith("unexpected")], outcomes
+    assert any(o != "ok" for o in outcomes), "the kill should have cut some requests short"
+
+    # The supervisor restarts the executor and service resumes.
+    with trio.fail_after(90):
+        while True:
+            pids = _executor_pids(cluster)
+            if pids and pids != [pid]:
+                break
+            await trio.sleep(0.2)
+        async with AsyncClient(cluster.gateway, api_key, timeout_s=10) as c:
+            while True:
+                try:
+                    r = await c.infer("back again", max_tokens=3)
+                    break
+                except (UnavailableError, TimeoutError):
+                    await trio.sleep(0.3)
+    assert r.tokens

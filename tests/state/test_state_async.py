@@ -1,0 +1,161 @@
+"""AsyncClusterState under Trio, and the unreachable-store path.
+
+Rules: loopback only; every async test runs under ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+import trio
+import trio.lowlevel
+
+from vajra.errors import UnavailableError
+from vajra.state import (
+    AsyncClusterState,
+    ClusterState,
+    EmbeddedValkey,
+    ExecutorHeartbeat,
+    UsageRecord,
+    UsageTotals,
+)
+
+
+@pytest.fixture
+def astate(state: ClusterState) -> AsyncClusterState:
+    return AsyncClusterState(state)
+
+
+async def test_async_round_trip(astate: AsyncClusterState) -> None:
+    with trio.fail_after(10):
+        await astate.ping()
+        record, api_key = await astate.create_tenant("acme")
+        assert await astate.authenticate(api_key) == record
+        assert await astate.get_tenant(record.tenant_id) == record
+        assert await astate.get_tenant_by_name("acme") == record
+        assert await astate.list_tenants() == [record]
+        second = await astate.create_api_key(record.tenant_id)
+        assert await astate.revoke_api_key(second) is True
+
+        hb = ExecutorHeartbeat("e0", "i1", "m", "cpu", 1, 0, 0, ("a",), 8, 1)
+        await astate.write_heartbeat(hb, 30)
+        assert await astate.list_heartbeats() == [hb]
+
+        await astate.record_request_event("a", 7)
+        assert (await astate.get_adapter_stats("a")).last_ms == 7
+
+        assert await astate.delete_tenant(record.tenant_id) is True
+        assert await astate.authenticate(api_key) is None
+
+
+async def test_concurrent_duplicates_count_once(astate: AsyncClusterState) -> None:
+    rec = UsageRecord("ev-1", "t_1", "r", "e", 3.0, 1, 1, 1)
+    results: list[bool] = []
+
+    async def send() -> None:
+        results.append(await astate.record_usage(rec))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(send)
+        assert sorted(results) == [False] * 19 + [True]
+        assert await astate.get_usage("t_1") == UsageTotals("t_1", 1, 3.0, 1, 1)
+
+
+async def test_async_calls_do_not_block_the_loop(astate: AsyncClusterState) -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            for i in range(20):
+                await astate.record_request_event("a", i)
+            nursery.cancel_scope.cancel()
+    assert ticks >= 20
+
+
+def test_stopped_server_is_unavailable(stopped_url: str) -> None:
+    with ClusterState(stopped_url, socket_timeout_s=0.5, socket_connect_timeout_s=0.5) as cs:
+        with pytest.raises(UnavailableError) as info:
+            cs.ping()
+        assert info.value.retriable
+        assert stopped_url in str(info.value)
+        with pytest.raises(UnavailableError):
+            cs.create_tenant("acme")
+        with pytest.raises(UnavailableError):
+            cs.authenticate("vk_whatever")
+
+
+async def test_stopped_server_is_unavailable_async(stopped_url: str) -> None:
+    astate = AsyncClusterState(
+        ClusterState(stopped_url, socket_timeout_s=0.5, socket_connect_timeout_s=0.5)
+    )
+    with trio.fail_after(10):
+        with pytest.raises(UnavailableError):
+            await astate.list_heartbeats()
+        await astate.aclose()
+
+
+def test_server_stopped_mid_session(tmp_path: Path) -> None:
+    server = EmbeddedValkey(tmp_path / "v")
+    url = server.start()
+    with ClusterState(url, socket_timeout_s=0.5, socket_connect_timeout_s=0.5) as cs:
+        cs.ping()  # a pooled connection now exists
+        server.stop()
+        with pytest.raises(UnavailableError):
+            cs.get_usage("t_1")
+
+
+def test_password_is_not_in_errors(stopped_url: str) -> None:
+    url = stopped_url.replace("redis://", "redis://user:hunter2@")
+    with (
+        ClusterState(url, socket_connect_timeout_s=0.5) as cs,
+        pytest.raises(UnavailableError) as info,
+    ):
+        cs.ping()
+    assert "hunter2" not in str(info.value)
+    assert "***" in cs.address
+
+
+def test_embedded_data_survives_restart(tmp_path: Path) -> None:
+    data_dir = tmp_path / "persist"
+    with EmbeddedValkey(data_dir) as first, ClusterState(first.url) as cs:
+        record, api_key = cs.create_tenant("acme")
+    assert not first.running
+    with EmbeddedValkey(data_dir) as second, ClusterState(second.url) as cs:
+        assert cs.authenticate(api_key) == record
+        client: redis.Redis[str] = redis.Redis.from_url(second.url, decode_responses=True)
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        client.close()
+
+
+def test_embedded_stop_is_idempotent(tmp_path: Path) -> None:
+    server = EmbeddedValkey(tmp_path / "v")
+    server.stop()
+    assert server.start().startswith("redis://127.0.0.1:")
+    with pytest.raises(RuntimeError):
+        server.start()
+    server.stop()
+    server.stop()
+    with pytest.raises(RuntimeError):
+        _ = server.url
+
+
+def test_embedded_on_given_port(tmp_path: Path) -> None:
+    with EmbeddedValkey(tmp_path / "a") as first:
+        port = int(first.url.rsplit(":", 1)[1])
+        first.stop()
+        with EmbeddedValkey(tmp_path / "b", port=port) as second:
+            assert second.url == f"redis://127.0.0.1:{port}"
+            with ClusterState(second.url) as cs:
+                cs.ping()

@@ -1,0 +1,138 @@
+"""Tenants and API keys against a real embedded Valkey (see conftest.py for the rules)."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from vajra.errors import InvalidRequest, NotFoundError
+from vajra.state import ClusterState, TenantRecord, keys
+from vajra.state.store import UsageRecord
+
+
+def test_create_and_look_up(state: ClusterState) -> None:
+    record, api_key = state.create_tenant("acme")
+    assert record.name == "acme"
+    assert record.tenant_id.startswith("t_")
+    assert record.created_ms > 0
+    assert api_key.startswith("vk_") and len(api_key) > 40
+    assert state.get_tenant(record.tenant_id) == record
+    assert state.get_tenant_by_name("acme") == record
+    assert state.list_tenants() == [record]
+
+
+def test_unknown_tenant_lookups(state: ClusterState) -> None:
+    assert state.get_tenant("t_missing") is None
+    assert state.get_tenant_by_name("nobody") is None
+    assert state.list_tenants() == []
+
+
+def test_list_tenants_oldest_first(state: ClusterState) -> None:
+    created = [state.create_tenant(f"tenant-{i}")[0] for i in range(5)]
+    listed = state.list_tenants()
+    assert {t.tenant_id for t in listed} == {t.tenant_id for t in created}
+    assert [t.created_ms for t in listed] == sorted(t.created_ms for t in listed)
+
+
+def test_duplicate_name_rejected(state: ClusterState) -> None:
+    first, _ = state.create_tenant("acme")
+    with pytest.raises(InvalidRequest) as info:
+        state.create_tenant("acme")
+    assert info.value.field == "name"
+    assert state.list_tenants() == [first]
+
+
+def test_names_are_case_sensitive(state: ClusterState) -> None:
+    a, _ = state.create_tenant("acme")
+    b, _ = state.create_tenant("ACME")
+    assert a.tenant_id != b.tenant_id
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "a" * 65, "has space", "slash/", "colon:x", "new\nline", "trailing\n", "ünï", "a*b"],
+)
+def test_invalid_names_rejected(state: ClusterState, name: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        state.create_tenant(name)
+    assert info.value.field == "name"
+    assert state.list_tenants() == []
+
+
+@pytest.mark.parametrize("name", ["a", "a" * 64, "A.b-c_9", "..."])
+def test_valid_names_accepted(state: ClusterState, name: str) -> None:
+    record, _ = state.create_tenant(name)
+    assert state.get_tenant_by_name(name) == record
+
+
+def test_authenticate_good_and_bad_keys(state: ClusterState) -> None:
+    record, api_key = state.create_tenant("acme")
+    assert state.authenticate(api_key) == record
+    assert state.authenticate(api_key + "x") is None
+    assert state.authenticate("vk_" + "A" * 43) is None
+    assert state.authenticate("") is None
+    assert state.authenticate("not-a-key") is None
+    assert state.authenticate("vk_" + "x" * 10_000) is None
+
+
+def test_keys_are_stored_hashed(state: ClusterState, raw: redis.Redis[str]) -> None:
+    _, api_key = state.create_tenant("acme")
+    secret = api_key.removeprefix("vk_")
+    for key in raw.scan_iter("*"):
+        assert secret not in key
+        if raw.type(key) == "hash":  # type: ignore[no-untyped-call]
+            assert all(secret not in v for v in raw.hgetall(key).values())
+
+
+def test_second_key_and_revocation(state: ClusterState) -> None:
+    record, first = state.create_tenant("acme")
+    second = state.create_api_key(record.tenant_id)
+    assert second != first
+    assert state.authenticate(second) == record
+
+    assert state.revoke_api_key(first) is True
+    assert state.authenticate(first) is None
+    assert state.authenticate(second) == record
+    assert state.revoke_api_key(first) is False
+    assert state.revoke_api_key("vk_never-issued") is False
+
+
+def test_create_api_key_for_unknown_tenant(state: ClusterState, raw: redis.Redis[str]) -> None:
+    with pytest.raises(NotFoundError) as info:
+        state.create_api_key("t_missing")
+    assert info.value.field == "tenant_id"
+    assert raw.dbsize() == 0
+
+
+def test_deleted_tenant_keys_stop_working(state: ClusterState, raw: redis.Redis[str]) -> None:
+    record, first = state.create_tenant("acme")
+    second = state.create_api_key(record.tenant_id)
+    other, other_key = state.create_tenant("other")
+    state.record_usage(UsageRecord("ev1", record.tenant_id, "r1", "e1", 5.0, 1, 2, 1000))
+
+    assert state.delete_tenant(record.tenant_id) is True
+    assert state.authenticate(first) is None
+    assert state.authenticate(second) is None
+    assert state.get_tenant(record.tenant_id) is None
+    assert state.get_tenant_by_name("acme") is None
+    assert state.list_tenants() == [other]
+    assert state.authenticate(other_key) == other
+    assert not raw.exists(keys.tenant_keys(record.tenant_id))
+    # usage totals are billing records and survive the tenant
+    assert state.get_usage(record.tenant_id).requests == 1
+
+    assert state.delete_tenant(record.tenant_id) is False
+    again, _ = state.create_tenant("acme")  # the name is free again
+    assert again.tenant_id != record.tenant_id
+
+
+def test_orphaned_key_does_not_authenticate(state: ClusterState, raw: redis.Redis[str]) -> None:
+    record, api_key = state.create_tenant("acme")
+    raw.delete(keys.tenant(record.tenant_id))  # the tenant vanished behind our back
+    assert state.authenticate(api_key) is None
+
+
+def test_tenant_record_is_frozen() -> None:
+    record = TenantRecord("t_1", "acme", 1)
+    with pytest.raises(AttributeError):
+        record.name = "other"  # type: ignore[misc]

@@ -1,0 +1,156 @@
+"""Usage accounting and predictor events against a real embedded Valkey.
+
+See conftest.py for the rules. The Hypothesis test uses the session's server directly
+(not the per-test flush) and isolates each example by a fresh tenant id.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vajra.errors import InvalidRequest
+from vajra.state import ClusterState, UsageRecord, UsageTotals, keys
+
+
+def _rec(**changes: Any) -> UsageRecord:
+    fields: dict[str, Any] = {
+        "event_id": "ev-1",
+        "tenant_id": "t_1",
+        "request_id": "req-1",
+        "executor_id": "exec-0",
+        "gpu_ms": 12.5,
+        "prompt_tokens": 10,
+        "completion_tokens": 20,
+        "ts_ms": 1_700_000_000_000,
+    }
+    fields.update(changes)
+    return UsageRecord(**fields)
+
+
+def test_unknown_tenant_has_zero_usage(state: ClusterState) -> None:
+    assert state.get_usage("t_1") == UsageTotals("t_1", 0, 0.0, 0, 0)
+
+
+def test_repeated_event_counted_once(state: ClusterState, raw: redis.Redis[str]) -> None:
+    rec = _rec()
+    assert state.record_usage(rec) is True
+    assert state.record_usage(rec) is False
+    assert state.record_usage(_rec(gpu_ms=99.0)) is False  # same id, different body: still a dup
+    assert state.get_usage("t_1") == UsageTotals("t_1", 1, 12.5, 10, 20)
+
+    entries = raw.xrange(keys.usage_events())
+    assert len(entries) == 1
+    _, fields = entries[0]
+    assert fields == {
+        "event_id": "ev-1",
+        "tenant_id": "t_1",
+        "request_id": "req-1",
+        "executor_id": "exec-0",
+        "gpu_ms": "12.5",
+        "prompt_tokens": "10",
+        "completion_tokens": "20",
+        "ts_ms": "1700000000000",
+    }
+    assert raw.ttl(keys.usage_event("ev-1")) > 0
+
+
+def test_totals_are_per_tenant(state: ClusterState) -> None:
+    state.record_usage(_rec(event_id="e1", tenant_id="t_a", gpu_ms=1.0))
+    state.record_usage(_rec(event_id="e2", tenant_id="t_a", gpu_ms=2.0, prompt_tokens=1))
+    state.record_usage(_rec(event_id="e3", tenant_id="t_b", gpu_ms=4.0))
+    assert state.get_usage("t_a") == UsageTotals("t_a", 2, 3.0, 11, 40)
+    assert state.get_usage("t_b") == UsageTotals("t_b", 1, 4.0, 10, 20)
+
+
+def test_stream_trimmed_when_capped(valkey_url: str, raw: redis.Redis[str]) -> None:
+    with ClusterState(valkey_url, usage_stream_maxlen=10) as capped:
+        for i in range(500):
+            capped.record_usage(_rec(event_id=f"e{i}"))
+        assert capped.get_usage("t_1").requests == 500
+    assert raw.xlen(keys.usage_events()) < 500
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"event_id": ""}, "event_id"),
+        ({"event_id": "a:b"}, "event_id"),
+        ({"tenant_id": ""}, "tenant_id"),
+        ({"tenant_id": "events"}, "tenant_id"),
+        ({"gpu_ms": -1.0}, "gpu_ms"),
+        ({"gpu_ms": float("nan")}, "gpu_ms"),
+        ({"gpu_ms": float("inf")}, "gpu_ms"),
+        ({"prompt_tokens": -1}, "prompt_tokens"),
+        ({"completion_tokens": 1.5}, "completion_tokens"),
+        ({"ts_ms": -5}, "ts_ms"),
+    ],
+)
+def test_invalid_usage_rejected(
+    state: ClusterState, raw: redis.Redis[str], changes: dict[str, object], field: str
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        state.record_usage(_rec(**changes))
+    assert info.value.field == field
+    assert raw.dbsize() == 0
+
+
+_records = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=15),  # event id: small range, so duplicates occur
+        st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False),
+        st.integers(min_value=0, max_value=10**6),
+        st.integers(min_value=0, max_value=10**6),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(records=_records)
+def test_totals_equal_sum_over_distinct_events(
+    valkey_url: str, records: list[tuple[int, float, int, int]]
+) -> None:
+    run = uuid.uuid4().hex
+    tenant_id = f"t_{run}"
+    first_by_id: dict[int, tuple[float, int, int]] = {}
+    with ClusterState(valkey_url) as cs:
+        for event, gpu_ms, prompt, completion in records:
+            rec = _rec(
+                event_id=f"{run}-{event}",
+                tenant_id=tenant_id,
+                gpu_ms=gpu_ms,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+            )
+            was_new = cs.record_usage(rec)
+            assert was_new == (event not in first_by_id)
+            first_by_id.setdefault(event, (gpu_ms, prompt, completion))
+        totals = cs.get_usage(tenant_id)
+    counted = first_by_id.values()
+    assert totals.requests == len(first_by_id)
+    assert totals.prompt_tokens == sum(p for _, p, _ in counted)
+    assert totals.completion_tokens == sum(c for _, _, c in counted)
+    assert totals.gpu_ms == pytest.approx(sum(g for g, _, _ in counted), rel=1e-9, abs=1e-9)
+
+
+def test_request_events(state: ClusterState) -> None:
+    stats = state.get_adapter_stats("a1")
+    assert (stats.requests, stats.last_ms) == (0, None)
+    state.record_request_event("a1", 2000)
+    state.record_request_event("a1", 1000)  # late arrival does not move last_ms back
+    state.record_request_event("a2", 5)
+    stats = state.get_adapter_stats("a1")
+    assert (stats.adapter, stats.requests, stats.last_ms) == ("a1", 2, 2000)
+    assert state.get_adapter_stats("a2").requests == 1
+
+
+@pytest.mark.parametrize(("adapter", "ts_ms"), [("", 1), ("a1", -1)])
+def test_invalid_request_event(state: ClusterState, adapter: str, ts_ms: int) -> None:
+    with pytest.raises(InvalidRequest):
+        state.record_request_event(adapter, ts_ms)

@@ -1,0 +1,5 @@
+import sys
+
+from vajra.cli import main
+
+sys.exit(main())

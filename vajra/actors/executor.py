@@ -1,0 +1,407 @@
+"""The executor: one per GPU. Holds the frozen model and runs continuous batches.
+
+Data flows left to right::
+
+    scheduler ─InferWork─▶ executor ─TokenChunk / InferResult / ErrorReply─▶ gateway
+    executor ─ExecutorHello / LoadReport─▶ scheduler
+    executor ─UsageEvent─▶ ledger ─UsageAck─▶ executor        (outbox until acknowledged)
+    executor ─heartbeat─▶ Redis (TTL)
+
+One task owns the engine: it takes what has arrived, runs one engine step in a worker thread
+(one thread limiter per GPU, so the Trio loop never blocks on the model), and sends what the
+step produced. Requests join and leave the batch between steps.
+
+Drain (SIGTERM): tell the scheduler to stop placing here, finish running requests within
+``drain_timeout_s``, answer the rest with a retriable error, then flush usage to the ledger.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import trio
+import zmq
+
+from vajra.actors.base import error_frames, new_context, now_ms, wait_until
+from vajra.bus.codec import DecodeError, decode, encode
+from vajra.bus.messages import (
+    ExecutorHello,
+    InferResult,
+    InferWork,
+    LoadReport,
+    TokenChunk,
+    UsageAck,
+    UsageEvent,
+)
+from vajra.bus.zsocket import ZSocket, open_socket
+from vajra.config import VajraConfig
+from vajra.errors import OverloadedError, TimeoutError, UnavailableError, VajraError
+from vajra.gpu.engine import Engine, GenerationRequest, StepOutput, load_engine
+from vajra.gpu.sampling import SamplingParams
+from vajra.state import AsyncClusterState, ExecutorHeartbeat
+
+log = logging.getLogger("vajra.executor")
+
+
+@dataclass(slots=True)
+class _Active:
+    work: InferWork
+    admitted_ms: int
+    chunks: int = 0
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+
+
+class Executor:
+    name = "executor"
+
+    def __init__(
+        self,
+        cfg: VajraConfig,
+        state: AsyncClusterState | None,
+        *,
+        executor_id: str,
+        model: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.ecfg = cfg.executor
+        self.state = state
+        self.executor_id = executor_id
+        self.model = model or cfg.cluster.model
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.counters: Counter[str] = Counter()
+        self.engine: Engine | None = None
+        self._incoming: list[InferWork] = []
+        self._active: dict[str, _Active] = {}
+        self._aborts: list[str] = []
+        self._finished: list[str] = []
+        self._outbox: dict[str, tuple[UsageEvent, float]] = {}
+        self._wake = trio.Event()
+        self._gpu = trio.CapacityLimiter(1)
+        self._draining = False
+        self._ctx = new_context()
+        hwm = cfg.bus.high_water_mark
+        ident = executor_id.encode()
+        self.work_in: ZSocket = open_socket(
+            self._ctx, zmq.DEALER, identity=ident, high_water_mark=hwm
+        )
+        self.replies: ZSocket = open_socket(
+            self._ctx, zmq.DEALER, identity=ident, high_water_mark=hwm
+        )
+        self.ledger: ZSocket = open_socket(
+            self._ctx, zmq.DEALER, identity=ident, high_water_mark=hwm
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        c = self.cfg.cluster
+        try:
+            self.engine = await trio.to_thread.run_sync(self._load_engine, limiter=self._gpu)
+            log.info(
+                "executor %s: model %s on %s, max batch %d",
+                self.executor_id,
+                self.engine.model_name,
+                self.engine.device,
+                self.engine.max_batch_size,
+            )
+            self.replies.connect(c.gateway_backend_address)
+            self.ledger.connect(c.ledger_address)
+            self.work_in.connect(c.scheduler_dispatch_address)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive_work)
+                nursery.start_soon(self._engine_loop)
+                nursery.start_soon(self._report_load)
+                nursery.start_soon(self._receive_acks)
+                nursery.start_soon(self._resend_usage)
+                if self.state is not None:
+                    nursery.start_soon(self._heartbeat)
+                await self._hello()
+                task_status.started(self.executor_id)
+        finally:
+            for s in (self.work_in, self.replies, self.ledger):
+                s.close()
+            self._ctx.term()
+
+    def _load_engine(self) -> Engine:
+        e = self.ecfg
+        device = None if e.device == "auto" else e.device
+        return load_engine(
+            self.model or "null",
+            device=device,
+            dtype=e.dtype,
+            max_batch_size=e.max_batch_size,
+            max_model_len=e.max_model_len,
+        )
+
+    async def drain(self) -> None:
+        self._draining = True
+        await self._send_load_report()
+        with trio.move_on_after(self.ecfg.drain_timeout_s):
+            await wait_until(lambda: not (self._active or self._incoming))
+        for work in self._incoming:
+            await self._send_error(
+                work.request_id, UnavailableError("the executor is shutting down; retry")
+            )
+        self._incoming.clear()
+        for rid in list(self._active):
+            self._aborts.append(rid)
+            await self._send_error(rid, UnavailableError("the executor is shutting down; retry"))
+        with trio.move_on_after(self.cfg.ledger.flush_timeout_s):
+            while self._outbox:
+                await self._flush_outbox(force=True)
+                await trio.sleep(0.1)
+        if self._outbox:
+            log.error(
+                "executor %s exits with %d usage events unacknowledged",
+                self.executor_id,
+                len(self._outbox),
+            )
+
+    # --- work in ----------------------------------------------------------------------------
+
+    async def _receive_work(self) -> None:
+        batch_size = self.cfg.bus.recv_batch
+        while True:
+            for frames in await self.work_in.recv_batch(batch_size):
+                try:
+                    env = decode(frames, max_body_bytes=self.cfg.bus.max_body_bytes)
+                except DecodeError as exc:
+                    self.counters["malformed_frames"] += 1
+                    log.warning("dropped a malformed work frame: %s", exc)
+                    continue
+                if isinstance(env.message, InferWork):
+                    await self._accept(env.message)
+                else:
+                    self.counters["unexpected_kind"] += 1
+
+    async def _accept(self, work: InferWork) -> None:
+        if self._draining:
+            await self._send_error(
+                work.request_id, UnavailableError("the executor is shutting down; retry")
+            )
+            return
+        assert self.engine is not None
+        if len(self._incoming) + self.engine.num_waiting() >= self.ecfg.max_queue:
+            self.counters["overloaded"] += 1
+            await self._send_error(
+                work.request_id, OverloadedError("executor queue is full; retry later")
+            )
+            return
+        self.counters["accepted"] += 1
+        self._incoming.append(work)
+        self._wake.set()
+
+    # --- the engine loop --------------------------------------------------------------------
+
+    async def _engine_loop(self) -> None:
+        assert self.engine is not None
+        engine = self.engine
+        while True:
+            if not (self._incoming or self._aborts or engine.has_work()):
+                self._wake = trio.Event()
+                await self._wake.wait()
+            admit = await self._take_admissible()
+            await self._expire_running()
+            aborts, self._aborts = self._aborts, []
+            if engine.blocking:
+                outputs = await trio.to_thread.run_sync(
+                    engine.step, admit, aborts, limiter=self._gpu
+                )
+            else:
+                outputs = engine.step(admit, aborts)
+                await trio.lowlevel.checkpoint()
+            for out in outputs:
+                await self._on_output(out)
+
+    async def _take_admissible(self) -> list[GenerationRequest]:
+        incoming, self._incoming = self._incoming, []
+        now = now_ms()
+        admit: list[GenerationRequest] = []
+        for work in incoming:
+            if work.deadline_unix_ms <= now:
+                self.counters["expired_before_start"] += 1
+                await self._send_error(
+                    work.request_id, TimeoutError("deadline passed while queued")
+                )
+                continue
+            params = SamplingParams(
+                max_tokens=work.max_tokens,
+                temperature=work.temperature,
+                top_p=work.top_p,
+                stop=tuple(work.stop),
+                seed=work.seed,
+            )
+            self._active[work.request_id] = _Active(work, now)
+            admit.append(GenerationRequest(work.request_id, work.prompt, params))
+        return admit
+
+    async def _expire_running(self) -> None:
+        now = now_ms()
+        for rid, act in list(self._active.items()):
+            if act.work.deadline_unix_ms <= now:
+                self.counters["expired_running"] += 1
+                self._aborts.append(rid)
+                await self._send_error(rid, TimeoutError("deadline passed during generation"))
+
+    async def _on_output(self, out: StepOutput) -> None:
+        act = self._active.get(out.request_id)
+        if act is None:  # aborted while the step ran
+            return
+        work = act.work
+        if out.token_ids:
+            act.token_ids.extend(out.token_ids)
+        if out.text_delta:
+            act.text.append(out.text_delta)
+        if work.stream and (out.text_delta or out.token_ids) and out.error is None:
+            chunk = TokenChunk(work.request_id, act.chunks, out.text_delta, list(out.token_ids))
+            act.chunks += 1
+            await self.replies.send(encode(chunk))
+        if not out.finished:
+            return
+        if out.error is not None:
+            await self._send_error(work.request_id, out.error)
+        else:
+            self._active.pop(work.request_id, None)
+            self._finished.append(work.request_id)
+            self.counters["completed"] += 1
+            result = InferResult(
+                request_id=work.request_id,
+                text="".join(act.text),
+                token_ids=act.token_ids,
+                finish_reason=out.finish_reason or "stop",
+                prompt_tokens=out.prompt_tokens,
+                completion_tokens=out.completion_tokens,
+                gpu_ms=out.compute_ms,
+                executor_id=self.executor_id,
+                queue_ms=float(act.admitted_ms - work.received_unix_ms),
+            )
+            await self.replies.send(encode(result))
+        if out.compute_ms > 0 or out.completion_tokens > 0:
+            await self._record_usage(work, out)
+
+    async def _send_error(self, request_id: str, exc: VajraError) -> None:
+        """Answer a request with an error and forget it (it counts as finished)."""
+        self._active.pop(request_id, None)
+        self._finished.append(request_id)
+        self.counters[f"error_{exc.code.value}"] += 1
+        await self.replies.send(error_frames(request_id, exc))
+
+    # --- usage (outbox until the ledger acknowledges) ---------------------------------------
+
+    async def _record_usage(self, work: InferWork, out: StepOutput) -> None:
+        event = UsageEvent(
+            event_id=f"{self.executor_id}.{self.incarnation}.{work.request_id}",
+            tenant_id=work.tenant_id,
+            request_id=work.request_id,
+            executor_id=self.executor_id,
+            gpu_ms=out.compute_ms,
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.completion_tokens,
+            ts_unix_ms=now_ms(),
+        )
+        if len(self._outbox) >= self.ecfg.max_usage_outbox:
+            self.counters["usage_outbox_full"] += 1
+            log.error("usage outbox full (%d events); is the ledger down?", len(self._outbox))
+            return
+        self._outbox[event.event_id] = (event, trio.current_time())
+        self.ledger.send_nowait(encode(event))
+
+    async def _receive_acks(self) -> None:
+        while True:
+            for frames in await self.ledger.recv_batch(self.cfg.bus.recv_batch):
+                try:
+                    env = decode(frames)
+                except DecodeError:
+                    self.counters["malformed_ledger_frames"] += 1
+                    continue
+                if isinstance(env.message, UsageAck):
+                    for eid in env.message.event_ids:
+                        self._outbox.pop(eid, None)
+
+    async def _resend_usage(self) -> None:
+        while True:
+            await trio.sleep(self.ecfg.usage_resend_s)
+            await self._flush_outbox(force=False)
+
+    async def _flush_outbox(self, *, force: bool) -> None:
+        cutoff = trio.current_time() - self.ecfg.usage_resend_s
+        for eid, (event, sent_at) in list(self._outbox.items()):
+            if force or sent_at <= cutoff:
+                if not self.ledger.send_nowait(encode(event)):
+                    break
+                self._outbox[eid] = (event, trio.current_time())
+                self.counters["usage_resent"] += 1
+
+    # --- liveness -----------------------------------------------------------------------------
+
+    async def _hello(self) -> None:
+        hello = ExecutorHello(
+            executor_id=self.executor_id,
+            incarnation=self.incarnation,
+            model=self.engine.model_name if self.engine else "",
+            max_batch_size=self.engine.max_batch_size if self.engine else 0,
+            max_queue=self.ecfg.max_queue,
+        )
+        await self.work_in.send(encode(hello))
+
+    async def _send_load_report(self) -> None:
+        assert self.engine is not None
+        finished, self._finished = self._finished, []
+        report = LoadReport(
+            executor_id=self.executor_id,
+            incarnation=self.incarnation,
+            queue_depth=len(self._incoming) + self.engine.num_waiting(),
+            running=self.engine.num_running(),
+            finished_ids=finished,
+            draining=self._draining,
+        )
+        await self.work_in.send(encode(report))
+
+    async def _report_load(self) -> None:
+        every = self.ecfg.load_report_interval_s
+        hello_every = max(1, round(self.ecfg.heartbeat_interval_s / every))
+        for tick in itertools.count(1):
+            await trio.sleep(every)
+            await self._send_load_report()
+            if tick % hello_every == 0:
+                await self._hello()
+
+    async def _heartbeat(self) -> None:
+        assert self.state is not None and self.engine is not None
+        while True:
+            hb = ExecutorHeartbeat(
+                executor_id=self.executor_id,
+                incarnation=self.incarnation,
+                model=self.engine.model_name,
+                device=self.engine.device,
+                free_memory_bytes=_free_memory_bytes(self.engine.device),
+                queue_depth=len(self._incoming) + self.engine.num_waiting(),
+                running=self.engine.num_running(),
+                resident_adapters=(),
+                max_batch_size=self.engine.max_batch_size,
+                updated_ms=now_ms(),
+            )
+            try:
+                with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+                    await self.state.write_heartbeat(hb, self.ecfg.heartbeat_ttl_s)
+            except (VajraError, trio.TooSlowError) as exc:
+                log.warning("heartbeat not written: %s", exc)
+            await trio.sleep(self.ecfg.heartbeat_interval_s)
+
+
+def _free_memory_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0

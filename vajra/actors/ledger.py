@@ -1,0 +1,135 @@
+"""The billing ledger: usage events in, exactly once and durably; acknowledgements out.
+
+Data flows left to right::
+
+    executors ─UsageEvent─▶ ledger ─▶ Redis (dedupe marker + totals + stream, one Lua call)
+    executors ◀─UsageAck── ledger      (only after Redis has the event)
+
+An event is acknowledged only once it is recorded, so a sender that hears nothing resends,
+and a resent event is recognised by its id and not counted twice. Redis runs with an
+append-only file, so an acknowledged event survives a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import trio
+import zmq
+
+from vajra.actors.base import new_context, stats_frames, wait_until
+from vajra.bus.codec import DecodeError, decode, encode
+from vajra.bus.messages import StatsRequest, UsageAck, UsageEvent
+from vajra.bus.zsocket import ZSocket, open_socket
+from vajra.config import VajraConfig
+from vajra.errors import InvalidRequest, VajraError
+from vajra.state import AsyncClusterState, UsageRecord
+
+log = logging.getLogger("vajra.ledger")
+
+
+class Ledger:
+    name = "ledger"
+
+    def __init__(self, cfg: VajraConfig, state: AsyncClusterState) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.counters: Counter[str] = Counter()
+        self._ctx = new_context()
+        self.sock: ZSocket = open_socket(
+            self._ctx, zmq.ROUTER, high_water_mark=cfg.bus.high_water_mark, handover=True
+        )
+        self._busy = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            address = self.sock.bind(self.cfg.cluster.ledger_address)
+            task_status.started(address)
+            await self._serve()
+        finally:
+            self.sock.close()
+            self._ctx.term()
+
+    async def drain(self) -> None:
+        """Let the batch being written finish (bounded), so nothing is left half-recorded."""
+        with trio.move_on_after(self.cfg.ledger.flush_timeout_s):
+            await wait_until(lambda: not self._busy, poll_s=0.01)
+
+    async def _serve(self) -> None:
+        while True:
+            batch = await self.sock.recv_batch(self.cfg.bus.recv_batch)
+            events: list[tuple[bytes, UsageEvent]] = []
+            for frames in batch:
+                event = await self._on_frames(frames)
+                if event is not None:
+                    events.append(event)
+            if events:
+                self._busy += 1
+                try:
+                    with trio.CancelScope(shield=True):
+                        acks = await self._record(events)
+                finally:
+                    self._busy -= 1
+                for sender, ids in acks.items():
+                    await self.sock.send([sender, *encode(UsageAck(event_ids=ids))])
+
+    async def _on_frames(self, frames: list[bytes]) -> tuple[bytes, UsageEvent] | None:
+        sender = frames[0]
+        try:
+            env = decode(frames[1:], max_body_bytes=self.cfg.bus.max_body_bytes)
+        except DecodeError as exc:
+            self.counters["malformed_frames"] += 1
+            log.warning("dropped a malformed frame: %s", exc)
+            return None
+        msg = env.message
+        if isinstance(msg, StatsRequest):
+            await self.sock.send([sender, *stats_frames(msg.request_id, self.name, self.counters)])
+            return None
+        if not isinstance(msg, UsageEvent):
+            self.counters["unexpected_kind"] += 1
+            return None
+        return sender, msg
+
+    async def _record(self, events: list[tuple[bytes, UsageEvent]]) -> dict[bytes, list[str]]:
+        """Record a batch in one round trip; returns the acknowledgements to send."""
+        records = [
+            UsageRecord(
+                event_id=e.event_id,
+                tenant_id=e.tenant_id,
+                request_id=e.request_id,
+                executor_id=e.executor_id,
+                gpu_ms=e.gpu_ms,
+                prompt_tokens=e.prompt_tokens,
+                completion_tokens=e.completion_tokens,
+                ts_ms=e.ts_unix_ms,
+            )
+            for _, e in events
+        ]
+        try:
+            with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+                fresh = await self.state.record_usage_many(records)
+        except InvalidRequest as exc:
+            # One bad event must not block the others: record them one by one.
+            log.warning("usage batch refused (%s); recording one by one", exc)
+            fresh = []
+            for rec in records:
+                try:
+                    fresh.append(await self.state.record_usage(rec))
+                except InvalidRequest as bad:
+                    self.counters["events_invalid"] += 1
+                    log.error("usage event %s refused for good: %s", rec.event_id, bad)
+                    fresh.append(False)  # acknowledged: resending cannot make it valid
+                except VajraError as down:
+                    log.warning("usage events not recorded yet: %s", down)
+                    break  # the rest stay unacknowledged and come again
+        except (VajraError, trio.TooSlowError) as exc:
+            # Not acknowledged: the executors keep them in their outboxes and send again.
+            self.counters["record_failed"] += len(records)
+            log.warning("%d usage events not recorded yet: %s", len(records), exc)
+            return {}
+        acks: dict[bytes, list[str]] = {}
+        for (sender, event), is_new in zip(events, fresh, strict=False):
+            self.counters["events_recorded" if is_new else "events_duplicate"] += 1
+            acks.setdefault(sender, []).append(event.event_id)
+        return acks

@@ -1,0 +1,216 @@
+"""The scheduler: places each request on an executor and notices executors that die.
+
+Data flows left to right::
+
+    gateways ─ROUTER(frontend)─▶ scheduler ─ROUTER(dispatch)─▶ executors
+    executors ─ExecutorHello / LoadReport─▶ scheduler
+    scheduler ═RequestEvent═▶ predictor (PUB)
+    scheduler ─ErrorReply─▶ gateway   (no executor can take it; its executor was lost)
+
+The request body is forwarded to the executor byte for byte (decoded once, never re-encoded).
+The scheduler remembers which requests each executor holds until a LoadReport lists them as
+finished; when an executor stops reporting for ``executor_timeout_s``, or comes back with a
+new incarnation, every request it held is answered with a retriable ``UnavailableError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import trio
+import zmq
+
+from vajra.actors.base import error_frames, new_context, now_ms, stats_frames
+from vajra.bus.codec import DecodeError, decode, encode
+from vajra.bus.messages import (
+    ExecutorHello,
+    InferWork,
+    LoadReport,
+    RequestEvent,
+    StatsRequest,
+)
+from vajra.bus.zsocket import ZSocket, open_socket
+from vajra.config import VajraConfig
+from vajra.errors import OverloadedError, UnavailableError
+from vajra.policies.placement import ExecutorLoad, choose_executor
+
+log = logging.getLogger("vajra.scheduler")
+
+
+@dataclass(slots=True)
+class _ExecutorView:
+    executor_id: str
+    incarnation: str
+    max_batch_size: int
+    max_queue: int
+    last_seen: float
+    draining: bool = False
+    # request id -> (gateway identity, deadline on the trio clock)
+    inflight: dict[str, tuple[bytes, float]] = field(default_factory=dict)
+
+    def load(self) -> ExecutorLoad:
+        return ExecutorLoad(
+            self.executor_id, len(self.inflight), self.max_batch_size, self.max_queue, self.draining
+        )
+
+
+class Scheduler:
+    name = "scheduler"
+
+    def __init__(self, cfg: VajraConfig) -> None:
+        self.cfg = cfg
+        self.counters: Counter[str] = Counter()
+        self.executors: dict[str, _ExecutorView] = {}
+        self._ctx = new_context()
+        hwm = cfg.bus.high_water_mark
+        self.frontend: ZSocket = open_socket(self._ctx, zmq.ROUTER, high_water_mark=hwm)
+        self.dispatch: ZSocket = open_socket(
+            self._ctx, zmq.ROUTER, high_water_mark=hwm, handover=True
+        )
+        self.events: ZSocket = open_socket(self._ctx, zmq.PUB, high_water_mark=hwm)
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        c = self.cfg.cluster
+        try:
+            address = self.frontend.bind(c.scheduler_address)
+            self.dispatch.bind(c.scheduler_dispatch_address)
+            self.events.bind(c.events_address)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._serve_gateways)
+                nursery.start_soon(self._serve_executors)
+                nursery.start_soon(self._watch_liveness)
+                task_status.started(address)
+        finally:
+            for s in (self.frontend, self.dispatch, self.events):
+                s.close()
+            self._ctx.term()
+
+    async def drain(self) -> None:
+        """Nothing to finish: requests already dispatched are answered by their executors."""
+
+    # --- gateways ---------------------------------------------------------------------------
+
+    async def _serve_gateways(self) -> None:
+        batch_size = self.cfg.bus.recv_batch
+        while True:
+            for frames in await self.frontend.recv_batch(batch_size):
+                await self._on_gateway_frames(frames)
+
+    async def _on_gateway_frames(self, frames: list[bytes]) -> None:
+        gateway = frames[0]
+        try:
+            env = decode(frames[1:], max_body_bytes=self.cfg.bus.max_body_bytes)
+        except DecodeError as exc:
+            self.counters["malformed_frames"] += 1
+            await self.frontend.send([gateway, *error_frames(exc.request_id, exc)])
+            return
+        msg = env.message
+        if isinstance(msg, InferWork):
+            await self._place(gateway, msg, frames[1:])
+        elif isinstance(msg, StatsRequest):
+            self.counters["executors"] = len(self.executors)
+            await self.frontend.send(
+                [gateway, *stats_frames(msg.request_id, self.name, self.counters)]
+            )
+        else:
+            self.counters["unexpected_kind"] += 1
+
+    async def _place(self, gateway: bytes, work: InferWork, body: list[bytes]) -> None:
+        self.counters["requests"] += 1
+        choice = choose_executor(v.load() for v in self.executors.values())
+        if choice is None:
+            exc = (
+                OverloadedError("every executor is full; retry later")
+                if self.executors
+                else UnavailableError("no executor is serving yet; retry")
+            )
+            self.counters[f"rejected_{exc.code.value}"] += 1
+            await self.frontend.send([gateway, *error_frames(work.request_id, exc)])
+            return
+        view = self.executors[choice.executor_id]
+        remaining_s = max(0.0, (work.deadline_unix_ms - now_ms()) / 1000.0)
+        view.inflight[work.request_id] = (gateway, trio.current_time() + remaining_s + 5.0)
+        await self.dispatch.send([view.executor_id.encode(), *body])
+        event = RequestEvent(
+            request_id=work.request_id,
+            tenant_id=work.tenant_id,
+            adapter=work.adapter,
+            executor_id=view.executor_id,
+            ts_unix_ms=now_ms(),
+            prompt_chars=len(work.prompt),
+        )
+        self.events.send_nowait(encode(event))
+
+    # --- executors --------------------------------------------------------------------------
+
+    async def _serve_executors(self) -> None:
+        batch_size = self.cfg.bus.recv_batch
+        while True:
+            for frames in await self.dispatch.recv_batch(batch_size):
+                try:
+                    env = decode(frames[1:], max_body_bytes=self.cfg.bus.max_body_bytes)
+                except DecodeError as exc:
+                    self.counters["malformed_executor_frames"] += 1
+                    log.warning("dropped a malformed executor frame: %s", exc)
+                    continue
+                msg = env.message
+                if isinstance(msg, ExecutorHello):
+                    await self._on_hello(msg)
+                elif isinstance(msg, LoadReport):
+                    await self._on_load(msg)
+                else:
+                    self.counters["unexpected_executor_kind"] += 1
+
+    async def _on_hello(self, hello: ExecutorHello) -> None:
+        view = self.executors.get(hello.executor_id)
+        if view is not None and view.incarnation == hello.incarnation:
+            view.last_seen = trio.current_time()
+            view.max_batch_size, view.max_queue = hello.max_batch_size, hello.max_queue
+            return
+        if view is not None:
+            await self._fail_inflight(view, "its executor restarted")
+        log.info("executor %s joined (incarnation %s)", hello.executor_id, hello.incarnation)
+        self.executors[hello.executor_id] = _ExecutorView(
+            hello.executor_id,
+            hello.incarnation,
+            hello.max_batch_size,
+            hello.max_queue,
+            trio.current_time(),
+        )
+
+    async def _on_load(self, report: LoadReport) -> None:
+        view = self.executors.get(report.executor_id)
+        if view is None or view.incarnation != report.incarnation:
+            # Its hello was lost (or we restarted): it will say hello again within a second.
+            return
+        view.last_seen = trio.current_time()
+        view.draining = report.draining
+        for rid in report.finished_ids:
+            view.inflight.pop(rid, None)
+
+    async def _watch_liveness(self) -> None:
+        timeout = self.cfg.scheduler.executor_timeout_s
+        while True:
+            await trio.sleep(min(0.1, timeout / 4))
+            now = trio.current_time()
+            for view in list(self.executors.values()):
+                if now - view.last_seen > timeout:
+                    log.warning(
+                        "executor %s stopped reporting; failing its requests", view.executor_id
+                    )
+                    self.counters["executors_lost"] += 1
+                    del self.executors[view.executor_id]
+                    await self._fail_inflight(view, "its executor stopped responding")
+                    continue
+                expired = [rid for rid, (_, dl) in view.inflight.items() if dl < now]
+                for rid in expired:
+                    del view.inflight[rid]
+
+    async def _fail_inflight(self, view: _ExecutorView, why: str) -> None:
+        for rid, (gateway, _) in view.inflight.items():
+            self.counters["requests_failed_executor_lost"] += 1
+            exc = UnavailableError(f"request lost because {why}; retry")
+            await self.frontend.send([gateway, *error_frames(rid, exc)])
+        view.inflight.clear()

@@ -1,0 +1,1 @@
+"""Benchmarks behind `vajra bench ...`; each writes a JSON result."""

@@ -1,0 +1,235 @@
+"""``vajra bench bus``: the request path's own cost, measured end to end.
+
+Starts a real cluster (the supervisor, every actor as its own process, an embedded Valkey)
+with the null model — executors that answer at once without compute — and drives it through
+the gateway's ZeroMQ socket:
+
+* throughput: ``concurrency`` requests kept outstanding for ``duration_s``;
+* latency: ``latency_requests`` sent one at a time (p50/p99 of a single outstanding request).
+
+The same load generator then drives a raw pyzmq ROUTER echo server in another process, with
+the same frames, so the result carries its own ceiling measured on the same machine.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import trio
+import zmq
+
+from vajra.actors.supervisor import Supervisor, free_tcp_address
+from vajra.bus.codec import decode, encode
+from vajra.bus.messages import InferRequest, InferResult
+from vajra.config import load_config
+from vajra.state import ClusterState
+
+_ECHO_SERVER = """
+import sys, zmq
+ctx = zmq.Context()
+s = ctx.socket(zmq.ROUTER)
+s.bind(sys.argv[1])
+print("ready", flush=True)
+while True:
+    s.send_multipart(s.recv_multipart())
+"""
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+class _Load:
+    """A blocking pyzmq load generator (one DEALER, requests pipelined)."""
+
+    def __init__(self, address: str, api_key: str, *, check_results: bool) -> None:
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.api_key = api_key
+        self.check_results = check_results
+        self.errors = 0
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+    def _frames(self, rid: str) -> list[bytes]:
+        req = InferRequest(request_id=rid, api_key=self.api_key, prompt="ping", max_tokens=1)
+        return encode(req, message_id=rid)
+
+    def _check(self, frames: list[bytes]) -> str:
+        env = decode(frames)
+        msg = env.message
+        if self.check_results and not isinstance(msg, InferResult):
+            self.errors += 1
+        rid = getattr(msg, "request_id", "")
+        return rid if isinstance(rid, str) else ""
+
+    def throughput(self, concurrency: int, duration_s: float) -> dict[str, float]:
+        sent: dict[str, float] = {}
+        latencies: list[float] = []
+        seq = 0
+        start = time.perf_counter()
+        end = start + duration_s
+        done = 0
+        while True:
+            now = time.perf_counter()
+            if now < end:
+                while len(sent) < concurrency:
+                    seq += 1
+                    rid = f"b{seq}"
+                    sent[rid] = time.perf_counter()
+                    self.sock.send_multipart(self._frames(rid))
+            elif not sent:
+                break
+            if not self.sock.poll(5000):
+                raise RuntimeError(f"no reply for 5 s with {len(sent)} outstanding")
+            while True:
+                try:
+                    frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                t0 = sent.pop(self._check(frames), None)
+                if t0 is not None:
+                    latencies.append(time.perf_counter() - t0)
+                    done += 1
+        elapsed = time.perf_counter() - start
+        latencies.sort()
+        return {
+            "requests": done,
+            "seconds": elapsed,
+            "requests_per_s": done / elapsed,
+            "p50_ms": _percentile(latencies, 0.50) * 1e3,
+            "p99_ms": _percentile(latencies, 0.99) * 1e3,
+        }
+
+    def latency(self, n: int) -> dict[str, float]:
+        latencies: list[float] = []
+        for i in range(n):
+            rid = f"l{i}"
+            t0 = time.perf_counter()
+            self.sock.send_multipart(self._frames(rid))
+            while True:
+                if not self.sock.poll(5000):
+                    raise RuntimeError("no reply for 5 s")
+                if self._check(self.sock.recv_multipart()) == rid:
+                    break
+            latencies.append(time.perf_counter() - t0)
+        latencies.sort()
+        return {
+            "p50_ms": _percentile(latencies, 0.50) * 1e3,
+            "p99_ms": _percentile(latencies, 0.99) * 1e3,
+            "mean_ms": sum(latencies) / len(latencies) * 1e3,
+        }
+
+
+def _run_cluster_in_thread(
+    home: Path,
+) -> tuple[dict[str, Any], trio.lowlevel.TrioToken, threading.Thread]:
+    env = {"VAJRA_HOME": str(home)}
+    cfg = load_config(env=env).replace("cluster", gateway_address=free_tcp_address())
+    sup = Supervisor(cfg, executors=1, model="null")
+    ready: dict[str, Any] = {}
+    started = threading.Event()
+    stop = trio.Event()
+
+    async def main() -> None:
+        ready["token"] = trio.lowlevel.current_trio_token()
+        ready["stop"] = stop
+        async with trio.open_nursery() as nursery:
+            ready["info"] = await nursery.start(sup.run)
+            started.set()
+            await stop.wait()
+            nursery.cancel_scope.cancel()
+
+    def runner() -> None:
+        try:
+            trio.run(main)
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=runner, name="vajra-bench-cluster", daemon=True)
+    thread.start()
+    if not started.wait(120) or "info" not in ready:
+        raise RuntimeError("the benchmark cluster did not start")
+    return ready, ready["token"], thread
+
+
+def run_bus_bench(
+    *, duration_s: float = 5.0, concurrency: int = 256, latency_requests: int = 2000
+) -> dict[str, Any]:
+    """Run both measurements and return the JSON-ready result."""
+    with tempfile.TemporaryDirectory(prefix="vajra-bench-") as tmp:
+        home = Path(tmp)
+        ready, token, thread = _run_cluster_in_thread(home)
+        info = ready["info"]
+        try:
+            with ClusterState(info["redis_url"]) as state:
+                _, api_key = state.create_tenant(f"bench-{uuid.uuid4().hex[:8]}")
+            load = _Load(info["gateway_address"], api_key, check_results=True)
+            try:
+                load.latency(200)  # warm-up: caches, connections
+                e2e_tp = load.throughput(concurrency, duration_s)
+                e2e_lat = load.latency(latency_requests)
+                errors = load.errors
+            finally:
+                load.close()
+        finally:
+            trio.from_thread.run_sync(ready["stop"].set, trio_token=token)
+            thread.join(30)
+
+    address = free_tcp_address()
+    echo = subprocess.Popen(
+        [sys.executable, "-c", _ECHO_SERVER, address], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert echo.stdout is not None
+        echo.stdout.readline()
+        raw = _Load(address, "vk_raw", check_results=False)
+        try:
+            raw.latency(200)
+            raw_tp = raw.throughput(concurrency, duration_s)
+            raw_lat = raw.latency(latency_requests)
+        finally:
+            raw.close()
+    finally:
+        echo.kill()
+        echo.wait()
+
+    return {
+        "benchmark": "bus",
+        "path": "client -> gateway -> scheduler -> executor(null model) -> gateway -> client",
+        "requests_per_s": round(e2e_tp["requests_per_s"], 1),
+        "p50_ms": round(e2e_lat["p50_ms"], 3),
+        "p99_ms": round(e2e_lat["p99_ms"], 3),
+        "throughput_p50_ms": round(e2e_tp["p50_ms"], 3),
+        "throughput_p99_ms": round(e2e_tp["p99_ms"], 3),
+        "errors": errors,
+        "raw_requests_per_s": round(raw_tp["requests_per_s"], 1),
+        "raw_p50_ms": round(raw_lat["p50_ms"], 3),
+        "raw_p99_ms": round(raw_lat["p99_ms"], 3),
+        "ratio_to_raw": round(e2e_tp["requests_per_s"] / raw_tp["requests_per_s"], 3),
+        "conditions": {
+            "concurrency": concurrency,
+            "duration_s": duration_s,
+            "latency_requests": latency_requests,
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "transport": "tcp loopback to the gateway; ipc between actors",
+        },
+    }

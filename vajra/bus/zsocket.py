@@ -1,0 +1,181 @@
+"""The one Trio adapter over pyzmq sockets; the only code in Vajra that touches raw sockets.
+
+ZeroMQ exposes a single file descriptor per socket that is *edge-triggered*: it becomes
+readable when the socket's event state changes, not while a message is waiting. So every
+operation is tried non-blocking first, ``zmq.EVENTS`` is checked before sleeping, and at most
+one task at a time waits on the descriptor. Any operation, by any task, may consume the edge
+another task is waiting for; so after every operation the waiter is woken and re-checks
+``zmq.EVENTS``. Two tasks sending and receiving on one DEALER therefore never stall.
+
+Receiving drains in batches (:meth:`ZSocket.recv_batch`) so a busy actor pays for one wake-up
+per batch rather than one per message.
+
+Cancellation: a cancelled ``send``/``recv`` leaves the socket usable; a message is either
+fully sent/received or not at all (ZeroMQ messages are atomic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import trio
+import zmq
+
+_POLLIN = zmq.POLLIN
+_POLLOUT = zmq.POLLOUT
+_NOBLOCK = zmq.NOBLOCK
+_EVENTS = zmq.EVENTS
+
+
+class ZSocket:
+    """A pyzmq socket used from Trio tasks. Create with :func:`open_socket`.
+
+    Not thread-safe (no ZeroMQ socket is): use it from one Trio run only.
+    """
+
+    def __init__(self, sock: zmq.Socket[Any]) -> None:
+        self._sock = sock
+        self._fd = cast(int, sock.getsockopt(zmq.FD))
+        self._lot = trio.lowlevel.ParkingLot()
+        self._waiter: trio.CancelScope | None = None
+        self._want = 0  # the events the waiting tasks wait for
+        self.closed = False
+
+    @property
+    def raw(self) -> zmq.Socket[Any]:
+        return self._sock
+
+    def bind(self, address: str) -> str:
+        """Bind and return the concrete address (a ``:0`` TCP port is resolved)."""
+        if address.startswith("tcp://") and address.endswith(":0"):
+            port = self._sock.bind_to_random_port(address[: -len(":0")])
+            return f"{address[: -len(':0')]}:{port}"
+        self._sock.bind(address)
+        endpoint = self._sock.getsockopt(zmq.LAST_ENDPOINT)
+        return endpoint.decode() if isinstance(endpoint, bytes) else address
+
+    def connect(self, address: str) -> None:
+        self._sock.connect(address)
+
+    def subscribe(self, prefix: bytes = b"") -> None:
+        self._sock.setsockopt(zmq.SUBSCRIBE, prefix)
+
+    def _events(self) -> int:
+        return cast(int, self._sock.getsockopt(_EVENTS))
+
+    def _woke(self) -> None:
+        """Called after every operation: the edge a waiter sleeps on may have been consumed.
+
+        The waiter is woken only when what it waits for is already available; otherwise
+        the next change of state raises a fresh edge and wakes it anyway.
+        """
+        if self._waiter is not None and self._events() & self._want:
+            self._waiter.cancel()
+
+    async def _wait(self, flag: int) -> None:
+        while not (self._events() & flag):
+            if self.closed:
+                raise trio.ClosedResourceError("socket was closed")
+            self._want |= flag
+            if self._waiter is None:
+                with trio.CancelScope() as scope:
+                    self._waiter = scope
+                    try:
+                        await trio.lowlevel.wait_readable(self._fd)
+                    finally:
+                        self._waiter = None
+                        self._want = 0
+                        self._lot.unpark_all()
+            else:
+                await self._lot.park()
+
+    async def send(self, frames: Sequence[bytes]) -> None:
+        """Send one multipart message, waiting while the socket is at its high-water mark."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                self._sock.send_multipart(frames, _NOBLOCK, copy=True)
+            except zmq.Again:
+                await self._wait(_POLLOUT)
+                continue
+            self._woke()
+            return
+
+    def send_nowait(self, frames: Sequence[bytes]) -> bool:
+        """Try to send without waiting; False if the socket would block (message not sent)."""
+        try:
+            self._sock.send_multipart(frames, _NOBLOCK, copy=True)
+        except zmq.Again:
+            return False
+        self._woke()
+        return True
+
+    async def recv(self) -> list[bytes]:
+        """Receive one multipart message."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                frames: list[bytes] = self._sock.recv_multipart(_NOBLOCK, copy=True)
+            except zmq.Again:
+                await self._wait(_POLLIN)
+                continue
+            self._woke()
+            return frames
+
+    async def recv_batch(self, max_messages: int = 256) -> list[list[bytes]]:
+        """Wait for at least one message, then take every waiting one, up to ``max_messages``."""
+        batch = [await self.recv()]
+        sock = self._sock
+        while len(batch) < max_messages:
+            try:
+                batch.append(sock.recv_multipart(_NOBLOCK, copy=True))
+            except zmq.Again:
+                break
+        self._woke()
+        return batch
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            trio.lowlevel.notify_closing(self._fd)
+        except RuntimeError:  # closed outside a Trio run: nobody can be waiting
+            pass
+        if self._waiter is not None:
+            self._waiter.cancel()
+        self._lot.unpark_all()
+        self._sock.close(linger=0)
+
+
+def open_socket(
+    ctx: zmq.Context[Any],
+    socket_type: int,
+    *,
+    identity: bytes | None = None,
+    high_water_mark: int = 10_000,
+    max_message_bytes: int | None = None,
+    linger_ms: int = 0,
+    handover: bool = False,
+) -> ZSocket:
+    """Create a socket with Vajra's defaults: bounded queues, no linger, optional size cap.
+
+    ``max_message_bytes`` makes ZeroMQ drop any peer that sends a larger message, before it
+    is ever buffered in full. ``handover`` (ROUTER only) lets a restarted peer take over its
+    identity at once; never set it on a client-facing socket, where it would let one client
+    claim another's identity.
+    """
+    sock = ctx.socket(socket_type)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    sock.setsockopt(zmq.SNDHWM, high_water_mark)
+    sock.setsockopt(zmq.RCVHWM, high_water_mark)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    if max_message_bytes is not None:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    if socket_type == zmq.ROUTER:
+        # Replies to a peer that went away are dropped rather than raising.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1 if handover else 0)
+    return ZSocket(sock)

@@ -1,0 +1,289 @@
+"""The ``vajra`` command line.
+
+Commands find a running local cluster through ``VAJRA_HOME`` (its ``cluster.json``) with no
+flags, or through ``--gateway ADDRESS`` / ``VAJRA_REDIS_URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vajra.config import ConfigError, VajraConfig, dump_toml, load_config
+from vajra.errors import VajraError
+
+
+def _config(args: argparse.Namespace) -> VajraConfig:
+    return load_config(getattr(args, "config", None))
+
+
+def _cluster_info(cfg: VajraConfig) -> dict[str, Any]:
+    from vajra.actors.supervisor import read_cluster_file
+
+    return read_cluster_file(cfg.cluster.home_path) or {}
+
+
+def _redis_url(cfg: VajraConfig) -> str:
+    url = cfg.cluster.redis_url or _cluster_info(cfg).get("redis_url", "")
+    if not url:
+        raise SystemExit(
+            "vajra: no cluster found: start one with `vajra up`, or set VAJRA_REDIS_URL / VAJRA_HOME"
+        )
+    return str(url)
+
+
+def _gateway(cfg: VajraConfig, args: argparse.Namespace) -> str:
+    if getattr(args, "gateway", None):
+        return str(args.gateway)
+    address = _cluster_info(cfg).get("gateway_address")
+    if not address:
+        raise SystemExit(
+            "vajra: no cluster found: start one with `vajra up`, or pass --gateway ADDRESS"
+        )
+    return str(address)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import trio
+
+    from vajra.actors.base import configure_logging
+    from vajra.actors.supervisor import Supervisor, run_supervisor
+
+    configure_logging("supervisor")
+    cfg = _config(args)
+    sup = Supervisor(
+        cfg, gateway_port=args.gateway_port, executors=args.executors, model=args.model
+    )
+    return trio.run(run_supervisor, sup)
+
+
+def cmd_actor(args: argparse.Namespace) -> int:
+    from vajra.actors import run_actor_process
+
+    cfg = _config(args)
+    return run_actor_process(args.name, cfg, executor_id=args.executor_id, model=args.model)
+
+
+def cmd_tenant(args: argparse.Namespace) -> int:
+    from vajra.state import ClusterState
+
+    cfg = _config(args)
+    with ClusterState(_redis_url(cfg)) as state:
+        if args.tenant_cmd == "create":
+            record, key = state.create_tenant(args.name)
+            print(f"tenant {record.name} ({record.tenant_id}) created")
+            print(f"api key (shown once): {key}")
+        elif args.tenant_cmd == "list":
+            for t in state.list_tenants():
+                print(f"{t.name}\t{t.tenant_id}")
+        elif args.tenant_cmd == "delete":
+            tenant = state.get_tenant_by_name(args.name)
+            if tenant is None or not state.delete_tenant(tenant.tenant_id):
+                print(f"vajra: no tenant named {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"tenant {args.name} deleted")
+        elif args.tenant_cmd == "new-key":
+            tenant = state.get_tenant_by_name(args.name)
+            if tenant is None:
+                print(f"vajra: no tenant named {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"api key (shown once): {state.create_api_key(tenant.tenant_id)}")
+        elif args.tenant_cmd == "revoke-key":
+            if not state.revoke_api_key(args.key):
+                print("vajra: no such key", file=sys.stderr)
+                return 1
+            print("key revoked")
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from vajra.client import Client
+
+    cfg = _config(args)
+    with Client(_gateway(cfg, args), args.key, timeout_s=args.timeout) as client:
+        kw: dict[str, Any] = dict(
+            adapter=args.adapter,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            stop=args.stop or None,
+            seed=args.seed,
+        )
+        if args.stream:
+            for chunk in client.stream(args.prompt, **kw):
+                print(chunk.text, end="", flush=True)
+            print()
+        else:
+            result = client.infer(args.prompt, **kw)
+            print(result.text)
+            if args.verbose:
+                print(json.dumps(vars(result.usage)), file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from vajra.state import ClusterState
+
+    cfg = _config(args)
+    info = _cluster_info(cfg)
+    if info:
+        print(f"gateway  {info.get('gateway_address')}")
+    with ClusterState(_redis_url(cfg)) as state:
+        beats = state.list_heartbeats()
+    print(f"executors: {len(beats)}")
+    for hb in beats:
+        print(
+            f"  {hb.executor_id}  model={hb.model} device={hb.device} queue={hb.queue_depth} "
+            f"running={hb.running} free_mem={hb.free_memory_bytes // 2**20}MiB "
+            f"resident={len(hb.resident_adapters)} updated_ms={hb.updated_ms}"
+        )
+    try:
+        gateway = _gateway(cfg, args)
+    except SystemExit:
+        return 0
+    from vajra.client import Client
+
+    try:
+        with Client(gateway, "", timeout_s=2.0) as client:
+            stats = client.stats()
+        print("gateway counters: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
+    except VajraError as exc:
+        print(f"gateway unreachable: {exc}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(dump_toml(_config(args)), end="")
+    return 0
+
+
+def cmd_model_init_tiny(args: argparse.Namespace) -> int:
+    from vajra.gpu.tiny import init_tiny_model
+
+    path = init_tiny_model(Path(args.dir), seed=args.seed)
+    print(f"tiny model written to {path}")
+    return 0
+
+
+def cmd_bench_bus(args: argparse.Namespace) -> int:
+    from vajra.bench.bus import run_bus_bench
+
+    result = run_bus_bench(
+        duration_s=args.duration,
+        concurrency=args.concurrency,
+        latency_requests=args.latency_requests,
+    )
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vajra", description="Vajra: many LoRA adapters, one frozen model."
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", help="TOML config file (see config/vajra.toml)")
+        return sp
+
+    up = with_config(sub.add_parser("up", help="run the whole cluster on this machine"))
+    up.add_argument("--model", help="local Hugging Face model directory (default: a tiny model)")
+    up.add_argument("--executors", type=int, help="executor processes (one per GPU)")
+    up.add_argument("--gateway-port", type=int, help="gateway TCP port on 127.0.0.1 (0: any free)")
+    up.add_argument("--http-port", type=int, help="HTTP bridge port (the bridge is not built yet)")
+    up.set_defaults(func=cmd_up)
+
+    actor = with_config(sub.add_parser("actor", help="run one actor process"))
+    actor.add_argument("name", choices=["gateway", "scheduler", "predictor", "ledger", "executor"])
+    actor.add_argument("--executor-id", default="exec-0")
+    actor.add_argument("--model", help="override the model directory (executor)")
+    actor.set_defaults(func=cmd_actor)
+
+    tenant = with_config(sub.add_parser("tenant", help="manage tenants and API keys"))
+    tsub = tenant.add_subparsers(dest="tenant_cmd", required=True)
+    tsub.add_parser("create", help="create a tenant; prints its API key once").add_argument("name")
+    tsub.add_parser("list", help="list tenants")
+    tsub.add_parser("delete", help="delete a tenant and its keys").add_argument("name")
+    tsub.add_parser("new-key", help="issue another API key").add_argument("name")
+    tsub.add_parser("revoke-key", help="revoke an API key").add_argument("key")
+    tenant.set_defaults(func=cmd_tenant)
+
+    infer = with_config(sub.add_parser("infer", help="send one request through the gateway"))
+    infer.add_argument("prompt")
+    infer.add_argument(
+        "--key", default=os.environ.get("VAJRA_API_KEY", ""), help="API key ($VAJRA_API_KEY)"
+    )
+    infer.add_argument("--adapter")
+    infer.add_argument("--gateway", help="gateway address, e.g. tcp://127.0.0.1:5555")
+    infer.add_argument("--max-tokens", type=int, default=64)
+    infer.add_argument("--temperature", type=float, default=0.0)
+    infer.add_argument("--top-p", type=float, default=1.0)
+    infer.add_argument("--stop", action="append")
+    infer.add_argument("--seed", type=int)
+    infer.add_argument("--stream", action="store_true")
+    infer.add_argument("--timeout", type=float, default=60.0)
+    infer.add_argument("-v", "--verbose", action="store_true", help="print usage to stderr")
+    infer.set_defaults(func=cmd_infer)
+
+    status = with_config(sub.add_parser("status", help="executors, heartbeats, queue depths"))
+    status.add_argument("--gateway")
+    status.set_defaults(func=cmd_status)
+
+    config = sub.add_parser("config", help="configuration")
+    csub = config.add_subparsers(dest="config_cmd", required=True)
+    with_config(csub.add_parser("show", help="print the effective configuration")).set_defaults(
+        func=cmd_config_show
+    )
+
+    model = sub.add_parser("model", help="model directories")
+    msub = model.add_subparsers(dest="model_cmd", required=True)
+    tiny = msub.add_parser(
+        "init-tiny", help="write a small random-weight Llama model and tokenizer"
+    )
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_model_init_tiny)
+
+    bench = sub.add_parser("bench", help="benchmarks writing JSON results")
+    bsub = bench.add_subparsers(dest="bench_cmd", required=True)
+    bus = bsub.add_parser("bus", help="end-to-end request rate and latency with a null model")
+    bus.add_argument("--json", required=True, help="where to write the results")
+    bus.add_argument("--duration", type=float, default=5.0, help="seconds per throughput run")
+    bus.add_argument("--concurrency", type=int, default=256, help="requests kept outstanding")
+    bus.add_argument(
+        "--latency-requests", type=int, default=2000, help="sequential requests for p50/p99"
+    )
+    bus.set_defaults(func=cmd_bench_bus)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"vajra: {exc}", file=sys.stderr)
+        return 2
+    except VajraError as exc:
+        print(f"vajra: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

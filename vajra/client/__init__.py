@@ -1,0 +1,52 @@
+"""Vajra's client SDK: a Trio client, a blocking client, and the values and errors they share.
+
+::
+
+    from vajra.client import AsyncClient, Client
+
+    with Client("tcp://127.0.0.1:5555", api_key="...") as client:
+        print(client.infer("Hello", max_tokens=16).text)
+
+    async with AsyncClient("tcp://127.0.0.1:5555", api_key="...") as client:
+        async with client.stream("Hello") as chunks:
+            async for chunk in chunks:
+                print(chunk.text, end="")
+
+Every failure is raised as a :class:`VajraError` subclass; :class:`TimeoutError` is also the
+builtin ``TimeoutError``; ``error.retriable`` says whether sending again may succeed.
+"""
+
+from vajra.client._async import AsyncClient, Stream
+from vajra.client._sync import Client
+from vajra.client._types import InferenceResult, StreamChunk, Usage
+from vajra.errors import (
+    AuthError,
+    InternalError,
+    InvalidRequest,
+    NotFoundError,
+    OverloadedError,
+    PayloadTooLarge,
+    ProtocolError,
+    TimeoutError,
+    UnavailableError,
+    VajraError,
+)
+
+__all__ = [
+    "AsyncClient",
+    "AuthError",
+    "Client",
+    "InferenceResult",
+    "InternalError",
+    "InvalidRequest",
+    "NotFoundError",
+    "OverloadedError",
+    "PayloadTooLarge",
+    "ProtocolError",
+    "Stream",
+    "StreamChunk",
+    "TimeoutError",
+    "UnavailableError",
+    "Usage",
+    "VajraError",
+]

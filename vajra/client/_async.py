@@ -1,0 +1,389 @@
+"""The Trio client: one DEALER socket, one receive task, one bounded reply queue per request.
+
+Data flows left to right::
+
+    caller ──request frames──▶ DEALER ──▶ gateway
+    gateway ──▶ DEALER ──▶ receive task ──(by request_id)──▶ the call's memory channel ──▶ caller
+
+The receive task never waits on a caller: each request's queue is sized to the most replies
+the protocol allows it, so one slow reader cannot stall the others; a gateway that sends more
+fails that request with :class:`~vajra.errors.ProtocolError`. Replies for requests that are
+no longer outstanding (timed out, abandoned, unknown, or frames that do not decode at all)
+are counted in :attr:`AsyncClient.ignored_replies`, logged at debug level and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, ExitStack, contextmanager
+from types import TracebackType
+from typing import Any
+
+import trio
+import zmq
+
+from vajra.bus.messages import InferRequest, StatsRequest
+from vajra.bus.zsocket import ZSocket, open_socket
+from vajra.client._types import (
+    InferenceResult,
+    Reply,
+    StreamChunk,
+    StreamProgress,
+    build_infer_request,
+    build_stats_request,
+    decode_reply,
+    expect,
+    interpret_reply,
+    reply_capacity,
+    request_frames,
+    resolve_timeout,
+)
+from vajra.errors import InvalidRequest, ProtocolError, TimeoutError, UnavailableError, VajraError
+
+log = logging.getLogger("vajra.client")
+
+_RECV_BATCH = 256
+
+
+class _Call:
+    """One outstanding request: the receive task feeds ``send``, the caller reads ``receive``.
+
+    ``failure`` says why ``send`` was closed early (client closed, reply queue overflowed).
+    """
+
+    __slots__ = ("failure", "receive", "request_id", "send")
+
+    def __init__(self, request_id: str, capacity: int) -> None:
+        self.request_id = request_id
+        self.send, self.receive = trio.open_memory_channel[Reply](capacity)
+        self.failure: VajraError | None = None
+
+
+@contextmanager
+def _within(deadline: float, request_id: str, timeout_s: float) -> Iterator[None]:
+    """``trio.fail_at(deadline)`` with ``TooSlowError`` turned into Vajra's TimeoutError."""
+    try:
+        with trio.fail_at(deadline):
+            yield
+    except trio.TooSlowError:
+        raise TimeoutError(f"no answer to request {request_id} within {timeout_s:g} s") from None
+
+
+class AsyncClient:
+    """Talks to a Vajra gateway from Trio.
+
+    ::
+
+        async with AsyncClient("tcp://127.0.0.1:5555", api_key) as client:
+            result = await client.infer("Hello", max_tokens=16)
+            async with client.stream("Hello") as chunks:
+                async for chunk in chunks:
+                    print(chunk.text, end="")
+
+    Opening connects one DEALER socket and starts one receive task in the client's own
+    nursery. Closing (leaving the ``async with``) cancels that task, fails every request
+    still outstanding with :class:`~vajra.errors.UnavailableError` and closes the socket.
+    Any number of tasks may call the client at once; replies are routed by request id.
+
+    Every call runs under one deadline of ``timeout_s`` (the call's, or the client's
+    default), which is also sent to the gateway as the request's ``deadline_ms``; when it
+    passes the call raises :class:`vajra.errors.TimeoutError` (also a builtin
+    ``TimeoutError``). Cancelling a call abandons the request: its late replies are dropped.
+    Gateway errors are raised as the matching :class:`~vajra.errors.VajraError` subclass.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        api_key: str,
+        *,
+        tenant: str | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.address = address
+        self._api_key = api_key
+        self._tenant = tenant
+        self._timeout_s = resolve_timeout(timeout_s, timeout_s)
+        self._ctx: zmq.Context[Any] | None = None
+        self._sock: ZSocket | None = None
+        self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
+        self._nursery: trio.Nursery | None = None
+        self._calls: dict[str, _Call] = {}
+        self._opened = False
+        self._closed = False
+        self._ignored = 0
+
+    @property
+    def ignored_replies(self) -> int:
+        """Replies dropped because no outstanding request of this client could take them."""
+        return self._ignored
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncClient:
+        if self._opened:
+            raise RuntimeError("an AsyncClient can be opened only once")
+        self._opened = True
+        self._ctx = zmq.Context()
+        self._sock = open_socket(self._ctx, zmq.DEALER)
+        try:
+            self._sock.connect(self.address)
+        except zmq.ZMQError as exc:
+            self._shutdown()
+            raise InvalidRequest(
+                f"cannot connect to {self.address!r}: {exc}", field="address"
+            ) from None
+        self._nursery_manager = trio.open_nursery()
+        self._nursery = await self._nursery_manager.__aenter__()
+        self._nursery.start_soon(self._receive_loop, self._sock)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._nursery is not None and self._nursery_manager is not None
+        self._nursery.cancel_scope.cancel()
+        try:
+            # The body's own exception is not handed to the nursery, so it propagates as it
+            # is (not wrapped in an ExceptionGroup); only a crash of the receive task would.
+            await self._nursery_manager.__aexit__(None, None, None)
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._closed = True
+        for call in list(self._calls.values()):
+            self._fail(call, UnavailableError("the client was closed before the answer came"))
+        if self._sock is not None:
+            self._sock.close()
+        if self._ctx is not None:
+            self._ctx.term()  # returns at once: the only socket is closed with linger 0
+
+    def _open_socket(self) -> ZSocket:
+        if self._closed:
+            raise UnavailableError("the client is closed")
+        if self._sock is None:
+            raise RuntimeError("open the client first: `async with AsyncClient(...) as client`")
+        return self._sock
+
+    # --- the receive side ----------------------------------------------------------------
+
+    async def _receive_loop(self, sock: ZSocket) -> None:
+        """Owns the socket's receive side; dispatches every reply. Runs until cancelled."""
+        while True:
+            for frames in await sock.recv_batch(_RECV_BATCH):
+                self._dispatch(frames)
+
+    def _dispatch(self, frames: Sequence[bytes]) -> None:
+        request_id, reply = decode_reply(frames)
+        call = self._calls.get(request_id)
+        if call is None:
+            self._ignored += 1
+            log.debug("ignoring a reply for no outstanding request (%r): %r", request_id, reply)
+            return
+        try:
+            call.send.send_nowait(reply)
+        except trio.WouldBlock:
+            self._fail(
+                call, ProtocolError(f"request {request_id} got more replies than it can have")
+            )
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._calls.pop(request_id, None)
+
+    def _fail(self, call: _Call, error: VajraError) -> None:
+        """End ``call`` early: its reader drains what came, then gets ``error``."""
+        if self._calls.get(call.request_id) is call:
+            del self._calls[call.request_id]
+        if call.failure is None:
+            call.failure = error
+        call.send.close()
+
+    # --- one call --------------------------------------------------------------------------
+
+    @contextmanager
+    def _register(self, request: InferRequest | StatsRequest) -> Iterator[_Call]:
+        """Make ``request`` outstanding (before it is sent); forget it on the way out."""
+        self._open_socket()
+        rid = request.request_id
+        if rid in self._calls:
+            raise RuntimeError(f"request id {rid} is already outstanding")
+        call = _Call(rid, reply_capacity(request))
+        self._calls[rid] = call
+        try:
+            yield call
+        finally:
+            if self._calls.get(rid) is call:
+                del self._calls[rid]
+            call.send.close()
+            call.receive.close()
+
+    async def _send(self, request: InferRequest | StatsRequest) -> None:
+        sock = self._open_socket()
+        try:
+            await sock.send(request_frames(request))
+        except trio.ClosedResourceError:
+            raise UnavailableError("the client was closed while sending") from None
+
+    @staticmethod
+    async def _next_reply(call: _Call) -> Reply:
+        try:
+            return await call.receive.receive()
+        except trio.EndOfChannel:
+            return call.failure or UnavailableError("the request was abandoned")
+
+    async def _single(
+        self, request: InferRequest | StatsRequest, timeout_s: float
+    ) -> InferenceResult | StreamChunk | dict[str, int]:
+        """Send ``request`` and wait for its one final answer."""
+        deadline = trio.current_time() + timeout_s
+        with self._register(request) as call, _within(deadline, request.request_id, timeout_s):
+            await self._send(request)
+            while True:
+                outcome = interpret_reply(await self._next_reply(call))
+                if outcome is not None:
+                    return outcome
+
+    # --- public API ------------------------------------------------------------------------
+
+    async def infer(
+        self,
+        prompt: str,
+        adapter: str | None = None,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        timeout_s: float | None = None,
+    ) -> InferenceResult:
+        """Generate a completion for ``prompt`` and return it whole."""
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        request = build_infer_request(
+            api_key=self._api_key,
+            tenant=self._tenant,
+            prompt=prompt,
+            adapter=adapter,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+            stream=False,
+            timeout_s=timeout,
+        )
+        return expect(await self._single(request, timeout), InferenceResult)
+
+    def stream(
+        self,
+        prompt: str,
+        adapter: str | None = None,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        timeout_s: float | None = None,
+    ) -> Stream:
+        """A streaming generation; use as ``async with client.stream(...) as chunks``.
+
+        Nothing is sent until the ``async with`` is entered; see :class:`Stream`.
+        """
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        request = build_infer_request(
+            api_key=self._api_key,
+            tenant=self._tenant,
+            prompt=prompt,
+            adapter=adapter,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+            stream=True,
+            timeout_s=timeout,
+        )
+        return Stream(self, request, timeout)
+
+    async def stats(self, *, timeout_s: float | None = None) -> dict[str, int]:
+        """The gateway's counters."""
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        counters: dict[str, int] = expect(await self._single(build_stats_request(), timeout), dict)
+        return counters
+
+
+class Stream:
+    """One streaming request, made by :meth:`AsyncClient.stream`.
+
+    ::
+
+        async with client.stream("Once upon a time", max_tokens=32) as chunks:
+            async for chunk in chunks:
+                ...  # the last chunk has finish_reason and usage set
+
+    Entering sends the request and starts its deadline; iterating yields
+    :class:`~vajra.client.StreamChunk` objects until the final one. The whole stream, from
+    entering to its final chunk, runs under one deadline of ``timeout_s``; when it passes,
+    iterating raises :class:`vajra.errors.TimeoutError`. A gateway error is raised from the
+    iteration. Leaving the block early (``break``, an error, cancellation) abandons the
+    request: chunks still on their way are dropped. The protocol has no cancel message, so
+    the gateway finishes the generation regardless.
+    """
+
+    def __init__(self, client: AsyncClient, request: InferRequest, timeout_s: float) -> None:
+        self._client = client
+        self._request = request
+        self._timeout_s = timeout_s
+        self._progress = StreamProgress()
+        self._call: _Call | None = None
+        self._stack: ExitStack | None = None
+        self._deadline = 0.0
+
+    @property
+    def request_id(self) -> str:
+        return self._request.request_id
+
+    @property
+    def text(self) -> str:
+        """The text streamed so far."""
+        return self._progress.text
+
+    async def __aenter__(self) -> Stream:
+        if self._stack is not None:
+            raise RuntimeError("a Stream can be entered only once")
+        with ExitStack() as stack:
+            self._call = stack.enter_context(self._client._register(self._request))
+            self._deadline = trio.current_time() + self._timeout_s
+            with _within(self._deadline, self.request_id, self._timeout_s):
+                await self._client._send(self._request)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._progress.finished = True
+        if self._stack is not None:
+            self._stack.close()
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        if self._call is None:
+            raise RuntimeError("enter the stream first: `async with client.stream(...) as s`")
+        if self._progress.finished:
+            raise StopAsyncIteration
+        try:
+            with _within(self._deadline, self.request_id, self._timeout_s):
+                reply = await self._client._next_reply(self._call)
+        except TimeoutError:
+            self._progress.finished = True
+            raise
+        return expect(interpret_reply(reply, self._progress), StreamChunk)

@@ -1,0 +1,313 @@
+"""The blocking client: plain pyzmq with ``poll`` timeouts, one DEALER socket per thread.
+
+No ZeroMQ socket is thread-safe, so each thread that calls the client gets its own DEALER
+(kept in a ``threading.local``); all of them share the client's one ``zmq.Context``. A
+thread reads only its own socket, so no locks are held while waiting.
+
+One thread may have several calls open at once (an :meth:`Client.infer` inside a loop over
+:meth:`Client.stream`): whichever call is reading parks replies meant for the thread's other
+open calls in their inboxes. Replies for no open call of the thread (late replies to calls
+that timed out, frames that do not decode) are counted in :attr:`Client.ignored_replies`,
+logged at debug level and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import TracebackType
+
+import zmq
+
+from vajra.bus.messages import InferRequest, StatsRequest
+from vajra.client._types import (
+    InferenceResult,
+    Reply,
+    StreamChunk,
+    StreamProgress,
+    build_infer_request,
+    build_stats_request,
+    decode_reply,
+    expect,
+    interpret_reply,
+    request_frames,
+    resolve_timeout,
+)
+from vajra.errors import InvalidRequest, TimeoutError, UnavailableError
+
+log = logging.getLogger("vajra.client")
+
+_HIGH_WATER_MARK = 10_000
+
+
+class _ThreadState:
+    """One thread's socket, and an inbox per open call of that thread."""
+
+    __slots__ = ("__weakref__", "inbox", "sock")
+
+    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+        self.sock = sock
+        self.inbox: dict[str, deque[Reply]] = {}
+
+
+def _timed_out(request_id: str, timeout_s: float) -> TimeoutError:
+    return TimeoutError(f"no answer to request {request_id} within {timeout_s:g} s")
+
+
+def _poll_ms(deadline: float) -> int:
+    return max(1, math.ceil((deadline - time.monotonic()) * 1000))
+
+
+class Client:
+    """Talks to a Vajra gateway from ordinary (blocking) code; safe to share between threads.
+
+    ::
+
+        with Client("tcp://127.0.0.1:5555", api_key) as client:
+            print(client.infer("Hello", max_tokens=16).text)
+            for chunk in client.stream("Hello"):
+                print(chunk.text, end="")
+
+    Every call runs under one deadline of ``timeout_s`` (the call's, or the client's
+    default), which is also sent to the gateway as the request's ``deadline_ms``; when it
+    passes the call raises :class:`vajra.errors.TimeoutError` (also a builtin
+    ``TimeoutError``). Gateway errors are raised as the matching
+    :class:`~vajra.errors.VajraError` subclass.
+
+    :meth:`close` closes every thread's socket; call it once the other threads' calls have
+    returned (ZeroMQ sockets cannot be closed under a thread that is using them).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        api_key: str,
+        *,
+        tenant: str | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.address = address
+        self._api_key = api_key
+        self._tenant = tenant
+        self._timeout_s = resolve_timeout(timeout_s, timeout_s)
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._local = threading.local()
+        self._lock = threading.Lock()  # guards _states, _ignored and _closed
+        self._states: weakref.WeakSet[_ThreadState] = weakref.WeakSet()
+        self._closed = False
+        self._ignored = 0
+
+    @property
+    def ignored_replies(self) -> int:
+        """Replies dropped because no open call of the receiving thread could take them."""
+        return self._ignored
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every thread's socket and the context; later calls raise UnavailableError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            states = list(self._states)
+        for state in states:
+            state.sock.close(linger=0)
+        self._ctx.destroy(linger=0)  # also closes any socket a finalizer has not reached yet
+
+    def _state(self) -> _ThreadState:
+        """This thread's socket, connected on first use."""
+        if self._closed:
+            raise UnavailableError("the client is closed")
+        state: _ThreadState | None = getattr(self._local, "state", None)
+        if state is not None:
+            return state
+        with self._lock:
+            if self._closed:
+                raise UnavailableError("the client is closed")
+            sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, _HIGH_WATER_MARK)
+            sock.setsockopt(zmq.RCVHWM, _HIGH_WATER_MARK)
+            try:
+                sock.connect(self.address)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)
+                raise InvalidRequest(
+                    f"cannot connect to {self.address!r}: {exc}", field="address"
+                ) from None
+            state = _ThreadState(sock)
+            # A thread that ends drops its state; its socket is closed then, not leaked.
+            weakref.finalize(state, sock.close, 0)
+            self._states.add(state)
+        self._local.state = state
+        return state
+
+    # --- one call ------------------------------------------------------------------------
+
+    @contextmanager
+    def _register(self, state: _ThreadState, request_id: str) -> Iterator[None]:
+        if request_id in state.inbox:
+            raise RuntimeError(f"request id {request_id} is already outstanding")
+        state.inbox[request_id] = deque()
+        try:
+            yield
+        finally:
+            state.inbox.pop(request_id, None)
+
+    def _send(
+        self,
+        state: _ThreadState,
+        request: InferRequest | StatsRequest,
+        deadline: float,
+        timeout_s: float,
+    ) -> None:
+        frames = request_frames(request)
+        while True:
+            try:
+                state.sock.send_multipart(frames, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    raise _timed_out(request.request_id, timeout_s) from None
+                state.sock.poll(_poll_ms(deadline), zmq.POLLOUT)
+
+    def _next_reply(
+        self, state: _ThreadState, request_id: str, deadline: float, timeout_s: float
+    ) -> Reply:
+        """The next reply for ``request_id``, reading the socket until one comes."""
+        inbox = state.inbox[request_id]
+        while not inbox:
+            if self._closed:
+                raise UnavailableError("the client was closed before the answer came")
+            if time.monotonic() >= deadline:
+                raise _timed_out(request_id, timeout_s)
+            if not state.sock.poll(_poll_ms(deadline), zmq.POLLIN):
+                continue
+            try:
+                frames = state.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            self._route(state, frames)
+        return inbox.popleft()
+
+    def _route(self, state: _ThreadState, frames: Sequence[bytes]) -> None:
+        rid, reply = decode_reply(frames)
+        target = state.inbox.get(rid)
+        if target is None:
+            with self._lock:
+                self._ignored += 1
+            log.debug("ignoring a reply for no outstanding request (%r): %r", rid, reply)
+            return
+        target.append(reply)
+
+    def _single(
+        self, request: InferRequest | StatsRequest, timeout_s: float
+    ) -> InferenceResult | StreamChunk | dict[str, int]:
+        """Send ``request`` and wait for its one final answer."""
+        state = self._state()
+        deadline = time.monotonic() + timeout_s
+        with self._register(state, request.request_id):
+            self._send(state, request, deadline, timeout_s)
+            while True:
+                reply = self._next_reply(state, request.request_id, deadline, timeout_s)
+                outcome = interpret_reply(reply)
+                if outcome is not None:
+                    return outcome
+
+    # --- public API ----------------------------------------------------------------------
+
+    def infer(
+        self,
+        prompt: str,
+        adapter: str | None = None,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        timeout_s: float | None = None,
+    ) -> InferenceResult:
+        """Generate a completion for ``prompt`` and return it whole."""
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        request = build_infer_request(
+            api_key=self._api_key,
+            tenant=self._tenant,
+            prompt=prompt,
+            adapter=adapter,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+            stream=False,
+            timeout_s=timeout,
+        )
+        return expect(self._single(request, timeout), InferenceResult)
+
+    def stream(
+        self,
+        prompt: str,
+        adapter: str | None = None,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        timeout_s: float | None = None,
+    ) -> Iterator[StreamChunk]:
+        """A streaming generation, as a generator of :class:`~vajra.client.StreamChunk`.
+
+        Arguments are checked at once; the request is sent when iteration starts, and the
+        whole stream runs under one deadline from then. The last chunk has ``finish_reason``
+        and ``usage`` set. Iterate it in the thread that started it. Stopping early (or
+        closing the generator) abandons the request: its remaining chunks are dropped.
+        """
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        request = build_infer_request(
+            api_key=self._api_key,
+            tenant=self._tenant,
+            prompt=prompt,
+            adapter=adapter,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+            stream=True,
+            timeout_s=timeout,
+        )
+        return self._stream(request, timeout)
+
+    def _stream(self, request: InferRequest, timeout_s: float) -> Iterator[StreamChunk]:
+        state = self._state()
+        deadline = time.monotonic() + timeout_s
+        progress = StreamProgress()
+        with self._register(state, request.request_id):
+            self._send(state, request, deadline, timeout_s)
+            while not progress.finished:
+                reply = self._next_reply(state, request.request_id, deadline, timeout_s)
+                yield expect(interpret_reply(reply, progress), StreamChunk)
+
+    def stats(self, *, timeout_s: float | None = None) -> dict[str, int]:
+        """The gateway's counters."""
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        counters: dict[str, int] = expect(self._single(build_stats_request(), timeout), dict)
+        return counters

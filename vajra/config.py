@@ -1,0 +1,254 @@
+"""Configuration: one frozen dataclass per actor, loaded from TOML, overridden by environment.
+
+Precedence, lowest first: the dataclass defaults below (they follow the paper's system
+parameters) → a TOML file (``--config FILE``; ``config/vajra.toml`` lists every key) →
+environment variables ``VAJRA_<SECTION>_<KEY>`` (for example ``VAJRA_EXECUTOR_MAX_BATCH_SIZE=8``).
+Two variables are spelled without a section because operators expect them:
+``VAJRA_HOME`` (→ ``cluster.home``) and ``VAJRA_REDIS_URL`` (→ ``cluster.redis_url``).
+
+An unknown section or key, or a value of the wrong type, raises :class:`ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration file or variable that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    home: str = "~/.vajra"
+    redis_url: str = ""
+    model: str = ""
+    executors: int = 1
+    gateway_address: str = "tcp://127.0.0.1:5555"
+    gateway_backend_address: str = "tcp://127.0.0.1:5556"
+    scheduler_address: str = "tcp://127.0.0.1:5557"
+    scheduler_dispatch_address: str = "tcp://127.0.0.1:5558"
+    events_address: str = "tcp://127.0.0.1:5559"
+    ledger_address: str = "tcp://127.0.0.1:5560"
+
+    @property
+    def home_path(self) -> Path:
+        return Path(os.path.expanduser(self.home))
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    rpc_timeout_s: float = 5.0
+    max_body_bytes: int = 1 << 20
+    high_water_mark: int = 10_000
+    recv_batch: int = 256
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    max_prompt_chars: int = 32_768
+    max_tokens_limit: int = 4_096
+    max_stop_strings: int = 8
+    max_stop_chars: int = 128
+    default_deadline_ms: int = 30_000
+    max_deadline_ms: int = 600_000
+    max_inflight: int = 4_096
+    auth_cache_ttl_s: float = 1.0
+    gateway_id: str = "gw-0"
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    executor_timeout_s: float = 1.5
+    max_queue_per_executor: int = 512
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    history_per_adapter: int = 256
+    flush_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    flush_timeout_s: float = 3.0
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_size: int = 32
+    max_model_len: int = 2_048
+    max_queue: int = 256
+    load_report_interval_s: float = 0.1
+    heartbeat_interval_s: float = 1.0
+    heartbeat_ttl_s: float = 5.0
+    drain_timeout_s: float = 5.0
+    usage_resend_s: float = 2.0
+    max_usage_outbox: int = 100_000
+
+
+@dataclass(frozen=True)
+class AdaptersConfig:
+    max_vram_adapters: int = 100
+    lru_eviction_threshold: float = 0.9
+    max_rank: int = 64
+
+
+@dataclass(frozen=True)
+class PoliciesConfig:
+    prefetch_lookahead_ms: int = 5_000
+    billing_granularity_ms: int = 10
+    training_preemption_enabled: bool = True
+    placement_alpha: float = 0.5
+    placement_beta: float = 0.3
+    placement_gamma: float = 0.2
+    gpu_price_per_hour: float = 2.00
+    tenancy_factor: float = 0.3
+    price_per_million_gradients: float = 0.05
+
+
+@dataclass(frozen=True)
+class VajraConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    bus: BusConfig = field(default_factory=BusConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
+    policies: PoliciesConfig = field(default_factory=PoliciesConfig)
+
+    def replace(self, section: str, **values: Any) -> VajraConfig:
+        """A copy with some keys of one section changed (validated like file values)."""
+        current = getattr(self, section)
+        hints = typing.get_type_hints(type(current))
+        parsed = {k: _coerce(hints[k], v, f"{section}.{k}") for k, v in values.items()}
+        return dataclasses.replace(self, **{section: dataclasses.replace(current, **parsed)})
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    f.name: typing.get_type_hints(VajraConfig)[f.name] for f in dataclasses.fields(VajraConfig)
+}
+_SHORT_ENV = {"VAJRA_HOME": ("cluster", "home"), "VAJRA_REDIS_URL": ("cluster", "redis_url")}
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check (and, for strings from the environment, parse) one value against its type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or value == "":
+            return None
+        return _coerce(args[0], value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
+            return value.lower() in ("1", "true", "yes", "on")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _apply(base: VajraConfig, section: str, values: Mapping[str, Any], origin: str) -> VajraConfig:
+    if section not in _SECTIONS:
+        raise ConfigError(f"{origin}: unknown section [{section}] (known: {', '.join(_SECTIONS)})")
+    hints = typing.get_type_hints(_SECTIONS[section])
+    for key in values:
+        if key not in hints:
+            raise ConfigError(f"{origin}: unknown key {section}.{key}")
+    parsed = {k: _coerce(hints[k], v, f"{origin}: {section}.{k}") for k, v in values.items()}
+    current = getattr(base, section)
+    return dataclasses.replace(base, **{section: dataclasses.replace(current, **parsed)})
+
+
+def load_config(
+    path: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> VajraConfig:
+    """Load the effective configuration: defaults, then ``path`` (if any), then ``env``."""
+    env = os.environ if env is None else env
+    cfg = VajraConfig()
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{p}: top-level key {section!r} must be a [section]")
+            cfg = _apply(cfg, section, values, str(p))
+    for name, (section, key) in _SHORT_ENV.items():
+        if name in env:
+            cfg = _apply(cfg, section, {key: env[name]}, f"${name}")
+    for name, value in env.items():
+        if not name.startswith("VAJRA_") or name in _SHORT_ENV:
+            continue
+        rest = name[len("VAJRA_") :].lower()
+        section, _, key = rest.partition("_")
+        if section in _SECTIONS and key:
+            cfg = _apply(cfg, section, {key: value}, f"${name}")
+    return cfg
+
+
+def dump_toml(cfg: VajraConfig) -> str:
+    """Render a configuration as TOML (``vajra config show``; the supervisor's runtime file)."""
+    lines: list[str] = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                continue
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'

@@ -1,0 +1,128 @@
+"""Typed errors shared by every actor, the wire format and the client SDK.
+
+An error travels between processes as an ``ErrorReply`` carrying an :class:`ErrorCode`,
+a human message and, where one input is to blame, the name of the offending field.
+:func:`error_from_code` turns that back into the matching exception class, so the SDK
+raises the same type that the actor meant.
+"""
+
+from __future__ import annotations
+
+import builtins
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    INVALID_REQUEST = "invalid_request"
+    AUTH_FAILED = "auth_failed"
+    NOT_FOUND = "not_found"
+    OVERLOADED = "overloaded"
+    TIMEOUT = "timeout"
+    UNAVAILABLE = "unavailable"
+    MALFORMED_FRAME = "malformed_frame"
+    UNKNOWN_KIND = "unknown_kind"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    INTERNAL = "internal"
+
+
+RETRIABLE_CODES = frozenset({ErrorCode.OVERLOADED, ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE})
+
+
+class VajraError(Exception):
+    """Base of every error Vajra raises on purpose.
+
+    ``retriable`` says whether sending the same request again may succeed.
+    """
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    @property
+    def retriable(self) -> bool:
+        return self.code in RETRIABLE_CODES
+
+    def __str__(self) -> str:
+        if self.field:
+            return f"{self.code.value}: {self.message} (field: {self.field})"
+        return f"{self.code.value}: {self.message}"
+
+
+class InvalidRequest(VajraError):
+    code = ErrorCode.INVALID_REQUEST
+
+
+class AuthError(VajraError):
+    code = ErrorCode.AUTH_FAILED
+
+
+class NotFoundError(VajraError):
+    code = ErrorCode.NOT_FOUND
+
+
+class OverloadedError(VajraError):
+    code = ErrorCode.OVERLOADED
+
+
+class TimeoutError(VajraError, builtins.TimeoutError):
+    """The request's deadline passed before an answer came; retriable."""
+
+    code = ErrorCode.TIMEOUT
+
+
+class UnavailableError(VajraError):
+    """No executor could serve the request (none registered, or it died mid-request); retriable."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+class ProtocolError(VajraError):
+    """A frame that could not be decoded: not msgpack, unknown kind, wrong version, bad fields."""
+
+    code = ErrorCode.MALFORMED_FRAME
+
+    def __init__(
+        self, message: str, *, field: str | None = None, code: ErrorCode | None = None
+    ) -> None:
+        super().__init__(message, field=field)
+        if code is not None:
+            self.code = code
+
+
+class PayloadTooLarge(VajraError):
+    code = ErrorCode.PAYLOAD_TOO_LARGE
+
+
+class InternalError(VajraError):
+    code = ErrorCode.INTERNAL
+
+
+_BY_CODE: dict[ErrorCode, type[VajraError]] = {
+    ErrorCode.INVALID_REQUEST: InvalidRequest,
+    ErrorCode.AUTH_FAILED: AuthError,
+    ErrorCode.NOT_FOUND: NotFoundError,
+    ErrorCode.OVERLOADED: OverloadedError,
+    ErrorCode.TIMEOUT: TimeoutError,
+    ErrorCode.UNAVAILABLE: UnavailableError,
+    ErrorCode.PAYLOAD_TOO_LARGE: PayloadTooLarge,
+    ErrorCode.INTERNAL: InternalError,
+}
+
+
+def error_from_code(code: str, message: str, field: str | None = None) -> VajraError:
+    """Rebuild the exception an ``ErrorReply`` stands for; unknown codes become InternalError."""
+    try:
+        parsed = ErrorCode(code)
+    except ValueError:
+        return InternalError(f"{code}: {message}", field=field)
+    if parsed in (
+        ErrorCode.MALFORMED_FRAME,
+        ErrorCode.UNKNOWN_KIND,
+        ErrorCode.UNSUPPORTED_VERSION,
+    ):
+        return ProtocolError(message, field=field, code=parsed)
+    return _BY_CODE.get(parsed, InternalError)(message, field=field)

@@ -1,0 +1,521 @@
+"""The continuous-batching generation engine.
+
+One worker thread calls :meth:`Engine.step` over and over (never concurrently). Each step:
+
+1. drops aborted requests (queued or running; no output is produced for them);
+2. tokenizes and queues the admitted requests (a prompt that cannot run gets a finished
+   output with an ``InvalidRequest`` at once);
+3. runs ONE decode forward for every running row together: rows of different lengths share
+   the pass through left padding, a 2-D attention mask and per-row position ids;
+4. prefills waiting requests into the free slots (up to ``max_batch_size`` rows), samples
+   their first token and appends them to the running batch for the next step's decode.
+
+So every live request gets exactly one new token per step, and rows join and leave between
+decode passes. Nothing raises out of ``step()``: a failed forward finishes the rows it carried
+with ``finish_reason="error"`` and an ``InternalError``.
+
+KV cache layout (:class:`_Batch`): a ``transformers.DynamicCache`` whose rows are right-aligned;
+row ``i`` holds its real tokens in its last ``num_cached`` columns, everything before is
+padding. Rows leaving are index-selected away and columns that became padding in every row are
+trimmed; rows joining are left-padded to a common width and concatenated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from vajra.errors import InternalError, InvalidRequest, VajraError
+from vajra.gpu.model import load_model
+from vajra.gpu.sampling import SamplingParams, make_generator, sample_next_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt: str
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    request_id: str
+    text_delta: str  # new text since the last output for this request (may be "")
+    token_ids: tuple[int, ...]  # new token ids since the last output
+    finished: bool
+    finish_reason: str | None  # "stop" (stop string or EOS), "length", "error"
+    prompt_tokens: int
+    completion_tokens: int
+    compute_ms: float  # this request's share of model time so far
+    error: VajraError | None = None
+
+
+class Engine(Protocol):
+    model_name: str
+    device: str
+    max_batch_size: int
+    #: True when ``step`` runs the model and so must run off the event loop, in a worker thread.
+    blocking: bool
+
+    def step(self, admit: Sequence[GenerationRequest], abort: Sequence[str]) -> list[StepOutput]:
+        """Abort, admit, run one decode pass; an output for every request that moved or ended."""
+        ...
+
+    def num_running(self) -> int: ...
+
+    def num_waiting(self) -> int: ...
+
+    def has_work(self) -> bool: ...
+
+
+class _TextStream:
+    """Incremental detokenization and stop strings for one request.
+
+    Text is released only once it is final: never half a UTF-8 character (a trailing U+FFFD
+    waits for the next token) and never the start of a possible stop string (the last
+    ``len(longest stop) - 1`` characters wait until the request finishes). A few prompt tokens
+    are decoded along with the completion so that tokenizers which drop a word's leading space
+    at the start of a decode still produce the right spacing.
+    """
+
+    _PROMPT_CONTEXT = 5
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], stop: tuple[str, ...]) -> None:
+        self._tokenizer = tokenizer
+        self._ids = prompt_ids[-self._PROMPT_CONTEXT :]
+        self._prefix_offset = 0  # decode window start
+        self._read_offset = len(self._ids)  # ids before this are already in `text`
+        self._stop = stop
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self.text = ""  # the completion text so far, cut before a stop string once one is found
+        self._released = 0
+        self.stopped = False
+
+    def push(self, token_id: int) -> bool:
+        """Add one generated token; return True once a stop string has appeared."""
+        self._ids.append(token_id)
+        self._decode_new(final=False)
+        return self.stopped
+
+    def flush(self) -> bool:
+        """Finish: add a held-back partial character too; return True if a stop string appeared."""
+        self._decode_new(final=True)
+        return self.stopped
+
+    def release(self, finished: bool) -> str:
+        """The text that became final since the last call (all of it once ``finished``)."""
+        end = len(self.text) if finished else max(self._released, len(self.text) - self._hold)
+        piece = self.text[self._released : end]
+        self._released = end
+        return piece
+
+    def _decode_new(self, *, final: bool) -> None:
+        if self.stopped:
+            return
+        before = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        after = self._decode(self._ids[self._prefix_offset :])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        search_from = max(0, len(self.text) - self._hold)
+        self.text += after[len(before) :]
+        hits = [i for s in self._stop if (i := self.text.find(s, search_from)) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+
+    def _decode(self, ids: list[int]) -> str:
+        text: str = self._tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        return text
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: GenerationRequest
+    prompt_ids: list[int]
+    text: _TextStream
+    generator: torch.Generator | None
+    num_cached: int = 0  # this row's tokens in the KV cache
+    completion_tokens: int = 0
+    compute_ms: float = 0.0
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Rows that decode together; see the module docstring for the cache layout."""
+
+    seqs: list[_Sequence]
+    cache: DynamicCache
+    mask: torch.Tensor  # [rows, columns] int64: 1 where the cache holds a real token
+    next_ids: torch.Tensor  # [rows] int64: each row's latest token, sampled but not yet cached
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only ``rows`` and trim the leading columns that are padding in all of them."""
+        start = self.mask.shape[1] - max(self.seqs[i].num_cached for i in rows)
+        index = torch.tensor(rows, device=self.mask.device)
+        for layer in _full_layers(self.cache):
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+        self.mask = self.mask[index, start:]
+        self.next_ids = self.next_ids[index]
+        self.seqs = [self.seqs[i] for i in rows]
+
+    def extend(self, other: _Batch) -> None:
+        """Append ``other``'s rows, left-padding both caches to a common width."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(_full_layers(self.cache), _full_layers(other.cache), strict=True):
+            mine.keys = torch.cat(
+                [_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)]
+            )
+            mine.values = torch.cat(
+                [_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)]
+            )
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
+        self.next_ids = torch.cat([self.next_ids, other.next_ids])
+        self.seqs += other.seqs
+
+
+def _full_layers(cache: DynamicCache) -> list[Any]:
+    """The cache's layers, each a plain ``DynamicLayer`` with ``keys``/``values`` tensors of
+    shape [rows, kv_heads, columns, head_dim]; other layer kinds (sliding window, linear
+    attention) cannot be re-padded like this."""
+    layers = list(cache.layers)
+    for layer in layers:
+        if type(layer) is not DynamicLayer:
+            raise TypeError(f"unsupported KV cache layer {type(layer).__name__}")
+    return layers
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zero-pad ``t`` on the left of ``dim`` up to ``width``."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    return F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [missing, 0])
+
+
+class TorchEngine:
+    """Continuous batching over a Hugging Face causal LM with its KV cache (see module docstring).
+
+    ``max_model_len`` bounds prompt plus completion tokens (and is capped by the model's
+    ``max_position_embeddings``); a prompt longer than ``max_model_len - 1`` is refused.
+    Prompts are encoded with the tokenizer's special tokens (Llama-style tokenizers put BOS in
+    front) unless the prompt already starts with the BOS text, e.g. from a chat template; an
+    empty prompt becomes the BOS token alone.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: str | None = None,
+        dtype: str = "auto",
+        max_batch_size: int = 32,
+        max_model_len: int = 2048,
+    ) -> None:
+        loaded = load_model(Path(model_dir), device=device, dtype=dtype)
+        self.blocking = True
+        self.model_name = Path(model_dir).name
+        self.device = str(loaded.device)
+        self.max_batch_size = max_batch_size
+        self.max_model_len = min(max_model_len, loaded.max_position_embeddings)
+        self.tokenizer: Any = loaded.tokenizer
+        self._model: Any = loaded.model
+        self._device = loaded.device
+        self._eos = loaded.eos_token_ids
+        pad = self.tokenizer.pad_token_id
+        self._pad_id: int = pad if pad is not None else 0
+        self._waiting: dict[str, _Sequence] = {}  # admission order
+        self._batch: _Batch | None = None
+
+    def num_running(self) -> int:
+        return 0 if self._batch is None else len(self._batch.seqs)
+
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_work(self) -> bool:
+        return self._batch is not None or bool(self._waiting)
+
+    def step(self, admit: Sequence[GenerationRequest], abort: Sequence[str]) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        with torch.inference_mode():
+            for request_id in abort:
+                self._abort(request_id)
+            for request in admit:
+                refused = self._admit(request)
+                if refused is not None:
+                    outputs.append(refused)
+            if self._batch is not None:
+                outputs += self._decode(self._batch)
+            if self._waiting and self.num_running() < self.max_batch_size:
+                outputs += self._prefill()
+        return outputs
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,  # [rows, new_tokens]
+        attention_mask: torch.Tensor,  # [rows, cached + new_tokens]
+        position_ids: torch.Tensor,  # [rows, new_tokens]
+        cache: DynamicCache,
+    ) -> tuple[torch.Tensor, float]:
+        """The one model call: the logits at each row's last position [rows, vocab], and ms."""
+        start = time.perf_counter()
+        out = self._model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits: torch.Tensor = out.logits[:, -1, :]
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        return logits, (time.perf_counter() - start) * 1000.0
+
+    def _decode(self, batch: _Batch) -> list[StepOutput]:
+        try:
+            ones = batch.mask.new_ones((batch.mask.shape[0], 1))
+            mask = torch.cat([batch.mask, ones], dim=1)
+            positions = batch.mask.sum(dim=1, keepdim=True)
+            logits, ms = self._forward(batch.next_ids[:, None], mask, positions, batch.cache)
+        except Exception as exc:
+            log.exception("decode step failed; finishing its %d rows", len(batch.seqs))
+            self._batch = None
+            return [_error_output(seq, exc) for seq in batch.seqs]
+        batch.mask = mask
+        share = ms / len(batch.seqs)
+        for seq in batch.seqs:
+            seq.num_cached += 1
+            seq.compute_ms += share
+        outputs, self._batch = self._advance(batch, logits)
+        return outputs
+
+    def _prefill(self) -> list[StepOutput]:
+        free = self.max_batch_size - self.num_running()
+        seqs = [self._waiting.pop(rid) for rid in list(islice(self._waiting, free))]
+        try:
+            width = max(len(seq.prompt_ids) for seq in seqs)
+            rows = [[self._pad_id] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs]
+            flags = [[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs]
+            ids = torch.tensor(rows, dtype=torch.long, device=self._device)
+            mask = torch.tensor(flags, dtype=torch.long, device=self._device)
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            cache = DynamicCache()
+            logits, ms = self._forward(ids, mask, positions, cache)
+        except Exception as exc:
+            log.exception("prefill failed; finishing its %d rows", len(seqs))
+            return [_error_output(seq, exc) for seq in seqs]
+        total = sum(len(seq.prompt_ids) for seq in seqs)
+        for seq in seqs:
+            seq.num_cached = len(seq.prompt_ids)
+            seq.compute_ms += ms * seq.num_cached / total
+        joined = _Batch(seqs, cache, mask, next_ids=ids[:, -1])  # next_ids: set by _advance
+        outputs, remaining = self._advance(joined, logits)
+        if remaining is not None:
+            if self._batch is None:
+                self._batch = remaining
+            else:
+                self._batch.extend(remaining)
+        return outputs
+
+    def _advance(
+        self, batch: _Batch, logits: torch.Tensor
+    ) -> tuple[list[StepOutput], _Batch | None]:
+        """Sample each row's next token, report it, and drop the rows that finished."""
+        params = [seq.request.params for seq in batch.seqs]
+        generators = [seq.generator for seq in batch.seqs]
+        batch.next_ids = sample_next_tokens(logits, params, generators)
+        outputs = [
+            self._emit(seq, token)
+            for seq, token in zip(batch.seqs, batch.next_ids.tolist(), strict=True)
+        ]
+        live = [i for i, out in enumerate(outputs) if not out.finished]
+        if not live:
+            return outputs, None
+        if len(live) < len(batch.seqs):
+            batch.select(live)
+        return outputs, batch
+
+    def _emit(self, seq: _Sequence, token: int) -> StepOutput:
+        seq.completion_tokens += 1
+        reason: str | None = None
+        if token in self._eos or seq.text.push(token):  # EOS adds no text
+            reason = "stop"
+        elif (
+            seq.completion_tokens >= seq.request.params.max_tokens
+            or len(seq.prompt_ids) + seq.completion_tokens >= self.max_model_len
+        ):
+            reason = "length"
+        if reason is not None and seq.text.flush():
+            reason = "stop"
+        return StepOutput(
+            request_id=seq.request.request_id,
+            text_delta=seq.text.release(finished=reason is not None),
+            token_ids=(token,),
+            finished=reason is not None,
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=seq.completion_tokens,
+            compute_ms=seq.compute_ms,
+        )
+
+    def _admit(self, request: GenerationRequest) -> StepOutput | None:
+        """Queue ``request``; return a finished error output instead if it cannot run."""
+        rid = request.request_id
+        if rid in self._waiting or self._row_of(rid) is not None:
+            return _refusal(
+                rid, InvalidRequest("request_id is already running", field="request_id")
+            )
+        ids = self._encode(request.prompt)
+        if not ids:
+            return _refusal(rid, InvalidRequest("empty prompt and no BOS token", field="prompt"))
+        if len(ids) > self.max_model_len - 1:
+            message = f"prompt is {len(ids)} tokens; at most {self.max_model_len - 1} fit"
+            return _refusal(rid, InvalidRequest(message, field="prompt"), prompt_tokens=len(ids))
+        stream = _TextStream(self.tokenizer, ids, request.params.stop)
+        generator = make_generator(request.params, self._device)
+        self._waiting[rid] = _Sequence(request, ids, stream, generator)
+        return None
+
+    def _encode(self, prompt: str) -> list[int]:
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and prompt.startswith(bos))
+        ids: list[int] = list(self.tokenizer.encode(prompt, add_special_tokens=add_special))
+        if not ids and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id]
+        return ids
+
+    def _abort(self, request_id: str) -> None:
+        if self._waiting.pop(request_id, None) is not None:
+            return
+        row = self._row_of(request_id)
+        if row is None or self._batch is None:
+            return
+        live = [i for i in range(len(self._batch.seqs)) if i != row]
+        if live:
+            self._batch.select(live)
+        else:
+            self._batch = None
+
+    def _row_of(self, request_id: str) -> int | None:
+        if self._batch is not None:
+            for i, seq in enumerate(self._batch.seqs):
+                if seq.request.request_id == request_id:
+                    return i
+        return None
+
+
+def _refusal(request_id: str, error: VajraError, *, prompt_tokens: int = 0) -> StepOutput:
+    return StepOutput(
+        request_id=request_id,
+        text_delta="",
+        token_ids=(),
+        finished=True,
+        finish_reason="error",
+        prompt_tokens=prompt_tokens,
+        completion_tokens=0,
+        compute_ms=0.0,
+        error=error,
+    )
+
+
+def _error_output(seq: _Sequence, exc: Exception) -> StepOutput:
+    return StepOutput(
+        request_id=seq.request.request_id,
+        text_delta="",
+        token_ids=(),
+        finished=True,
+        finish_reason="error",
+        prompt_tokens=len(seq.prompt_ids),
+        completion_tokens=seq.completion_tokens,
+        compute_ms=seq.compute_ms,
+        error=InternalError(f"model step failed: {type(exc).__name__}: {exc}"),
+    )
+
+
+class NullEngine:
+    """No model and no compute: every admitted request finishes at once with a one-token reply.
+
+    Used to benchmark the bus. Prompts count one token per UTF-8 byte; the reply is
+    :attr:`REPLY_TEXT` (token id :attr:`REPLY_TOKEN_ID`), finished for ``"length"`` when
+    ``max_tokens == 1`` and for ``"stop"`` otherwise. Aborts are no-ops: nothing is ever running.
+    """
+
+    REPLY_TEXT = "."
+    REPLY_TOKEN_ID = 0
+
+    def __init__(
+        self,
+        *,
+        device: str | None = None,
+        dtype: str = "auto",
+        max_batch_size: int = 32,
+        max_model_len: int = 2048,
+    ) -> None:
+        self.model_name = "null"
+        self.device = "cpu"
+        self.blocking = False  # no compute: stepping inline is cheaper than a thread hop
+        self.max_batch_size = max_batch_size
+        self.max_model_len = max_model_len
+
+    def step(self, admit: Sequence[GenerationRequest], abort: Sequence[str]) -> list[StepOutput]:
+        return [
+            StepOutput(
+                request_id=request.request_id,
+                text_delta=self.REPLY_TEXT,
+                token_ids=(self.REPLY_TOKEN_ID,),
+                finished=True,
+                finish_reason="length" if request.params.max_tokens == 1 else "stop",
+                prompt_tokens=len(request.prompt.encode()),
+                completion_tokens=1,
+                compute_ms=0.0,
+            )
+            for request in admit
+        ]
+
+    def num_running(self) -> int:
+        return 0
+
+    def num_waiting(self) -> int:
+        return 0
+
+    def has_work(self) -> bool:
+        return False
+
+
+def load_engine(
+    model: str,
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    max_batch_size: int = 32,
+    max_model_len: int = 2048,
+) -> Engine:
+    """``"null"`` gives a :class:`NullEngine`; anything else is a model directory for TorchEngine."""
+    if model == "null":
+        return NullEngine(
+            device=device, dtype=dtype, max_batch_size=max_batch_size, max_model_len=max_model_len
+        )
+    return TorchEngine(
+        Path(model),
+        device=device,
+        dtype=dtype,
+        max_batch_size=max_batch_size,
+        max_model_len=max_model_len,
+    )
