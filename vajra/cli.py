@@ -59,6 +59,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     configure_logging("supervisor")
     cfg = _config(args)
+    if args.http_port is not None:
+        cfg = cfg.replace("http", enabled=True, port=args.http_port)
     sup = Supervisor(
         cfg, gateway_port=args.gateway_port, executors=args.executors, model=args.model
     )
@@ -102,6 +104,47 @@ def cmd_tenant(args: argparse.Namespace) -> int:
                 return 1
             print("key revoked")
     return 0
+
+
+def cmd_adapter(args: argparse.Namespace) -> int:
+    from vajra.client import Client
+
+    cfg = _config(args)
+    with Client(_gateway(cfg, args), args.key, timeout_s=args.timeout) as client:
+        if args.adapter_cmd == "push":
+            info = client.push_adapter(args.dir, args.name)
+            if args.json:
+                print(json.dumps(_adapter_json(info)))
+            else:
+                print(
+                    f"adapter {info.name} version {info.version} pushed "
+                    f"(rank {info.rank}, {info.size_bytes} bytes, sha256 {info.digest})"
+                )
+        elif args.adapter_cmd == "list":
+            infos = client.list_adapters()
+            if args.json:
+                print(json.dumps([_adapter_json(i) for i in infos]))
+            else:
+                print("NAME\tVERSION\tACTIVE\tRANK\tSIZE_BYTES\tDIGEST")
+                for i in infos:
+                    active = "*" if i.active else ""
+                    print(f"{i.name}\t{i.version}\t{active}\t{i.rank}\t{i.size_bytes}\t{i.digest}")
+        elif args.adapter_cmd == "delete":
+            gone = client.delete_adapter(args.ref)
+            for i in gone:
+                print(f"deleted {i.name}@{i.version}")
+    return 0
+
+
+def _adapter_json(info: Any) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "version": info.version,
+        "digest": info.digest,
+        "size_bytes": info.size_bytes,
+        "rank": info.rank,
+        "active": info.active,
+    }
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -204,11 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", help="local Hugging Face model directory (default: a tiny model)")
     up.add_argument("--executors", type=int, help="executor processes (one per GPU)")
     up.add_argument("--gateway-port", type=int, help="gateway TCP port on 127.0.0.1 (0: any free)")
-    up.add_argument("--http-port", type=int, help="HTTP bridge port (the bridge is not built yet)")
+    up.add_argument(
+        "--http-port", type=int, help="also start the HTTP bridge on this port (0: any free)"
+    )
     up.set_defaults(func=cmd_up)
 
     actor = with_config(sub.add_parser("actor", help="run one actor process"))
-    actor.add_argument("name", choices=["gateway", "scheduler", "predictor", "ledger", "executor"])
+    actor.add_argument(
+        "name", choices=["gateway", "scheduler", "predictor", "ledger", "executor", "http"]
+    )
     actor.add_argument("--executor-id", default="exec-0")
     actor.add_argument("--model", help="override the model directory (executor)")
     actor.set_defaults(func=cmd_actor)
@@ -239,6 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("-v", "--verbose", action="store_true", help="print usage to stderr")
     infer.set_defaults(func=cmd_infer)
 
+    adapter = with_config(sub.add_parser("adapter", help="push, list and delete LoRA adapters"))
+    asub = adapter.add_subparsers(dest="adapter_cmd", required=True)
+    apush = asub.add_parser("push", help="upload a PEFT adapter directory as a new version")
+    apush.add_argument("dir", help="directory with adapter_config.json + adapter_model.safetensors")
+    apush.add_argument("--name", required=True, help="adapter name (1-64 of [A-Za-z0-9_.-])")
+    asub.add_parser("list", help="every version of your adapters")
+    adel = asub.add_parser("delete", help="delete NAME (every version) or NAME@VERSION")
+    adel.add_argument("ref", metavar="NAME[@VERSION]")
+    for sp in asub.choices.values():
+        sp.add_argument(
+            "--key", default=os.environ.get("VAJRA_API_KEY", ""), help="API key ($VAJRA_API_KEY)"
+        )
+        sp.add_argument("--gateway", help="gateway address, e.g. tcp://127.0.0.1:5555")
+        sp.add_argument("--timeout", type=float, default=120.0)
+        sp.add_argument("--json", action="store_true", help="print JSON")
+    adapter.set_defaults(func=cmd_adapter)
+
     status = with_config(sub.add_parser("status", help="executors, heartbeats, queue depths"))
     status.add_argument("--gateway")
     status.set_defaults(func=cmd_status)
@@ -268,10 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--latency-requests", type=int, default=2000, help="sequential requests for p50/p99"
     )
     bus.set_defaults(func=cmd_bench_bus)
+    # `vajra bench adapters ARGS` hands ARGS to the benchmark's own parser (see main()).
+    bsub.add_parser(
+        "adapters",
+        help="adapter activation latency per tier and multi-adapter decode throughput vs PEFT "
+        "(options: vajra bench adapters --help)",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "adapters"]:
+        # The adapters benchmark owns its options, and runs where only torch is installed.
+        from vajra.bench.adapters import main as bench_adapters
+
+        return bench_adapters(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

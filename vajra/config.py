@@ -102,6 +102,33 @@ class AdaptersConfig:
     max_vram_adapters: int = 100
     lru_eviction_threshold: float = 0.9
     max_rank: int = 64
+    max_adapter_bytes: int = 268_435_456  # config + weights of one upload (256 MiB)
+    max_concurrent_pushes: int = 4  # uploads validated/stored at once per gateway
+    resolve_cache_ttl_s: float = 1.0  # gateway's NAME[@VERSION] -> version cache
+    cache_dir: str = ""  # executor's disk tier; empty: <cluster.home>/cache/adapters
+    disk_cache_bytes: int = 10 * 2**30
+    host_cache_bytes: int = 1 * 2**30  # allocated (pinned, on CUDA) once at executor start
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """The object store holding adapter files: a local directory, or S3.
+
+    ``local_dir`` empty means ``<cluster.home>/objects``. Empty S3 credentials fall back to
+    the standard AWS chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, profiles).
+    """
+
+    kind: str = "local"  # "local" | "s3"
+    local_dir: str = ""
+    s3_endpoint: str = ""  # empty: AWS's own endpoint for the region
+    s3_bucket: str = "vajra"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    s3_connect_timeout_s: float = 2.0
+    s3_read_timeout_s: float = 10.0
+    s3_op_timeout_s: float = 60.0  # one whole put/get/delete, retries included
+    s3_max_attempts: int = 2
 
 
 @dataclass(frozen=True)
@@ -118,6 +145,27 @@ class PoliciesConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP bridge (``vajra actor http``; ``vajra up`` starts it when ``enabled``)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_key: str = ""
+    base_model_name: str = ""
+    gateway_connections: int = 2
+    request_timeout_s: float = 60.0
+    max_body_bytes: int = 1_048_576
+    rate_limit_per_s: float = 50.0
+    rate_limit_burst: int = 200
+    max_concurrent_per_tenant: int = 256
+    tenant_cache_ttl_s: float = 10.0
+    health_interval_s: float = 0.5
+    health_timeout_s: float = 1.5
+    graceful_timeout_s: float = 3.0
+
+
+@dataclass(frozen=True)
 class VajraConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     bus: BusConfig = field(default_factory=BusConfig)
@@ -127,7 +175,9 @@ class VajraConfig:
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     policies: PoliciesConfig = field(default_factory=PoliciesConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def replace(self, section: str, **values: Any) -> VajraConfig:
         """A copy with some keys of one section changed (validated like file values)."""

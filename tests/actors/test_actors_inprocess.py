@@ -28,6 +28,7 @@ from vajra.bus.messages import (
     InferWork,
     LoadReport,
     UsageAck,
+    UsageBatch,
     UsageEvent,
 )
 from vajra.bus.zsocket import ZSocket, open_socket
@@ -126,13 +127,13 @@ async def test_scheduler_fails_requests_of_a_silent_executor_and_of_a_restart(
                 await gw.send(encode(_work(f"r{i + 1}")))
             got = [decode(await ex.recv()).message for _ in range(3)]
             assert [w.request_id for w in got if isinstance(w, InferWork)] == ["r1", "r2", "r3"]
-            # Capacity is batch 2 + queue 1 = 3 in flight: the 4th is refused as overloaded.
+            # It reports itself full (batch 2 + queue 1): the next request is refused.
+            await ex.send(encode(LoadReport("exec-9", "inc-1", 1, 2, finished_ids=["r1"])))
+            await trio.sleep(0.05)
             await gw.send(encode(_work("r4")))
             reply = decode(await gw.recv()).message
             assert isinstance(reply, ErrorReply) and reply.code == "overloaded"
-            # r1 finishes; then the executor restarts with a new incarnation: r2, r3 fail.
-            await ex.send(encode(LoadReport("exec-9", "inc-1", 0, 2, finished_ids=["r1"])))
-            await trio.sleep(0.05)
+            # Then the executor restarts with a new incarnation: r2, r3 fail.
             await ex.send(encode(ExecutorHello("exec-9", "inc-2", "m", 2, 1)))
             failed = {decode(await gw.recv()).message.request_id for _ in range(2)}  # type: ignore[attr-defined]
             assert failed == {"r2", "r3"}
@@ -234,8 +235,8 @@ async def test_ledger_acknowledges_duplicates_without_counting_them(
             sender.connect(cfg.cluster.ledger_address)
             ev = UsageEvent("ev-1", "t_abc", "r1", "exec-x", 12.5, 3, 4, 1000)
             bad = UsageEvent("ev bad id!", "t_abc", "r2", "exec-x", 1.0, 1, 1, 1000)
-            for e in (ev, ev, bad, ev):
-                await sender.send(encode(e))
+            await sender.send(encode(UsageBatch([ev, ev])))
+            await sender.send(encode(UsageBatch([bad, ev])))
             acked: list[str] = []
             while len(acked) < 4:
                 msg = decode(await sender.recv()).message
@@ -246,7 +247,7 @@ async def test_ledger_acknowledges_duplicates_without_counting_them(
             assert (usage.requests, usage.gpu_ms, usage.prompt_tokens) == (1, 12.5, 3)
             assert ledger.counters["events_invalid"] == 1
             await sender.send([b"garbage"])
-            await sender.send(encode(ev))
+            await sender.send(encode(UsageBatch([ev])))
             msg = decode(await sender.recv()).message
             assert isinstance(msg, UsageAck) and msg.event_ids == ["ev-1"]
             assert ledger.counters["malformed_frames"] == 1

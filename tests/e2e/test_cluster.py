@@ -241,6 +241,90 @@ def test_a_thousand_malformed_frames_are_each_answered(
         ctx.term()
 
 
+def _peft_adapter(model_dir: Path, out: Path, seed: int) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = LoraConfig(
+        r=4 + 4 * (seed % 3),
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        init_lora_weights=False,
+    )
+    get_peft_model(base, cfg).save_pretrained(out)
+    return out
+
+
+def _peft_greedy(model_dir: Path, adapter: Path, prompt: str, n: int) -> list[int]:
+    from peft import PeftModel
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter
+    ).eval()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=n,
+            pad_token_id=tok.pad_token_id,
+        )
+    return _strip_eos([int(t) for t in out[0, ids.shape[1] :]], tok.eos_token_id)
+
+
+async def test_hot_swap_under_load_never_fails_or_mixes_versions(
+    cluster: RunningCluster, api_key: str, tmp_path: Path
+) -> None:
+    """Clients stream while one adapter name gets 100 new versions; every answer is whole."""
+    prompt, n = "Once upon a time", 6
+    dirs = [_peft_adapter(cluster.model_dir, tmp_path / f"v{i}", seed=10 + i) for i in range(4)]
+    outputs = [_peft_greedy(cluster.model_dir, d, prompt, n) for d in dirs]
+    assert len({tuple(o) for o in outputs}) == 4, "the test adapters must be told apart"
+    seen: list[int] = []
+    failures: list[str] = []
+    pushed = 0
+
+    async def client_loop(c: AsyncClient, stop: trio.Event, i: int) -> None:
+        while not stop.is_set():
+            try:
+                if i % 2:
+                    tokens: list[int] = []
+                    async with c.stream(prompt, adapter="swap", max_tokens=n) as chunks:
+                        async for ch in chunks:
+                            tokens.extend(ch.token_ids)
+                else:
+                    tokens = (await c.infer(prompt, adapter="swap", max_tokens=n)).tokens
+            except VajraError as exc:
+                failures.append(repr(exc))
+                continue
+            tokens = _strip_eos(tokens, 2)
+            if tokens in outputs:
+                seen.append(outputs.index(tokens))
+            else:
+                failures.append(f"mixed or unknown output {tokens}")
+
+    with trio.fail_after(240):
+        async with AsyncClient(cluster.gateway, api_key, timeout_s=60) as c:
+            first = await c.push_adapter(dirs[0], "swap")
+            assert first.version >= 1
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                for i in range(4):
+                    nursery.start_soon(client_loop, c, stop, i)
+                for k in range(1, 101):
+                    info = await c.push_adapter(dirs[k % 4], "swap")
+                    assert info.version == first.version + k
+                    pushed += 1
+                    await trio.sleep(0.05)
+                stop.set()
+    assert pushed == 100
+    assert not failures, failures[:5]
+    assert len(seen) >= 8 and len(set(seen)) >= 2, seen
+
+
 def _executor_pids(cluster: RunningCluster) -> list[str]:
     out = subprocess.run(
         ["pgrep", "-f", f"actor executor --config {cluster.home}/run/cluster.toml"],

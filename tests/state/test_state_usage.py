@@ -154,3 +154,35 @@ def test_request_events(state: ClusterState) -> None:
 def test_invalid_request_event(state: ClusterState, adapter: str, ts_ms: int) -> None:
     with pytest.raises(InvalidRequest):
         state.record_request_event(adapter, ts_ms)
+
+
+@settings(max_examples=40, deadline=None)
+@given(records=_records, split=st.integers(min_value=1, max_value=8))
+def test_batches_count_each_distinct_event_once(
+    valkey_url: str, records: list[tuple[int, float, int, int]], split: int
+) -> None:
+    """Batched recording (duplicates inside a batch and across batches) matches one by one."""
+    run = uuid.uuid4().hex
+    tenant_id = f"t_{run}"
+    recs = [
+        _rec(
+            event_id=f"{run}-{e}",
+            tenant_id=tenant_id,
+            gpu_ms=g,
+            prompt_tokens=p,
+            completion_tokens=c,
+        )
+        for e, g, p, c in records
+    ]
+    seen: set[str] = set()
+    with ClusterState(valkey_url) as cs:
+        for i in range(0, len(recs), split):
+            batch = recs[i : i + split]
+            fresh = cs.record_usage_many(batch)
+            expected = []
+            for r in batch:
+                expected.append(r.event_id not in seen)
+                seen.add(r.event_id)
+            assert fresh == expected
+        totals = cs.get_usage(tenant_id)
+    assert totals.requests == len(seen)

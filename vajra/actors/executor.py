@@ -4,7 +4,7 @@ Data flows left to right::
 
     scheduler ─InferWork─▶ executor ─TokenChunk / InferResult / ErrorReply─▶ gateway
     executor ─ExecutorHello / LoadReport─▶ scheduler
-    executor ─UsageEvent─▶ ledger ─UsageAck─▶ executor        (outbox until acknowledged)
+    executor ─UsageBatch─▶ ledger ─UsageAck─▶ executor        (outbox until acknowledged)
     executor ─heartbeat─▶ Redis (TTL)
 
 One task owns the engine: it takes what has arrived, runs one engine step in a worker thread
@@ -23,25 +23,35 @@ import os
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 import zmq
 
+from vajra.actors.adapter_tiers import AdapterTiers
 from vajra.actors.base import error_frames, new_context, now_ms, wait_until
 from vajra.bus.codec import DecodeError, decode, encode
 from vajra.bus.messages import (
+    AdapterTierCommand,
     ExecutorHello,
     InferResult,
     InferWork,
     LoadReport,
     TokenChunk,
     UsageAck,
+    UsageBatch,
     UsageEvent,
 )
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
-from vajra.errors import OverloadedError, TimeoutError, UnavailableError, VajraError
-from vajra.gpu.engine import Engine, GenerationRequest, StepOutput, load_engine
+from vajra.errors import (
+    InvalidRequest,
+    OverloadedError,
+    TimeoutError,
+    UnavailableError,
+    VajraError,
+)
+from vajra.gpu.engine import Engine, GenerationRequest, StepOutput, TorchEngine, load_engine
 from vajra.gpu.sampling import SamplingParams
 from vajra.state import AsyncClusterState, ExecutorHeartbeat
 
@@ -49,10 +59,17 @@ log = logging.getLogger("vajra.executor")
 
 
 @dataclass(slots=True)
+class _Queued:
+    work: InferWork
+    slot: int | None = None  # the adapter's pool slot, held (acquired) until the request ends
+
+
+@dataclass(slots=True)
 class _Active:
     work: InferWork
     admitted_ms: int
     chunks: int = 0
+    slot: int | None = None
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
 
@@ -76,11 +93,15 @@ class Executor:
         self.incarnation = uuid.uuid4().hex[:12]
         self.counters: Counter[str] = Counter()
         self.engine: Engine | None = None
-        self._incoming: list[InferWork] = []
+        self._incoming: list[_Queued] = []
+        self._adapter_waits = 0  # requests waiting for their adapter to load
+        self.tiers: AdapterTiers | None = None
+        self._nursery: trio.Nursery | None = None
         self._active: dict[str, _Active] = {}
         self._aborts: list[str] = []
         self._finished: list[str] = []
         self._outbox: dict[str, tuple[UsageEvent, float]] = {}
+        self._usage_unsent: list[UsageEvent] = []
         self._wake = trio.Event()
         self._gpu = trio.CapacityLimiter(1)
         self._draining = False
@@ -113,7 +134,9 @@ class Executor:
             self.replies.connect(c.gateway_backend_address)
             self.ledger.connect(c.ledger_address)
             self.work_in.connect(c.scheduler_dispatch_address)
+            self.tiers = self._build_tiers()
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._receive_work)
                 nursery.start_soon(self._engine_loop)
                 nursery.start_soon(self._report_load)
@@ -137,6 +160,23 @@ class Executor:
             dtype=e.dtype,
             max_batch_size=e.max_batch_size,
             max_model_len=e.max_model_len,
+            max_adapters=self.cfg.adapters.max_vram_adapters,
+        )
+
+    def _build_tiers(self) -> AdapterTiers | None:
+        """The adapter tiers, when the engine serves adapters (a real model with a LoRA pool)."""
+        engine = self.engine
+        if not isinstance(engine, TorchEngine) or engine.lora_pool is None:
+            return None
+        from vajra.adapters.format import base_model_spec
+        from vajra.storage import open_store
+
+        return AdapterTiers(
+            self.cfg,
+            engine.lora_pool,
+            base_model_spec(Path(self.model)),
+            open_store(self.cfg),
+            gpu_limiter=self._gpu,
         )
 
     async def drain(self) -> None:
@@ -144,9 +184,10 @@ class Executor:
         await self._send_load_report()
         with trio.move_on_after(self.ecfg.drain_timeout_s):
             await wait_until(lambda: not (self._active or self._incoming))
-        for work in self._incoming:
+        for queued in self._incoming:
+            self._release(queued)
             await self._send_error(
-                work.request_id, UnavailableError("the executor is shutting down; retry")
+                queued.work.request_id, UnavailableError("the executor is shutting down; retry")
             )
         self._incoming.clear()
         for rid in list(self._active):
@@ -177,6 +218,9 @@ class Executor:
                     continue
                 if isinstance(env.message, InferWork):
                     await self._accept(env.message)
+                elif isinstance(env.message, AdapterTierCommand):
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._on_tier_command, env.message)
                 else:
                     self.counters["unexpected_kind"] += 1
 
@@ -187,14 +231,63 @@ class Executor:
             )
             return
         assert self.engine is not None
-        if len(self._incoming) + self.engine.num_waiting() >= self.ecfg.max_queue:
+        if self._queue_depth() >= self.ecfg.max_queue:
             self.counters["overloaded"] += 1
             await self._send_error(
                 work.request_id, OverloadedError("executor queue is full; retry later")
             )
             return
         self.counters["accepted"] += 1
-        self._incoming.append(work)
+        if work.adapter_digest is None:
+            self._incoming.append(_Queued(work))
+            self._wake.set()
+        elif self.tiers is None:
+            await self._send_error(
+                work.request_id,
+                InvalidRequest("this executor serves no adapters (no LoRA pool)", field="adapter"),
+            )
+        else:
+            assert self._nursery is not None
+            self._adapter_waits += 1
+            self._nursery.start_soon(self._accept_with_adapter, work)
+
+    async def _on_tier_command(self, cmd: AdapterTierCommand) -> None:
+        """Promote or demote an adapter; failures are counted and logged, never fatal."""
+        if self.tiers is None:
+            self.counters["tier_commands_ignored"] += 1
+            return
+        try:
+            if cmd.action == "promote":
+                with trio.fail_after(self.cfg.bus.rpc_timeout_s * 6):
+                    await self.tiers.promote(cmd.adapter_digest, cmd.adapter_object_key, cmd.tier)
+            elif cmd.action == "demote":
+                self.tiers.demote(cmd.adapter_digest, cmd.tier)
+            else:
+                raise InvalidRequest(f"unknown tier action {cmd.action!r}", field="action")
+        except (VajraError, trio.TooSlowError) as exc:
+            self.counters["tier_commands_failed"] += 1
+            log.warning("tier command %s %s failed: %s", cmd.action, cmd.adapter_digest[:12], exc)
+            return
+        self.counters[f"tier_{cmd.action}"] += 1
+
+    async def _accept_with_adapter(self, work: InferWork) -> None:
+        """Load the request's adapter through the tiers, hold its slot, then queue the request."""
+        assert self.tiers is not None and work.adapter_digest is not None
+        try:
+            remaining_s = (work.deadline_unix_ms - now_ms()) / 1000.0
+            with trio.fail_after(max(0.001, remaining_s)):
+                slot = await self.tiers.acquire(work.adapter_digest, work.adapter_object_key or "")
+        except trio.TooSlowError:
+            await self._send_error(
+                work.request_id, TimeoutError("deadline passed while loading its adapter")
+            )
+            return
+        except VajraError as exc:
+            await self._send_error(work.request_id, exc)
+            return
+        finally:
+            self._adapter_waits -= 1
+        self._incoming.append(_Queued(work, slot))
         self._wake.set()
 
     # --- the engine loop --------------------------------------------------------------------
@@ -218,27 +311,35 @@ class Executor:
                 await trio.lowlevel.checkpoint()
             for out in outputs:
                 await self._on_output(out)
+            self._send_usage()
 
     async def _take_admissible(self) -> list[GenerationRequest]:
         incoming, self._incoming = self._incoming, []
         now = now_ms()
         admit: list[GenerationRequest] = []
-        for work in incoming:
+        for queued in incoming:
+            work = queued.work
             if work.deadline_unix_ms <= now:
                 self.counters["expired_before_start"] += 1
+                self._release(queued)
                 await self._send_error(
                     work.request_id, TimeoutError("deadline passed while queued")
                 )
                 continue
-            params = SamplingParams(
-                max_tokens=work.max_tokens,
-                temperature=work.temperature,
-                top_p=work.top_p,
-                stop=tuple(work.stop),
-                seed=work.seed,
-            )
-            self._active[work.request_id] = _Active(work, now)
-            admit.append(GenerationRequest(work.request_id, work.prompt, params))
+            try:
+                params = SamplingParams(
+                    max_tokens=work.max_tokens,
+                    temperature=work.temperature,
+                    top_p=work.top_p,
+                    stop=tuple(work.stop),
+                    seed=work.seed,
+                )
+            except VajraError as exc:  # the gateway validates too; never trust a peer blindly
+                self._release(queued)
+                await self._send_error(work.request_id, exc)
+                continue
+            self._active[work.request_id] = _Active(work, now, slot=queued.slot)
+            admit.append(GenerationRequest(work.request_id, work.prompt, params, queued.slot))
         return admit
 
     async def _expire_running(self) -> None:
@@ -267,8 +368,7 @@ class Executor:
         if out.error is not None:
             await self._send_error(work.request_id, out.error)
         else:
-            self._active.pop(work.request_id, None)
-            self._finished.append(work.request_id)
+            self._finish(work.request_id)
             self.counters["completed"] += 1
             result = InferResult(
                 request_id=work.request_id,
@@ -285,10 +385,25 @@ class Executor:
         if out.compute_ms > 0 or out.completion_tokens > 0:
             await self._record_usage(work, out)
 
+    def _finish(self, request_id: str) -> None:
+        """Forget a request (it counts as finished) and release its adapter."""
+        act = self._active.pop(request_id, None)
+        self._finished.append(request_id)
+        if act is not None:
+            self._release(_Queued(act.work, act.slot))
+
+    def _release(self, queued: _Queued) -> None:
+        if queued.slot is not None and self.tiers is not None and queued.work.adapter_digest:
+            self.tiers.release(queued.work.adapter_digest)
+            queued.slot = None
+
+    def _queue_depth(self) -> int:
+        assert self.engine is not None
+        return len(self._incoming) + self._adapter_waits + self.engine.num_waiting()
+
     async def _send_error(self, request_id: str, exc: VajraError) -> None:
         """Answer a request with an error and forget it (it counts as finished)."""
-        self._active.pop(request_id, None)
-        self._finished.append(request_id)
+        self._finish(request_id)
         self.counters[f"error_{exc.code.value}"] += 1
         await self.replies.send(error_frames(request_id, exc))
 
@@ -310,7 +425,13 @@ class Executor:
             log.error("usage outbox full (%d events); is the ledger down?", len(self._outbox))
             return
         self._outbox[event.event_id] = (event, trio.current_time())
-        self.ledger.send_nowait(encode(event))
+        self._usage_unsent.append(event)
+
+    def _send_usage(self) -> None:
+        """Send the usage of this step as one batch (what is not sent now, the resend loop sends)."""
+        if self._usage_unsent:
+            self.ledger.send_nowait(encode(UsageBatch(self._usage_unsent)))
+            self._usage_unsent = []
 
     async def _receive_acks(self) -> None:
         while True:
@@ -330,13 +451,16 @@ class Executor:
             await self._flush_outbox(force=False)
 
     async def _flush_outbox(self, *, force: bool) -> None:
-        cutoff = trio.current_time() - self.ecfg.usage_resend_s
-        for eid, (event, sent_at) in list(self._outbox.items()):
-            if force or sent_at <= cutoff:
-                if not self.ledger.send_nowait(encode(event)):
-                    break
-                self._outbox[eid] = (event, trio.current_time())
-                self.counters["usage_resent"] += 1
+        now = trio.current_time()
+        cutoff = now - self.ecfg.usage_resend_s
+        due = [e for e, sent_at in self._outbox.values() if force or sent_at <= cutoff]
+        for i in range(0, len(due), 512):
+            chunk = due[i : i + 512]
+            if not self.ledger.send_nowait(encode(UsageBatch(chunk))):
+                return
+            for event in chunk:
+                self._outbox[event.event_id] = (event, now)
+            self.counters["usage_resent"] += len(chunk)
 
     # --- liveness -----------------------------------------------------------------------------
 
@@ -356,9 +480,10 @@ class Executor:
         report = LoadReport(
             executor_id=self.executor_id,
             incarnation=self.incarnation,
-            queue_depth=len(self._incoming) + self.engine.num_waiting(),
+            queue_depth=self._queue_depth(),
             running=self.engine.num_running(),
             finished_ids=finished,
+            resident_adapters=self.tiers.resident() if self.tiers else [],
             draining=self._draining,
         )
         await self.work_in.send(encode(report))
@@ -381,9 +506,9 @@ class Executor:
                 model=self.engine.model_name,
                 device=self.engine.device,
                 free_memory_bytes=_free_memory_bytes(self.engine.device),
-                queue_depth=len(self._incoming) + self.engine.num_waiting(),
+                queue_depth=self._queue_depth(),
                 running=self.engine.num_running(),
-                resident_adapters=(),
+                resident_adapters=tuple(self.tiers.resident()) if self.tiers else (),
                 max_batch_size=self.engine.max_batch_size,
                 updated_ms=now_ms(),
             )

@@ -18,28 +18,58 @@ requests in flight to be answered.
 
 from __future__ import annotations
 
+import functools
 import heapq
+import hmac
 import itertools
 import logging
 import math
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
 import zmq
 
 from vajra.actors.base import error_frames, new_context, now_ms, stats_frames, wait_until
+from vajra.adapters.format import (
+    AdapterManifest,
+    InvalidAdapter,
+    base_model_spec,
+    validate_adapter,
+)
+from vajra.adapters.registry import (
+    AdapterVersion,
+    AsyncAdapterRegistry,
+    ResolvedAdapter,
+    check_adapter_name,
+    not_found,
+    parse_adapter_ref,
+)
 from vajra.bus.codec import DecodeError, decode, encode
 from vajra.bus.messages import (
+    AdapterDelete,
+    AdapterEntry,
+    AdapterList,
+    AdapterPush,
+    AdapterReply,
+    AdminReply,
+    AdminRequest,
+    ClusterStatusReply,
+    ClusterStatusRequest,
     ErrorReply,
     InferRequest,
     InferResult,
     InferWork,
     Message,
     StatsRequest,
+    TenantInfo,
     TokenChunk,
+    UsageQuery,
+    UsageReply,
+    WhoAmIRequest,
 )
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
@@ -53,11 +83,17 @@ from vajra.errors import (
     VajraError,
 )
 from vajra.state import AsyncClusterState, TenantRecord
+from vajra.storage import ObjectStore, adapter_object_key, adapter_object_keys, open_store
+from vajra.storage.adapters import adelete_adapter_objects, aput_adapter_objects
 
 log = logging.getLogger("vajra.gateway")
 
 _MAX_ID_CHARS = 128
 _MAX_SEED = 2**63 - 1
+_MAX_QUERIES = 256  # tenant queries and admin requests in flight at once
+
+Query = WhoAmIRequest | UsageQuery | AdminRequest | ClusterStatusRequest
+AdapterOp = AdapterPush | AdapterList | AdapterDelete
 
 
 @dataclass(slots=True)
@@ -74,7 +110,15 @@ class Gateway:
 
     name = "gateway"
 
-    def __init__(self, cfg: VajraConfig, state: AsyncClusterState) -> None:
+    def __init__(
+        self,
+        cfg: VajraConfig,
+        state: AsyncClusterState,
+        *,
+        registry: AsyncAdapterRegistry | None = None,
+        store: ObjectStore | None = None,
+    ) -> None:
+        """``registry`` and ``store`` default to ones built from ``cfg`` (owned and closed here)."""
         self.cfg = cfg
         self.gcfg = cfg.gateway
         self.state = state
@@ -84,13 +128,34 @@ class Gateway:
         self._seq = itertools.count(1)
         self._auth_cache: dict[str, tuple[TenantRecord | None, float]] = {}
         self._auth_limiter = trio.CapacityLimiter(64)
+        self._auth_inflight: dict[str, trio.Event] = {}
+        # Bumped by every revocation: an auth lookup that began before one is not cached.
+        self._auth_epoch = 0
+        self._queries = 0
+        # The adapter registry and object store (adapter push/list/delete, name resolution).
+        self._owns_registry = registry is None and bool(cfg.cluster.redis_url)
+        self.registry = registry
+        if self._owns_registry:
+            self.registry = AsyncAdapterRegistry.from_url(cfg.cluster.redis_url)
+        self._owns_store = store is None
+        self.store: ObjectStore = store if store is not None else open_store(cfg)
+        # (tenant_id, adapter name) -> {NAME or NAME@VERSION: (resolution or None, expiry)}
+        self._resolutions: dict[tuple[str, str], dict[str, tuple[ResolvedAdapter | None, float]]]
+        self._resolutions = {}
+        self._resolve_limiter = trio.CapacityLimiter(64)
+        self._validate_limiter = trio.CapacityLimiter(max(1, cfg.adapters.max_concurrent_pushes))
+        self._pushes = 0
+        self._adapter_ops = 0
+        self._nursery: trio.Nursery | None = None
         self._accepting = True
         self._ctx = new_context()
+        # Each frame (ZeroMQ checks frames one by one) may be an adapter file; larger peers
+        # are disconnected by ZeroMQ before they are buffered in full.
         self.frontend: ZSocket = open_socket(
             self._ctx,
             zmq.ROUTER,
             high_water_mark=cfg.bus.high_water_mark,
-            max_message_bytes=cfg.bus.max_body_bytes + 65_536,
+            max_message_bytes=max(cfg.bus.max_body_bytes, cfg.adapters.max_adapter_bytes) + 65_536,
         )
         self.backend: ZSocket = open_socket(
             self._ctx, zmq.ROUTER, high_water_mark=cfg.bus.high_water_mark, handover=True
@@ -114,15 +179,22 @@ class Gateway:
             self.backend_address = self.backend.bind(c.gateway_backend_address)
             self.scheduler.connect(c.scheduler_address)
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._serve_frontend, nursery)
                 nursery.start_soon(self._serve_replies, self.backend, True)
                 nursery.start_soon(self._serve_replies, self.scheduler, False)
                 nursery.start_soon(self._expire_deadlines)
                 task_status.started(self.address)
         finally:
+            self._nursery = None
             for s in (self.frontend, self.backend, self.scheduler):
                 s.close()
             self._ctx.term()
+            if self._owns_registry and self.registry is not None:
+                self.registry.sync.close()
+            if self._owns_store:
+                with trio.CancelScope(shield=True), trio.move_on_after(6.0):
+                    await trio.to_thread.run_sync(self.store.close)
 
     async def drain(self) -> None:
         """Refuse new requests, then wait (bounded) until those in flight are answered."""
@@ -141,12 +213,19 @@ class Gateway:
     async def _on_client_frames(self, frames: list[bytes], nursery: trio.Nursery) -> None:
         identity = frames[0]
         try:
-            env = decode(frames[1:], max_body_bytes=self.cfg.bus.max_body_bytes)
+            env = decode(
+                frames[1:],
+                max_body_bytes=self.cfg.bus.max_body_bytes,
+                max_bulk_bytes=self.cfg.adapters.max_adapter_bytes,
+            )
         except DecodeError as exc:
             self.counters["malformed_frames"] += 1
-            await self._reply_error(identity, exc.request_id, exc)
+            await self._reply_error(identity, exc.request_id or exc.message_id, exc)
             return
         msg = env.message
+        if isinstance(msg, AdapterOp):
+            await self._on_adapter_op(identity, msg, env.bulk, nursery)
+            return
         if isinstance(msg, InferRequest):
             self.counters["requests"] += 1
             await self._on_infer(identity, msg, nursery)
@@ -156,6 +235,16 @@ class Gateway:
             await self.frontend.send(
                 [identity, *stats_frames(msg.request_id, self.name, self.counters)]
             )
+        elif isinstance(msg, Query):
+            self.counters["queries"] += 1
+            if self._queries >= _MAX_QUERIES:
+                self.counters["overloaded"] += 1
+                await self._reply_error(
+                    identity, msg.request_id, OverloadedError("too many queries in flight")
+                )
+            else:
+                self._queries += 1
+                nursery.start_soon(self._on_query, identity, msg)
         else:
             self.counters["malformed_frames"] += 1
             await self._reply_error(
@@ -193,20 +282,48 @@ class Gateway:
 
     async def _authenticate_then_admit(self, identity: bytes, req: InferRequest) -> None:
         try:
-            async with self._auth_limiter:
-                with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-                    tenant = await self.state.authenticate(req.api_key)
+            with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+                tenant = await self._lookup_key(req.api_key)
         except (VajraError, trio.TooSlowError) as exc:
             log.warning("auth lookup failed: %s", exc)
             await self._reply_error(
                 identity, req.request_id, UnavailableError("cluster state is unreachable; retry")
             )
             return
-        ttl = self.gcfg.auth_cache_ttl_s if tenant is not None else self.gcfg.auth_cache_ttl_s / 2
-        if len(self._auth_cache) > 100_000:
-            self._auth_cache.clear()
-        self._auth_cache[req.api_key] = (tenant, time.monotonic() + ttl)
         await self._admit(identity, req, tenant)
+
+    async def _lookup_key(self, api_key: str) -> TenantRecord | None:
+        """The key's tenant through the auth cache: one Redis lookup per key at a time.
+
+        Requests that miss while a lookup of the same key is in flight wait for it rather
+        than each asking Redis (the cache expires every ``auth_cache_ttl_s`` under load).
+        """
+        cached = self._auth_cache.get(api_key)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        pending = self._auth_inflight.get(api_key)
+        if pending is not None:
+            await pending.wait()
+            cached = self._auth_cache.get(api_key)
+            if cached is not None:
+                return cached[0]
+        done = self._auth_inflight[api_key] = trio.Event()
+        try:
+            epoch = self._auth_epoch
+            async with self._auth_limiter:
+                tenant = await self.state.authenticate(api_key)
+            ttl = (
+                self.gcfg.auth_cache_ttl_s if tenant is not None else self.gcfg.auth_cache_ttl_s / 2
+            )
+            if len(self._auth_cache) > 100_000:
+                self._auth_cache.clear()
+            if epoch == self._auth_epoch:
+                self._auth_cache[api_key] = (tenant, time.monotonic() + ttl)
+            return tenant
+        finally:
+            if self._auth_inflight.get(api_key) is done:
+                del self._auth_inflight[api_key]
+            done.set()
 
     async def _admit(self, identity: bytes, req: InferRequest, tenant: TenantRecord | None) -> None:
         if tenant is None:
@@ -221,14 +338,27 @@ class Gateway:
                 InvalidRequest(f"unknown tenant {req.tenant!r}", field="tenant"),
             )
             return
+        resolved: ResolvedAdapter | None = None
         if req.adapter is not None:
-            # The adapter registry is not deployed yet: every adapter name is unknown.
-            await self._reply_error(
-                identity,
-                req.request_id,
-                NotFoundError(f"adapter {req.adapter!r} not found", field="adapter"),
-            )
-            return
+            hit = self._cached_resolution(tenant.tenant_id, req.adapter)
+            if hit is None:  # not cached: look it up off the hot path
+                assert self._nursery is not None
+                self._nursery.start_soon(self._resolve_then_dispatch, identity, req, tenant)
+                return
+            resolved = hit[0]
+            if resolved is None:
+                await self._reply_error(identity, req.request_id, not_found(req.adapter))
+                return
+        await self._dispatch(identity, req, tenant, resolved)
+
+    async def _dispatch(
+        self,
+        identity: bytes,
+        req: InferRequest,
+        tenant: TenantRecord,
+        resolved: ResolvedAdapter | None,
+    ) -> None:
+        """Hand the admitted request, with its resolved adapter version, to the scheduler."""
         internal_id = f"{self.gcfg.gateway_id}-{next(self._seq)}"
         deadline = trio.current_time() + req.deadline_ms / 1000.0
         self._pending[internal_id] = _Pending(
@@ -250,6 +380,9 @@ class Gateway:
             deadline_unix_ms=received + req.deadline_ms,
             gateway_id=self.gcfg.gateway_id,
             received_unix_ms=received,
+            adapter_version=resolved.version if resolved else None,
+            adapter_digest=resolved.digest if resolved else None,
+            adapter_object_key=resolved.object_key if resolved else None,
         )
         await self.scheduler.send(encode(work, message_id=internal_id))
 
@@ -292,12 +425,307 @@ class Gateway:
             )
         if req.adapter is not None and not 1 <= len(req.adapter) <= _MAX_ID_CHARS:
             raise InvalidRequest(f"adapter must be 1..{_MAX_ID_CHARS} characters", field="adapter")
+        if req.adapter is not None:
+            parse_adapter_ref(req.adapter)  # NAME or NAME@VERSION, else InvalidRequest
         if req.tenant is not None and not 1 <= len(req.tenant) <= _MAX_ID_CHARS:
             raise InvalidRequest(f"tenant must be 1..{_MAX_ID_CHARS} characters", field="tenant")
 
     async def _reply_error(self, identity: bytes, request_id: str, exc: VajraError) -> None:
         self.counters[f"error_{exc.code.value}"] += 1
         await self.frontend.send([identity, *error_frames(request_id, exc)])
+
+    # --- tenant queries and administration ---------------------------------------------------
+
+    async def _on_query(self, identity: bytes, msg: Query) -> None:
+        """Answer one query or admin request; Redis is reached in a worker thread, bounded."""
+        reply: Message
+        try:
+            with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+                reply = await self._answer(msg)
+        except VajraError as exc:
+            await self._reply_error(identity, msg.request_id, exc)
+            return
+        except trio.TooSlowError:
+            await self._reply_error(
+                identity, msg.request_id, UnavailableError("cluster state is unreachable; retry")
+            )
+            return
+        finally:
+            self._queries -= 1
+        await self.frontend.send([identity, *encode(reply)])
+
+    async def _tenant_of(self, api_key: str) -> TenantRecord:
+        """The key's tenant (through the auth cache); AuthError for an unknown or revoked key."""
+        tenant = await self._lookup_key(api_key)
+        if tenant is None:
+            self.counters["auth_failed"] += 1
+            raise AuthError("invalid API key")
+        return tenant
+
+    async def _answer(self, msg: Query) -> Message:
+        if isinstance(msg, WhoAmIRequest):
+            t = await self._tenant_of(msg.api_key)
+            return TenantInfo(msg.request_id, t.tenant_id, t.name)
+        if isinstance(msg, UsageQuery):
+            t = await self._tenant_of(msg.api_key)
+            if msg.tenant is not None and msg.tenant not in (t.tenant_id, t.name):
+                # Same answer whether or not the named tenant exists: ids must not leak.
+                raise NotFoundError(f"no tenant {msg.tenant!r}", field="tenant_id")
+            u = await self.state.get_usage(t.tenant_id)
+            return UsageReply(
+                msg.request_id,
+                t.tenant_id,
+                t.name,
+                u.requests,
+                u.gpu_ms,
+                u.prompt_tokens,
+                u.completion_tokens,
+            )
+        if isinstance(msg, ClusterStatusRequest):
+            beats = await self.state.list_heartbeats()
+            return ClusterStatusReply(
+                msg.request_id,
+                [hb.executor_id for hb in beats],
+                [hb.queue_depth for hb in beats],
+                [hb.running for hb in beats],
+                [len(hb.resident_adapters) for hb in beats],
+                [hb.free_memory_bytes for hb in beats],
+            )
+        return await self._admin(msg)
+
+    async def _admin(self, msg: AdminRequest) -> AdminReply:
+        """Tenant and key administration under the admin key (``http.admin_key``).
+
+        Revoking a key (or deleting its tenant) drops it from this gateway's auth cache, so
+        the key's next request is refused. A key revoked elsewhere (``vajra tenant
+        revoke-key`` writes Redis directly) stays usable for up to ``auth_cache_ttl_s``.
+        """
+        expected = self.cfg.http.admin_key
+        if not expected:
+            raise AuthError("the admin API is disabled: set http.admin_key")
+        if not hmac.compare_digest(msg.admin_key.encode(), expected.encode()):
+            self.counters["admin_auth_failed"] += 1
+            raise AuthError("invalid admin key")
+        if msg.action == "create_tenant":
+            record, key = await self.state.create_tenant(msg.tenant or "")
+            return AdminReply(msg.request_id, msg.action, record.tenant_id, record.name, key)
+        if msg.action in ("create_key", "delete_tenant"):
+            ref = msg.tenant or ""
+            t = await self.state.get_tenant_by_name(ref) or await self.state.get_tenant(ref)
+            if t is None:
+                raise NotFoundError(f"no tenant {ref!r}", field="tenant")
+            if msg.action == "create_key":
+                key = await self.state.create_api_key(t.tenant_id)
+                return AdminReply(msg.request_id, msg.action, t.tenant_id, t.name, key)
+            self._auth_epoch += 1
+            await self.state.delete_tenant(t.tenant_id)
+            self._auth_epoch += 1
+            for k, (rec, _) in list(self._auth_cache.items()):
+                if rec is not None and rec.tenant_id == t.tenant_id:
+                    del self._auth_cache[k]
+            return AdminReply(msg.request_id, msg.action, t.tenant_id, t.name)
+        if msg.action == "revoke_key":
+            if not msg.api_key:
+                raise InvalidRequest("api_key is required", field="api_key")
+            self._auth_epoch += 1
+            revoked = await self.state.revoke_api_key(msg.api_key)
+            self._auth_epoch += 1
+            self._auth_cache.pop(msg.api_key, None)
+            if not revoked:
+                raise NotFoundError("no such API key", field="api_key")
+            return AdminReply(msg.request_id, msg.action)
+        raise InvalidRequest(f"unknown admin action {msg.action!r}", field="action")
+
+    # --- adapters: resolution on the request path --------------------------------------------
+
+    def _cached_resolution(self, tenant_id: str, ref: str) -> tuple[ResolvedAdapter | None] | None:
+        """``(resolution,)`` (None inside: known not to exist) if cached and fresh, else None."""
+        name = ref.partition("@")[0]
+        entry = self._resolutions.get((tenant_id, name), {}).get(ref)
+        if entry is None or entry[1] <= time.monotonic():
+            return None
+        return (entry[0],)
+
+    def _cache_resolution(self, tenant_id: str, ref: str, value: ResolvedAdapter | None) -> None:
+        ttl = self.cfg.adapters.resolve_cache_ttl_s
+        if ttl <= 0:
+            return
+        if len(self._resolutions) > 100_000:
+            self._resolutions.clear()
+        name = ref.partition("@")[0]
+        self._resolutions.setdefault((tenant_id, name), {})[ref] = (
+            value,
+            time.monotonic() + (ttl if value is not None else ttl / 2),
+        )
+
+    def _forget_resolutions(self, tenant_id: str, name: str) -> None:
+        """After a push or delete through this gateway, its next lookups see the change."""
+        self._resolutions.pop((tenant_id, name), None)
+
+    async def _resolve_then_dispatch(
+        self, identity: bytes, req: InferRequest, tenant: TenantRecord
+    ) -> None:
+        """Resolve ``req.adapter`` for the tenant in Redis (a cache miss), then dispatch."""
+        assert req.adapter is not None
+        resolved: ResolvedAdapter | None
+        try:
+            if self.registry is None:
+                raise UnavailableError("the adapter registry is not configured")
+            async with self._resolve_limiter:
+                with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+                    resolved = await self.registry.resolve(tenant.tenant_id, req.adapter)
+        except NotFoundError:
+            resolved = None
+        except InvalidRequest as exc:
+            await self._reply_error(identity, req.request_id, exc)
+            return
+        except (VajraError, trio.TooSlowError) as exc:
+            log.warning("adapter lookup failed: %s", exc)
+            await self._reply_error(
+                identity,
+                req.request_id,
+                UnavailableError("the adapter registry is unreachable; retry"),
+            )
+            return
+        self._cache_resolution(tenant.tenant_id, req.adapter, resolved)
+        if resolved is None:
+            await self._reply_error(identity, req.request_id, not_found(req.adapter))
+            return
+        await self._dispatch(identity, req, tenant, resolved)
+
+    # --- adapters: push, list, delete ----------------------------------------------------------
+
+    async def _on_adapter_op(
+        self, identity: bytes, msg: AdapterOp, bulk: tuple[bytes, ...], nursery: trio.Nursery
+    ) -> None:
+        """Start one adapter operation in its own task, or refuse it at once when too many run.
+
+        Uploads are bounded by ``adapters.max_concurrent_pushes`` (each holds its files in
+        memory), list and delete by the query limit.
+        """
+        self.counters[f"adapter_{msg.KIND}"] += 1
+        if not self._accepting:
+            await self._reply_error(
+                identity, msg.request_id, UnavailableError("the gateway is shutting down")
+            )
+            return
+        is_push = isinstance(msg, AdapterPush)
+        if (is_push and self._pushes >= self.cfg.adapters.max_concurrent_pushes) or (
+            self._adapter_ops >= _MAX_QUERIES
+        ):
+            self.counters["overloaded"] += 1
+            await self._reply_error(
+                identity,
+                msg.request_id,
+                OverloadedError("too many adapter operations in flight; retry later"),
+            )
+            return
+        self._adapter_ops += 1
+        self._pushes += is_push
+        nursery.start_soon(self._run_adapter_op, identity, msg, bulk, is_push)
+
+    async def _run_adapter_op(
+        self, identity: bytes, msg: AdapterOp, bulk: tuple[bytes, ...], is_push: bool
+    ) -> None:
+        reply: Message
+        try:
+            reply = await self._adapter_op(msg, bulk)
+        except VajraError as exc:
+            await self._reply_error(identity, msg.request_id, exc)
+            return
+        except trio.TooSlowError:
+            await self._reply_error(
+                identity, msg.request_id, UnavailableError("cluster state is unreachable; retry")
+            )
+            return
+        finally:
+            self._adapter_ops -= 1
+            self._pushes -= is_push
+        await self.frontend.send([identity, *encode(reply)])
+
+    async def _adapter_op(self, msg: AdapterOp, bulk: tuple[bytes, ...]) -> AdapterReply:
+        if not msg.request_id or len(msg.request_id) > _MAX_ID_CHARS:
+            raise InvalidRequest(
+                f"request_id must be 1..{_MAX_ID_CHARS} characters", field="request_id"
+            )
+        if self.registry is None:
+            raise UnavailableError("the adapter registry is not configured")
+        with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+            tenant = await self._tenant_of(msg.api_key)
+        if msg.tenant is not None and msg.tenant not in (tenant.tenant_id, tenant.name):
+            raise InvalidRequest(f"unknown tenant {msg.tenant!r}", field="tenant")
+        if isinstance(msg, AdapterList):
+            with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+                versions = await self.registry.list(tenant.tenant_id)
+            return AdapterReply(msg.request_id, [_entry(v) for v in versions])
+        if isinstance(msg, AdapterDelete):
+            return await self._delete_adapter(tenant, msg)
+        return await self._push_adapter(tenant, msg, bulk)
+
+    async def _delete_adapter(self, tenant: TenantRecord, msg: AdapterDelete) -> AdapterReply:
+        assert self.registry is not None
+        with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+            deletion = await self.registry.delete(tenant.tenant_id, msg.name, msg.version)
+        self._forget_resolutions(tenant.tenant_id, msg.name)
+        for object_key in deletion.freed_object_keys:
+            try:
+                await adelete_adapter_objects(self.store, object_key)
+            except VajraError as exc:  # the registry no longer points at it: garbage only
+                log.warning("could not delete adapter objects %s: %s", object_key, exc)
+        return AdapterReply(msg.request_id, [_entry(v) for v in deletion.versions])
+
+    async def _push_adapter(
+        self, tenant: TenantRecord, msg: AdapterPush, bulk: tuple[bytes, ...]
+    ) -> AdapterReply:
+        """Validate (in a worker thread), then store the files, then register the version.
+
+        Nothing is written anywhere until validation has passed, so a refused upload leaves
+        no trace. Files whose registration then fails stay in the store, unreferenced (the
+        same bytes pushed again reuse them).
+        """
+        assert self.registry is not None
+        check_adapter_name(msg.name)
+        config_json, weights = bulk
+        model = self.cfg.cluster.model
+        validate = functools.partial(
+            _validate_upload,
+            model,
+            config_json,
+            weights,
+            max_rank=self.cfg.adapters.max_rank,
+            max_bytes=self.cfg.adapters.max_adapter_bytes,
+        )
+        async with self._validate_limiter:
+            manifest = await trio.to_thread.run_sync(validate)
+        object_key = adapter_object_key(tenant.tenant_id, manifest.digest)
+        await aput_adapter_objects(self.store, object_key, config_json, weights)
+        with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+            version = await self.registry.register(
+                tenant.tenant_id,
+                msg.name,
+                digest=manifest.digest,
+                object_key=object_key,
+                rank=manifest.rank,
+                lora_alpha=manifest.lora_alpha,
+                target_modules=list(manifest.target_modules),
+                size_bytes=manifest.size_bytes,
+                base_model=Path(model).name,
+            )
+        # A concurrent delete of the last version holding the same bytes may have removed the
+        # files between our put and our registration: put them back if so.
+        if not await self.store.aexists(adapter_object_keys(object_key)[1]):
+            await aput_adapter_objects(self.store, object_key, config_json, weights)
+        self._forget_resolutions(tenant.tenant_id, msg.name)
+        self.counters["adapters_pushed"] += 1
+        log.info(
+            "tenant %s pushed adapter %s version %d (%s, %d bytes)",
+            tenant.tenant_id,
+            msg.name,
+            version.version,
+            manifest.digest[:12],
+            manifest.size_bytes,
+        )
+        return AdapterReply(msg.request_id, [_entry(version)])
 
     # --- executor and scheduler side --------------------------------------------------------
 
@@ -368,3 +796,37 @@ class Gateway:
 
     def snapshot(self) -> dict[str, Any]:
         return {"inflight": len(self._pending), **self.counters}
+
+
+def _entry(v: AdapterVersion) -> AdapterEntry:
+    return AdapterEntry(
+        name=v.name,
+        version=v.version,
+        digest=v.digest,
+        size_bytes=v.size_bytes,
+        rank=v.rank,
+        active=v.active,
+        lora_alpha=v.lora_alpha,
+        target_modules=list(v.target_modules),
+        created_ms=v.created_ms,
+    )
+
+
+def _validate_upload(
+    model: str, config_json: bytes, weights: bytes, *, max_rank: int, max_bytes: int
+) -> AdapterManifest:
+    """Validate an upload against the base model in ``model`` (runs in a worker thread).
+
+    Raises InvalidAdapter naming the problem, or UnavailableError when the gateway has no
+    readable base model.
+    """
+    size = len(config_json) + len(weights)
+    if size > max_bytes:  # refuse before even reading the base model
+        raise InvalidAdapter(f"adapter is {size} bytes; the limit is {max_bytes}")
+    try:
+        base = base_model_spec(Path(model))
+    except (OSError, ValueError, KeyError) as exc:
+        raise UnavailableError(
+            f"adapter uploads are unavailable: the base model at {model!r} cannot be read ({exc})"
+        ) from exc
+    return validate_adapter(config_json, weights, base, max_rank=max_rank, max_bytes=max_bytes)

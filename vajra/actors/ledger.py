@@ -2,7 +2,7 @@
 
 Data flows left to right::
 
-    executors ─UsageEvent─▶ ledger ─▶ Redis (dedupe marker + totals + stream, one Lua call)
+    executors ─UsageBatch─▶ ledger ─▶ Redis (dedupe marker + totals + stream, one Lua call)
     executors ◀─UsageAck── ledger      (only after Redis has the event)
 
 An event is acknowledged only once it is recorded, so a sender that hears nothing resends,
@@ -20,7 +20,7 @@ import zmq
 
 from vajra.actors.base import new_context, stats_frames, wait_until
 from vajra.bus.codec import DecodeError, decode, encode
-from vajra.bus.messages import StatsRequest, UsageAck, UsageEvent
+from vajra.bus.messages import StatsRequest, UsageAck, UsageBatch, UsageEvent
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
 from vajra.errors import InvalidRequest, VajraError
@@ -61,9 +61,7 @@ class Ledger:
             batch = await self.sock.recv_batch(self.cfg.bus.recv_batch)
             events: list[tuple[bytes, UsageEvent]] = []
             for frames in batch:
-                event = await self._on_frames(frames)
-                if event is not None:
-                    events.append(event)
+                events += await self._on_frames(frames)
             if events:
                 self._busy += 1
                 try:
@@ -74,22 +72,22 @@ class Ledger:
                 for sender, ids in acks.items():
                     await self.sock.send([sender, *encode(UsageAck(event_ids=ids))])
 
-    async def _on_frames(self, frames: list[bytes]) -> tuple[bytes, UsageEvent] | None:
+    async def _on_frames(self, frames: list[bytes]) -> list[tuple[bytes, UsageEvent]]:
         sender = frames[0]
         try:
             env = decode(frames[1:], max_body_bytes=self.cfg.bus.max_body_bytes)
         except DecodeError as exc:
             self.counters["malformed_frames"] += 1
             log.warning("dropped a malformed frame: %s", exc)
-            return None
+            return []
         msg = env.message
         if isinstance(msg, StatsRequest):
             await self.sock.send([sender, *stats_frames(msg.request_id, self.name, self.counters)])
-            return None
-        if not isinstance(msg, UsageEvent):
+            return []
+        if not isinstance(msg, UsageBatch):
             self.counters["unexpected_kind"] += 1
-            return None
-        return sender, msg
+            return []
+        return [(sender, e) for e in msg.events]
 
     async def _record(self, events: list[tuple[bytes, UsageEvent]]) -> dict[bytes, list[str]]:
         """Record a batch in one round trip; returns the acknowledgements to send."""

@@ -2,7 +2,7 @@
 
 Data flows left to right::
 
-    scheduler ═RequestEvent═▶ predictor ─▶ Redis (per-adapter request counts, last seen)
+    scheduler ═RequestEvents═▶ predictor ─▶ Redis (per-adapter request counts, last seen)
 
 For now it records: a bounded in-memory history of arrival times per adapter (what the
 forecast of Algorithm 1 will read) and per-adapter totals flushed to Redis once a second.
@@ -19,7 +19,7 @@ import zmq
 
 from vajra.actors.base import new_context
 from vajra.bus.codec import DecodeError, decode
-from vajra.bus.messages import RequestEvent
+from vajra.bus.messages import RequestEvent, RequestEvents
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
 from vajra.errors import VajraError
@@ -79,8 +79,9 @@ class Predictor:
                 except DecodeError:
                     self.counters["malformed_events"] += 1
                     continue
-                if isinstance(env.message, RequestEvent):
-                    self.record(env.message)
+                if isinstance(env.message, RequestEvents):
+                    for event in env.message.events:
+                        self.record(event)
 
     async def _flush_loop(self) -> None:
         while True:

@@ -12,7 +12,7 @@ from vajra.state import AsyncClusterState
 
 log = logging.getLogger("vajra.actors")
 
-ACTOR_NAMES = ("gateway", "scheduler", "predictor", "ledger", "executor")
+ACTOR_NAMES = ("gateway", "scheduler", "predictor", "ledger", "executor", "http")
 
 
 def build_actor(
@@ -23,11 +23,15 @@ def build_actor(
     executor_id: str = "exec-0",
     model: str | None = None,
 ) -> Actor:
-    """The actor called ``name``; ``state`` is required by all but the scheduler."""
+    """The actor called ``name``; ``state`` is required by all but the scheduler and http."""
     if name == "scheduler":
         from vajra.actors.scheduler import Scheduler
 
         return Scheduler(cfg)
+    if name == "http":
+        from vajra.http import HttpBridge
+
+        return HttpBridge(cfg)
     if state is None:
         raise ValueError(f"the {name} actor needs cluster state (a Redis URL)")
     if name == "gateway":

@@ -4,7 +4,7 @@ Data flows left to right::
 
     gateways ─ROUTER(frontend)─▶ scheduler ─ROUTER(dispatch)─▶ executors
     executors ─ExecutorHello / LoadReport─▶ scheduler
-    scheduler ═RequestEvent═▶ predictor (PUB)
+    scheduler ═RequestEvents═▶ predictor (PUB, one message per batch of placements)
     scheduler ─ErrorReply─▶ gateway   (no executor can take it; its executor was lost)
 
 The request body is forwarded to the executor byte for byte (decoded once, never re-encoded).
@@ -25,10 +25,12 @@ import zmq
 from vajra.actors.base import error_frames, new_context, now_ms, stats_frames
 from vajra.bus.codec import DecodeError, decode, encode
 from vajra.bus.messages import (
+    AdapterTierCommand,
     ExecutorHello,
     InferWork,
     LoadReport,
     RequestEvent,
+    RequestEvents,
     StatsRequest,
 )
 from vajra.bus.zsocket import ZSocket, open_socket
@@ -47,12 +49,19 @@ class _ExecutorView:
     max_queue: int
     last_seen: float
     draining: bool = False
-    # request id -> (gateway identity, deadline on the trio clock)
+    # Queued + running as the executor last reported it: says when it is full.
+    reported_load: int = 0
+    # request id -> (gateway identity, deadline on the trio clock), to fail them if it dies
     inflight: dict[str, tuple[bytes, float]] = field(default_factory=dict)
 
     def load(self) -> ExecutorLoad:
         return ExecutorLoad(
-            self.executor_id, len(self.inflight), self.max_batch_size, self.max_queue, self.draining
+            self.executor_id,
+            len(self.inflight),
+            self.max_batch_size,
+            self.max_queue,
+            self.draining,
+            self.reported_load,
         )
 
 
@@ -63,6 +72,7 @@ class Scheduler:
         self.cfg = cfg
         self.counters: Counter[str] = Counter()
         self.executors: dict[str, _ExecutorView] = {}
+        self._events: list[RequestEvent] = []  # placed in this batch, published after it
         self._ctx = new_context()
         hwm = cfg.bus.high_water_mark
         self.frontend: ZSocket = open_socket(self._ctx, zmq.ROUTER, high_water_mark=hwm)
@@ -97,6 +107,9 @@ class Scheduler:
         while True:
             for frames in await self.frontend.recv_batch(batch_size):
                 await self._on_gateway_frames(frames)
+            if self._events:
+                self.events.send_nowait(encode(RequestEvents(self._events)))
+                self._events = []
 
     async def _on_gateway_frames(self, frames: list[bytes]) -> None:
         gateway = frames[0]
@@ -109,6 +122,12 @@ class Scheduler:
         msg = env.message
         if isinstance(msg, InferWork):
             await self._place(gateway, msg, frames[1:])
+        elif isinstance(msg, AdapterTierCommand):
+            if msg.executor_id in self.executors:
+                await self.dispatch.send([msg.executor_id.encode(), *frames[1:]])
+                self.counters["tier_commands"] += 1
+            else:
+                self.counters["tier_commands_unknown_executor"] += 1
         elif isinstance(msg, StatsRequest):
             self.counters["executors"] = len(self.executors)
             await self.frontend.send(
@@ -133,15 +152,16 @@ class Scheduler:
         remaining_s = max(0.0, (work.deadline_unix_ms - now_ms()) / 1000.0)
         view.inflight[work.request_id] = (gateway, trio.current_time() + remaining_s + 5.0)
         await self.dispatch.send([view.executor_id.encode(), *body])
-        event = RequestEvent(
-            request_id=work.request_id,
-            tenant_id=work.tenant_id,
-            adapter=work.adapter,
-            executor_id=view.executor_id,
-            ts_unix_ms=now_ms(),
-            prompt_chars=len(work.prompt),
+        self._events.append(
+            RequestEvent(
+                request_id=work.request_id,
+                tenant_id=work.tenant_id,
+                adapter=work.adapter,
+                executor_id=view.executor_id,
+                ts_unix_ms=now_ms(),
+                prompt_chars=len(work.prompt),
+            )
         )
-        self.events.send_nowait(encode(event))
 
     # --- executors --------------------------------------------------------------------------
 
@@ -187,6 +207,7 @@ class Scheduler:
             return
         view.last_seen = trio.current_time()
         view.draining = report.draining
+        view.reported_load = report.queue_depth + report.running
         for rid in report.finished_ids:
             view.inflight.pop(rid, None)
 

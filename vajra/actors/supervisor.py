@@ -122,6 +122,8 @@ class Supervisor:
             events_address=_internal_address(run_dir, "events"),
             ledger_address=_internal_address(run_dir, "ledger"),
         )
+        if cfg.http.enabled and cfg.http.port == 0:
+            cfg = cfg.replace("http", port=int(free_tcp_address().rsplit(":", 1)[1]))
         config_path = run_dir / "cluster.toml"
         config_path.write_text(dump_toml(cfg))
         base = [sys.executable, "-m", "vajra", "actor"]
@@ -138,6 +140,8 @@ class Supervisor:
             ),
             ActorProcess("gateway", [*base, "gateway", *conf]),
         ]
+        if cfg.http.enabled:
+            self.actors.append(ActorProcess("http", [*base, "http", *conf]))
         return cfg
 
     # --- running ------------------------------------------------------------------------
@@ -161,6 +165,8 @@ class Supervisor:
                     "supervisor_pid": os.getpid(),
                     "config": str(self.home / "run" / "cluster.toml"),
                 }
+                if cfg.http.enabled:
+                    info["http_address"] = f"http://{cfg.http.host}:{cfg.http.port}"
                 (self.home / CLUSTER_FILE).write_text(json.dumps(info, indent=2))
                 task_status.started(info)
         finally:
@@ -208,15 +214,22 @@ class Supervisor:
             try:
                 async with AsyncClient(cfg.cluster.gateway_address, api_key="", timeout_s=1.0) as c:
                     await c.stats()
-                return
+                break
             except Exception:  # the gateway process may still be importing
+                await trio.sleep(0.1)
+        while cfg.http.enabled:
+            try:
+                stream = await trio.open_tcp_stream(cfg.http.host, cfg.http.port)
+                await stream.aclose()
+                return
+            except OSError:  # the bridge binds once it is connected and ready
                 await trio.sleep(0.1)
 
     async def _stop_all(self) -> None:
         """Stop in order: gateway, then the rest, the ledger last; SIGKILL what overstays."""
         stages = [
-            [a for a in self.actors if a.name == "gateway"],
-            [a for a in self.actors if a.name not in ("gateway", "ledger")],
+            [a for a in self.actors if a.name in ("gateway", "http")],
+            [a for a in self.actors if a.name not in ("gateway", "http", "ledger")],
             [a for a in self.actors if a.name == "ledger"],
         ]
         budget = {0: 4.0, 1: 3.0, 2: 1.5}
@@ -242,6 +255,8 @@ async def run_supervisor(sup: Supervisor) -> int:
         nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
         info = await nursery.start(sup.run)
         print(f"vajra: gateway {info['gateway_address']}", flush=True)
+        if "http_address" in info:
+            print(f"vajra: http {info['http_address']}", flush=True)
         print(f"vajra: redis {info['redis_url']}", flush=True)
         print("vajra: ready (Ctrl-C to stop)", flush=True)
     return 0

@@ -1,7 +1,10 @@
 """The one wire codec: a header frame and a msgpack body frame per message.
 
 Header: msgpack array ``[version, kind, message_id, reply_to, trace_id]``.
-Body: msgpack map of the message's dataclass fields.
+Bulk: a kind that declares ``BULK_FRAMES = n`` (adapter uploads) is followed by exactly ``n``
+raw byte frames, never inside msgpack; :func:`decode` returns them on ``Envelope.bulk``.
+Body: msgpack map of the message's dataclass fields, decoded and type-checked in one pass by
+msgspec (one typed decoder per kind).
 
 :func:`decode` validates at the edge: a frame that is not msgpack, an unknown kind, a wrong
 version, a missing or mistyped field all raise :class:`DecodeError` (a
@@ -11,13 +14,12 @@ actor can answer with a typed error and keep serving.
 
 from __future__ import annotations
 
-import types
-import typing
-from collections.abc import Callable, Sequence
-from dataclasses import MISSING, dataclass, fields
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import msgpack
+import msgspec
 
 from vajra.bus.messages import ALL_MESSAGES, PROTOCOL_VERSION, Message
 from vajra.errors import ErrorCode, ProtocolError
@@ -26,6 +28,8 @@ M = TypeVar("M", bound=Message)
 
 #: Largest body frame accepted by :func:`decode` unless the caller says otherwise.
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+#: Largest total of a message's bulk frames accepted by :func:`decode` unless told otherwise.
+DEFAULT_MAX_BULK_BYTES = 1 << 28
 
 
 class DecodeError(ProtocolError):
@@ -53,108 +57,21 @@ class Envelope:
     message_id: str
     reply_to: str | None = None
     trace_id: str | None = None
+    bulk: tuple[bytes, ...] = ()  # the raw frames after the body (``message.BULK_FRAMES``)
 
 
-Checker = Callable[[Any], tuple[bool, Any]]
+_FIELD_AT = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)")
+_FIELD_MISSING = re.compile(r"missing required field `([A-Za-z_][A-Za-z0-9_]*)`")
 
-
-def _checker_for(tp: Any) -> Checker:
-    """Build a fast validator for one annotated field type; returns (ok, normalised value)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        inner = [_checker_for(a) for a in args if a is not type(None)]
-        allows_none = type(None) in args
-
-        def check_union(v: Any) -> tuple[bool, Any]:
-            if v is None:
-                return allows_none, None
-            for c in inner:
-                ok, out = c(v)
-                if ok:
-                    return True, out
-            return False, v
-
-        return check_union
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        item = _checker_for(item_tp)
-
-        def check_list(v: Any) -> tuple[bool, Any]:
-            if not isinstance(v, list):
-                return False, v
-            out = []
-            for x in v:
-                ok, y = item(x)
-                if not ok:
-                    return False, v
-                out.append(y)
-            return True, out
-
-        return check_list
-    if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
-        key_c, val_c = _checker_for(key_tp), _checker_for(val_tp)
-
-        def check_dict(v: Any) -> tuple[bool, Any]:
-            if not isinstance(v, dict):
-                return False, v
-            out = {}
-            for k, x in v.items():
-                ok_k, k2 = key_c(k)
-                ok_v, x2 = val_c(x)
-                if not (ok_k and ok_v):
-                    return False, v
-                out[k2] = x2
-            return True, out
-
-        return check_dict
-    if tp is bool:
-        return lambda v: (isinstance(v, bool), v)
-    if tp is int:
-        return lambda v: (isinstance(v, int) and not isinstance(v, bool), v)
-    if tp is float:
-        return lambda v: (
-            (isinstance(v, (int, float)) and not isinstance(v, bool)),
-            float(v) if isinstance(v, int | float) else v,
-        )
-    if tp is str:
-        return lambda v: (isinstance(v, str), v)
-    if tp is bytes:
-        return lambda v: (isinstance(v, bytes), v)
-    raise TypeError(f"codec cannot validate field type {tp!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class _FieldSpec:
-    name: str
-    check: Checker
-    required: bool
-    type_name: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Schema:
-    cls: type[Message]
-    fields: tuple[_FieldSpec, ...]
-    names: frozenset[str]
-
-
-def _schema(cls: type[Message]) -> _Schema:
-    hints = typing.get_type_hints(cls)
-    specs = []
-    for f in fields(cls):
-        required = f.default is MISSING and f.default_factory is MISSING
-        specs.append(_FieldSpec(f.name, _checker_for(hints[f.name]), required, str(hints[f.name])))
-    return _Schema(cls, tuple(specs), frozenset(s.name for s in specs))
-
-
-_SCHEMAS: dict[str, _Schema] = {cls.KIND: _schema(cls) for cls in ALL_MESSAGES}
-_FIELD_NAMES: dict[type[Message], tuple[str, ...]] = {
-    s.cls: tuple(f.name for f in s.fields) for s in _SCHEMAS.values()
+#: One typed decoder per message kind: msgspec validates every field's type while decoding.
+_DECODERS: dict[str, msgspec.msgpack.Decoder[Any]] = {
+    cls.KIND: msgspec.msgpack.Decoder(cls) for cls in ALL_MESSAGES
 }
-
-_packb = msgpack.Packer(use_bin_type=True).pack
+#: What msgspec raises for bytes that are not msgpack (invalid UTF-8 raises UnicodeDecodeError).
+_NOT_MSGPACK = (msgspec.DecodeError, ValueError, RecursionError)
+_BULK_FRAMES: dict[str, int] = {cls.KIND: cls.BULK_FRAMES for cls in ALL_MESSAGES}
+_encoder = msgspec.msgpack.Encoder()
+_encode = _encoder.encode
 
 
 def encode(
@@ -163,29 +80,56 @@ def encode(
     message_id: str = "",
     reply_to: str | None = None,
     trace_id: str | None = None,
+    bulk: Sequence[bytes] = (),
 ) -> list[bytes]:
-    """Encode ``message`` as ``[header, body]`` frames."""
-    names = _FIELD_NAMES[type(message)]
-    body = {n: getattr(message, n) for n in names}
-    header = [PROTOCOL_VERSION, message.KIND, message_id, reply_to, trace_id]
-    return [_packb(header), _packb(body)]
+    """Encode ``message`` as ``[header, body, *bulk]`` frames.
+
+    ``bulk`` must hold exactly ``message.BULK_FRAMES`` frames (ValueError otherwise).
+    """
+    if len(bulk) != message.BULK_FRAMES:
+        raise ValueError(
+            f"{message.KIND!r} takes {message.BULK_FRAMES} bulk frames, got {len(bulk)}"
+        )
+    header = (PROTOCOL_VERSION, message.KIND, message_id, reply_to, trace_id)
+    return [_encode(header), _encode(message), *bulk]
 
 
-def _unpack(frame: bytes, what: str) -> Any:
+def _field_of(error: msgspec.ValidationError) -> str | None:
+    text = str(error)
+    m = _FIELD_AT.search(text) or _FIELD_MISSING.search(text)
+    return m.group(1) if m else None
+
+
+def _request_id_of(body_frame: bytes) -> str:
+    """Best effort: the request id of a body that failed validation, to address the error."""
     try:
-        return msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise DecodeError(f"{what} frame is not valid msgpack ({type(exc).__name__})") from None
+        body = msgspec.msgpack.decode(body_frame)
+    except _NOT_MSGPACK:
+        return ""
+    rid = body.get("request_id") if isinstance(body, dict) else None
+    return rid if isinstance(rid, str) else ""
 
 
-def decode(frames: Sequence[bytes], *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Envelope:
-    """Decode ``[header, body]`` frames into an :class:`Envelope`; raises :class:`DecodeError`."""
-    if len(frames) != 2:
+def decode(
+    frames: Sequence[bytes],
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_bulk_bytes: int = DEFAULT_MAX_BULK_BYTES,
+) -> Envelope:
+    """Decode ``[header, body, *bulk]`` frames into an :class:`Envelope`; raises :class:`DecodeError`.
+
+    The number of bulk frames must be what the kind declares; their total size at most
+    ``max_bulk_bytes`` (checked after the body, so the error can name the request).
+    """
+    if len(frames) < 2:
         raise DecodeError(f"expected 2 frames (header, body), got {len(frames)}")
-    header_frame, body_frame = frames
+    header_frame, body_frame = frames[0], frames[1]
     if len(header_frame) > 4096:
         raise DecodeError("header frame is larger than 4096 bytes")
-    header = _unpack(header_frame, "header")
+    try:
+        header = msgspec.msgpack.decode(header_frame)
+    except _NOT_MSGPACK:
+        raise DecodeError("header frame is not valid msgpack") from None
     if not isinstance(header, list) or len(header) != 5:
         raise DecodeError("header must be [version, kind, message_id, reply_to, trace_id]")
     version, kind, message_id, reply_to, trace_id = header
@@ -202,12 +146,21 @@ def decode(frames: Sequence[bytes], *, max_body_bytes: int = DEFAULT_MAX_BODY_BY
             field="version",
             message_id=message_id,
         )
-    schema = _SCHEMAS.get(kind) if isinstance(kind, str) else None
-    if schema is None:
+    decoder = _DECODERS.get(kind) if isinstance(kind, str) else None
+    if decoder is None:
         raise DecodeError(
             f"unknown message kind {kind!r}",
             code=ErrorCode.UNKNOWN_KIND,
             field="kind",
+            message_id=message_id,
+        )
+    n_bulk = _BULK_FRAMES[kind]
+    if len(frames) != 2 + n_bulk:
+        if n_bulk == 0:
+            raise DecodeError(f"expected 2 frames (header, body), got {len(frames)}")
+        raise DecodeError(
+            f"{kind}: expected {2 + n_bulk} frames (header, body, {n_bulk} bulk), "
+            f"got {len(frames)}",
             message_id=message_id,
         )
     if len(body_frame) > max_body_bytes:
@@ -216,34 +169,33 @@ def decode(frames: Sequence[bytes], *, max_body_bytes: int = DEFAULT_MAX_BODY_BY
             code=ErrorCode.PAYLOAD_TOO_LARGE,
             message_id=message_id,
         )
-    body = _unpack(body_frame, "body")
-    if not isinstance(body, dict):
-        raise DecodeError("body must be a map of fields", message_id=message_id)
-    rid = body.get("request_id")
-    request_id = rid if isinstance(rid, str) else ""
-    values: dict[str, Any] = {}
-    for spec in schema.fields:
-        if spec.name not in body:
-            if spec.required:
-                raise DecodeError(
-                    f"{kind}: missing required field {spec.name!r}",
-                    field=spec.name,
-                    message_id=message_id,
-                    request_id=request_id,
-                )
-            continue
-        ok, value = spec.check(body[spec.name])
-        if not ok:
-            raise DecodeError(
-                f"{kind}: field {spec.name!r} must be {spec.type_name}, "
-                f"got {type(body[spec.name]).__name__}",
-                field=spec.name,
-                message_id=message_id,
-                request_id=request_id,
-            )
-        values[spec.name] = value
+    try:
+        message = decoder.decode(body_frame)
+    except msgspec.ValidationError as exc:
+        raise DecodeError(
+            f"{kind}: {exc}",
+            field=_field_of(exc),
+            message_id=message_id,
+            request_id=_request_id_of(body_frame),
+        ) from None
+    except _NOT_MSGPACK:
+        raise DecodeError(
+            f"{kind}: body frame is not valid msgpack", message_id=message_id
+        ) from None
     # Unknown extra fields are ignored: a newer sender may add fields we do not know yet.
-    return Envelope(schema.cls(**values), message_id, reply_to, trace_id)
+    if not n_bulk:
+        return Envelope(message, message_id, reply_to, trace_id)
+    bulk = tuple(frames[2:])
+    total = sum(len(f) for f in bulk)
+    if total > max_bulk_bytes:
+        rid = getattr(message, "request_id", "")
+        raise DecodeError(
+            f"{kind}: {total} bytes of attached data exceed the limit of {max_bulk_bytes}",
+            code=ErrorCode.PAYLOAD_TOO_LARGE,
+            message_id=message_id,
+            request_id=rid if isinstance(rid, str) else "",
+        )
+    return Envelope(message, message_id, reply_to, trace_id, bulk)
 
 
 def decode_as(frames: Sequence[bytes], cls: type[M], **kw: Any) -> tuple[M, Envelope]:

@@ -9,6 +9,7 @@ Data flows left to right::
 
     client ──InferRequest──▶ gateway ──InferWork──▶ scheduler ──InferWork──▶ executor
     client ◀──TokenChunk / InferResult / ErrorReply── gateway ◀── executor
+    client ──AdapterPush (+2 bulk frames) / AdapterList / AdapterDelete──▶ gateway ──AdapterReply──▶ client
     executor ──ExecutorHello / LoadReport──▶ scheduler ──ErrorReply (executor lost)──▶ gateway
     executor ──UsageEvent──▶ ledger ──UsageAck──▶ executor
     scheduler ══RequestEvent══▶ predictor (PUB/SUB)
@@ -29,9 +30,14 @@ PROTOCOL_VERSION = 1
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """Base of all wire messages; ``KIND`` names the message on the wire."""
+    """Base of all wire messages; ``KIND`` names the message on the wire.
+
+    ``BULK_FRAMES``: how many raw byte frames follow the body on the wire (adapter files);
+    they are never inside msgpack and arrive on :attr:`vajra.bus.codec.Envelope.bulk`.
+    """
 
     KIND: ClassVar[str] = ""
+    BULK_FRAMES: ClassVar[int] = 0
 
 
 # --- client <-> gateway -------------------------------------------------------------------
@@ -111,6 +117,164 @@ class StatsReply(Message):
     counters: dict[str, int]
 
 
+# --- client <-> gateway: tenant queries and administration (the HTTP bridge uses these) ----
+
+
+@dataclass(frozen=True, slots=True)
+class WhoAmIRequest(Message):
+    """Which tenant does ``api_key`` belong to? Answered with :class:`TenantInfo`."""
+
+    KIND: ClassVar[str] = "whoami"
+    request_id: str
+    api_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class TenantInfo(Message):
+    KIND: ClassVar[str] = "tenant-info"
+    request_id: str
+    tenant_id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class UsageQuery(Message):
+    """The caller's own usage totals. ``tenant`` (an id or a name), when given, must be the
+    caller's own tenant; any other value is answered ``not_found``, whether or not it exists."""
+
+    KIND: ClassVar[str] = "usage-query"
+    request_id: str
+    api_key: str
+    tenant: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReply(Message):
+    KIND: ClassVar[str] = "usage-reply"
+    request_id: str
+    tenant_id: str
+    name: str
+    requests: int
+    gpu_ms: float
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdminRequest(Message):
+    """Tenant and key administration, authorised by the admin key (``http.admin_key``).
+
+    ``action`` is one of ``create_tenant`` (``tenant``: the new name), ``create_key`` and
+    ``delete_tenant`` (``tenant``: a name or id) and ``revoke_key`` (``api_key``: the key).
+    Answered with :class:`AdminReply`; revoking takes effect on the gateway's next request.
+    """
+
+    KIND: ClassVar[str] = "admin"
+    request_id: str
+    admin_key: str
+    action: str
+    tenant: str | None = None
+    api_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdminReply(Message):
+    """``api_key`` is set (shown once) by ``create_tenant`` and ``create_key``."""
+
+    KIND: ClassVar[str] = "admin-reply"
+    request_id: str
+    action: str
+    tenant_id: str = ""
+    name: str = ""
+    api_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStatusRequest(Message):
+    """Ask the gateway for every live executor's last heartbeat (:class:`ClusterStatusReply`)."""
+
+    KIND: ClassVar[str] = "cluster-status"
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStatusReply(Message):
+    """One entry per live executor, as parallel lists (index ``i`` is one executor)."""
+
+    KIND: ClassVar[str] = "cluster-status-reply"
+    request_id: str
+    executor_ids: list[str] = field(default_factory=list)
+    queue_depths: list[int] = field(default_factory=list)
+    running: list[int] = field(default_factory=list)
+    resident_adapters: list[int] = field(default_factory=list)
+    free_memory_bytes: list[int] = field(default_factory=list)
+
+
+# --- client <-> gateway: the adapter registry ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterPush(Message):
+    """Upload a PEFT LoRA adapter as the next version of ``name`` (answered :class:`AdapterReply`).
+
+    Two bulk frames follow the body: ``adapter_config.json`` then
+    ``adapter_model.safetensors``, as raw bytes.
+    """
+
+    KIND: ClassVar[str] = "adapter-push"
+    BULK_FRAMES: ClassVar[int] = 2
+    request_id: str
+    api_key: str
+    name: str
+    tenant: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterList(Message):
+    """List the caller's adapters, every version (answered :class:`AdapterReply`)."""
+
+    KIND: ClassVar[str] = "adapter-list"
+    request_id: str
+    api_key: str
+    tenant: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterDelete(Message):
+    """Delete one version of ``name``, or all of it when ``version`` is None."""
+
+    KIND: ClassVar[str] = "adapter-delete"
+    request_id: str
+    api_key: str
+    name: str
+    version: int | None = None
+    tenant: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterEntry:
+    """One adapter version (an item of :class:`AdapterReply`)."""
+
+    name: str
+    version: int
+    digest: str
+    size_bytes: int
+    rank: int
+    active: bool = False
+    lora_alpha: float = 0.0
+    target_modules: list[str] = field(default_factory=list)
+    created_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterReply(Message):
+    """The pushed version, the listed versions, or the deleted versions."""
+
+    KIND: ClassVar[str] = "adapter-reply"
+    request_id: str
+    adapters: list[AdapterEntry] = field(default_factory=list)
+
+
 # --- gateway -> scheduler -> executor ----------------------------------------------------
 
 
@@ -135,6 +299,11 @@ class InferWork(Message):
     deadline_unix_ms: int
     gateway_id: str
     received_unix_ms: int = 0
+    # The adapter version resolved by the gateway at admission (``adapter`` is the caller's
+    # NAME or NAME@VERSION); the whole request is served by exactly this version.
+    adapter_version: int | None = None
+    adapter_digest: str | None = None  # sha256 hex of config + weights
+    adapter_object_key: str | None = None  # object-store prefix holding the PEFT files
 
 
 # --- executor <-> scheduler ---------------------------------------------------------------
@@ -166,14 +335,30 @@ class LoadReport(Message):
     draining: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class AdapterTierCommand(Message):
+    """Move an adapter between an executor's tiers ahead of demand (the predictor sends these).
+
+    Sent to the scheduler, which forwards it to ``executor_id``. ``action`` is "promote" (bring
+    it up to ``tier``) or "demote" (drop it from ``tier`` and above); tiers: "gpu", "host",
+    "disk". One-way: the executor counts what it did and reports residency in its LoadReport.
+    """
+
+    KIND: ClassVar[str] = "adapter-tier"
+    executor_id: str
+    adapter_digest: str
+    adapter_object_key: str
+    tier: str
+    action: str
+
+
 # --- executor <-> ledger ------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class UsageEvent(Message):
-    """Measured usage of one request; the sender resends until acknowledged."""
+class UsageEvent:
+    """Measured usage of one request (an item of :class:`UsageBatch`)."""
 
-    KIND: ClassVar[str] = "usage"
     event_id: str
     tenant_id: str
     request_id: str
@@ -182,6 +367,14 @@ class UsageEvent(Message):
     prompt_tokens: int
     completion_tokens: int
     ts_unix_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageBatch(Message):
+    """Usage events, batched per engine step; the sender resends each until acknowledged."""
+
+    KIND: ClassVar[str] = "usage"
+    events: list[UsageEvent]
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,16 +387,23 @@ class UsageAck(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class RequestEvent(Message):
-    """Published by the scheduler for every placed request; the predictor learns from these."""
+class RequestEvent:
+    """One placed request (an item of :class:`RequestEvents`)."""
 
-    KIND: ClassVar[str] = "request-event"
     request_id: str
     tenant_id: str
     adapter: str | None
     executor_id: str
     ts_unix_ms: int
     prompt_chars: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEvents(Message):
+    """Published by the scheduler, one per batch of placed requests; the predictor learns."""
+
+    KIND: ClassVar[str] = "request-events"
+    events: list[RequestEvent]
 
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
@@ -216,7 +416,20 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     InferWork,
     ExecutorHello,
     LoadReport,
-    UsageEvent,
+    AdapterTierCommand,
+    UsageBatch,
     UsageAck,
-    RequestEvent,
+    RequestEvents,
+    WhoAmIRequest,
+    TenantInfo,
+    UsageQuery,
+    UsageReply,
+    AdminRequest,
+    AdminReply,
+    ClusterStatusRequest,
+    ClusterStatusReply,
+    AdapterPush,
+    AdapterList,
+    AdapterDelete,
+    AdapterReply,
 )

@@ -22,10 +22,12 @@ from typing import Any, cast
 import trio
 import zmq
 
-_POLLIN = zmq.POLLIN
-_POLLOUT = zmq.POLLOUT
-_NOBLOCK = zmq.NOBLOCK
-_EVENTS = zmq.EVENTS
+# Plain ints: combining pyzmq's IntFlag members builds new enum objects, slowly, per call.
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
 
 
 class ZSocket:
@@ -90,12 +92,19 @@ class ZSocket:
             else:
                 await self._lot.park()
 
+    def _send_parts(self, frames: Sequence[bytes]) -> None:
+        """Send all parts or raise zmq.Again before the first (ZeroMQ messages are atomic)."""
+        send = self._sock.send
+        last = len(frames) - 1
+        for i, frame in enumerate(frames):
+            send(frame, _NOBLOCK if i == last else _MORE_NOBLOCK, copy=True)
+
     async def send(self, frames: Sequence[bytes]) -> None:
         """Send one multipart message, waiting while the socket is at its high-water mark."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             try:
-                self._sock.send_multipart(frames, _NOBLOCK, copy=True)
+                self._send_parts(frames)
             except zmq.Again:
                 await self._wait(_POLLOUT)
                 continue
@@ -105,7 +114,7 @@ class ZSocket:
     def send_nowait(self, frames: Sequence[bytes]) -> bool:
         """Try to send without waiting; False if the socket would block (message not sent)."""
         try:
-            self._sock.send_multipart(frames, _NOBLOCK, copy=True)
+            self._send_parts(frames)
         except zmq.Again:
             return False
         self._woke()

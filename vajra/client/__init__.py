@@ -18,7 +18,16 @@ builtin ``TimeoutError``; ``error.retriable`` says whether sending again may suc
 
 from vajra.client._async import AsyncClient, Stream
 from vajra.client._sync import Client
-from vajra.client._types import InferenceResult, StreamChunk, Usage
+from vajra.client._types import (
+    AdapterInfo,
+    ExecutorStatus,
+    InferenceResult,
+    IssuedKey,
+    StreamChunk,
+    Tenant,
+    TenantUsage,
+    Usage,
+)
 from vajra.errors import (
     AuthError,
     InternalError,
@@ -33,18 +42,23 @@ from vajra.errors import (
 )
 
 __all__ = [
+    "AdapterInfo",
     "AsyncClient",
     "AuthError",
     "Client",
+    "ExecutorStatus",
     "InferenceResult",
     "InternalError",
     "InvalidRequest",
+    "IssuedKey",
     "NotFoundError",
     "OverloadedError",
     "PayloadTooLarge",
     "ProtocolError",
     "Stream",
     "StreamChunk",
+    "Tenant",
+    "TenantUsage",
     "TimeoutError",
     "UnavailableError",
     "Usage",

@@ -14,7 +14,9 @@ are counted in :attr:`AsyncClient.ignored_replies`, logged at debug level and dr
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, ExitStack, contextmanager
 from types import TracebackType
@@ -23,21 +25,44 @@ from typing import Any
 import trio
 import zmq
 
-from vajra.bus.messages import InferRequest, StatsRequest
+from vajra.bus.messages import (
+    AdminReply,
+    AdminRequest,
+    ClusterStatusReply,
+    ClusterStatusRequest,
+    InferRequest,
+    TenantInfo,
+    UsageQuery,
+    UsageReply,
+    WhoAmIRequest,
+)
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.client._types import (
+    AdapterInfo,
+    ExecutorStatus,
     InferenceResult,
+    IssuedKey,
     Reply,
+    Request,
     StreamChunk,
     StreamProgress,
+    Tenant,
+    TenantUsage,
+    adapter_infos,
+    build_adapter_delete,
+    build_adapter_list,
+    build_adapter_push,
     build_infer_request,
     build_stats_request,
     decode_reply,
     expect,
     interpret_reply,
+    new_request_id,
+    read_adapter_dir,
     reply_capacity,
     request_frames,
     resolve_timeout,
+    single_adapter,
 )
 from vajra.errors import InvalidRequest, ProtocolError, TimeoutError, UnavailableError, VajraError
 
@@ -205,7 +230,7 @@ class AsyncClient:
     # --- one call --------------------------------------------------------------------------
 
     @contextmanager
-    def _register(self, request: InferRequest | StatsRequest) -> Iterator[_Call]:
+    def _register(self, request: Request) -> Iterator[_Call]:
         """Make ``request`` outstanding (before it is sent); forget it on the way out."""
         self._open_socket()
         rid = request.request_id
@@ -221,10 +246,10 @@ class AsyncClient:
             call.send.close()
             call.receive.close()
 
-    async def _send(self, request: InferRequest | StatsRequest) -> None:
+    async def _send(self, request: Request, bulk: Sequence[bytes] = ()) -> None:
         sock = self._open_socket()
         try:
-            await sock.send(request_frames(request))
+            await sock.send(request_frames(request, bulk))
         except trio.ClosedResourceError:
             raise UnavailableError("the client was closed while sending") from None
 
@@ -236,12 +261,12 @@ class AsyncClient:
             return call.failure or UnavailableError("the request was abandoned")
 
     async def _single(
-        self, request: InferRequest | StatsRequest, timeout_s: float
-    ) -> InferenceResult | StreamChunk | dict[str, int]:
-        """Send ``request`` and wait for its one final answer."""
+        self, request: Request, timeout_s: float, bulk: Sequence[bytes] = ()
+    ) -> InferenceResult | StreamChunk | dict[str, int] | object:
+        """Send ``request`` (with its ``bulk`` frames) and wait for its one final answer."""
         deadline = trio.current_time() + timeout_s
         with self._register(request) as call, _within(deadline, request.request_id, timeout_s):
-            await self._send(request)
+            await self._send(request, bulk)
             while True:
                 outcome = interpret_reply(await self._next_reply(call))
                 if outcome is not None:
@@ -313,6 +338,135 @@ class AsyncClient:
         timeout = resolve_timeout(timeout_s, self._timeout_s)
         counters: dict[str, int] = expect(await self._single(build_stats_request(), timeout), dict)
         return counters
+
+    # --- adapters ----------------------------------------------------------------------------
+
+    async def push_adapter(
+        self, path: str | os.PathLike[str], name: str, *, timeout_s: float | None = None
+    ) -> AdapterInfo:
+        """Upload the PEFT adapter in directory ``path`` as the next version of ``name``.
+
+        The new version becomes active. The gateway validates it before storing anything;
+        a refused adapter raises InvalidRequest naming the problem.
+        """
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        config_json, weights = await trio.to_thread.run_sync(read_adapter_dir, path)
+        request = build_adapter_push(api_key=self._api_key, tenant=self._tenant, name=name)
+        return single_adapter(await self._single(request, timeout, (config_json, weights)))
+
+    async def push_adapter_bytes(
+        self, config_json: bytes, weights: bytes, name: str, *, timeout_s: float | None = None
+    ) -> AdapterInfo:
+        """Like :meth:`push_adapter`, from the bytes of ``adapter_config.json`` and
+        ``adapter_model.safetensors`` (for callers that hold them in memory, like the bridge)."""
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        request = build_adapter_push(api_key=self._api_key, tenant=self._tenant, name=name)
+        return single_adapter(await self._single(request, timeout, (config_json, weights)))
+
+    async def list_adapters(self, *, timeout_s: float | None = None) -> list[AdapterInfo]:
+        """Every version of every adapter of this key's tenant, by name then version."""
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        request = build_adapter_list(api_key=self._api_key, tenant=self._tenant)
+        return adapter_infos(await self._single(request, timeout))
+
+    async def delete_adapter(
+        self, name: str, version: int | None = None, *, timeout_s: float | None = None
+    ) -> list[AdapterInfo]:
+        """Delete one version (``version``, or ``name`` as ``NAME@VERSION``) or the whole name.
+
+        Returns the deleted versions; NotFoundError if there is no such adapter or version.
+        """
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        request = build_adapter_delete(
+            api_key=self._api_key, tenant=self._tenant, name=name, version=version
+        )
+        return adapter_infos(await self._single(request, timeout))
+
+    def with_api_key(self, api_key: str, *, tenant: str | None = None) -> AsyncClient:
+        """A view of this open client that sends its requests with ``api_key`` (and ``tenant``).
+
+        The view shares this client's connection, receive task and default timeout, so a
+        server speaking for many callers (the HTTP bridge) keeps one connection and passes
+        each caller's key. It is valid while this client is open and is never entered itself.
+        """
+        view = copy.copy(self)
+        view._api_key = api_key
+        view._tenant = tenant
+        return view
+
+    async def whoami(self, *, timeout_s: float | None = None) -> Tenant:
+        """The tenant this client's API key belongs to (AuthError for a bad or revoked key)."""
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        request = WhoAmIRequest(request_id=new_request_id(), api_key=self._api_key)
+        info = expect(await self._single(request, timeout), TenantInfo)
+        return Tenant(info.tenant_id, info.name)
+
+    async def usage(
+        self, tenant: str | None = None, *, timeout_s: float | None = None
+    ) -> TenantUsage:
+        """This key's tenant's usage totals; ``tenant`` (id or name) other than its own: NotFoundError."""
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        request = UsageQuery(request_id=new_request_id(), api_key=self._api_key, tenant=tenant)
+        u = expect(await self._single(request, timeout), UsageReply)
+        return TenantUsage(
+            u.tenant_id, u.name, u.requests, u.gpu_ms, u.prompt_tokens, u.completion_tokens
+        )
+
+    async def cluster_status(self, *, timeout_s: float | None = None) -> list[ExecutorStatus]:
+        """Every live executor's last heartbeat (no API key needed, like :meth:`stats`)."""
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        reply = expect(
+            await self._single(ClusterStatusRequest(request_id=new_request_id()), timeout),
+            ClusterStatusReply,
+        )
+        return [
+            ExecutorStatus(*row)
+            for row in zip(
+                reply.executor_ids,
+                reply.queue_depths,
+                reply.running,
+                reply.resident_adapters,
+                reply.free_memory_bytes,
+                strict=False,
+            )
+        ]
+
+    async def _admin(
+        self,
+        action: str,
+        *,
+        tenant: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float | None,
+    ) -> AdminReply:
+        """One admin request; this client's API key must be the cluster's admin key."""
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        request = AdminRequest(
+            request_id=new_request_id(),
+            admin_key=self._api_key,
+            action=action,
+            tenant=tenant,
+            api_key=api_key,
+        )
+        return expect(await self._single(request, timeout), AdminReply)
+
+    async def create_tenant(self, name: str, *, timeout_s: float | None = None) -> IssuedKey:
+        """Admin: create a tenant and its first API key."""
+        r = await self._admin("create_tenant", tenant=name, timeout_s=timeout_s)
+        return IssuedKey(r.tenant_id, r.name, r.api_key or "")
+
+    async def create_api_key(self, tenant: str, *, timeout_s: float | None = None) -> IssuedKey:
+        """Admin: issue another API key for ``tenant`` (a name or id)."""
+        r = await self._admin("create_key", tenant=tenant, timeout_s=timeout_s)
+        return IssuedKey(r.tenant_id, r.name, r.api_key or "")
+
+    async def revoke_api_key(self, api_key: str, *, timeout_s: float | None = None) -> None:
+        """Admin: revoke ``api_key``; the gateway refuses it from its next request on."""
+        await self._admin("revoke_key", api_key=api_key, timeout_s=timeout_s)
+
+    async def delete_tenant(self, tenant: str, *, timeout_s: float | None = None) -> None:
+        """Admin: delete ``tenant`` (a name or id) and all its keys."""
+        await self._admin("delete_tenant", tenant=tenant, timeout_s=timeout_s)
 
 
 class Stream:

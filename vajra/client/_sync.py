@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -25,19 +26,27 @@ from types import TracebackType
 
 import zmq
 
-from vajra.bus.messages import InferRequest, StatsRequest
+from vajra.bus.messages import InferRequest
 from vajra.client._types import (
+    AdapterInfo,
     InferenceResult,
     Reply,
+    Request,
     StreamChunk,
     StreamProgress,
+    adapter_infos,
+    build_adapter_delete,
+    build_adapter_list,
+    build_adapter_push,
     build_infer_request,
     build_stats_request,
     decode_reply,
     expect,
     interpret_reply,
+    read_adapter_dir,
     request_frames,
     resolve_timeout,
+    single_adapter,
 )
 from vajra.errors import InvalidRequest, TimeoutError, UnavailableError
 
@@ -175,11 +184,12 @@ class Client:
     def _send(
         self,
         state: _ThreadState,
-        request: InferRequest | StatsRequest,
+        request: Request,
         deadline: float,
         timeout_s: float,
+        bulk: Sequence[bytes] = (),
     ) -> None:
-        frames = request_frames(request)
+        frames = request_frames(request, bulk)
         while True:
             try:
                 state.sock.send_multipart(frames, zmq.NOBLOCK)
@@ -219,13 +229,13 @@ class Client:
         target.append(reply)
 
     def _single(
-        self, request: InferRequest | StatsRequest, timeout_s: float
-    ) -> InferenceResult | StreamChunk | dict[str, int]:
-        """Send ``request`` and wait for its one final answer."""
+        self, request: Request, timeout_s: float, bulk: Sequence[bytes] = ()
+    ) -> InferenceResult | StreamChunk | dict[str, int] | object:
+        """Send ``request`` (with its ``bulk`` frames) and wait for its one final answer."""
         state = self._state()
         deadline = time.monotonic() + timeout_s
         with self._register(state, request.request_id):
-            self._send(state, request, deadline, timeout_s)
+            self._send(state, request, deadline, timeout_s, bulk)
             while True:
                 reply = self._next_reply(state, request.request_id, deadline, timeout_s)
                 outcome = interpret_reply(reply)
@@ -311,3 +321,46 @@ class Client:
         timeout = resolve_timeout(timeout_s, self._timeout_s)
         counters: dict[str, int] = expect(self._single(build_stats_request(), timeout), dict)
         return counters
+
+    # --- adapters ----------------------------------------------------------------------------
+
+    def push_adapter(
+        self, path: str | os.PathLike[str], name: str, *, timeout_s: float | None = None
+    ) -> AdapterInfo:
+        """Upload the PEFT adapter in directory ``path`` as the next (active) version of ``name``.
+
+        The gateway validates it before storing anything; a refused adapter raises
+        InvalidRequest naming the problem.
+        """
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        config_json, weights = read_adapter_dir(path)
+        request = build_adapter_push(api_key=self._api_key, tenant=self._tenant, name=name)
+        return single_adapter(self._single(request, timeout, (config_json, weights)))
+
+    def push_adapter_bytes(
+        self, config_json: bytes, weights: bytes, name: str, *, timeout_s: float | None = None
+    ) -> AdapterInfo:
+        """Like :meth:`push_adapter`, from the bytes of ``adapter_config.json`` and
+        ``adapter_model.safetensors``."""
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        request = build_adapter_push(api_key=self._api_key, tenant=self._tenant, name=name)
+        return single_adapter(self._single(request, timeout, (config_json, weights)))
+
+    def list_adapters(self, *, timeout_s: float | None = None) -> list[AdapterInfo]:
+        """Every version of every adapter of this key's tenant, by name then version."""
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        request = build_adapter_list(api_key=self._api_key, tenant=self._tenant)
+        return adapter_infos(self._single(request, timeout))
+
+    def delete_adapter(
+        self, name: str, version: int | None = None, *, timeout_s: float | None = None
+    ) -> list[AdapterInfo]:
+        """Delete one version (``version``, or ``name`` as ``NAME@VERSION``) or the whole name.
+
+        Returns the deleted versions; NotFoundError if there is no such adapter or version.
+        """
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        request = build_adapter_delete(
+            api_key=self._api_key, tenant=self._tenant, name=name, version=version
+        )
+        return adapter_infos(self._single(request, timeout))

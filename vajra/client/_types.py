@@ -9,26 +9,55 @@ which request a reply belongs to (:func:`decode_reply`) and what a reply means
 from __future__ import annotations
 
 import math
+import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from vajra.bus.codec import DecodeError, decode, encode
 from vajra.bus.messages import (
+    AdapterDelete,
+    AdapterList,
+    AdapterPush,
+    AdapterReply,
+    AdminReply,
+    AdminRequest,
+    ClusterStatusReply,
+    ClusterStatusRequest,
     ErrorReply,
     InferRequest,
     InferResult,
     Message,
     StatsReply,
     StatsRequest,
+    TenantInfo,
     TokenChunk,
+    UsageQuery,
+    UsageReply,
+    WhoAmIRequest,
 )
 from vajra.errors import InvalidRequest, ProtocolError, VajraError, error_from_code
 
 #: What a client hands to :func:`interpret_reply`: a decoded message, or the error that
 #: stands in for one (a frame for this request that did not decode, or the client closing).
 Reply = Message | VajraError
+
+#: Every request a client sends; each is answered by its ``request_id``.
+Request = (
+    InferRequest
+    | StatsRequest
+    | WhoAmIRequest
+    | UsageQuery
+    | AdminRequest
+    | ClusterStatusRequest
+    | AdapterPush
+    | AdapterList
+    | AdapterDelete
+)
+#: Replies handed back as they are, for the client method to turn into its public value.
+_PLAIN_REPLIES = (TenantInfo, UsageReply, AdminReply, ClusterStatusReply, AdapterReply)
 
 T = TypeVar("T")
 
@@ -47,6 +76,48 @@ class Usage:
     completion_tokens: int
     total_tokens: int
     gpu_ms: float
+    #: Time the request waited for an executor; a measurement, left out of equality.
+    queue_ms: float = field(default=0.0, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """A tenant: what :meth:`~vajra.client.AsyncClient.whoami` answers."""
+
+    tenant_id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class TenantUsage:
+    """A tenant's running usage totals, as the ledger recorded them."""
+
+    tenant_id: str
+    name: str
+    requests: int
+    gpu_ms: float
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    """A new API key (shown only here) and the tenant it belongs to."""
+
+    tenant_id: str
+    name: str
+    api_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorStatus:
+    """One live executor's last heartbeat."""
+
+    executor_id: str
+    queue_depth: int
+    running: int
+    resident_adapters: int
+    free_memory_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,12 +222,118 @@ def build_stats_request(request_id: str | None = None) -> StatsRequest:
     return StatsRequest(request_id=request_id or new_request_id())
 
 
-def request_frames(request: InferRequest | StatsRequest) -> list[bytes]:
-    """Frames to send; the message id is the request id, so replies can name it either way."""
-    return encode(request, message_id=request.request_id)
+def request_frames(request: Request, bulk: Sequence[bytes] = ()) -> list[bytes]:
+    """Frames to send; the message id is the request id, so replies can name it either way.
+
+    ``bulk``: the raw frames an :class:`~vajra.bus.messages.AdapterPush` carries.
+    """
+    return encode(request, message_id=request.request_id, bulk=bulk)
 
 
-def reply_capacity(request: InferRequest | StatsRequest) -> int:
+# --- adapters ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    """One version of one of the caller's adapters."""
+
+    name: str
+    version: int
+    digest: str  # sha256 hex over adapter_config.json then adapter_model.safetensors
+    size_bytes: int
+    rank: int
+    active: bool = False
+    lora_alpha: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    created_ms: int = 0
+
+    @property
+    def ref(self) -> str:
+        """``NAME@VERSION``: what a request names to use exactly this version."""
+        return f"{self.name}@{self.version}"
+
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def read_adapter_dir(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
+    """``(adapter_config.json, adapter_model.safetensors)`` bytes of a PEFT adapter directory.
+
+    ``path`` may also name either file inside it. Raises InvalidRequest (field ``path``) when
+    a file is missing; a directory holding only a pickled ``adapter_model.bin`` is refused
+    here, since only safetensors is accepted.
+    """
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    config, weights = p / ADAPTER_CONFIG_FILE, p / ADAPTER_WEIGHTS_FILE
+    if not config.is_file():
+        raise InvalidRequest(f"{p} has no {ADAPTER_CONFIG_FILE}", field="path")
+    if not weights.is_file():
+        if (p / "adapter_model.bin").exists():
+            raise InvalidRequest(
+                f"{p} holds adapter_model.bin (a pickle); only safetensors is accepted: "
+                "save with safe_serialization=True",
+                field="path",
+            )
+        raise InvalidRequest(f"{p} has no {ADAPTER_WEIGHTS_FILE}", field="path")
+    return config.read_bytes(), weights.read_bytes()
+
+
+def build_adapter_push(
+    *, api_key: str, tenant: str | None, name: str, request_id: str | None = None
+) -> AdapterPush:
+    return AdapterPush(
+        request_id=request_id or new_request_id(), api_key=api_key, name=name, tenant=tenant
+    )
+
+
+def build_adapter_list(*, api_key: str, tenant: str | None) -> AdapterList:
+    return AdapterList(request_id=new_request_id(), api_key=api_key, tenant=tenant)
+
+
+def build_adapter_delete(
+    *, api_key: str, tenant: str | None, name: str, version: int | None
+) -> AdapterDelete:
+    """``name`` may also be ``NAME@VERSION`` (then ``version`` must be None or equal)."""
+    base, at, v = name.partition("@")
+    if at:
+        if not (v.isascii() and v.isdigit()) or (version is not None and int(v) != version):
+            raise InvalidRequest("adapter must be NAME or NAME@VERSION", field="name")
+        name, version = base, int(v)
+    return AdapterDelete(
+        request_id=new_request_id(), api_key=api_key, name=name, version=version, tenant=tenant
+    )
+
+
+def adapter_infos(outcome: object) -> list[AdapterInfo]:
+    """The adapters an :class:`~vajra.bus.messages.AdapterReply` names (ProtocolError if not one)."""
+    reply = expect(outcome, AdapterReply)
+    return [
+        AdapterInfo(
+            name=a.name,
+            version=a.version,
+            digest=a.digest,
+            size_bytes=a.size_bytes,
+            rank=a.rank,
+            active=a.active,
+            lora_alpha=a.lora_alpha,
+            target_modules=tuple(a.target_modules),
+            created_ms=a.created_ms,
+        )
+        for a in reply.adapters
+    ]
+
+
+def single_adapter(outcome: object) -> AdapterInfo:
+    infos = adapter_infos(outcome)
+    if len(infos) != 1:
+        raise ProtocolError(f"expected one adapter in the reply, got {len(infos)}", field="kind")
+    return infos[0]
+
+
+def reply_capacity(request: Request) -> int:
     """How many replies ``request`` may receive under the protocol (bounds its reply queue)."""
     if isinstance(request, InferRequest) and request.stream:
         return max(0, request.max_tokens) + _STREAM_REPLY_SLACK
@@ -180,7 +357,7 @@ def decode_reply(frames: Sequence[bytes]) -> tuple[str, Reply]:
 
 def interpret_reply(
     reply: Reply, stream: StreamProgress | None = None
-) -> InferenceResult | StreamChunk | dict[str, int] | None:
+) -> InferenceResult | StreamChunk | dict[str, int] | Message | None:
     """Turn one reply into what the SDK hands back, or raise the error it stands for.
 
     - an ``ErrorReply`` raises :func:`~vajra.errors.error_from_code` of it; a
@@ -204,7 +381,7 @@ def interpret_reply(
 
 def _interpret(
     reply: Reply, stream: StreamProgress | None
-) -> InferenceResult | StreamChunk | dict[str, int] | None:
+) -> InferenceResult | StreamChunk | dict[str, int] | Message | None:
     if isinstance(reply, VajraError):
         raise reply
     if isinstance(reply, ErrorReply):
@@ -215,6 +392,7 @@ def _interpret(
             completion_tokens=reply.completion_tokens,
             total_tokens=reply.prompt_tokens + reply.completion_tokens,
             gpu_ms=reply.gpu_ms,
+            queue_ms=reply.queue_ms,
         )
         if stream is None:
             return InferenceResult(
@@ -248,6 +426,8 @@ def _interpret(
         return StreamChunk(reply.request_id, reply.index, reply.text, reply.token_ids)
     if isinstance(reply, StatsReply):
         return dict(reply.counters)
+    if isinstance(reply, _PLAIN_REPLIES):
+        return reply
     raise ProtocolError(f"unexpected {reply.KIND!r} message in reply to a request", field="kind")
 
 

@@ -36,6 +36,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from vajra.errors import InternalError, InvalidRequest, VajraError
+from vajra.gpu.lora import LoraBatchState, LoraPool, inject_lora
 from vajra.gpu.model import load_model
 from vajra.gpu.sampling import SamplingParams, make_generator, sample_next_tokens
 
@@ -47,6 +48,7 @@ class GenerationRequest:
     request_id: str
     prompt: str
     params: SamplingParams
+    adapter_slot: int | None = None  # a slot of the engine's lora_pool; None: base model only
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,12 @@ class TorchEngine:
         dtype: str = "auto",
         max_batch_size: int = 32,
         max_model_len: int = 2048,
+        lora_pool: LoraPool | None = None,
+        max_adapters: int = 0,
     ) -> None:
+        """``lora_pool`` (or, without one, ``max_adapters > 0``: a default pool of that many
+        slots for the model's device and dtype) wraps the model's targeted linear layers so that
+        each row runs with its request's ``adapter_slot``."""
         loaded = load_model(Path(model_dir), device=device, dtype=dtype)
         self.blocking = True
         self.model_name = Path(model_dir).name
@@ -241,6 +248,13 @@ class TorchEngine:
         self._pad_id: int = pad if pad is not None else 0
         self._waiting: dict[str, _Sequence] = {}  # admission order
         self._batch: _Batch | None = None
+        if lora_pool is None and max_adapters > 0:
+            lora_pool = LoraPool.for_model(self._model, max_vram_adapters=max_adapters)
+        self.lora_pool = lora_pool
+        self.lora_state: LoraBatchState | None = None
+        if lora_pool is not None:
+            self.lora_state = LoraBatchState(lora_pool, max_rows=max_batch_size)
+            inject_lora(self._model, self.lora_state)
 
     def num_running(self) -> int:
         return 0 if self._batch is None else len(self._batch.seqs)
@@ -272,17 +286,24 @@ class TorchEngine:
         attention_mask: torch.Tensor,  # [rows, cached + new_tokens]
         position_ids: torch.Tensor,  # [rows, new_tokens]
         cache: DynamicCache,
+        adapter_slots: Sequence[int | None] | None = None,  # [rows]: each row's pool slot
     ) -> tuple[torch.Tensor, float]:
         """The one model call: the logits at each row's last position [rows, vocab], and ms."""
         start = time.perf_counter()
-        out = self._model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        if self.lora_state is not None and any(s is not None for s in adapter_slots or ()):
+            self.lora_state.set_rows(adapter_slots or ())
+        try:
+            out = self._model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            if self.lora_state is not None:
+                self.lora_state.clear()
         logits: torch.Tensor = out.logits[:, -1, :]
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
@@ -293,7 +314,8 @@ class TorchEngine:
             ones = batch.mask.new_ones((batch.mask.shape[0], 1))
             mask = torch.cat([batch.mask, ones], dim=1)
             positions = batch.mask.sum(dim=1, keepdim=True)
-            logits, ms = self._forward(batch.next_ids[:, None], mask, positions, batch.cache)
+            slots = [seq.request.adapter_slot for seq in batch.seqs]
+            logits, ms = self._forward(batch.next_ids[:, None], mask, positions, batch.cache, slots)
         except Exception as exc:
             log.exception("decode step failed; finishing its %d rows", len(batch.seqs))
             self._batch = None
@@ -317,7 +339,8 @@ class TorchEngine:
             mask = torch.tensor(flags, dtype=torch.long, device=self._device)
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
             cache = DynamicCache()
-            logits, ms = self._forward(ids, mask, positions, cache)
+            slots = [seq.request.adapter_slot for seq in seqs]
+            logits, ms = self._forward(ids, mask, positions, cache, slots)
         except Exception as exc:
             log.exception("prefill failed; finishing its %d rows", len(seqs))
             return [_error_output(seq, exc) for seq in seqs]
@@ -382,6 +405,10 @@ class TorchEngine:
             return _refusal(
                 rid, InvalidRequest("request_id is already running", field="request_id")
             )
+        slot = request.adapter_slot
+        if slot is not None and (self.lora_pool is None or not self.lora_pool.is_loaded(slot)):
+            message = f"adapter slot {slot} holds no adapter on this engine"
+            return _refusal(rid, InvalidRequest(message, field="adapter"))
         ids = self._encode(request.prompt)
         if not ids:
             return _refusal(rid, InvalidRequest("empty prompt and no BOS token", field="prompt"))
@@ -506,8 +533,10 @@ def load_engine(
     dtype: str = "auto",
     max_batch_size: int = 32,
     max_model_len: int = 2048,
+    max_adapters: int = 0,
 ) -> Engine:
-    """``"null"`` gives a :class:`NullEngine`; anything else is a model directory for TorchEngine."""
+    """``"null"`` gives a :class:`NullEngine`; anything else is a model directory for TorchEngine
+    (with a LoRA pool of ``max_adapters`` slots when that is above zero)."""
     if model == "null":
         return NullEngine(
             device=device, dtype=dtype, max_batch_size=max_batch_size, max_model_len=max_model_len
@@ -518,4 +547,5 @@ def load_engine(
         dtype=dtype,
         max_batch_size=max_batch_size,
         max_model_len=max_model_len,
+        max_adapters=max_adapters,
     )

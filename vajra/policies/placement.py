@@ -16,10 +16,11 @@ class ExecutorLoad:
     """What placement needs to know about one executor."""
 
     executor_id: str
-    inflight: int  # requests dispatched to it and not yet reported finished
+    inflight: int  # requests dispatched to it and not yet reported finished (lags a report)
     max_batch_size: int
     max_queue: int
     draining: bool = False
+    reported_load: int = 0  # queued + running at its last report
 
 
 def load_score(e: ExecutorLoad) -> float:
@@ -28,12 +29,17 @@ def load_score(e: ExecutorLoad) -> float:
     return max(0.0, 1.0 - e.inflight / capacity)
 
 
+def is_full(e: ExecutorLoad) -> bool:
+    """Full by its own last report; bursts between reports are bounded by the executor's queue."""
+    return e.reported_load >= e.max_batch_size + e.max_queue
+
+
 def choose_executor(candidates: Iterable[ExecutorLoad]) -> ExecutorLoad | None:
     """The best executor for a request, or None when none can take it (all full or draining)."""
     best: ExecutorLoad | None = None
     best_key: tuple[float, int, str] | None = None
     for e in candidates:
-        if e.draining or e.inflight >= e.max_batch_size + e.max_queue:
+        if e.draining or is_full(e):
             continue
         key = (-load_score(e), e.inflight, e.executor_id)
         if best_key is None or key < best_key:

@@ -161,23 +161,36 @@ end
 return removed
 """
 
-# KEYS: dedupe marker, usage totals, usage stream
-# ARGV: dedupe_ttl_ms, stream_maxlen ('' = untrimmed), gpu_ms, prompt_tokens,
-#       completion_tokens, then the stream entry's field/value pairs
+# KEYS: usage stream, then (dedupe marker, usage totals) per event; ARGV: marker TTL ms,
+# stream MAXLEN ("" = none), then 8 stream fields per event. Returns 1 (new) or 0 per event.
 _RECORD_USAGE_LUA = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
-  return 0
+local fields = {'event_id', 'tenant_id', 'request_id', 'executor_id',
+                'gpu_ms', 'prompt_tokens', 'completion_tokens', 'ts_ms'}
+local out = {}
+for i = 0, (#KEYS - 1) / 2 - 1 do
+  local marker, totals = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
+  local a = 3 + 8 * i
+  if redis.call('SET', marker, '1', 'NX', 'PX', ARGV[1]) then
+    redis.call('HINCRBY', totals, 'requests', 1)
+    redis.call('HINCRBYFLOAT', totals, 'gpu_ms', ARGV[a + 4])
+    redis.call('HINCRBY', totals, 'prompt_tokens', ARGV[a + 5])
+    redis.call('HINCRBY', totals, 'completion_tokens', ARGV[a + 6])
+    local entry = {}
+    for j = 1, 8 do
+      entry[2 * j - 1] = fields[j]
+      entry[2 * j] = ARGV[a + j - 1]
+    end
+    if ARGV[2] == '' then
+      redis.call('XADD', KEYS[1], '*', unpack(entry))
+    else
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(entry))
+    end
+    out[i + 1] = 1
+  else
+    out[i + 1] = 0
+  end
 end
-redis.call('HINCRBY', KEYS[2], 'requests', 1)
-redis.call('HINCRBYFLOAT', KEYS[2], 'gpu_ms', ARGV[3])
-redis.call('HINCRBY', KEYS[2], 'prompt_tokens', ARGV[4])
-redis.call('HINCRBY', KEYS[2], 'completion_tokens', ARGV[5])
-if ARGV[2] == '' then
-  redis.call('XADD', KEYS[3], '*', unpack(ARGV, 6))
-else
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 6))
-end
-return 1
+return out
 """
 
 # KEYS: predictor adapter hash; ARGV: ts_ms
@@ -587,7 +600,7 @@ class ClusterState:
 
     @_translate_errors
     def record_usage_many(self, records: Sequence[UsageRecord]) -> list[bool]:
-        """:meth:`record_usage` for a batch, in one round trip; each record stays atomic.
+        """:meth:`record_usage` for a batch: one Lua call records the whole batch atomically.
 
         Every record is validated before anything is written.
         """
@@ -595,37 +608,22 @@ class ClusterState:
             _check_usage(rec)
         if not records:
             return []
-        pipe = self._r.pipeline(transaction=False)
+        keys_: list[str] = [keys.usage_events()]
+        args: list[str] = [str(self._dedupe_ttl_ms), self._stream_maxlen]
         for rec in records:
-            fields = {
-                "event_id": rec.event_id,
-                "tenant_id": rec.tenant_id,
-                "request_id": rec.request_id,
-                "executor_id": rec.executor_id,
-                "gpu_ms": repr(float(rec.gpu_ms)),
-                "prompt_tokens": str(rec.prompt_tokens),
-                "completion_tokens": str(rec.completion_tokens),
-                "ts_ms": str(rec.ts_ms),
-            }
-            args = [
-                str(self._dedupe_ttl_ms),
-                self._stream_maxlen,
-                fields["gpu_ms"],
-                fields["prompt_tokens"],
-                fields["completion_tokens"],
-            ]
-            for name, value in fields.items():
-                args += (name, value)
-            self._record_usage_lua(
-                keys=[
-                    keys.usage_event(rec.event_id),
-                    keys.usage(rec.tenant_id),
-                    keys.usage_events(),
-                ],
-                args=args,
-                client=pipe,
+            keys_ += (keys.usage_event(rec.event_id), keys.usage(rec.tenant_id))
+            args += (
+                rec.event_id,
+                rec.tenant_id,
+                rec.request_id,
+                rec.executor_id,
+                repr(float(rec.gpu_ms)),
+                str(rec.prompt_tokens),
+                str(rec.completion_tokens),
+                str(rec.ts_ms),
             )
-        return [bool(int(x)) for x in pipe.execute()]
+        result = self._record_usage_lua(keys=keys_, args=args)
+        return [bool(int(x)) for x in result]
 
     @_translate_errors
     def get_usage(self, tenant_id: str) -> UsageTotals:

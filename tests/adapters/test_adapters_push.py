@@ -1,0 +1,401 @@
+"""Adapter push, list, delete and request-path resolution through a real in-process gateway.
+
+Rules: real Valkey and a real object store (a temp directory), real PEFT adapters saved by
+``PeftModel.save_pretrained`` on the tiny model; the scheduler is played by a raw ROUTER so
+the ``InferWork`` the gateway sends can be inspected; every test under ``trio.fail_after``.
+Every refused upload must name its problem and leave the object store and Redis untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import torch
+import trio
+import zmq
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from transformers import AutoModelForCausalLM
+
+from tests.storage.conftest import s3_store
+from tests.storage.seaweed import SeaweedS3, seaweed
+from vajra.actors.gateway import Gateway
+from vajra.bus.codec import decode, encode
+from vajra.bus.messages import AdapterPush, InferResult, InferWork
+from vajra.bus.zsocket import ZSocket, open_socket
+from vajra.client import AsyncClient, InvalidRequest, NotFoundError, PayloadTooLarge
+from vajra.client._types import read_adapter_dir
+from vajra.config import VajraConfig
+from vajra.state import AsyncClusterState, ClusterState
+from vajra.storage import LocalObjectStore
+
+MAX_ADAPTER_BYTES = 2_000_000
+
+
+def save_peft(model_dir: Path, out: Path, seed: int, **lora: Any) -> Path:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
+    peft_model.save_pretrained(out)
+    return out
+
+
+@dataclass
+class Adapters:
+    v1: Path
+    v2: Path
+    rank16: Path
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Adapters:
+    root = tmp_path_factory.mktemp("peft")
+    return Adapters(
+        v1=save_peft(
+            tiny_model_dir, root / "v1", 1, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]
+        ),
+        v2=save_peft(tiny_model_dir, root / "v2", 2, r=4, lora_alpha=8, target_modules=["o_proj"]),
+        rank16=save_peft(
+            tiny_model_dir, root / "r16", 3, r=16, lora_alpha=16, target_modules=["q_proj"]
+        ),
+    )
+
+
+@pytest.fixture
+def raw(valkey_url: str) -> Iterator[redis.Redis[str]]:
+    client: redis.Redis[str] = redis.Redis.from_url(valkey_url, decode_responses=True)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def cfg(
+    tmp_path: Path, valkey_url: str, tiny_model_dir: Path, raw: redis.Redis[str]
+) -> VajraConfig:
+    run = tmp_path / "run"
+    run.mkdir()
+    return (
+        VajraConfig()
+        .replace(
+            "cluster",
+            home=str(tmp_path),
+            redis_url=valkey_url,
+            model=str(tiny_model_dir),
+            gateway_address="tcp://127.0.0.1:0",
+            gateway_backend_address=f"ipc://{run}/gw",
+            scheduler_address=f"ipc://{run}/sched",
+        )
+        .replace("adapters", max_rank=8, max_adapter_bytes=MAX_ADAPTER_BYTES)
+        .replace("storage", local_dir=str(tmp_path / "objects"))
+    )
+
+
+@pytest.fixture
+async def astate(valkey_url: str, raw: redis.Redis[str]) -> AsyncIterator[AsyncClusterState]:
+    s = AsyncClusterState.from_url(valkey_url)
+    yield s
+    await s.aclose()
+
+
+def new_tenant(valkey_url: str) -> str:
+    with ClusterState(valkey_url) as s:
+        _, key = s.create_tenant(f"t{uuid.uuid4().hex[:8]}")
+    return key
+
+
+class Cluster:
+    """A gateway with a fake scheduler that answers every InferWork and records it."""
+
+    def __init__(self, gateway: Gateway, address: str, sched: ZSocket) -> None:
+        self.gateway, self.address, self.sched = gateway, address, sched
+        self.work: list[InferWork] = []
+
+    async def serve_scheduler(self) -> None:
+        while True:
+            identity, *frames = await self.sched.recv()
+            work = decode(frames).message
+            assert isinstance(work, InferWork)
+            self.work.append(work)
+            result = InferResult(work.request_id, "ok", [1], "stop", 1, 1, 0.1)
+            await self.sched.send([identity, *encode(result)])
+
+
+@pytest.fixture
+async def cluster(cfg: VajraConfig, astate: AsyncClusterState) -> AsyncIterator[Cluster]:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sched = open_socket(ctx, zmq.ROUTER)
+    sched.bind(cfg.cluster.scheduler_address)
+    async with trio.open_nursery() as nursery:
+        gateway = Gateway(cfg, astate)
+        address = await nursery.start(gateway.run)
+        c = Cluster(gateway, address, sched)
+        nursery.start_soon(c.serve_scheduler)
+        yield c
+        nursery.cancel_scope.cancel()
+    sched.close()
+    ctx.destroy(linger=0)
+
+
+def stored(cfg: VajraConfig, raw: redis.Redis[str]) -> tuple[list[str], list[str]]:
+    """Everything in the object store and under the registry's Redis prefix."""
+    return LocalObjectStore(cfg.storage.local_dir).list_keys(), sorted(raw.keys("vajra:adapter:*"))
+
+
+def write_adapter(dirpath: Path, config: bytes, weights: bytes) -> Path:
+    dirpath.mkdir(parents=True, exist_ok=True)
+    (dirpath / "adapter_config.json").write_bytes(config)
+    (dirpath / "adapter_model.safetensors").write_bytes(weights)
+    return dirpath
+
+
+async def test_push_versions_resolution_and_delete(
+    cluster: Cluster, cfg: VajraConfig, raw: redis.Redis[str], valkey_url: str, adapters: Adapters
+) -> None:
+    key = new_tenant(valkey_url)
+    with trio.fail_after(60):
+        async with AsyncClient(cluster.address, key, timeout_s=30) as c:
+            a1 = await c.push_adapter(adapters.v1, "chat")
+            assert (a1.name, a1.version, a1.rank, a1.active) == ("chat", 1, 8, True)
+            a2 = await c.push_adapter(adapters.v2 / "adapter_config.json", "chat")
+            assert (a2.version, a2.rank) == (2, 4) and a2.digest != a1.digest
+            listed = await c.list_adapters()
+            assert [(a.version, a.active) for a in listed] == [(1, False), (2, True)]
+            assert listed[0].target_modules == ("q_proj", "v_proj")
+            objects, _ = stored(cfg, raw)
+            assert len(objects) == 4 and all(k.startswith("adapters/") for k in objects)
+            config, weights = read_adapter_dir(adapters.v2)
+            store = LocalObjectStore(cfg.storage.local_dir)
+            prefix = next(k for k in objects if a2.digest in k).rsplit("/", 1)[0]
+            assert store.get(f"{prefix}/adapter_model.safetensors") == weights
+            assert store.get(f"{prefix}/adapter_config.json") == config
+
+            # Requests carry exactly the version resolved at admission.
+            await c.infer("hi", adapter="chat")
+            await c.infer("hi", adapter="chat@1")
+            await c.infer("hi")
+            w_active, w_pinned, w_base = cluster.work[-3:]
+            assert (w_active.adapter, w_active.adapter_version, w_active.adapter_digest) == (
+                "chat",
+                2,
+                a2.digest,
+            )
+            assert w_active.adapter_object_key is not None
+            assert w_active.adapter_object_key.endswith(a2.digest)
+            assert (w_pinned.adapter_version, w_pinned.adapter_digest) == (1, a1.digest)
+            assert w_base.adapter_version is None and w_base.adapter_digest is None
+            for ref in ("nope", "chat@3"):
+                with pytest.raises(NotFoundError) as nf:
+                    await c.infer("hi", adapter=ref)
+                assert (
+                    nf.value.field == "adapter" and nf.value.message == f"adapter {ref!r} not found"
+                )
+            with pytest.raises(InvalidRequest):
+                await c.infer("hi", adapter="chat@x")
+
+            # Deleting the active version: the gateway resolves the name to version 1 at once.
+            gone = await c.delete_adapter("chat@2")
+            assert [g.version for g in gone] == [2]
+            await c.infer("hi", adapter="chat")
+            assert cluster.work[-1].adapter_version == 1
+            with pytest.raises(NotFoundError):
+                await c.infer("hi", adapter="chat@2")
+            assert len(stored(cfg, raw)[0]) == 2  # v2's files are freed
+            # Pushing again continues the numbering; deleting the name frees everything.
+            assert (await c.push_adapter(adapters.v2, "chat")).version == 3
+            await c.delete_adapter("chat")
+            assert await c.list_adapters() == []
+            assert stored(cfg, raw) == ([], [])
+            with pytest.raises(NotFoundError):
+                await c.delete_adapter("chat")
+
+
+async def test_bad_adapters_are_refused_and_nothing_is_stored(
+    cluster: Cluster,
+    cfg: VajraConfig,
+    raw: redis.Redis[str],
+    valkey_url: str,
+    adapters: Adapters,
+    tmp_path: Path,
+) -> None:
+    key = new_tenant(valkey_url)
+    config, weights = read_adapter_dir(adapters.v1)
+    tensors = load_safetensors(weights)
+    a_key = next(k for k in tensors if "lora_A" in k)
+    wrong = dict(tensors)
+    wrong[a_key] = torch.zeros(tensors[a_key].shape[0], tensors[a_key].shape[1] + 1)
+    missing = json.loads(config)
+    missing["target_modules"] = ["q_proj", "v_proj", "nonexistent_proj"]
+    r16_config, r16_weights = read_adapter_dir(adapters.rank16)
+    cases: dict[str, tuple[bytes, bytes, str]] = {
+        "pickle": (config, pickle.dumps({a_key: [0.0] * 16}), "pickle"),
+        "torch-pickle": (config, _torch_save(tensors), "pickle"),
+        "wrong-shapes": (config, save_safetensors(wrong), "do not match the base layer"),
+        "rank-over-limit": (r16_config, r16_weights, "the limit is 8"),
+        "truncated": (config, weights[: len(weights) // 2], "truncated"),
+        "missing-modules": (json.dumps(missing).encode(), weights, "nonexistent_proj"),
+        "not-json": (b"{not json", weights, "not JSON"),
+    }
+    before = stored(cfg, raw)
+    assert before == ([], [])
+    with trio.fail_after(60):
+        async with AsyncClient(cluster.address, key, timeout_s=30) as c:
+            for case, (cfg_bytes, w_bytes, words) in cases.items():
+                with pytest.raises(InvalidRequest) as refused:
+                    await c.push_adapter(write_adapter(tmp_path / case, cfg_bytes, w_bytes), "chat")
+                assert words in refused.value.message, (case, refused.value.message)
+                assert refused.value.field == "adapter", case
+                assert stored(cfg, raw) == before, case
+            # Oversized: refused by size before validation, with the size named.
+            big = write_adapter(tmp_path / "big", config, weights + b"\0" * MAX_ADAPTER_BYTES)
+            with pytest.raises(PayloadTooLarge) as too_big:
+                await c.push_adapter(big, "chat")
+            assert f"limit of {MAX_ADAPTER_BYTES}" in too_big.value.message
+            # Pickle-only directories never leave the client.
+            only_bin = tmp_path / "bin"
+            only_bin.mkdir()
+            (only_bin / "adapter_config.json").write_bytes(config)
+            (only_bin / "adapter_model.bin").write_bytes(b"\x80\x04junk")
+            with pytest.raises(InvalidRequest, match="only safetensors"):
+                await c.push_adapter(only_bin, "chat")
+            for name in ("", "bad name", "x" * 65, "a/b"):
+                with pytest.raises(InvalidRequest) as bad_name:
+                    await c.push_adapter(adapters.v1, name)
+                assert bad_name.value.field == "name"
+            assert stored(cfg, raw) == before
+            assert await c.list_adapters() == []
+            # A valid push still works afterwards.
+            assert (await c.push_adapter(adapters.v1, "chat")).version == 1
+
+
+def _torch_save(tensors: dict[str, torch.Tensor]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    return buf.getvalue()
+
+
+async def test_tenants_cannot_see_use_or_delete_each_others_adapters(
+    cluster: Cluster, valkey_url: str, adapters: Adapters
+) -> None:
+    key_a, key_b = new_tenant(valkey_url), new_tenant(valkey_url)
+    with trio.fail_after(60):
+        async with (
+            AsyncClient(cluster.address, key_a, timeout_s=30) as a,
+            AsyncClient(cluster.address, key_b, timeout_s=30) as b,
+        ):
+            mine = await a.push_adapter(adapters.v1, "secret")
+            assert await b.list_adapters() == []
+            for op in ("infer", "delete"):
+                for ref in ("secret", "secret@1"):
+                    answers = []
+                    for candidate in (ref, ref.replace("secret", "absent")):
+                        with pytest.raises(NotFoundError) as nf:
+                            if op == "infer":
+                                await b.infer("hi", adapter=candidate)
+                            else:
+                                await b.delete_adapter(candidate)
+                        answers.append(
+                            (
+                                nf.value.code,
+                                nf.value.field,
+                                nf.value.message.replace("absent", "secret"),
+                            )
+                        )
+                    assert answers[0] == answers[1]
+            # B's own "secret" is independent of A's.
+            theirs = await b.push_adapter(adapters.v2, "secret")
+            assert theirs.version == 1
+            await b.delete_adapter("secret")
+            assert [x.digest for x in await a.list_adapters()] == [mine.digest]
+            await a.infer("hi", adapter="secret")
+            assert cluster.work[-1].adapter_digest == mine.digest
+
+
+async def test_push_frames_are_checked_by_the_codec() -> None:
+    frames = encode(AdapterPush("r1", "k", "n"), message_id="r1", bulk=[b"{}", b"w" * 10])
+    env = decode(frames)
+    assert env.bulk == (b"{}", b"w" * 10)
+    from vajra.bus.codec import DecodeError
+
+    with pytest.raises(DecodeError, match="expected 4 frames"):
+        decode(frames[:3])
+    with pytest.raises(DecodeError) as big:
+        decode(frames, max_bulk_bytes=11)
+    assert big.value.code.value == "payload_too_large" and big.value.request_id == "r1"
+    with pytest.raises(ValueError):
+        encode(AdapterPush("r1", "k", "n"))
+
+
+async def test_cli_push_list_delete(
+    cluster: Cluster, valkey_url: str, adapters: Adapters, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vajra.cli import main
+
+    key = new_tenant(valkey_url)
+    common = ["--key", key, "--gateway", cluster.address, "--json"]
+    with trio.fail_after(60):
+        assert (
+            await trio.to_thread.run_sync(
+                main, ["adapter", "push", str(adapters.v1), "--name", "cli", *common]
+            )
+            == 0
+        )
+        pushed = json.loads(capsys.readouterr().out)
+        assert pushed["version"] == 1 and pushed["name"] == "cli"
+        assert await trio.to_thread.run_sync(main, ["adapter", "list", *common]) == 0
+        assert [a["version"] for a in json.loads(capsys.readouterr().out)] == [1]
+        assert await trio.to_thread.run_sync(main, ["adapter", "delete", "cli@1", *common]) == 0
+        assert "deleted cli@1" in capsys.readouterr().out
+        assert await trio.to_thread.run_sync(main, ["adapter", "delete", "cli", *common]) == 1
+        assert "not found" in capsys.readouterr().err
+
+
+__all__ = ["seaweed"]  # the S3 server fixture, used below
+
+
+async def test_push_and_delete_through_s3(
+    cfg: VajraConfig,
+    astate: AsyncClusterState,
+    seaweed: SeaweedS3,
+    valkey_url: str,
+    adapters: Adapters,
+    tmp_path: Path,
+) -> None:
+    key = new_tenant(valkey_url)
+    store = s3_store(seaweed)
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                gateway = Gateway(cfg, astate, store=store)
+                address = await nursery.start(gateway.run)
+                async with AsyncClient(address, key, timeout_s=30) as c:
+                    config, weights = read_adapter_dir(adapters.v1)
+                    bad = write_adapter(tmp_path / "bad", config, weights[:100])
+                    with pytest.raises(InvalidRequest):
+                        await c.push_adapter(bad, "s3")
+                    assert await store.alist_keys() == []
+                    info = await c.push_adapter(adapters.v1, "s3")
+                    keys = await store.alist_keys()
+                    assert len(keys) == 2 and all(info.digest in k for k in keys)
+                    assert (
+                        await store.aget(next(k for k in keys if k.endswith(".safetensors")))
+                        == weights
+                    )
+                    await c.delete_adapter("s3")
+                    assert await store.alist_keys() == []
+                nursery.cancel_scope.cancel()
+    finally:
+        store.close()

@@ -1,0 +1,264 @@
+"""The adapter registry on a real Valkey: versions, the active pointer, NAME@VERSION, delete,
+reference-counted objects, and isolation between tenants.
+
+Rules: loopback only; every test starts from an empty database (FLUSHDB); async tests run
+under ``trio.fail_after``; Hypothesis checks the registry against a plain-Python model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import pytest
+import redis
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vajra.adapters.registry import (
+    AdapterRegistry,
+    AsyncAdapterRegistry,
+    parse_adapter_ref,
+)
+from vajra.errors import InvalidRequest, NotFoundError, UnavailableError
+from vajra.state import keys
+
+
+def _digest(seed: str) -> str:
+    return hashlib.sha256(seed.encode()).hexdigest()
+
+
+@pytest.fixture
+def raw(valkey_url: str) -> Iterator[redis.Redis[str]]:
+    client: redis.Redis[str] = redis.Redis.from_url(valkey_url, decode_responses=True)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def reg(valkey_url: str, raw: redis.Redis[str]) -> Iterator[AdapterRegistry]:
+    r = AdapterRegistry.from_url(valkey_url)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def _push(reg: AdapterRegistry, tenant: str, name: str, seed: str, rank: int = 8) -> int:
+    d = _digest(seed)
+    return reg.register(
+        tenant,
+        name,
+        digest=d,
+        object_key=f"adapters/{tenant}/{d}",
+        rank=rank,
+        lora_alpha=16.0,
+        target_modules=["q_proj", "v_proj"],
+        size_bytes=1234,
+        base_model="tiny-llama",
+    ).version
+
+
+def test_versions_active_pointer_and_refs(reg: AdapterRegistry) -> None:
+    assert _push(reg, "t_a", "chat", "one") == 1
+    assert _push(reg, "t_a", "chat", "two", rank=16) == 2
+    r = reg.resolve("t_a", "chat")
+    assert (r.name, r.version, r.digest, r.rank, r.size_bytes) == (
+        "chat",
+        2,
+        _digest("two"),
+        16,
+        1234,
+    )
+    assert r.object_key == f"adapters/t_a/{_digest('two')}"
+    assert reg.resolve("t_a", "chat@1").digest == _digest("one")
+    v1 = reg.get("t_a", "chat", 1)
+    assert not v1.active and v1.target_modules == ("q_proj", "v_proj") and v1.lora_alpha == 16.0
+    assert reg.get("t_a", "chat").active
+    listed = reg.list("t_a")
+    assert [(a.name, a.version, a.active) for a in listed] == [
+        ("chat", 1, False),
+        ("chat", 2, True),
+    ]
+
+    # Deleting the active version falls back to the newest remaining one.
+    gone = reg.delete("t_a", "chat", 2)
+    assert [v.version for v in gone.versions] == [2]
+    assert gone.freed_object_keys == (f"adapters/t_a/{_digest('two')}",)
+    assert reg.resolve("t_a", "chat").version == 1
+    # Numbers are never reused while the name exists.
+    assert _push(reg, "t_a", "chat", "three") == 3
+    with pytest.raises(NotFoundError):
+        reg.resolve("t_a", "chat@2")
+
+    # The same bytes under another name share the object: freed only with the last user.
+    _push(reg, "t_a", "copy", "one")
+    gone = reg.delete("t_a", "chat")
+    assert sorted(v.version for v in gone.versions) == [1, 3]
+    assert gone.freed_object_keys == (f"adapters/t_a/{_digest('three')}",)
+    gone = reg.delete("t_a", "copy")
+    assert gone.freed_object_keys == (f"adapters/t_a/{_digest('one')}",)
+    assert reg.list("t_a") == []
+    # A deleted name starts again at version 1.
+    assert _push(reg, "t_a", "chat", "four") == 1
+
+
+def test_nothing_is_left_after_deleting_everything(
+    reg: AdapterRegistry, raw: redis.Redis[str]
+) -> None:
+    _push(reg, "t_a", "x", "1")
+    _push(reg, "t_a", "x", "2")
+    _push(reg, "t_a", "y", "2")
+    reg.delete("t_a", "x", 1)
+    reg.delete("t_a", "x")
+    reg.delete("t_a", "y", 1)
+    assert raw.keys("*") == []
+
+
+def test_unknown_and_malformed_references(reg: AdapterRegistry) -> None:
+    _push(reg, "t_a", "chat", "one")
+    for ref in ("nope", "chat@2", "nope@1"):
+        with pytest.raises(NotFoundError) as nf:
+            reg.resolve("t_a", ref)
+        assert nf.value.field == "adapter" and nf.value.message == f"adapter {ref!r} not found"
+    for ref in ("", "a b", "chat@", "chat@0", "chat@x", "chat@-1", "chat@1@2", "x" * 65, "ch:at"):
+        with pytest.raises(InvalidRequest) as bad:
+            reg.resolve("t_a", ref)
+        assert bad.value.field == "adapter"
+    assert parse_adapter_ref("a.b-c_D@12") == ("a.b-c_D", 12)
+    with pytest.raises(InvalidRequest):
+        _push(reg, "t_a", "bad name", "x")
+    with pytest.raises(InvalidRequest):
+        _push(reg, "t:a", "chat", "x")
+    with pytest.raises(NotFoundError):
+        reg.delete("t_a", "chat", 9)
+    with pytest.raises(NotFoundError):
+        reg.delete("t_a", "other")
+
+
+def test_tenants_are_isolated(reg: AdapterRegistry) -> None:
+    """Tenant B and C see A's adapter exactly as they see a name nobody has."""
+    _push(reg, "t_a", "secret", "a1")
+    _push(reg, "t_b", "shared-name", "b1")
+    _push(reg, "t_c", "shared-name", "c1")
+    _push(reg, "t_c", "shared-name", "c2")
+    for other in ("t_b", "t_c"):
+        for ref in ("secret", "secret@1"):
+            with pytest.raises(NotFoundError) as theirs:
+                reg.resolve(other, ref)
+            with pytest.raises(NotFoundError) as nobodys:
+                reg.resolve(other, ref.replace("secret", "zzzzzz"))
+            assert theirs.value.message == nobodys.value.message.replace("zzzzzz", "secret")
+            assert theirs.value.field == nobodys.value.field
+        with pytest.raises(NotFoundError):
+            reg.delete(other, "secret")
+        assert all(a.name != "secret" for a in reg.list(other))
+    # The same name is independent per tenant.
+    assert reg.resolve("t_b", "shared-name").digest == _digest("b1")
+    assert reg.resolve("t_c", "shared-name").digest == _digest("c2")
+    assert reg.resolve("t_b", "shared-name").version == 1
+    reg.delete("t_c", "shared-name")
+    assert reg.resolve("t_b", "shared-name").version == 1
+    assert reg.resolve("t_a", "secret").version == 1
+
+
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["push", "delete-version", "delete-name"]),
+        st.sampled_from(["t_a", "t_b", "t_c"]),
+        st.sampled_from(["n1", "n2"]),
+        st.integers(1, 4),  # content seed for pushes, version for deletes
+    ),
+    max_size=20,
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=_OPS)
+def test_registry_matches_a_model(
+    reg: AdapterRegistry, raw: redis.Redis[str], ops: list[tuple[str, str, str, int]]
+) -> None:
+    raw.flushdb()
+    # model: (tenant, name) -> {"last": int, "versions": {v: seed}, "active": v}
+    model: dict[tuple[str, str], dict[str, object]] = {}
+    for op, tenant, name, n in ops:
+        entry = model.get((tenant, name))
+        if op == "push":
+            version = _push(reg, tenant, name, f"s{n}")
+            if entry is None:
+                entry = model[(tenant, name)] = {"last": 0, "versions": {}}
+            assert version == int(entry["last"]) + 1  # type: ignore[call-overload]
+            entry["last"] = version
+            entry["versions"][version] = n  # type: ignore[index]
+            entry["active"] = version
+        elif op == "delete-version":
+            if entry is None or n not in entry["versions"]:  # type: ignore[operator]
+                with pytest.raises(NotFoundError):
+                    reg.delete(tenant, name, n)
+                continue
+            reg.delete(tenant, name, n)
+            del entry["versions"][n]  # type: ignore[attr-defined]
+            if not entry["versions"]:
+                del model[(tenant, name)]
+            elif entry["active"] == n:
+                entry["active"] = max(entry["versions"])  # type: ignore[call-overload]
+        else:
+            if entry is None:
+                with pytest.raises(NotFoundError):
+                    reg.delete(tenant, name)
+                continue
+            reg.delete(tenant, name)
+            del model[(tenant, name)]
+    # Every tenant's view equals the model; refcounts equal the number of users per digest.
+    for tenant in ("t_a", "t_b", "t_c"):
+        want = sorted(
+            (name, v, _digest(f"s{seed}"), v == e["active"])
+            for (t, name), e in model.items()
+            if t == tenant
+            for v, seed in e["versions"].items()  # type: ignore[attr-defined]
+        )
+        got = [(a.name, a.version, a.digest, a.active) for a in reg.list(tenant)]
+        assert got == want
+        for name in ("n1", "n2"):
+            e = model.get((tenant, name))
+            if e is None:
+                with pytest.raises(NotFoundError):
+                    reg.resolve(tenant, name)
+            else:
+                assert reg.resolve(tenant, name).version == e["active"]
+        refs = {d: int(c) for d, c in raw.hgetall(keys.adapter_refs(tenant)).items()}
+        users: dict[str, int] = {}
+        for _, _, d, _ in want:
+            users[d] = users.get(d, 0) + 1
+        assert refs == users
+
+
+async def test_async_registry_and_unreachable_redis(valkey_url: str, raw: redis.Redis[str]) -> None:
+    areg = AsyncAdapterRegistry.from_url(valkey_url)
+    with trio.fail_after(10):
+        d = _digest("x")
+        v = await areg.register(
+            "t_a",
+            "n",
+            digest=d,
+            object_key=f"adapters/t_a/{d}",
+            rank=4,
+            lora_alpha=8,
+            target_modules=["q_proj"],
+            size_bytes=1,
+            base_model="m",
+        )
+        assert v.version == 1
+        assert (await areg.resolve("t_a", "n@1")).digest == d
+        assert [a.version for a in await areg.list("t_a")] == [1]
+        await areg.delete("t_a", "n")
+        await areg.aclose()
+    dead = AdapterRegistry.from_url("redis://127.0.0.1:1", socket_connect_timeout_s=0.5, retries=0)
+    with pytest.raises(UnavailableError):
+        dead.resolve("t_a", "n")

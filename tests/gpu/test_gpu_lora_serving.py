@@ -1,0 +1,262 @@
+"""Multi-LoRA serving against PEFT itself, on the tiny model (CPU, float32).
+
+Rules: every adapter is created and saved by PEFT (random non-zero B, or trained by a real
+optimizer step) and reaches the engine only through Vajra's path: validate (vajra.adapters) ->
+pack -> pool. The reference for a row is PEFT with that adapter alone (or the plain model for
+a base row), one prompt at a time; Vajra serves all rows in one mixed batch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from vajra.adapters import BaseModelSpec, base_model_spec
+from vajra.gpu import GenerationRequest, SamplingParams, StepOutput, TorchEngine
+from vajra.gpu.lora import pack_adapter_dir
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS: dict[str, dict[str, Any]] = {
+    "r4-qv": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "r64-all-rslora": {"r": 64, "lora_alpha": 16, "use_rslora": True, "target_modules": ALL},
+    "r16-mlp-patterns": {
+        "r": 16,
+        "lora_alpha": 32,
+        "target_modules": ["gate_proj", "up_proj", "down_proj"],
+        "rank_pattern": {"up_proj": 8},
+        "alpha_pattern": {"down_proj": 5},
+    },
+    "r32-attn-layer1": {
+        "r": 32,
+        "lora_alpha": 64,
+        "target_modules": ["q_proj", "k_proj", "o_proj"],
+        "layers_to_transform": [1],
+    },
+    "r8-all": {"r": 8, "lora_alpha": 4, "target_modules": ALL},
+}
+PROMPTS = [
+    "The river town woke slowly on the first cold morning of autumn.",
+    "Hi",
+    "12 + 30 = ",
+    "Servers answer requests; models predict the next word",
+    "Lamps were lit one by one along the water",
+    "zzqx wvv",
+    "He answered every letter, sometimes correctly, and always with a drawing.",
+]
+
+
+def make_adapter(model_dir: Path, out: Path, seed: int, **lora: Any) -> Path:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
+    with torch.no_grad():  # PEFT's own random init is small next to the tiny model's weights
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(4.0)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        name: make_adapter(tiny_model_dir, root / name, seed, **lora)
+        for seed, (name, lora) in enumerate(ADAPTERS.items(), start=1)
+    }
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_model_dir: Path) -> BaseModelSpec:
+    return base_model_spec(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def served(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], spec: BaseModelSpec
+) -> tuple[TorchEngine, dict[str, int]]:
+    engine = TorchEngine(tiny_model_dir, device="cpu", max_batch_size=8, max_adapters=12)
+    pool = engine.lora_pool
+    assert pool is not None
+    slots = {
+        name: pool.load(pack_adapter_dir(path, spec, pool.layout))
+        for name, path in adapter_dirs.items()
+    }
+    return engine, slots
+
+
+def peft_model(model_dir: Path, adapter_dir: Path | None) -> Any:
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if adapter_dir is None:
+        return model
+    return PeftModel.from_pretrained(model, adapter_dir).eval()
+
+
+def batch_logits(
+    engine: TorchEngine, prompts: Sequence[str], slots: Sequence[int | None]
+) -> list[torch.Tensor]:
+    """All positions' logits of every prompt, run as ONE left-padded mixed batch."""
+    ids = [engine.tokenizer(p).input_ids for p in prompts]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[0] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    assert engine.lora_state is not None
+    with torch.inference_mode(), engine.lora_state.rows(slots):
+        logits = engine._model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions
+        ).logits
+    return [logits[row, width - len(i) :] for row, i in enumerate(ids)]
+
+
+def test_mixed_batch_logits_equal_peft_per_adapter(
+    tiny_model_dir: Path,
+    adapter_dirs: dict[str, Path],
+    served: tuple[TorchEngine, dict[str, int]],
+) -> None:
+    engine, slots = served
+    names: list[str | None] = [*ADAPTERS, None, "r4-qv", None, "r64-all-rslora"]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
+    assert engine.lora_state is not None
+    base = peft_model(tiny_model_dir, None)
+    for mode in ("gather", "segmented"):
+        engine.lora_state.mode = mode
+        got = batch_logits(engine, prompts, [None if n is None else slots[n] for n in names])
+        for row, (name, prompt) in enumerate(zip(names, prompts, strict=True)):
+            ids = engine.tokenizer(prompt, return_tensors="pt").input_ids
+            reference = peft_model(tiny_model_dir, None if name is None else adapter_dirs[name])
+            with torch.inference_mode():
+                want = reference(ids).logits[0]
+                plain = base(ids).logits[0]
+            scale = want.abs().max()
+            assert (got[row] - want).abs().max() <= 1e-4 * scale, (mode, row, name)
+            if name is not None:  # the adapter matters, so equality above means something
+                assert (want - plain).abs().max() > 0.05 * scale, name
+    engine.lora_state.mode = "auto"
+
+
+def run(engine: TorchEngine, admit: dict[int, list[GenerationRequest]]) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = defaultdict(list)
+    finished: set[str] = set()
+    step = 0
+    while step <= max(admit) or engine.has_work():
+        outs: list[StepOutput] = engine.step(admit.get(step, []), [])
+        for out in outs:
+            assert out.error is None, out.error
+            tokens[out.request_id] += out.token_ids
+            if out.finished:
+                finished.add(out.request_id)
+        step += 1
+        assert step < 500
+    assert finished == set(tokens)
+    return tokens
+
+
+def peft_greedy(model: Any, tokenizer: Any, prompt: str, n: int) -> list[int]:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n
+        )
+    generated: list[int] = out[0, ids.shape[1] :].tolist()
+    return generated
+
+
+def test_greedy_generation_equals_peft_generate_token_for_token(
+    tiny_model_dir: Path,
+    adapter_dirs: dict[str, Path],
+    served: tuple[TorchEngine, dict[str, int]],
+) -> None:
+    engine, slots = served
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    names: list[str | None] = [None, *ADAPTERS, None, "r8-all", "r16-mlp-patterns", None]
+    lengths = [6, 12, 20, 9, 15, 4, 11, 8, 16, 10]
+    admit: dict[int, list[GenerationRequest]] = defaultdict(list)
+    for i, (name, n) in enumerate(zip(names, lengths, strict=True)):
+        slot = None if name is None else slots[name]
+        params = SamplingParams(max_tokens=n, temperature=0.0)
+        admit[(i * 3) % 7].append(GenerationRequest(f"r{i}", PROMPTS[i % 7], params, slot))
+    got = run(engine, admit)  # 8 rows at most: rows join and leave while others decode
+
+    base_tokens: dict[str, list[int]] = {}
+    for i, (name, n) in enumerate(zip(names, lengths, strict=True)):
+        model = peft_model(tiny_model_dir, None if name is None else adapter_dirs[name])
+        want = peft_greedy(model, tokenizer, PROMPTS[i % 7], n)
+        assert got[f"r{i}"] == want, (i, name)
+        base_tokens[f"r{i}"] = peft_greedy(
+            peft_model(tiny_model_dir, None), tokenizer, PROMPTS[i % 7], n
+        )
+    differing = [r for r in got if got[r] != base_tokens[r]]
+    assert len(differing) >= 5  # the adapters change what the model writes
+
+
+def test_adapter_trained_by_peft_is_served_unchanged(
+    tiny_model_dir: Path, tmp_path: Path, spec: BaseModelSpec
+) -> None:
+    torch.manual_seed(7)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+    trainee = get_peft_model(model, config)  # PEFT's default init: B = 0
+    trainee.train()
+    optimizer = torch.optim.AdamW([p for p in trainee.parameters() if p.requires_grad], lr=3e-2)
+    batch = tokenizer(
+        ["The river town woke slowly", "Servers answer requests"], padding=True, return_tensors="pt"
+    )
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    for _ in range(8):
+        loss = trainee(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trainee.save_pretrained(tmp_path)
+
+    engine = TorchEngine(tiny_model_dir, device="cpu", max_batch_size=4, max_adapters=4)
+    assert engine.lora_pool is not None
+    slot = engine.lora_pool.load(pack_adapter_dir(tmp_path, spec, engine.lora_pool.layout))
+    reference = peft_model(tiny_model_dir, tmp_path)
+    prompt = "The river town"
+    want = peft_greedy(reference, tokenizer, prompt, 12)
+    base = peft_greedy(peft_model(tiny_model_dir, None), tokenizer, prompt, 12)
+    assert want != base  # training changed the model
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    got = run(
+        engine,
+        {
+            0: [
+                GenerationRequest("tuned", prompt, params, slot),
+                GenerationRequest("base", prompt, params),
+            ]
+        },
+    )
+    assert got["tuned"] == want
+    assert got["base"] == base
+    logits = batch_logits(engine, [prompt], [slot])[0]
+    with torch.inference_mode():
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        expected = reference(ids).logits[0]
+    assert (logits - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_unknown_slot_is_refused(served: tuple[TorchEngine, dict[str, int]]) -> None:
+    engine, _ = served
+    assert engine.lora_pool is not None
+    free = next(s for s in range(engine.lora_pool.num_slots) if not engine.lora_pool.is_loaded(s))
+    request = GenerationRequest("x", "Hi", SamplingParams(max_tokens=2), free)
+    (out,) = engine.step([request], [])
+    assert out.finished and out.finish_reason == "error"
+    assert out.error is not None and out.error.field == "adapter"
+
+
+def test_engine_without_pool_refuses_adapter_rows(tiny_model_dir: Path) -> None:
+    engine = TorchEngine(tiny_model_dir, device="cpu")
+    assert engine.lora_pool is None
+    (out,) = engine.step([GenerationRequest("x", "Hi", SamplingParams(max_tokens=2), 0)], [])
+    assert out.finish_reason == "error" and out.error is not None
