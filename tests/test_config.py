@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,21 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_shipped_config_file_lists_exactly_the_defaults() -> None:
-    assert load_config(REPO / "config" / "vajra.toml", env={}) == VajraConfig()
+    path = REPO / "config" / "vajra.toml"
+    assert load_config(path, env={}) == VajraConfig()
+    listed = {
+        (section, key)
+        for section, values in tomllib.loads(path.read_text()).items()
+        for key in values
+    }
+    defaults = VajraConfig().to_dict()
+    every = {
+        (section, key)
+        for section, values in defaults.items()
+        for key, v in values.items()
+        if v is not None
+    }
+    assert listed == every, f"missing: {sorted(every - listed)}"
 
 
 def test_paper_system_parameters_are_the_defaults() -> None:

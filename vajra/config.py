@@ -95,6 +95,7 @@ class ExecutorConfig:
     drain_timeout_s: float = 5.0
     usage_resend_s: float = 2.0
     max_usage_outbox: int = 100_000
+    metrics_port: int = 0  # > 0: /metrics on 127.0.0.1 (exec-N of `vajra up` uses port + N)
 
 
 @dataclass(frozen=True)

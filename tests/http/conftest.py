@@ -17,6 +17,7 @@ from tests.e2e.harness import RunningCluster, start_cluster, stop_cluster
 
 ADMIN_KEY = "admin-secret-for-tests"
 MAX_TOKENS_LIMIT = 64
+MAX_ADAPTER_BYTES = 262_144
 CONFIG = f"""
 [gateway]
 max_prompt_chars = 2000
@@ -30,6 +31,9 @@ rate_limit_per_s = 2000.0
 rate_limit_burst = 2000
 max_concurrent_per_tenant = 1000
 max_body_bytes = 65536
+
+[adapters]
+max_adapter_bytes = {MAX_ADAPTER_BYTES}
 """
 
 _names = itertools.count()
@@ -84,3 +88,19 @@ def tenant(base_url: str) -> tuple[str, str]:
 @pytest.fixture(scope="session")
 def admin_key() -> str:
     return ADMIN_KEY
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A PEFT LoRA adapter (r=4 on q_proj and v_proj, random B) of the tiny model, as PEFT's
+    ``save_pretrained`` writes it: adapter_config.json, adapter_model.safetensors, README.md."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("adapter") / "tiny-lora"
+    torch.manual_seed(7)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, cfg).save_pretrained(out)
+    return out

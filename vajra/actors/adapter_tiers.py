@@ -215,6 +215,11 @@ class AdapterTiers:
         self._loading: dict[str, trio.Event] = {}
         self._failures: dict[str, VajraError] = {}
 
+    async def aclose(self) -> None:
+        """Release the object store's connections (bounded in time, even when cancelled)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+            await trio.to_thread.run_sync(self.store.close)
+
     # --- the request path -----------------------------------------------------------------
 
     async def acquire(self, digest: str, object_key: str) -> int:

@@ -90,6 +90,7 @@ class Executor:
         self.state = state
         self.executor_id = executor_id
         self.model = model or cfg.cluster.model
+
         self.incarnation = uuid.uuid4().hex[:12]
         self.counters: Counter[str] = Counter()
         self.engine: Engine | None = None
@@ -135,6 +136,10 @@ class Executor:
             self.ledger.connect(c.ledger_address)
             self.work_in.connect(c.scheduler_dispatch_address)
             self.tiers = self._build_tiers()
+            if self.ecfg.metrics_port > 0:
+                from vajra.actors.executor_metrics import serve_executor_metrics
+
+                serve_executor_metrics(self, self.ecfg.metrics_port)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._receive_work)
@@ -147,6 +152,8 @@ class Executor:
                 await self._hello()
                 task_status.started(self.executor_id)
         finally:
+            if self.tiers is not None:
+                await self.tiers.aclose()
             for s in (self.work_in, self.replies, self.ledger):
                 s.close()
             self._ctx.term()

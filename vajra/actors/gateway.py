@@ -18,7 +18,6 @@ requests in flight to be answered.
 
 from __future__ import annotations
 
-import functools
 import heapq
 import hmac
 import itertools
@@ -27,34 +26,22 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import trio
 import zmq
 
 from vajra.actors.base import error_frames, new_context, now_ms, stats_frames, wait_until
-from vajra.adapters.format import (
-    AdapterManifest,
-    InvalidAdapter,
-    base_model_spec,
-    validate_adapter,
-)
+from vajra.actors.gateway_adapters import AdapterDesk, AdapterOp
 from vajra.adapters.registry import (
-    AdapterVersion,
     AsyncAdapterRegistry,
     ResolvedAdapter,
-    check_adapter_name,
     not_found,
     parse_adapter_ref,
 )
 from vajra.bus.codec import DecodeError, decode, encode
 from vajra.bus.messages import (
-    AdapterDelete,
-    AdapterEntry,
-    AdapterList,
     AdapterPush,
-    AdapterReply,
     AdminReply,
     AdminRequest,
     ClusterStatusReply,
@@ -83,8 +70,7 @@ from vajra.errors import (
     VajraError,
 )
 from vajra.state import AsyncClusterState, TenantRecord
-from vajra.storage import ObjectStore, adapter_object_key, adapter_object_keys, open_store
-from vajra.storage.adapters import adelete_adapter_objects, aput_adapter_objects
+from vajra.storage import ObjectStore, open_store
 
 log = logging.getLogger("vajra.gateway")
 
@@ -93,7 +79,6 @@ _MAX_SEED = 2**63 - 1
 _MAX_QUERIES = 256  # tenant queries and admin requests in flight at once
 
 Query = WhoAmIRequest | UsageQuery | AdminRequest | ClusterStatusRequest
-AdapterOp = AdapterPush | AdapterList | AdapterDelete
 
 
 @dataclass(slots=True)
@@ -139,11 +124,7 @@ class Gateway:
             self.registry = AsyncAdapterRegistry.from_url(cfg.cluster.redis_url)
         self._owns_store = store is None
         self.store: ObjectStore = store if store is not None else open_store(cfg)
-        # (tenant_id, adapter name) -> {NAME or NAME@VERSION: (resolution or None, expiry)}
-        self._resolutions: dict[tuple[str, str], dict[str, tuple[ResolvedAdapter | None, float]]]
-        self._resolutions = {}
-        self._resolve_limiter = trio.CapacityLimiter(64)
-        self._validate_limiter = trio.CapacityLimiter(max(1, cfg.adapters.max_concurrent_pushes))
+        self.adapters = AdapterDesk(cfg, self.registry, self.store)
         self._pushes = 0
         self._adapter_ops = 0
         self._nursery: trio.Nursery | None = None
@@ -340,7 +321,7 @@ class Gateway:
             return
         resolved: ResolvedAdapter | None = None
         if req.adapter is not None:
-            hit = self._cached_resolution(tenant.tenant_id, req.adapter)
+            hit = self.adapters.cached(tenant.tenant_id, req.adapter)
             if hit is None:  # not cached: look it up off the hot path
                 assert self._nursery is not None
                 self._nursery.start_soon(self._resolve_then_dispatch, identity, req, tenant)
@@ -538,56 +519,18 @@ class Gateway:
 
     # --- adapters: resolution on the request path --------------------------------------------
 
-    def _cached_resolution(self, tenant_id: str, ref: str) -> tuple[ResolvedAdapter | None] | None:
-        """``(resolution,)`` (None inside: known not to exist) if cached and fresh, else None."""
-        name = ref.partition("@")[0]
-        entry = self._resolutions.get((tenant_id, name), {}).get(ref)
-        if entry is None or entry[1] <= time.monotonic():
-            return None
-        return (entry[0],)
-
-    def _cache_resolution(self, tenant_id: str, ref: str, value: ResolvedAdapter | None) -> None:
-        ttl = self.cfg.adapters.resolve_cache_ttl_s
-        if ttl <= 0:
-            return
-        if len(self._resolutions) > 100_000:
-            self._resolutions.clear()
-        name = ref.partition("@")[0]
-        self._resolutions.setdefault((tenant_id, name), {})[ref] = (
-            value,
-            time.monotonic() + (ttl if value is not None else ttl / 2),
-        )
-
-    def _forget_resolutions(self, tenant_id: str, name: str) -> None:
-        """After a push or delete through this gateway, its next lookups see the change."""
-        self._resolutions.pop((tenant_id, name), None)
-
     async def _resolve_then_dispatch(
         self, identity: bytes, req: InferRequest, tenant: TenantRecord
     ) -> None:
         """Resolve ``req.adapter`` for the tenant in Redis (a cache miss), then dispatch."""
         assert req.adapter is not None
-        resolved: ResolvedAdapter | None
         try:
-            if self.registry is None:
-                raise UnavailableError("the adapter registry is not configured")
-            async with self._resolve_limiter:
-                with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-                    resolved = await self.registry.resolve(tenant.tenant_id, req.adapter)
-        except NotFoundError:
-            resolved = None
-        except InvalidRequest as exc:
+            resolved = await self.adapters.resolve(tenant.tenant_id, req.adapter)
+        except VajraError as exc:
+            if not isinstance(exc, InvalidRequest):
+                log.warning("adapter lookup failed: %s", exc)
             await self._reply_error(identity, req.request_id, exc)
             return
-        except (VajraError, trio.TooSlowError) as exc:
-            log.warning("adapter lookup failed: %s", exc)
-            await self._reply_error(
-                identity,
-                req.request_id,
-                UnavailableError("the adapter registry is unreachable; retry"),
-            )
-            return
-        self._cache_resolution(tenant.tenant_id, req.adapter, resolved)
         if resolved is None:
             await self._reply_error(identity, req.request_id, not_found(req.adapter))
             return
@@ -629,7 +572,15 @@ class Gateway:
     ) -> None:
         reply: Message
         try:
-            reply = await self._adapter_op(msg, bulk)
+            if not msg.request_id or len(msg.request_id) > _MAX_ID_CHARS:
+                raise InvalidRequest(
+                    f"request_id must be 1..{_MAX_ID_CHARS} characters", field="request_id"
+                )
+            with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+                tenant = await self._tenant_of(msg.api_key)
+            if msg.tenant is not None and msg.tenant not in (tenant.tenant_id, tenant.name):
+                raise InvalidRequest(f"unknown tenant {msg.tenant!r}", field="tenant")
+            reply = await self.adapters.handle(tenant, msg, bulk)
         except VajraError as exc:
             await self._reply_error(identity, msg.request_id, exc)
             return
@@ -642,90 +593,6 @@ class Gateway:
             self._adapter_ops -= 1
             self._pushes -= is_push
         await self.frontend.send([identity, *encode(reply)])
-
-    async def _adapter_op(self, msg: AdapterOp, bulk: tuple[bytes, ...]) -> AdapterReply:
-        if not msg.request_id or len(msg.request_id) > _MAX_ID_CHARS:
-            raise InvalidRequest(
-                f"request_id must be 1..{_MAX_ID_CHARS} characters", field="request_id"
-            )
-        if self.registry is None:
-            raise UnavailableError("the adapter registry is not configured")
-        with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-            tenant = await self._tenant_of(msg.api_key)
-        if msg.tenant is not None and msg.tenant not in (tenant.tenant_id, tenant.name):
-            raise InvalidRequest(f"unknown tenant {msg.tenant!r}", field="tenant")
-        if isinstance(msg, AdapterList):
-            with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-                versions = await self.registry.list(tenant.tenant_id)
-            return AdapterReply(msg.request_id, [_entry(v) for v in versions])
-        if isinstance(msg, AdapterDelete):
-            return await self._delete_adapter(tenant, msg)
-        return await self._push_adapter(tenant, msg, bulk)
-
-    async def _delete_adapter(self, tenant: TenantRecord, msg: AdapterDelete) -> AdapterReply:
-        assert self.registry is not None
-        with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-            deletion = await self.registry.delete(tenant.tenant_id, msg.name, msg.version)
-        self._forget_resolutions(tenant.tenant_id, msg.name)
-        for object_key in deletion.freed_object_keys:
-            try:
-                await adelete_adapter_objects(self.store, object_key)
-            except VajraError as exc:  # the registry no longer points at it: garbage only
-                log.warning("could not delete adapter objects %s: %s", object_key, exc)
-        return AdapterReply(msg.request_id, [_entry(v) for v in deletion.versions])
-
-    async def _push_adapter(
-        self, tenant: TenantRecord, msg: AdapterPush, bulk: tuple[bytes, ...]
-    ) -> AdapterReply:
-        """Validate (in a worker thread), then store the files, then register the version.
-
-        Nothing is written anywhere until validation has passed, so a refused upload leaves
-        no trace. Files whose registration then fails stay in the store, unreferenced (the
-        same bytes pushed again reuse them).
-        """
-        assert self.registry is not None
-        check_adapter_name(msg.name)
-        config_json, weights = bulk
-        model = self.cfg.cluster.model
-        validate = functools.partial(
-            _validate_upload,
-            model,
-            config_json,
-            weights,
-            max_rank=self.cfg.adapters.max_rank,
-            max_bytes=self.cfg.adapters.max_adapter_bytes,
-        )
-        async with self._validate_limiter:
-            manifest = await trio.to_thread.run_sync(validate)
-        object_key = adapter_object_key(tenant.tenant_id, manifest.digest)
-        await aput_adapter_objects(self.store, object_key, config_json, weights)
-        with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-            version = await self.registry.register(
-                tenant.tenant_id,
-                msg.name,
-                digest=manifest.digest,
-                object_key=object_key,
-                rank=manifest.rank,
-                lora_alpha=manifest.lora_alpha,
-                target_modules=list(manifest.target_modules),
-                size_bytes=manifest.size_bytes,
-                base_model=Path(model).name,
-            )
-        # A concurrent delete of the last version holding the same bytes may have removed the
-        # files between our put and our registration: put them back if so.
-        if not await self.store.aexists(adapter_object_keys(object_key)[1]):
-            await aput_adapter_objects(self.store, object_key, config_json, weights)
-        self._forget_resolutions(tenant.tenant_id, msg.name)
-        self.counters["adapters_pushed"] += 1
-        log.info(
-            "tenant %s pushed adapter %s version %d (%s, %d bytes)",
-            tenant.tenant_id,
-            msg.name,
-            version.version,
-            manifest.digest[:12],
-            manifest.size_bytes,
-        )
-        return AdapterReply(msg.request_id, [_entry(version)])
 
     # --- executor and scheduler side --------------------------------------------------------
 
@@ -796,37 +663,3 @@ class Gateway:
 
     def snapshot(self) -> dict[str, Any]:
         return {"inflight": len(self._pending), **self.counters}
-
-
-def _entry(v: AdapterVersion) -> AdapterEntry:
-    return AdapterEntry(
-        name=v.name,
-        version=v.version,
-        digest=v.digest,
-        size_bytes=v.size_bytes,
-        rank=v.rank,
-        active=v.active,
-        lora_alpha=v.lora_alpha,
-        target_modules=list(v.target_modules),
-        created_ms=v.created_ms,
-    )
-
-
-def _validate_upload(
-    model: str, config_json: bytes, weights: bytes, *, max_rank: int, max_bytes: int
-) -> AdapterManifest:
-    """Validate an upload against the base model in ``model`` (runs in a worker thread).
-
-    Raises InvalidAdapter naming the problem, or UnavailableError when the gateway has no
-    readable base model.
-    """
-    size = len(config_json) + len(weights)
-    if size > max_bytes:  # refuse before even reading the base model
-        raise InvalidAdapter(f"adapter is {size} bytes; the limit is {max_bytes}")
-    try:
-        base = base_model_spec(Path(model))
-    except (OSError, ValueError, KeyError) as exc:
-        raise UnavailableError(
-            f"adapter uploads are unavailable: the base model at {model!r} cannot be read ({exc})"
-        ) from exc
-    return validate_adapter(config_json, weights, base, max_rank=max_rank, max_bytes=max_bytes)

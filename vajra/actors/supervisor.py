@@ -134,7 +134,8 @@ class Supervisor:
             ActorProcess("predictor", [*base, "predictor", *conf]),
             *(
                 ActorProcess(
-                    f"executor-{i}", [*base, "executor", *conf, "--executor-id", f"exec-{i}"]
+                    f"executor-{i}",
+                    [*base, "executor", *conf, "--executor-id", f"exec-{i}", *_metrics_arg(cfg, i)],
                 )
                 for i in range(self.n_executors)
             ),
@@ -268,3 +269,9 @@ async def _cancel_on_signal(scope: trio.CancelScope) -> None:
             print("vajra: stopping", flush=True)
             scope.cancel()
             return
+
+
+def _metrics_arg(cfg: VajraConfig, index: int) -> list[str]:
+    """Executor N of the cluster serves its metrics on ``executor.metrics_port + N``."""
+    port = cfg.executor.metrics_port
+    return ["--metrics-port", str(port + index)] if port > 0 else []

@@ -722,7 +722,15 @@ def create_app(ctx: BridgeContext) -> FastAPI:
         with ctx.pool.guard():
             adapters = await ctx.pool.client(key).list_adapters(timeout_s=10.0)
         if model_id == base:
-            one = {"version": 1, "ref": base, "active": True}
+            one = {
+                "version": 1,
+                "ref": base,
+                "active": True,
+                "digest": None,
+                "size_bytes": None,
+                "rank": None,
+                "created_ms": None,
+            }
             return _json({"model_id": base, "parent": None, "versions": [one]})
         found = matching(adapters, model_id)
         if not found:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import trio
 from fastapi import HTTPException
 
 from vajra.http._errors import ApiError, rate_limited
@@ -106,6 +107,21 @@ class TenantLimits:
         return 0 if b is None else b.inflight
 
 
+#: A refused body up to this size is read and dropped before the 413 is sent, so a client
+#: still sending it reads the answer instead of a reset connection; a larger one is not read
+#: (the connection is closed after the answer).
+DRAIN_MAX_BYTES = 4 << 20
+_DRAIN_TIMEOUT_S = 5.0
+
+
+async def _drain(receive: Receive) -> None:
+    with trio.move_on_after(_DRAIN_TIMEOUT_S):
+        while True:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+
+
 class BodyTooLarge(HTTPException):
     """Raised from ``receive`` when a body without a (truthful) Content-Length grows too big."""
 
@@ -151,6 +167,8 @@ class BodySizeLimit:
                         "payload_too_large",
                         f"the request body has {declared} bytes; the limit is {max_bytes}",
                     )
+                    if declared <= DRAIN_MAX_BYTES:
+                        await _drain(receive)
                     await self.render(err, scope.get("path", ""))(scope, receive, send)
                     return
         seen = 0

@@ -148,7 +148,7 @@ def _from_zip(data: bytes, max_bytes: int) -> AdapterFiles:
                 if info.is_dir():
                     c.entry(info.filename, 0)
                     continue
-                if mode and not stat.S_ISREG(mode):
+                if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
                     raise _bad(f"archive entry {info.filename!r} is a link or a special file")
                 if info.flag_bits & 0x1:
                     raise _bad(f"archive entry {info.filename!r} is encrypted")

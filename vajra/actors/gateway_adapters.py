@@ -1,0 +1,210 @@
+"""The gateway's adapter desk: push, list and delete of a tenant's adapters, and the
+resolution of ``NAME[@VERSION]`` on the request path.
+
+Uploads are validated (in a worker thread) before anything is stored; then the files go to the
+object store, then the version is registered in Redis, so a refused upload leaves no trace.
+Resolutions are cached per gateway for ``adapters.resolve_cache_ttl_s`` ("not found" for half
+of it); a push or delete through this gateway clears that name at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+
+import trio
+
+from vajra.adapters.format import AdapterManifest, InvalidAdapter, base_model_spec, validate_adapter
+from vajra.adapters.registry import (
+    AdapterVersion,
+    AsyncAdapterRegistry,
+    ResolvedAdapter,
+    check_adapter_name,
+)
+from vajra.bus.messages import AdapterDelete, AdapterEntry, AdapterList, AdapterPush, AdapterReply
+from vajra.config import VajraConfig
+from vajra.errors import NotFoundError, UnavailableError, VajraError
+from vajra.state import TenantRecord
+from vajra.storage import ObjectStore, adapter_object_key, adapter_object_keys
+from vajra.storage.adapters import adelete_adapter_objects, aput_adapter_objects
+
+log = logging.getLogger("vajra.gateway")
+
+AdapterOp = AdapterPush | AdapterList | AdapterDelete
+
+
+class AdapterDesk:
+    """Owns the gateway's registry and object-store work; raises VajraErrors, sends nothing."""
+
+    def __init__(
+        self, cfg: VajraConfig, registry: AsyncAdapterRegistry | None, store: ObjectStore
+    ) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.store = store
+        self._resolutions: dict[tuple[str, str], dict[str, tuple[ResolvedAdapter | None, float]]]
+        self._resolutions = {}
+        self._resolve_limiter = trio.CapacityLimiter(64)
+        self._validate_limiter = trio.CapacityLimiter(max(1, cfg.adapters.max_concurrent_pushes))
+        self.pushed = 0
+
+    # --- resolution on the request path ---------------------------------------------------
+
+    def cached(self, tenant_id: str, ref: str) -> tuple[ResolvedAdapter | None] | None:
+        """``(resolution,)`` (None inside: known not to exist) if cached and fresh, else None."""
+        name = ref.partition("@")[0]
+        entry = self._resolutions.get((tenant_id, name), {}).get(ref)
+        if entry is None or entry[1] <= time.monotonic():
+            return None
+        return (entry[0],)
+
+    def _cache(self, tenant_id: str, ref: str, value: ResolvedAdapter | None) -> None:
+        ttl = self.cfg.adapters.resolve_cache_ttl_s
+        if ttl <= 0:
+            return
+        if len(self._resolutions) > 100_000:
+            self._resolutions.clear()
+        name = ref.partition("@")[0]
+        self._resolutions.setdefault((tenant_id, name), {})[ref] = (
+            value,
+            time.monotonic() + (ttl if value is not None else ttl / 2),
+        )
+
+    def forget(self, tenant_id: str, name: str) -> None:
+        """After a push or delete through this gateway, its next lookups see the change."""
+        self._resolutions.pop((tenant_id, name), None)
+
+    async def resolve(self, tenant_id: str, ref: str) -> ResolvedAdapter | None:
+        """Look ``ref`` up in Redis (a cache miss); None when it does not exist for the tenant.
+
+        Raises InvalidRequest for a malformed ref, UnavailableError when Redis is unreachable.
+        """
+        resolved: ResolvedAdapter | None
+        try:
+            if self.registry is None:
+                raise UnavailableError("the adapter registry is not configured")
+            async with self._resolve_limiter:
+                with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+                    resolved = await self.registry.resolve(tenant_id, ref)
+        except NotFoundError:
+            resolved = None
+        except trio.TooSlowError:
+            raise UnavailableError("the adapter registry is unreachable; retry") from None
+        self._cache(tenant_id, ref, resolved)
+        return resolved
+
+    # --- push, list, delete ---------------------------------------------------------------
+
+    async def handle(
+        self, tenant: TenantRecord, msg: AdapterOp, bulk: tuple[bytes, ...]
+    ) -> AdapterReply:
+        if self.registry is None:
+            raise UnavailableError("the adapter registry is not configured")
+        if isinstance(msg, AdapterList):
+            with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+                versions = await self.registry.list(tenant.tenant_id)
+            return AdapterReply(msg.request_id, [_entry(v) for v in versions])
+        if isinstance(msg, AdapterDelete):
+            return await self._delete(tenant, msg)
+        return await self._push(tenant, msg, bulk)
+
+    async def _delete(self, tenant: TenantRecord, msg: AdapterDelete) -> AdapterReply:
+        assert self.registry is not None
+        with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+            deletion = await self.registry.delete(tenant.tenant_id, msg.name, msg.version)
+        self.forget(tenant.tenant_id, msg.name)
+        for object_key in deletion.freed_object_keys:
+            try:
+                await adelete_adapter_objects(self.store, object_key)
+            except VajraError as exc:  # the registry no longer points at it: garbage only
+                log.warning("could not delete adapter objects %s: %s", object_key, exc)
+        return AdapterReply(msg.request_id, [_entry(v) for v in deletion.versions])
+
+    async def _push(
+        self, tenant: TenantRecord, msg: AdapterPush, bulk: tuple[bytes, ...]
+    ) -> AdapterReply:
+        """Validate (in a worker thread), then store the files, then register the version.
+
+        Nothing is written anywhere until validation has passed, so a refused upload leaves
+        no trace. Files whose registration then fails stay in the store, unreferenced (the
+        same bytes pushed again reuse them).
+        """
+        assert self.registry is not None
+        check_adapter_name(msg.name)
+        config_json, weights = bulk
+        model = self.cfg.cluster.model
+        validate = functools.partial(
+            _validate_upload,
+            model,
+            config_json,
+            weights,
+            max_rank=self.cfg.adapters.max_rank,
+            max_bytes=self.cfg.adapters.max_adapter_bytes,
+        )
+        async with self._validate_limiter:
+            manifest = await trio.to_thread.run_sync(validate)
+        object_key = adapter_object_key(tenant.tenant_id, manifest.digest)
+        await aput_adapter_objects(self.store, object_key, config_json, weights)
+        with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+            version = await self.registry.register(
+                tenant.tenant_id,
+                msg.name,
+                digest=manifest.digest,
+                object_key=object_key,
+                rank=manifest.rank,
+                lora_alpha=manifest.lora_alpha,
+                target_modules=list(manifest.target_modules),
+                size_bytes=manifest.size_bytes,
+                base_model=Path(model).name,
+            )
+        # A concurrent delete of the last version holding the same bytes may have removed the
+        # files between our put and our registration: put them back if so.
+        if not await self.store.aexists(adapter_object_keys(object_key)[1]):
+            await aput_adapter_objects(self.store, object_key, config_json, weights)
+        self.forget(tenant.tenant_id, msg.name)
+        self.pushed += 1
+        log.info(
+            "tenant %s pushed adapter %s version %d (%s, %d bytes)",
+            tenant.tenant_id,
+            msg.name,
+            version.version,
+            manifest.digest[:12],
+            manifest.size_bytes,
+        )
+        return AdapterReply(msg.request_id, [_entry(version)])
+
+
+def _entry(v: AdapterVersion) -> AdapterEntry:
+    return AdapterEntry(
+        name=v.name,
+        version=v.version,
+        digest=v.digest,
+        size_bytes=v.size_bytes,
+        rank=v.rank,
+        active=v.active,
+        lora_alpha=v.lora_alpha,
+        target_modules=list(v.target_modules),
+        created_ms=v.created_ms,
+    )
+
+
+def _validate_upload(
+    model: str, config_json: bytes, weights: bytes, *, max_rank: int, max_bytes: int
+) -> AdapterManifest:
+    """Validate an upload against the base model in ``model`` (runs in a worker thread).
+
+    Raises InvalidAdapter naming the problem, or UnavailableError when the gateway has no
+    readable base model.
+    """
+    size = len(config_json) + len(weights)
+    if size > max_bytes:  # refuse before even reading the base model
+        raise InvalidAdapter(f"adapter is {size} bytes; the limit is {max_bytes}")
+    try:
+        base = base_model_spec(Path(model))
+    except (OSError, ValueError, KeyError) as exc:
+        raise UnavailableError(
+            f"adapter uploads are unavailable: the base model at {model!r} cannot be read ({exc})"
+        ) from exc
+    return validate_adapter(config_json, weights, base, max_rank=max_rank, max_bytes=max_bytes)
