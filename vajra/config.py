@@ -149,7 +149,7 @@ class PoliciesConfig:
 class HttpConfig:
     """The HTTP bridge (``vajra actor http``; ``vajra up`` starts it when ``enabled``)."""
 
-    enabled: bool = False
+    enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8080
     admin_key: str = ""

@@ -23,7 +23,7 @@ def cluster(
     c = start_cluster(
         tmp,
         tiny_model_dir,
-        config_text="[gateway]\nmax_prompt_chars = 2000\nmax_tokens_limit = 512\n",
+        config_text="[gateway]\nmax_prompt_chars = 2000\nmax_tokens_limit = 512\n[http]\nenabled = false\n",
     )
     try:
         yield c

@@ -190,7 +190,7 @@ class Executor:
         self._draining = True
         await self._send_load_report()
         with trio.move_on_after(self.ecfg.drain_timeout_s):
-            await wait_until(lambda: not (self._active or self._incoming))
+            await wait_until(lambda: not (self._active or self._incoming or self._adapter_waits))
         for queued in self._incoming:
             self._release(queued)
             await self._send_error(
@@ -434,9 +434,14 @@ class Executor:
         self._outbox[event.event_id] = (event, trio.current_time())
         self._usage_unsent.append(event)
 
-    def _send_usage(self) -> None:
-        """Send the usage of this step as one batch (what is not sent now, the resend loop sends)."""
-        if self._usage_unsent:
+    def _send_usage(self, *, force: bool = False) -> None:
+        """Send recorded usage as one batch once enough has gathered (or when ``force``).
+
+        Batches of up to 256 events keep the ledger's per-message costs low; the load-report
+        tick forces a flush, so usage reaches the ledger within a tenth of a second. What is
+        not sent (a full socket) stays in the outbox and the resend loop sends it.
+        """
+        if self._usage_unsent and (force or len(self._usage_unsent) >= 256):
             self.ledger.send_nowait(encode(UsageBatch(self._usage_unsent)))
             self._usage_unsent = []
 
@@ -500,6 +505,7 @@ class Executor:
         hello_every = max(1, round(self.ecfg.heartbeat_interval_s / every))
         for tick in itertools.count(1):
             await trio.sleep(every)
+            self._send_usage(force=True)
             await self._send_load_report()
             if tick % hello_every == 0:
                 await self._hello()

@@ -141,7 +141,11 @@ def _run_cluster_in_thread(
     home: Path,
 ) -> tuple[dict[str, Any], trio.lowlevel.TrioToken, threading.Thread]:
     env = {"VAJRA_HOME": str(home)}
-    cfg = load_config(env=env).replace("cluster", gateway_address=free_tcp_address())
+    cfg = (
+        load_config(env=env)
+        .replace("cluster", gateway_address=free_tcp_address())
+        .replace("http", enabled=False)  # the bridge is not on this path; keep its CPU out
+    )
     sup = Supervisor(cfg, executors=1, model="null")
     ready: dict[str, Any] = {}
     started = threading.Event()

@@ -22,6 +22,7 @@ trimmed; rows joining are left-padded to a common width and concatenated.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -39,6 +40,8 @@ from vajra.errors import InternalError, InvalidRequest, VajraError
 from vajra.gpu.lora import LoraBatchState, LoraPool, inject_lora
 from vajra.gpu.model import load_model
 from vajra.gpu.sampling import SamplingParams, make_generator, sample_next_tokens
+
+_COMPUTE_STREAMS = 4  # CUDA streams the batches rotate through
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +246,14 @@ class TorchEngine:
         self.tokenizer: Any = loaded.tokenizer
         self._model: Any = loaded.model
         self._device = loaded.device
+        # On CUDA each batch's forward runs on the next stream of a small pool; adapter copies
+        # run on the pool's copy stream, and the batch's stream waits on their events.
+        self._streams = (
+            [torch.cuda.Stream(self._device) for _ in range(_COMPUTE_STREAMS)]  # type: ignore[no-untyped-call]
+            if self._device.type == "cuda"
+            else []
+        )
+        self._next_stream = 0
         self._eos = loaded.eos_token_ids
         pad = self.tokenizer.pad_token_id
         self._pad_id: int = pad if pad is not None else 0
@@ -288,26 +299,39 @@ class TorchEngine:
         cache: DynamicCache,
         adapter_slots: Sequence[int | None] | None = None,  # [rows]: each row's pool slot
     ) -> tuple[torch.Tensor, float]:
-        """The one model call: the logits at each row's last position [rows, vocab], and ms."""
+        """The one model call: the logits at each row's last position [rows, vocab], and ms.
+
+        On CUDA it runs on a stream from the engine's pool and ends with a device
+        synchronisation (which also times it), so the next batch may use any stream.
+        """
         start = time.perf_counter()
-        if self.lora_state is not None and any(s is not None for s in adapter_slots or ()):
-            self.lora_state.set_rows(adapter_slots or ())
-        try:
-            out = self._model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        finally:
-            if self.lora_state is not None:
-                self.lora_state.clear()
+        with self._compute_stream():
+            if self.lora_state is not None and any(s is not None for s in adapter_slots or ()):
+                self.lora_state.set_rows(adapter_slots or ())  # waits for the slots' copies
+            try:
+                out = self._model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            finally:
+                if self.lora_state is not None:
+                    self.lora_state.clear()
         logits: torch.Tensor = out.logits[:, -1, :]
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
         return logits, (time.perf_counter() - start) * 1000.0
+
+    def _compute_stream(self) -> contextlib.AbstractContextManager[Any]:
+        """The next stream of the pool on CUDA; nothing on the CPU."""
+        if not self._streams:
+            return contextlib.nullcontext()
+        stream = self._streams[self._next_stream]
+        self._next_stream = (self._next_stream + 1) % len(self._streams)
+        return torch.cuda.stream(stream)
 
     def _decode(self, batch: _Batch) -> list[StepOutput]:
         try:
