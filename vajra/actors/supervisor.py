@@ -183,7 +183,11 @@ class Supervisor:
             actor.exited = trio.Event()
             started = trio.current_time()
             try:
-                actor.process = await trio.lowlevel.open_process(actor.argv, env=env)
+                # Own session: a Ctrl-C in the terminal reaches only the supervisor, which then
+                # stops the actors in order (gateway first, ledger last).
+                actor.process = await trio.lowlevel.open_process(
+                    actor.argv, env=env, start_new_session=True
+                )
                 await actor.process.wait()
             finally:
                 actor.exited.set()
