@@ -71,9 +71,13 @@ def cmd_actor(args: argparse.Namespace) -> int:
     from vajra.actors import run_actor_process
 
     cfg = _config(args)
-    if args.metrics_port is not None:
-        cfg = cfg.replace("executor", metrics_port=args.metrics_port)
-    return run_actor_process(args.name, cfg, executor_id=args.executor_id, model=args.model)
+    return run_actor_process(
+        args.name,
+        cfg,
+        executor_id=args.executor_id,
+        model=args.model,
+        metrics_port=args.metrics_port,
+    )
 
 
 def cmd_tenant(args: argparse.Namespace) -> int:
@@ -260,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     actor.add_argument("--executor-id", default="exec-0")
     actor.add_argument("--model", help="override the model directory (executor)")
-    actor.add_argument("--metrics-port", type=int, help="executor: serve /metrics on this port")
+    actor.add_argument("--metrics-port", type=int, help="serve /metrics on 127.0.0.1:PORT")
     actor.set_defaults(func=cmd_actor)
 
     tenant = with_config(sub.add_parser("tenant", help="manage tenants and API keys"))

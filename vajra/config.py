@@ -38,6 +38,7 @@ class ClusterConfig:
     scheduler_dispatch_address: str = "tcp://127.0.0.1:5558"
     events_address: str = "tcp://127.0.0.1:5559"
     ledger_address: str = "tcp://127.0.0.1:5560"
+    metrics_port: int = 0  # > 0: `vajra up` gives each actor a /metrics port from here up
 
     @property
     def home_path(self) -> Path:
@@ -95,7 +96,6 @@ class ExecutorConfig:
     drain_timeout_s: float = 5.0
     usage_resend_s: float = 2.0
     max_usage_outbox: int = 100_000
-    metrics_port: int = 0  # > 0: /metrics on 127.0.0.1 (exec-N of `vajra up` uses port + N)
 
 
 @dataclass(frozen=True)

@@ -318,12 +318,12 @@ def _check_metrics(executor: Executor) -> None:
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from vajra.actors.executor_metrics import serve_executor_metrics
+    from vajra.actors.metrics import serve_actor_metrics
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve_executor_metrics(executor, port)
+    serve_actor_metrics(executor, port)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     samples = {
         (s.name, s.labels.get("tier"), s.labels.get("le")): s.value
@@ -338,3 +338,10 @@ def _check_metrics(executor: Executor) -> None:
     assert samples[("vajra_adapter_tier_hits_total", "gpu", None)] >= 1
     assert samples[("vajra_adapter_load_seconds_count", "gpu", None)] >= 3
     assert samples[("vajra_executor_resident_adapters", None, None)] >= 1
+    events = {
+        s.labels["event"]: s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "vajra_actor_events_total"
+    }
+    assert events["tier_promote"] == 1

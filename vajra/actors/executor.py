@@ -136,10 +136,6 @@ class Executor:
             self.ledger.connect(c.ledger_address)
             self.work_in.connect(c.scheduler_dispatch_address)
             self.tiers = self._build_tiers()
-            if self.ecfg.metrics_port > 0:
-                from vajra.actors.executor_metrics import serve_executor_metrics
-
-                serve_executor_metrics(self, self.ecfg.metrics_port)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._receive_work)

@@ -54,7 +54,12 @@ def build_actor(
 
 
 def run_actor_process(
-    name: str, cfg: VajraConfig, *, executor_id: str = "exec-0", model: str | None = None
+    name: str,
+    cfg: VajraConfig,
+    *,
+    executor_id: str = "exec-0",
+    model: str | None = None,
+    metrics_port: int | None = None,
 ) -> int:
     """Entry point of ``vajra actor``: returns the process exit code."""
     configure_logging(name if name != "executor" else executor_id)
@@ -63,6 +68,10 @@ def run_actor_process(
         state = AsyncClusterState.from_url(cfg.cluster.redis_url) if cfg.cluster.redis_url else None
         try:
             actor = build_actor(name, cfg, state, executor_id=executor_id, model=model)
+            if metrics_port:
+                from vajra.actors.metrics import serve_actor_metrics
+
+                serve_actor_metrics(actor, metrics_port)
             await serve_until_signalled(actor)
         finally:
             if state is not None:

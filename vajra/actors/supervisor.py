@@ -28,6 +28,9 @@ log = logging.getLogger("vajra.supervisor")
 
 CLUSTER_FILE = "cluster.json"
 _STOP_BUDGET_S = 9.0
+#: Metrics ports from ``cluster.metrics_port`` (see vajra/actors/metrics.py); exec-N: 10 + N.
+PORT_OFFSETS = {"gateway": 0, "scheduler": 1, "predictor": 2, "ledger": 3}
+EXECUTOR_PORT_OFFSET = 10
 _MAX_BACKOFF_S = 5.0
 
 
@@ -129,17 +132,34 @@ class Supervisor:
         base = [sys.executable, "-m", "vajra", "actor"]
         conf = ["--config", str(config_path)]
         self.actors = [
-            ActorProcess("ledger", [*base, "ledger", *conf]),
-            ActorProcess("scheduler", [*base, "scheduler", *conf]),
-            ActorProcess("predictor", [*base, "predictor", *conf]),
+            ActorProcess(
+                "ledger", [*base, "ledger", *conf, *_metrics_arg(cfg, PORT_OFFSETS["ledger"])]
+            ),
+            ActorProcess(
+                "scheduler",
+                [*base, "scheduler", *conf, *_metrics_arg(cfg, PORT_OFFSETS["scheduler"])],
+            ),
+            ActorProcess(
+                "predictor",
+                [*base, "predictor", *conf, *_metrics_arg(cfg, PORT_OFFSETS["predictor"])],
+            ),
             *(
                 ActorProcess(
                     f"executor-{i}",
-                    [*base, "executor", *conf, "--executor-id", f"exec-{i}", *_metrics_arg(cfg, i)],
+                    [
+                        *base,
+                        "executor",
+                        *conf,
+                        "--executor-id",
+                        f"exec-{i}",
+                        *_metrics_arg(cfg, EXECUTOR_PORT_OFFSET + i),
+                    ],
                 )
                 for i in range(self.n_executors)
             ),
-            ActorProcess("gateway", [*base, "gateway", *conf]),
+            ActorProcess(
+                "gateway", [*base, "gateway", *conf, *_metrics_arg(cfg, PORT_OFFSETS["gateway"])]
+            ),
         ]
         if cfg.http.enabled:
             self.actors.append(ActorProcess("http", [*base, "http", *conf]))
@@ -275,7 +295,7 @@ async def _cancel_on_signal(scope: trio.CancelScope) -> None:
             return
 
 
-def _metrics_arg(cfg: VajraConfig, index: int) -> list[str]:
-    """Executor N of the cluster serves its metrics on ``executor.metrics_port + N``."""
-    port = cfg.executor.metrics_port
-    return ["--metrics-port", str(port + index)] if port > 0 else []
+def _metrics_arg(cfg: VajraConfig, offset: int) -> list[str]:
+    """``--metrics-port`` for the actor at ``offset`` from ``cluster.metrics_port`` (if set)."""
+    port = cfg.cluster.metrics_port
+    return ["--metrics-port", str(port + offset)] if port > 0 else []

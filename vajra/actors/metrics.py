@@ -1,9 +1,11 @@
-"""The executor's own Prometheus endpoint: adapter tiers, queue and batch, read at scrape time.
+"""Each actor's own Prometheus endpoint, read at scrape time.
 
-``executor.metrics_port`` > 0 serves ``/metrics`` on 127.0.0.1 (executor ``exec-N`` of a
-``vajra up`` cluster listens on ``metrics_port + N``). The HTTP server is prometheus_client's
-own, in a daemon thread, so scrapes never touch the Trio loop; values are read from the
-executor's counters when scraped.
+``vajra actor NAME --metrics-port P`` serves ``/metrics`` on 127.0.0.1:P. Under ``vajra up``,
+``cluster.metrics_port`` > 0 gives each actor its port: gateway +0, scheduler +1, predictor +2,
+ledger +3, executor ``exec-N`` +10+N (the HTTP bridge has its own ``/metrics``). Every actor
+exports its counters as ``vajra_actor_events_total{actor, event}``; the executor adds its
+queue, batch and adapter tiers. The server is prometheus_client's own, in a daemon thread, so
+scrapes never touch the Trio loop.
 """
 
 from __future__ import annotations
@@ -23,7 +25,24 @@ from prometheus_client.registry import Collector
 from vajra.actors.adapter_tiers import LOAD_MS_BUCKETS, TIERS
 
 if TYPE_CHECKING:
+    from vajra.actors.base import Actor
     from vajra.actors.executor import Executor
+
+
+class CountersCollector(Collector):
+    """An actor's ``counters`` (a Counter of event name -> count), as one labelled family."""
+
+    def __init__(self, actor: Actor) -> None:
+        self.actor = actor
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "vajra_actor_events", "Events counted by an actor", labels=["actor", "event"]
+        )
+        name = getattr(self.actor, "executor_id", self.actor.name)
+        for event, count in list(getattr(self.actor, "counters", {}).items()):
+            family.add_metric([name, event], count)
+        yield family
 
 
 class ExecutorCollector(Collector):
@@ -97,9 +116,13 @@ class ExecutorCollector(Collector):
         yield load
 
 
-def serve_executor_metrics(executor: Executor, port: int) -> CollectorRegistry:
-    """Start the endpoint on 127.0.0.1:``port`` (a daemon thread); returns its registry."""
+def serve_actor_metrics(actor: Actor, port: int) -> CollectorRegistry:
+    """Start ``actor``'s endpoint on 127.0.0.1:``port`` (a daemon thread); returns its registry."""
+    from vajra.actors.executor import Executor
+
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ExecutorCollector(executor))
+    registry.register(CountersCollector(actor))
+    if isinstance(actor, Executor):
+        registry.register(ExecutorCollector(actor))
     start_http_server(port, addr="127.0.0.1", registry=registry)
     return registry
