@@ -283,3 +283,25 @@ async def test_executor_drain_finishes_and_refuses_new_work(
             assert isinstance(msg, ErrorReply) and msg.code == "timeout"
             nursery.cancel_scope.cancel()
     ctx.destroy(linger=0)
+
+
+async def test_gateway_turns_a_slow_or_failing_answer_into_a_typed_error(
+    cfg: VajraConfig, astate: AsyncClusterState
+) -> None:
+    gateway = Gateway(cfg, astate)
+
+    async def never() -> InferResult:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def refuses() -> InferResult:
+        raise AuthError("invalid API key")
+
+    with trio.fail_after(10):
+        await gateway._reply_with(b"nobody", "r1", never(), timeout_s=0.05)
+        await gateway._reply_with(b"nobody", "r2", refuses())
+    assert gateway.counters["error_unavailable"] == 1
+    assert gateway.counters["error_auth_failed"] == 1
+    gateway.frontend.close()
+    gateway.backend.close()
+    gateway.scheduler.close()

@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -419,20 +420,33 @@ class Gateway:
 
     async def _on_query(self, identity: bytes, msg: Query) -> None:
         """Answer one query or admin request; Redis is reached in a worker thread, bounded."""
-        reply: Message
         try:
-            with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-                reply = await self._answer(msg)
+            await self._reply_with(
+                identity, msg.request_id, self._answer(msg), timeout_s=self.cfg.bus.rpc_timeout_s
+            )
+        finally:
+            self._queries -= 1
+
+    async def _reply_with(
+        self,
+        identity: bytes,
+        request_id: str,
+        answer: Coroutine[Any, Any, Message],
+        *,
+        timeout_s: float = math.inf,
+    ) -> None:
+        """Send ``answer``'s reply, or the typed error it raised (a timeout: unavailable)."""
+        try:
+            with trio.fail_after(timeout_s):
+                reply = await answer
         except VajraError as exc:
-            await self._reply_error(identity, msg.request_id, exc)
+            await self._reply_error(identity, request_id, exc)
             return
         except trio.TooSlowError:
             await self._reply_error(
-                identity, msg.request_id, UnavailableError("cluster state is unreachable; retry")
+                identity, request_id, UnavailableError("cluster state is unreachable; retry")
             )
             return
-        finally:
-            self._queries -= 1
         await self.frontend.send([identity, *encode(reply)])
 
     async def _tenant_of(self, api_key: str) -> TenantRecord:
@@ -570,29 +584,22 @@ class Gateway:
     async def _run_adapter_op(
         self, identity: bytes, msg: AdapterOp, bulk: tuple[bytes, ...], is_push: bool
     ) -> None:
-        reply: Message
         try:
-            if not msg.request_id or len(msg.request_id) > _MAX_ID_CHARS:
-                raise InvalidRequest(
-                    f"request_id must be 1..{_MAX_ID_CHARS} characters", field="request_id"
-                )
-            with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-                tenant = await self._tenant_of(msg.api_key)
-            if msg.tenant is not None and msg.tenant not in (tenant.tenant_id, tenant.name):
-                raise InvalidRequest(f"unknown tenant {msg.tenant!r}", field="tenant")
-            reply = await self.adapters.handle(tenant, msg, bulk)
-        except VajraError as exc:
-            await self._reply_error(identity, msg.request_id, exc)
-            return
-        except trio.TooSlowError:
-            await self._reply_error(
-                identity, msg.request_id, UnavailableError("cluster state is unreachable; retry")
-            )
-            return
+            await self._reply_with(identity, msg.request_id, self._adapter_op(msg, bulk))
         finally:
             self._adapter_ops -= 1
             self._pushes -= is_push
-        await self.frontend.send([identity, *encode(reply)])
+
+    async def _adapter_op(self, msg: AdapterOp, bulk: tuple[bytes, ...]) -> Message:
+        if not msg.request_id or len(msg.request_id) > _MAX_ID_CHARS:
+            raise InvalidRequest(
+                f"request_id must be 1..{_MAX_ID_CHARS} characters", field="request_id"
+            )
+        with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+            tenant = await self._tenant_of(msg.api_key)
+        if msg.tenant is not None and msg.tenant not in (tenant.tenant_id, tenant.name):
+            raise InvalidRequest(f"unknown tenant {msg.tenant!r}", field="tenant")
+        return await self.adapters.handle(tenant, msg, bulk)
 
     # --- executor and scheduler side --------------------------------------------------------
 
