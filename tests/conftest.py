@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from vajra.gpu.tiny import init_tiny_model
 from vajra.state import EmbeddedValkey
@@ -28,3 +29,14 @@ def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small random-weight Llama and trained tokenizer, written as a real model directory."""
     return init_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", seed=0)
+
+
+@pytest.fixture
+def raw(valkey_url: str) -> Iterator[redis.Redis[str]]:
+    """A plain client on a freshly flushed database, for looking behind the API."""
+    client: redis.Redis[str] = redis.Redis.from_url(valkey_url, decode_responses=True)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.close()

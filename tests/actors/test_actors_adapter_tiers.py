@@ -31,7 +31,13 @@ from vajra.bus.messages import (
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
 from vajra.state import AsyncClusterState
-from vajra.storage import LocalObjectStore, adapter_object_key, put_adapter_objects
+from vajra.storage import (
+    LocalObjectStore,
+    ObjectStore,
+    adapter_object_key,
+    open_store,
+    put_adapter_objects,
+)
 
 TENANT = "t_tiers"
 
@@ -100,15 +106,34 @@ def cfg(tmp_path: Path, valkey_url: str, tiny_model_dir: Path) -> VajraConfig:
     )
 
 
-def _store(cfg: VajraConfig, adapter: Path, model_dir: Path) -> tuple[str, str]:
+def _store(store: ObjectStore, adapter: Path, model_dir: Path) -> tuple[str, str]:
+    """Put a PEFT adapter directory into ``store``; returns its (digest, object key)."""
     config = (adapter / "adapter_config.json").read_bytes()
     weights = (adapter / "adapter_model.safetensors").read_bytes()
     manifest = validate_adapter(
         config, weights, base_model_spec(model_dir), max_rank=64, max_bytes=1 << 30
     )
     key = adapter_object_key(TENANT, manifest.digest)
-    put_adapter_objects(LocalObjectStore(cfg.storage.local_dir), key, config, weights)
+    put_adapter_objects(store, key, config, weights)
     return manifest.digest, key
+
+
+async def _start_executor(
+    nursery: trio.Nursery,
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    cfg: VajraConfig,
+    state: AsyncClusterState,
+    executor_id: str,
+) -> tuple[Executor, ZSocket, ZSocket]:
+    """An executor with raw sockets standing in for the scheduler (dispatch) and the gateway."""
+    dispatch = open_socket(ctx, zmq.ROUTER, handover=True)
+    dispatch.bind(cfg.cluster.scheduler_dispatch_address)
+    replies = open_socket(ctx, zmq.ROUTER, handover=True)
+    replies.bind(cfg.cluster.gateway_backend_address)
+    executor = Executor(cfg, state, executor_id=executor_id)
+    await nursery.start(executor.run)
+    assert isinstance(decode((await dispatch.recv())[1:]).message, ExecutorHello)
+    return executor, dispatch, replies
 
 
 def _work(
@@ -156,7 +181,8 @@ async def test_mixed_adapters_match_peft_and_move_through_the_tiers(
     adapters: list[Path],
     ctx: zmq.Context[zmq.Socket[bytes]],
 ) -> None:
-    (da, ka), (db, kb) = (_store(cfg, a, tiny_model_dir) for a in adapters)
+    store = LocalObjectStore(cfg.storage.local_dir)
+    (da, ka), (db, kb) = (_store(store, a, tiny_model_dir) for a in adapters)
     prompt, n = "Once upon a time", 8
     want = {
         "base": _reference(tiny_model_dir, None, prompt, n),
@@ -167,13 +193,7 @@ async def test_mixed_adapters_match_peft_and_move_through_the_tiers(
     state = AsyncClusterState.from_url(valkey_url)
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
-            dispatch = open_socket(ctx, zmq.ROUTER, handover=True)
-            dispatch.bind(cfg.cluster.scheduler_dispatch_address)
-            replies = open_socket(ctx, zmq.ROUTER, handover=True)
-            replies.bind(cfg.cluster.gateway_backend_address)
-            executor = Executor(cfg, state, executor_id="exec-t")
-            await nursery.start(executor.run)
-            assert isinstance(decode((await dispatch.recv())[1:]).message, ExecutorHello)
+            executor, dispatch, replies = await _start_executor(nursery, ctx, cfg, state, "exec-t")
             tiers = executor.tiers
             assert tiers is not None
 
@@ -265,30 +285,12 @@ async def test_executor_keeps_serving_held_adapters_when_s3_dies(
             s3_op_timeout_s=5.0,
             s3_max_attempts=1,
         )
-        from vajra.storage import open_store
-
-        keys = []
         with open_store(cfg) as store:
-            for a in adapters:
-                config = (a / "adapter_config.json").read_bytes()
-                weights = (a / "adapter_model.safetensors").read_bytes()
-                m = validate_adapter(
-                    config, weights, base_model_spec(tiny_model_dir), max_rank=64, max_bytes=1 << 30
-                )
-                key = adapter_object_key(TENANT, m.digest)
-                put_adapter_objects(store, key, config, weights)
-                keys.append((m.digest, key))
-        (da, ka), (db, kb) = keys
+            (da, ka), (db, kb) = (_store(store, a, tiny_model_dir) for a in adapters)
         state = AsyncClusterState.from_url(valkey_url)
         with trio.fail_after(120):
             async with trio.open_nursery() as nursery:
-                dispatch = open_socket(ctx, zmq.ROUTER, handover=True)
-                dispatch.bind(cfg.cluster.scheduler_dispatch_address)
-                replies = open_socket(ctx, zmq.ROUTER, handover=True)
-                replies.bind(cfg.cluster.gateway_backend_address)
-                executor = Executor(cfg, state, executor_id="exec-s3")
-                await nursery.start(executor.run)
-                await dispatch.recv()  # hello
+                _, dispatch, replies = await _start_executor(nursery, ctx, cfg, state, "exec-s3")
                 await dispatch.send([b"exec-s3", *encode(_work("a1", "hello", 4, da, ka))])
                 first = (await _collect(replies, 1))["a1"]
                 assert isinstance(first, InferResult)

@@ -7,7 +7,7 @@ misbehave (a silent executor, a dead ledger) are played by raw sockets.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -65,15 +65,7 @@ def cfg(tmp_path: Path, valkey_url: str) -> VajraConfig:
 
 
 @pytest.fixture
-def flushed(valkey_url: str) -> Iterator[None]:
-    r: redis.Redis[str] = redis.Redis.from_url(valkey_url)
-    r.flushdb()
-    r.close()
-    yield
-
-
-@pytest.fixture
-async def astate(valkey_url: str, flushed: None) -> AsyncIterator[AsyncClusterState]:
+async def astate(valkey_url: str, raw: redis.Redis[str]) -> AsyncIterator[AsyncClusterState]:
     s = AsyncClusterState.from_url(valkey_url)
     yield s
     await s.aclose()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import pickle
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,16 +68,6 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             tiny_model_dir, root / "r16", 3, r=16, lora_alpha=16, target_modules=["q_proj"]
         ),
     )
-
-
-@pytest.fixture
-def raw(valkey_url: str) -> Iterator[redis.Redis[str]]:
-    client: redis.Redis[str] = redis.Redis.from_url(valkey_url, decode_responses=True)
-    client.flushdb()
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 @pytest.fixture

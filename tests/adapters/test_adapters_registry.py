@@ -30,16 +30,6 @@ def _digest(seed: str) -> str:
 
 
 @pytest.fixture
-def raw(valkey_url: str) -> Iterator[redis.Redis[str]]:
-    client: redis.Redis[str] = redis.Redis.from_url(valkey_url, decode_responses=True)
-    client.flushdb()
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-@pytest.fixture
 def reg(valkey_url: str, raw: redis.Redis[str]) -> Iterator[AdapterRegistry]:
     r = AdapterRegistry.from_url(valkey_url)
     try:

@@ -16,17 +16,6 @@ from vajra.state import ClusterState, EmbeddedValkey
 
 
 @pytest.fixture
-def raw(valkey_url: str) -> Iterator[redis.Redis[str]]:
-    """A plain client on a freshly flushed database, for looking behind the API."""
-    client: redis.Redis[str] = redis.Redis.from_url(valkey_url, decode_responses=True)
-    client.flushdb()
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-@pytest.fixture
 def state(valkey_url: str, raw: redis.Redis[str]) -> Iterator[ClusterState]:
     with ClusterState(valkey_url) as cs:
         yield cs
