@@ -17,6 +17,7 @@ import zmq
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.actors.inbox import Inbox
 from vajra.actors.base import now_ms, wait_until
 from vajra.actors.executor import Executor
 from vajra.adapters.format import base_model_spec, validate_adapter
@@ -124,7 +125,7 @@ async def _start_executor(
     cfg: VajraConfig,
     state: AsyncClusterState,
     executor_id: str,
-) -> tuple[Executor, ZSocket, ZSocket]:
+) -> tuple[Executor, ZSocket, Inbox]:
     """An executor with raw sockets standing in for the scheduler (dispatch) and the gateway."""
     dispatch = open_socket(ctx, zmq.ROUTER, handover=True)
     dispatch.bind(cfg.cluster.scheduler_dispatch_address)
@@ -133,7 +134,7 @@ async def _start_executor(
     executor = Executor(cfg, state, executor_id=executor_id)
     await nursery.start(executor.run)
     assert isinstance(decode((await dispatch.recv())[1:]).message, ExecutorHello)
-    return executor, dispatch, replies
+    return executor, dispatch, Inbox(replies, routed=True)
 
 
 def _work(
@@ -165,10 +166,10 @@ def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
     c.destroy(linger=0)
 
 
-async def _collect(replies: ZSocket, n: int) -> dict[str, InferResult | ErrorReply]:
+async def _collect(replies: Inbox, n: int) -> dict[str, InferResult | ErrorReply]:
     out: dict[str, InferResult | ErrorReply] = {}
     while len(out) < n:
-        msg = decode((await replies.recv())[1:]).message
+        msg = await replies.next()
         assert isinstance(msg, InferResult | ErrorReply)
         out[msg.request_id] = msg
     return out

@@ -15,6 +15,7 @@ import redis
 import trio
 import zmq
 
+from tests.actors.inbox import Inbox
 from vajra.actors.base import wait_until
 from vajra.actors.executor import Executor
 from vajra.actors.gateway import Gateway
@@ -106,33 +107,35 @@ async def test_scheduler_fails_requests_of_a_silent_executor_and_of_a_restart(
             await nursery.start(sched.run)
             gw = open_socket(ctx, zmq.DEALER, identity=b"gw-test")
             gw.connect(cfg.cluster.scheduler_address)
+            gw_in = Inbox(gw, routed=False)
             # No executor at all: a retriable UnavailableError.
             await gw.send(encode(_work("r0")))
-            reply = decode(await gw.recv()).message
+            reply = await gw_in.next()
             assert isinstance(reply, ErrorReply) and reply.code == "unavailable" and reply.retriable
 
             ex = open_socket(ctx, zmq.DEALER, identity=b"exec-9")
             ex.connect(cfg.cluster.scheduler_dispatch_address)
+            ex_in = Inbox(ex, routed=False)
             await ex.send(encode(ExecutorHello("exec-9", "inc-1", "m", 2, 1)))
             await trio.sleep(0.05)
             for i in range(3):
                 await gw.send(encode(_work(f"r{i + 1}")))
-            got = [decode(await ex.recv()).message for _ in range(3)]
+            got = [(await ex_in.next()) for _ in range(3)]
             assert [w.request_id for w in got if isinstance(w, InferWork)] == ["r1", "r2", "r3"]
             # It reports itself full (batch 2 + queue 1): the next request is refused.
             await ex.send(encode(LoadReport("exec-9", "inc-1", 1, 2, finished_ids=["r1"])))
             await trio.sleep(0.05)
             await gw.send(encode(_work("r4")))
-            reply = decode(await gw.recv()).message
+            reply = await gw_in.next()
             assert isinstance(reply, ErrorReply) and reply.code == "overloaded"
             # Then the executor restarts with a new incarnation: r2, r3 fail.
             await ex.send(encode(ExecutorHello("exec-9", "inc-2", "m", 2, 1)))
-            failed = {decode(await gw.recv()).message.request_id for _ in range(2)}  # type: ignore[attr-defined]
+            failed = {(await gw_in.next()).request_id for _ in range(2)}  # type: ignore[attr-defined]
             assert failed == {"r2", "r3"}
             # New work goes to the new incarnation; then the executor falls silent.
             await gw.send(encode(_work("r5")))
-            assert decode(await ex.recv()).message.request_id == "r5"  # type: ignore[attr-defined]
-            reply = decode(await gw.recv()).message
+            assert (await ex_in.next()).request_id == "r5"  # type: ignore[attr-defined]
+            reply = await gw_in.next()
             assert isinstance(reply, ErrorReply) and reply.request_id == "r5"
             assert reply.code == "unavailable" and "stopped responding" in reply.message
             assert sched.executors == {}
@@ -167,8 +170,9 @@ async def test_gateway_sheds_load_expires_deadlines_and_answers_unknown_adapters
 
                 nursery.start_soon(hang)
                 nursery.start_soon(hang)
-                await sched.recv()
-                await sched.recv()
+                sched_in = Inbox(sched, routed=True)
+                await sched_in.next()
+                await sched_in.next()
                 with pytest.raises(OverloadedError):
                     await c.infer("x", timeout_s=2)
                 await trio.sleep(0.8)  # both deadlines pass: the gateway answers and forgets them
@@ -257,21 +261,22 @@ async def test_executor_drain_finishes_and_refuses_new_work(
             dispatch.bind(cfg.cluster.scheduler_dispatch_address)
             replies = open_socket(ctx, zmq.ROUTER, handover=True)
             replies.bind(cfg.cluster.gateway_backend_address)
+            replies_in = Inbox(replies, routed=True)
             executor = Executor(cfg, astate, executor_id="exec-d", model="null")
             await nursery.start(executor.run)
             hello = decode((await dispatch.recv())[1:]).message
             assert isinstance(hello, ExecutorHello) and hello.executor_id == "exec-d"
             await dispatch.send([b"exec-d", *encode(_work("w1"))])
-            msg = decode((await replies.recv())[1:]).message
+            msg = await replies_in.next()
             assert isinstance(msg, InferResult) and msg.request_id == "w1"
             await executor.drain()
             await dispatch.send([b"exec-d", *encode(_work("w2"))])
-            msg = decode((await replies.recv())[1:]).message
+            msg = await replies_in.next()
             assert isinstance(msg, ErrorReply) and msg.code == "unavailable" and msg.retriable
             # Expired work is answered with a timeout, never run.
             executor._draining = False
             await dispatch.send([b"exec-d", *encode(_work("w3", deadline_ms=-1))])
-            msg = decode((await replies.recv())[1:]).message
+            msg = await replies_in.next()
             assert isinstance(msg, ErrorReply) and msg.code == "timeout"
             nursery.cancel_scope.cancel()
     ctx.destroy(linger=0)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import msgpack
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +13,7 @@ from vajra.bus.codec import DecodeError, decode, decode_as, encode
 from vajra.bus.messages import (
     ALL_MESSAGES,
     PROTOCOL_VERSION,
+    AdapterPush,
     ErrorReply,
     InferRequest,
     InferResult,
@@ -164,7 +164,7 @@ _json = st.recursive(
 @given(
     st.sampled_from([cls.KIND for cls in ALL_MESSAGES]),
     st.dictionaries(
-        st.sampled_from(sorted({f.name for c in ALL_MESSAGES for f in dataclasses.fields(c)})),
+        st.sampled_from(sorted({f.name for c in ALL_MESSAGES for f in msgspec.structs.fields(c)})),
         _json,
         max_size=8,
     ),
@@ -183,3 +183,37 @@ def test_random_bodies_for_every_kind_decode_or_fail_typed(
 
 def test_decoders_cover_all_messages() -> None:
     assert set(codec._DECODERS) == {cls.KIND for cls in ALL_MESSAGES}
+
+
+def test_decode_many_takes_apart_a_batch_and_isolates_a_bad_body() -> None:
+    push = AdapterPush(request_id="p1", api_key="k", name="lora")
+    frames = [
+        *encode(StatsReply(request_id="s1", actor="a", counters={"x": 1})),
+        _header(),
+        msgpack.packb({"request_id": "bad", "api_key": 3}),  # wrong type: only this one fails
+        *encode(push, bulk=[b"{}", b"weights"]),  # bulk frames are delimited by its kind
+        *encode(ErrorReply(request_id="e1", code="internal", message="m")),
+    ]
+    out = codec.decode_many(frames)
+    assert len(out) == 4
+    first, bad, pushed, last = (env for env, _ in out)
+    assert isinstance(first, codec.Envelope) and first.message.request_id == "s1"  # type: ignore[attr-defined]
+    assert isinstance(bad, DecodeError) and bad.field == "api_key" and bad.request_id == "bad"
+    assert isinstance(pushed, codec.Envelope) and pushed.bulk == (b"{}", b"weights")
+    assert isinstance(last, codec.Envelope) and isinstance(last.message, ErrorReply)
+    # Each item carries its own frames, so a message can be forwarded byte for byte.
+    assert [len(own) for _, own in out] == [2, 2, 4, 2]
+    assert codec.decode(out[3][1]).message == last.message
+
+
+def test_decode_many_stops_at_a_header_it_cannot_read() -> None:
+    good = encode(ErrorReply(request_id="e1", code="internal", message="m"))
+    out = codec.decode_many([*good, b"\xc1not msgpack", b"body", *good])
+    assert isinstance(out[0][0], codec.Envelope)
+    assert len(out) == 2 and isinstance(out[1][0], DecodeError)
+    # A message cut short: its header promises frames that are not there.
+    push = encode(AdapterPush(request_id="p1", api_key="k", name="lora"), bulk=[b"a", b"b"])
+    cut = codec.decode_many([*good, *push[:3]])
+    assert isinstance(cut[-1][0], DecodeError) and "missing" in str(cut[-1][0])
+    assert codec.decode_many([]) == []
+    assert isinstance(codec.decode_many([good[0]])[0][0], DecodeError)

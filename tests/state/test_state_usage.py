@@ -161,28 +161,36 @@ def test_invalid_request_event(state: ClusterState, adapter: str, ts_ms: int) ->
 def test_batches_count_each_distinct_event_once(
     valkey_url: str, records: list[tuple[int, float, int, int]], split: int
 ) -> None:
-    """Batched recording (duplicates inside a batch and across batches) matches one by one."""
+    """Batched recording (duplicates inside a batch and across batches, several tenants in one
+    batch) matches recording one by one, per tenant."""
     run = uuid.uuid4().hex
-    tenant_id = f"t_{run}"
+    tenants = [f"t_{run}_{i}" for i in range(3)]
     recs = [
         _rec(
             event_id=f"{run}-{e}",
-            tenant_id=tenant_id,
+            tenant_id=tenants[e % 3],
             gpu_ms=g,
             prompt_tokens=p,
             completion_tokens=c,
         )
         for e, g, p, c in records
     ]
-    seen: set[str] = set()
+    first: dict[str, UsageRecord] = {}
     with ClusterState(valkey_url) as cs:
         for i in range(0, len(recs), split):
             batch = recs[i : i + split]
             fresh = cs.record_usage_many(batch)
             expected = []
             for r in batch:
-                expected.append(r.event_id not in seen)
-                seen.add(r.event_id)
+                expected.append(r.event_id not in first)
+                first.setdefault(r.event_id, r)
             assert fresh == expected
-        totals = cs.get_usage(tenant_id)
-    assert totals.requests == len(seen)
+        for tenant in tenants:
+            totals = cs.get_usage(tenant)
+            counted = [r for r in first.values() if r.tenant_id == tenant]
+            assert totals.requests == len(counted)
+            assert totals.prompt_tokens == sum(r.prompt_tokens for r in counted)
+            assert totals.completion_tokens == sum(r.completion_tokens for r in counted)
+            assert totals.gpu_ms == pytest.approx(
+                sum(r.gpu_ms for r in counted), rel=1e-9, abs=1e-9
+            )

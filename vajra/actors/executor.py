@@ -30,7 +30,7 @@ import zmq
 
 from vajra.actors.adapter_tiers import AdapterTiers
 from vajra.actors.base import error_frames, new_context, now_ms, wait_until
-from vajra.bus.codec import DecodeError, decode, encode
+from vajra.bus.codec import DecodeError, decode, decode_many, encode
 from vajra.bus.messages import (
     AdapterTierCommand,
     ExecutorHello,
@@ -42,6 +42,7 @@ from vajra.bus.messages import (
     UsageBatch,
     UsageEvent,
 )
+from vajra.bus.outbox import Outbox
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
 from vajra.errors import (
@@ -118,6 +119,8 @@ class Executor:
         self.ledger: ZSocket = open_socket(
             self._ctx, zmq.DEALER, identity=ident, high_water_mark=hwm
         )
+        # Chunks, results and errors for the gateway; each loop pass flushes what it added.
+        self._replies_out = Outbox(self.replies)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -189,13 +192,14 @@ class Executor:
             await wait_until(lambda: not (self._active or self._incoming or self._adapter_waits))
         for queued in self._incoming:
             self._release(queued)
-            await self._send_error(
+            self._answer_error(
                 queued.work.request_id, UnavailableError("the executor is shutting down; retry")
             )
         self._incoming.clear()
         for rid in list(self._active):
             self._aborts.append(rid)
-            await self._send_error(rid, UnavailableError("the executor is shutting down; retry"))
+            self._answer_error(rid, UnavailableError("the executor is shutting down; retry"))
+        await self._replies_out.flush()
         with trio.move_on_after(self.cfg.ledger.flush_timeout_s):
             while self._outbox:
                 await self._flush_outbox(force=True)
@@ -213,30 +217,30 @@ class Executor:
         batch_size = self.cfg.bus.recv_batch
         while True:
             for frames in await self.work_in.recv_batch(batch_size):
-                try:
-                    env = decode(frames, max_body_bytes=self.cfg.bus.max_body_bytes)
-                except DecodeError as exc:
-                    self.counters["malformed_frames"] += 1
-                    log.warning("dropped a malformed work frame: %s", exc)
-                    continue
-                if isinstance(env.message, InferWork):
-                    await self._accept(env.message)
-                elif isinstance(env.message, AdapterTierCommand):
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._on_tier_command, env.message)
-                else:
-                    self.counters["unexpected_kind"] += 1
+                for env, _ in decode_many(frames, max_body_bytes=self.cfg.bus.max_body_bytes):
+                    if isinstance(env, DecodeError):
+                        self.counters["malformed_frames"] += 1
+                        log.warning("dropped a malformed work frame: %s", env)
+                        continue
+                    if isinstance(env.message, InferWork):
+                        self._accept(env.message)
+                    elif isinstance(env.message, AdapterTierCommand):
+                        assert self._nursery is not None
+                        self._nursery.start_soon(self._on_tier_command, env.message)
+                    else:
+                        self.counters["unexpected_kind"] += 1
+            await self._replies_out.flush()
 
-    async def _accept(self, work: InferWork) -> None:
+    def _accept(self, work: InferWork) -> None:
         if self._draining:
-            await self._send_error(
+            self._answer_error(
                 work.request_id, UnavailableError("the executor is shutting down; retry")
             )
             return
         assert self.engine is not None
         if self._queue_depth() >= self.ecfg.max_queue:
             self.counters["overloaded"] += 1
-            await self._send_error(
+            self._answer_error(
                 work.request_id, OverloadedError("executor queue is full; retry later")
             )
             return
@@ -245,7 +249,7 @@ class Executor:
             self._incoming.append(_Queued(work))
             self._wake.set()
         elif self.tiers is None:
-            await self._send_error(
+            self._answer_error(
                 work.request_id,
                 InvalidRequest("this executor serves no adapters (no LoRA pool)", field="adapter"),
             )
@@ -281,15 +285,17 @@ class Executor:
             with trio.fail_after(max(0.001, remaining_s)):
                 slot = await self.tiers.acquire(work.adapter_digest, work.adapter_object_key or "")
         except trio.TooSlowError:
-            await self._send_error(
-                work.request_id, TimeoutError("deadline passed while loading its adapter")
-            )
-            return
+            failed: VajraError | None = TimeoutError("deadline passed while loading its adapter")
         except VajraError as exc:
-            await self._send_error(work.request_id, exc)
-            return
+            failed = exc
+        else:
+            failed = None
         finally:
             self._adapter_waits -= 1
+        if failed is not None:
+            self._answer_error(work.request_id, failed)
+            await self._replies_out.flush()
+            return
         self._incoming.append(_Queued(work, slot))
         self._wake.set()
 
@@ -302,8 +308,9 @@ class Executor:
             if not (self._incoming or self._aborts or engine.has_work()):
                 self._wake = trio.Event()
                 await self._wake.wait()
-            admit = await self._take_admissible()
-            await self._expire_running()
+            admit = self._take_admissible()
+            self._expire_running()
+            await self._replies_out.flush()
             aborts, self._aborts = self._aborts, []
             if engine.blocking:
                 outputs = await trio.to_thread.run_sync(
@@ -313,10 +320,11 @@ class Executor:
                 outputs = engine.step(admit, aborts)
                 await trio.lowlevel.checkpoint()
             for out in outputs:
-                await self._on_output(out)
+                self._on_output(out)
+            await self._replies_out.flush()
             self._send_usage()
 
-    async def _take_admissible(self) -> list[GenerationRequest]:
+    def _take_admissible(self) -> list[GenerationRequest]:
         incoming, self._incoming = self._incoming, []
         now = now_ms()
         admit: list[GenerationRequest] = []
@@ -325,9 +333,7 @@ class Executor:
             if work.deadline_unix_ms <= now:
                 self.counters["expired_before_start"] += 1
                 self._release(queued)
-                await self._send_error(
-                    work.request_id, TimeoutError("deadline passed while queued")
-                )
+                self._answer_error(work.request_id, TimeoutError("deadline passed while queued"))
                 continue
             try:
                 params = SamplingParams(
@@ -339,21 +345,21 @@ class Executor:
                 )
             except VajraError as exc:  # the gateway validates too; never trust a peer blindly
                 self._release(queued)
-                await self._send_error(work.request_id, exc)
+                self._answer_error(work.request_id, exc)
                 continue
             self._active[work.request_id] = _Active(work, now, slot=queued.slot)
             admit.append(GenerationRequest(work.request_id, work.prompt, params, queued.slot))
         return admit
 
-    async def _expire_running(self) -> None:
+    def _expire_running(self) -> None:
         now = now_ms()
         for rid, act in list(self._active.items()):
             if act.work.deadline_unix_ms <= now:
                 self.counters["expired_running"] += 1
                 self._aborts.append(rid)
-                await self._send_error(rid, TimeoutError("deadline passed during generation"))
+                self._answer_error(rid, TimeoutError("deadline passed during generation"))
 
-    async def _on_output(self, out: StepOutput) -> None:
+    def _on_output(self, out: StepOutput) -> None:
         act = self._active.get(out.request_id)
         if act is None:  # aborted while the step ran
             return
@@ -365,11 +371,11 @@ class Executor:
         if work.stream and (out.text_delta or out.token_ids) and out.error is None:
             chunk = TokenChunk(work.request_id, act.chunks, out.text_delta, list(out.token_ids))
             act.chunks += 1
-            await self.replies.send(encode(chunk))
+            self._replies_out.add(encode(chunk))
         if not out.finished:
             return
         if out.error is not None:
-            await self._send_error(work.request_id, out.error)
+            self._answer_error(work.request_id, out.error)
         else:
             self._finish(work.request_id)
             self.counters["completed"] += 1
@@ -384,9 +390,9 @@ class Executor:
                 executor_id=self.executor_id,
                 queue_ms=float(act.admitted_ms - work.received_unix_ms),
             )
-            await self.replies.send(encode(result))
+            self._replies_out.add(encode(result))
         if out.compute_ms > 0 or out.completion_tokens > 0:
-            await self._record_usage(work, out)
+            self._record_usage(work, out)
 
     def _finish(self, request_id: str) -> None:
         """Forget a request (it counts as finished) and release its adapter."""
@@ -404,15 +410,18 @@ class Executor:
         assert self.engine is not None
         return len(self._incoming) + self._adapter_waits + self.engine.num_waiting()
 
-    async def _send_error(self, request_id: str, exc: VajraError) -> None:
-        """Answer a request with an error and forget it (it counts as finished)."""
+    def _answer_error(self, request_id: str, exc: VajraError) -> None:
+        """Queue an error answer and forget the request (it counts as finished).
+
+        The answer leaves with the caller's next ``_replies_out.flush()``.
+        """
         self._finish(request_id)
         self.counters[f"error_{exc.code.value}"] += 1
-        await self.replies.send(error_frames(request_id, exc))
+        self._replies_out.add(error_frames(request_id, exc))
 
     # --- usage (outbox until the ledger acknowledges) ---------------------------------------
 
-    async def _record_usage(self, work: InferWork, out: StepOutput) -> None:
+    def _record_usage(self, work: InferWork, out: StepOutput) -> None:
         event = UsageEvent(
             event_id=f"{self.executor_id}.{self.incarnation}.{work.request_id}",
             tenant_id=work.tenant_id,

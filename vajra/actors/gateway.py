@@ -40,7 +40,7 @@ from vajra.adapters.registry import (
     not_found,
     parse_adapter_ref,
 )
-from vajra.bus.codec import DecodeError, decode, encode
+from vajra.bus.codec import DecodeError, decode, decode_many, encode
 from vajra.bus.messages import (
     AdapterPush,
     AdminReply,
@@ -59,6 +59,7 @@ from vajra.bus.messages import (
     UsageReply,
     WhoAmIRequest,
 )
+from vajra.bus.outbox import Outbox
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
 from vajra.errors import (
@@ -148,6 +149,8 @@ class Gateway:
             identity=self.gcfg.gateway_id.encode(),
             high_water_mark=cfg.bus.high_water_mark,
         )
+        # Admitted requests for the scheduler, sent together at the end of each pass.
+        self._work_out = Outbox(self.scheduler)
         self.address = ""
         self.backend_address = ""
 
@@ -191,6 +194,7 @@ class Gateway:
         while True:
             for frames in await self.frontend.recv_batch(batch_size):
                 await self._on_client_frames(frames, nursery)
+            await self._work_out.flush()
 
     async def _on_client_frames(self, frames: list[bytes], nursery: trio.Nursery) -> None:
         identity = frames[0]
@@ -273,6 +277,7 @@ class Gateway:
             )
             return
         await self._admit(identity, req, tenant)
+        await self._work_out.flush()
 
     async def _lookup_key(self, api_key: str) -> TenantRecord | None:
         """The key's tenant through the auth cache: one Redis lookup per key at a time.
@@ -331,16 +336,19 @@ class Gateway:
             if resolved is None:
                 await self._reply_error(identity, req.request_id, not_found(req.adapter))
                 return
-        await self._dispatch(identity, req, tenant, resolved)
+        self._dispatch(identity, req, tenant, resolved)
 
-    async def _dispatch(
+    def _dispatch(
         self,
         identity: bytes,
         req: InferRequest,
         tenant: TenantRecord,
         resolved: ResolvedAdapter | None,
     ) -> None:
-        """Hand the admitted request, with its resolved adapter version, to the scheduler."""
+        """Queue the admitted request, with its resolved adapter version, for the scheduler.
+
+        The caller flushes ``_work_out`` (the frontend loop once per pass).
+        """
         internal_id = f"{self.gcfg.gateway_id}-{next(self._seq)}"
         deadline = trio.current_time() + req.deadline_ms / 1000.0
         self._pending[internal_id] = _Pending(
@@ -366,7 +374,7 @@ class Gateway:
             adapter_digest=resolved.digest if resolved else None,
             adapter_object_key=resolved.object_key if resolved else None,
         )
-        await self.scheduler.send(encode(work, message_id=internal_id))
+        self._work_out.add(encode(work, message_id=internal_id))
 
     def _validate(self, req: InferRequest) -> None:
         g = self.gcfg
@@ -548,7 +556,8 @@ class Gateway:
         if resolved is None:
             await self._reply_error(identity, req.request_id, not_found(req.adapter))
             return
-        await self._dispatch(identity, req, tenant, resolved)
+        self._dispatch(identity, req, tenant, resolved)
+        await self._work_out.flush()
 
     # --- adapters: push, list, delete ----------------------------------------------------------
 
@@ -609,13 +618,12 @@ class Gateway:
         while True:
             for frames in await sock.recv_batch(batch_size):
                 body = frames[1:] if routed else frames
-                try:
-                    env = decode(body, max_body_bytes=self.cfg.bus.max_body_bytes)
-                except DecodeError as exc:
-                    self.counters["malformed_internal_frames"] += 1
-                    log.warning("dropped a malformed reply frame: %s", exc)
-                    continue
-                await self._forward(env.message)
+                for env, _ in decode_many(body, max_body_bytes=self.cfg.bus.max_body_bytes):
+                    if isinstance(env, DecodeError):
+                        self.counters["malformed_internal_frames"] += 1
+                        log.warning("dropped a malformed reply frame: %s", env)
+                        continue
+                    await self._forward(env.message)
 
     async def _forward(self, msg: Message) -> None:
         request_id = getattr(msg, "request_id", None)

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import trio
 import zmq
 
 from vajra.actors.base import error_frames, new_context, now_ms, stats_frames
-from vajra.bus.codec import DecodeError, decode, encode
+from vajra.bus.codec import DecodeError, decode_many, encode
 from vajra.bus.messages import (
     AdapterTierCommand,
     ExecutorHello,
@@ -33,6 +34,7 @@ from vajra.bus.messages import (
     RequestEvents,
     StatsRequest,
 )
+from vajra.bus.outbox import Outbox
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
 from vajra.errors import OverloadedError, UnavailableError
@@ -80,6 +82,9 @@ class Scheduler:
             self._ctx, zmq.ROUTER, high_water_mark=hwm, handover=True
         )
         self.events: ZSocket = open_socket(self._ctx, zmq.PUB, high_water_mark=hwm)
+        # What one pass produced, sent per peer at its end (see vajra.bus.outbox).
+        self._to_executors = Outbox(self.dispatch)
+        self._to_gateways = Outbox(self.frontend)
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         c = self.cfg.cluster
@@ -106,37 +111,39 @@ class Scheduler:
         batch_size = self.cfg.bus.recv_batch
         while True:
             for frames in await self.frontend.recv_batch(batch_size):
-                await self._on_gateway_frames(frames)
+                self._on_gateway_frames(frames)
+            await self._to_executors.flush()
+            await self._to_gateways.flush()
             if self._events:
                 self.events.send_nowait(encode(RequestEvents(self._events)))
                 self._events = []
 
-    async def _on_gateway_frames(self, frames: list[bytes]) -> None:
+    def _on_gateway_frames(self, frames: list[bytes]) -> None:
+        """Handle one ZeroMQ message from a gateway: one or more messages back to back."""
         gateway = frames[0]
-        try:
-            env = decode(frames[1:], max_body_bytes=self.cfg.bus.max_body_bytes)
-        except DecodeError as exc:
-            self.counters["malformed_frames"] += 1
-            await self.frontend.send([gateway, *error_frames(exc.request_id, exc)])
-            return
-        msg = env.message
-        if isinstance(msg, InferWork):
-            await self._place(gateway, msg, frames[1:])
-        elif isinstance(msg, AdapterTierCommand):
-            if msg.executor_id in self.executors:
-                await self.dispatch.send([msg.executor_id.encode(), *frames[1:]])
-                self.counters["tier_commands"] += 1
+        for env, own in decode_many(frames[1:], max_body_bytes=self.cfg.bus.max_body_bytes):
+            if isinstance(env, DecodeError):
+                self.counters["malformed_frames"] += 1
+                self._to_gateways.add(error_frames(env.request_id, env), gateway)
+                continue
+            msg = env.message
+            if isinstance(msg, InferWork):
+                self._place(gateway, msg, own)
+            elif isinstance(msg, AdapterTierCommand):
+                if msg.executor_id in self.executors:
+                    self._to_executors.add(own, msg.executor_id.encode())
+                    self.counters["tier_commands"] += 1
+                else:
+                    self.counters["tier_commands_unknown_executor"] += 1
+            elif isinstance(msg, StatsRequest):
+                self.counters["executors"] = len(self.executors)
+                self._to_gateways.add(
+                    stats_frames(msg.request_id, self.name, self.counters), gateway
+                )
             else:
-                self.counters["tier_commands_unknown_executor"] += 1
-        elif isinstance(msg, StatsRequest):
-            self.counters["executors"] = len(self.executors)
-            await self.frontend.send(
-                [gateway, *stats_frames(msg.request_id, self.name, self.counters)]
-            )
-        else:
-            self.counters["unexpected_kind"] += 1
+                self.counters["unexpected_kind"] += 1
 
-    async def _place(self, gateway: bytes, work: InferWork, body: list[bytes]) -> None:
+    def _place(self, gateway: bytes, work: InferWork, body: Sequence[bytes]) -> None:
         self.counters["requests"] += 1
         choice = choose_executor(v.load() for v in self.executors.values())
         if choice is None:
@@ -146,12 +153,12 @@ class Scheduler:
                 else UnavailableError("no executor is serving yet; retry")
             )
             self.counters[f"rejected_{exc.code.value}"] += 1
-            await self.frontend.send([gateway, *error_frames(work.request_id, exc)])
+            self._to_gateways.add(error_frames(work.request_id, exc), gateway)
             return
         view = self.executors[choice.executor_id]
         remaining_s = max(0.0, (work.deadline_unix_ms - now_ms()) / 1000.0)
         view.inflight[work.request_id] = (gateway, trio.current_time() + remaining_s + 5.0)
-        await self.dispatch.send([view.executor_id.encode(), *body])
+        self._to_executors.add(body, view.executor_id.encode())
         self._events.append(
             RequestEvent(
                 request_id=work.request_id,
@@ -169,28 +176,28 @@ class Scheduler:
         batch_size = self.cfg.bus.recv_batch
         while True:
             for frames in await self.dispatch.recv_batch(batch_size):
-                try:
-                    env = decode(frames[1:], max_body_bytes=self.cfg.bus.max_body_bytes)
-                except DecodeError as exc:
-                    self.counters["malformed_executor_frames"] += 1
-                    log.warning("dropped a malformed executor frame: %s", exc)
-                    continue
-                msg = env.message
-                if isinstance(msg, ExecutorHello):
-                    await self._on_hello(msg)
-                elif isinstance(msg, LoadReport):
-                    await self._on_load(msg)
-                else:
-                    self.counters["unexpected_executor_kind"] += 1
+                for env, _ in decode_many(frames[1:], max_body_bytes=self.cfg.bus.max_body_bytes):
+                    if isinstance(env, DecodeError):
+                        self.counters["malformed_executor_frames"] += 1
+                        log.warning("dropped a malformed executor frame: %s", env)
+                        continue
+                    msg = env.message
+                    if isinstance(msg, ExecutorHello):
+                        self._on_hello(msg)
+                    elif isinstance(msg, LoadReport):
+                        self._on_load(msg)
+                    else:
+                        self.counters["unexpected_executor_kind"] += 1
+            await self._to_gateways.flush()
 
-    async def _on_hello(self, hello: ExecutorHello) -> None:
+    def _on_hello(self, hello: ExecutorHello) -> None:
         view = self.executors.get(hello.executor_id)
         if view is not None and view.incarnation == hello.incarnation:
             view.last_seen = trio.current_time()
             view.max_batch_size, view.max_queue = hello.max_batch_size, hello.max_queue
             return
         if view is not None:
-            await self._fail_inflight(view, "its executor restarted")
+            self._fail_inflight(view, "its executor restarted")
         log.info("executor %s joined (incarnation %s)", hello.executor_id, hello.incarnation)
         self.executors[hello.executor_id] = _ExecutorView(
             hello.executor_id,
@@ -200,7 +207,7 @@ class Scheduler:
             trio.current_time(),
         )
 
-    async def _on_load(self, report: LoadReport) -> None:
+    def _on_load(self, report: LoadReport) -> None:
         view = self.executors.get(report.executor_id)
         if view is None or view.incarnation != report.incarnation:
             # Its hello was lost (or we restarted): it will say hello again within a second.
@@ -223,15 +230,17 @@ class Scheduler:
                     )
                     self.counters["executors_lost"] += 1
                     del self.executors[view.executor_id]
-                    await self._fail_inflight(view, "its executor stopped responding")
+                    self._fail_inflight(view, "its executor stopped responding")
                     continue
                 expired = [rid for rid, (_, dl) in view.inflight.items() if dl < now]
                 for rid in expired:
                     del view.inflight[rid]
+            await self._to_gateways.flush()
 
-    async def _fail_inflight(self, view: _ExecutorView, why: str) -> None:
+    def _fail_inflight(self, view: _ExecutorView, why: str) -> None:
+        """Answer every request the executor held with a retriable error (the caller flushes)."""
         for rid, (gateway, _) in view.inflight.items():
             self.counters["requests_failed_executor_lost"] += 1
             exc = UnavailableError(f"request lost because {why}; retry")
-            await self.frontend.send([gateway, *error_frames(rid, exc)])
+            self._to_gateways.add(error_frames(rid, exc), gateway)
         view.inflight.clear()

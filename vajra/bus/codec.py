@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
@@ -49,8 +48,7 @@ class DecodeError(ProtocolError):
         self.request_id = request_id
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(msgspec.Struct, frozen=True):
     """A decoded message with its header."""
 
     message: Message
@@ -110,20 +108,8 @@ def _request_id_of(body_frame: bytes) -> str:
     return rid if isinstance(rid, str) else ""
 
 
-def decode(
-    frames: Sequence[bytes],
-    *,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    max_bulk_bytes: int = DEFAULT_MAX_BULK_BYTES,
-) -> Envelope:
-    """Decode ``[header, body, *bulk]`` frames into an :class:`Envelope`; raises :class:`DecodeError`.
-
-    The number of bulk frames must be what the kind declares; their total size at most
-    ``max_bulk_bytes`` (checked after the body, so the error can name the request).
-    """
-    if len(frames) < 2:
-        raise DecodeError(f"expected 2 frames (header, body), got {len(frames)}")
-    header_frame, body_frame = frames[0], frames[1]
+def _header(header_frame: bytes) -> tuple[str, str, str | None, str | None]:
+    """Check a header frame; returns ``(kind, message_id, reply_to, trace_id)``."""
     if len(header_frame) > 4096:
         raise DecodeError("header frame is larger than 4096 bytes")
     try:
@@ -146,23 +132,25 @@ def decode(
             field="version",
             message_id=message_id,
         )
-    decoder = _DECODERS.get(kind) if isinstance(kind, str) else None
-    if decoder is None:
+    if not isinstance(kind, str) or kind not in _DECODERS:
         raise DecodeError(
             f"unknown message kind {kind!r}",
             code=ErrorCode.UNKNOWN_KIND,
             field="kind",
             message_id=message_id,
         )
-    n_bulk = _BULK_FRAMES[kind]
-    if len(frames) != 2 + n_bulk:
-        if n_bulk == 0:
-            raise DecodeError(f"expected 2 frames (header, body), got {len(frames)}")
-        raise DecodeError(
-            f"{kind}: expected {2 + n_bulk} frames (header, body, {n_bulk} bulk), "
-            f"got {len(frames)}",
-            message_id=message_id,
-        )
+    return kind, message_id, reply_to, trace_id
+
+
+def _body(
+    header: tuple[str, str, str | None, str | None],
+    body_frame: bytes,
+    bulk: tuple[bytes, ...],
+    max_body_bytes: int,
+    max_bulk_bytes: int,
+) -> Envelope:
+    """Decode a body (and check its bulk frames) for a header :func:`_header` accepted."""
+    kind, message_id, reply_to, trace_id = header
     if len(body_frame) > max_body_bytes:
         raise DecodeError(
             f"body of {len(body_frame)} bytes exceeds the limit of {max_body_bytes}",
@@ -170,7 +158,7 @@ def decode(
             message_id=message_id,
         )
     try:
-        message = decoder.decode(body_frame)
+        message = _DECODERS[kind].decode(body_frame)
     except msgspec.ValidationError as exc:
         raise DecodeError(
             f"{kind}: {exc}",
@@ -183,9 +171,8 @@ def decode(
             f"{kind}: body frame is not valid msgpack", message_id=message_id
         ) from None
     # Unknown extra fields are ignored: a newer sender may add fields we do not know yet.
-    if not n_bulk:
+    if not bulk:
         return Envelope(message, message_id, reply_to, trace_id)
-    bulk = tuple(frames[2:])
     total = sum(len(f) for f in bulk)
     if total > max_bulk_bytes:
         rid = getattr(message, "request_id", "")
@@ -196,6 +183,77 @@ def decode(
             request_id=rid if isinstance(rid, str) else "",
         )
     return Envelope(message, message_id, reply_to, trace_id, bulk)
+
+
+def decode(
+    frames: Sequence[bytes],
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_bulk_bytes: int = DEFAULT_MAX_BULK_BYTES,
+) -> Envelope:
+    """Decode ``[header, body, *bulk]`` frames into an :class:`Envelope`; raises :class:`DecodeError`.
+
+    The number of bulk frames must be what the kind declares; their total size at most
+    ``max_bulk_bytes`` (checked after the body, so the error can name the request).
+    """
+    if len(frames) < 2:
+        raise DecodeError(f"expected 2 frames (header, body), got {len(frames)}")
+    header = _header(frames[0])
+    kind, message_id = header[0], header[1]
+    n_bulk = _BULK_FRAMES[kind]
+    if len(frames) != 2 + n_bulk:
+        if n_bulk == 0:
+            raise DecodeError(f"expected 2 frames (header, body), got {len(frames)}")
+        raise DecodeError(
+            f"{kind}: expected {2 + n_bulk} frames (header, body, {n_bulk} bulk), "
+            f"got {len(frames)}",
+            message_id=message_id,
+        )
+    return _body(header, frames[1], tuple(frames[2:]), max_body_bytes, max_bulk_bytes)
+
+
+#: One message of a batch: what it decoded to (or why not), and its own frames.
+Decoded = tuple[Envelope | DecodeError, Sequence[bytes]]
+
+
+def decode_many(
+    frames: Sequence[bytes],
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_bulk_bytes: int = DEFAULT_MAX_BULK_BYTES,
+) -> list[Decoded]:
+    """Decode a ZeroMQ message that carries one or more messages back to back.
+
+    Internal hops gather the messages for one peer into one ZeroMQ message (see
+    :class:`vajra.bus.outbox.Outbox`); a single message is a batch of one. Each header says
+    how many frames its message spans, so a bad body costs only its own message; a bad
+    header ends the batch there (what follows cannot be delimited), reported as the last item.
+    """
+    out: list[Decoded] = []
+    i, n = 0, len(frames)
+    while i < n:
+        if n - i < 2:
+            out.append((DecodeError(f"expected 2 frames (header, body), got {n - i}"), frames[i:]))
+            break
+        try:
+            header = _header(frames[i])
+        except DecodeError as exc:
+            out.append((exc, frames[i:]))
+            break
+        end = i + 2 + _BULK_FRAMES[header[0]]
+        own = frames[i:end]
+        if end > n:
+            out.append((DecodeError(f"{header[0]}: frames missing", message_id=header[1]), own))
+            break
+        try:
+            env: Envelope | DecodeError = _body(
+                header, frames[i + 1], tuple(frames[i + 2 : end]), max_body_bytes, max_bulk_bytes
+            )
+        except DecodeError as exc:
+            env = exc
+        out.append((env, own))
+        i = end
+    return out
 
 
 def decode_as(frames: Sequence[bytes], cls: type[M], **kw: Any) -> tuple[M, Envelope]:

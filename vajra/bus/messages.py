@@ -1,7 +1,7 @@
-"""Every message that travels between Vajra processes, one frozen dataclass per kind.
+"""Every message that travels between Vajra processes, one frozen msgspec ``Struct`` per kind.
 
 A message is two frames on the wire: a header ``[version, kind, message_id, reply_to,
-trace_id]`` and a msgpack map holding the dataclass fields (see :mod:`vajra.bus.codec`).
+trace_id]`` and a msgpack map holding the struct fields (see :mod:`vajra.bus.codec`).
 Field names carry their units (``deadline_ms``, ``max_tokens``, ``gpu_ms``). New fields
 always get defaults, so an older sender's frames still decode.
 
@@ -17,8 +17,10 @@ Data flows left to right::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import ClassVar, NewType
+
+import msgspec
+from msgspec import field
 
 RequestId = NewType("RequestId", str)
 TenantId = NewType("TenantId", str)
@@ -28,8 +30,7 @@ EventId = NewType("EventId", str)
 PROTOCOL_VERSION = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(msgspec.Struct, frozen=True):
     """Base of all wire messages; ``KIND`` names the message on the wire.
 
     ``BULK_FRAMES``: how many raw byte frames follow the body on the wire (adapter files);
@@ -43,8 +44,7 @@ class Message:
 # --- client <-> gateway -------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class InferRequest(Message):
+class InferRequest(Message, frozen=True):
     """A client's generation request. ``adapter`` is ``NAME`` or ``NAME@VERSION``; None = base."""
 
     KIND: ClassVar[str] = "infer"
@@ -62,8 +62,7 @@ class InferRequest(Message):
     tenant: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class TokenChunk(Message):
+class TokenChunk(Message, frozen=True):
     """Streamed text produced since the previous chunk of the same request."""
 
     KIND: ClassVar[str] = "chunk"
@@ -73,8 +72,7 @@ class TokenChunk(Message):
     token_ids: list[int] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class InferResult(Message):
+class InferResult(Message, frozen=True):
     """The final answer; for streams it carries no text beyond what the chunks carried."""
 
     KIND: ClassVar[str] = "result"
@@ -89,8 +87,7 @@ class InferResult(Message):
     queue_ms: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorReply(Message):
+class ErrorReply(Message, frozen=True):
     """A typed failure; ``code`` is a :class:`vajra.errors.ErrorCode` value."""
 
     KIND: ClassVar[str] = "error"
@@ -101,16 +98,14 @@ class ErrorReply(Message):
     retriable: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class StatsRequest(Message):
+class StatsRequest(Message, frozen=True):
     """Ask an actor for its counters (answered with :class:`StatsReply`)."""
 
     KIND: ClassVar[str] = "stats"
     request_id: str
 
 
-@dataclass(frozen=True, slots=True)
-class StatsReply(Message):
+class StatsReply(Message, frozen=True):
     KIND: ClassVar[str] = "stats-reply"
     request_id: str
     actor: str
@@ -120,8 +115,7 @@ class StatsReply(Message):
 # --- client <-> gateway: tenant queries and administration (the HTTP bridge uses these) ----
 
 
-@dataclass(frozen=True, slots=True)
-class WhoAmIRequest(Message):
+class WhoAmIRequest(Message, frozen=True):
     """Which tenant does ``api_key`` belong to? Answered with :class:`TenantInfo`."""
 
     KIND: ClassVar[str] = "whoami"
@@ -129,16 +123,14 @@ class WhoAmIRequest(Message):
     api_key: str
 
 
-@dataclass(frozen=True, slots=True)
-class TenantInfo(Message):
+class TenantInfo(Message, frozen=True):
     KIND: ClassVar[str] = "tenant-info"
     request_id: str
     tenant_id: str
     name: str
 
 
-@dataclass(frozen=True, slots=True)
-class UsageQuery(Message):
+class UsageQuery(Message, frozen=True):
     """The caller's own usage totals. ``tenant`` (an id or a name), when given, must be the
     caller's own tenant; any other value is answered ``not_found``, whether or not it exists."""
 
@@ -148,8 +140,7 @@ class UsageQuery(Message):
     tenant: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class UsageReply(Message):
+class UsageReply(Message, frozen=True):
     KIND: ClassVar[str] = "usage-reply"
     request_id: str
     tenant_id: str
@@ -160,8 +151,7 @@ class UsageReply(Message):
     completion_tokens: int
 
 
-@dataclass(frozen=True, slots=True)
-class AdminRequest(Message):
+class AdminRequest(Message, frozen=True):
     """Tenant and key administration, authorised by the admin key (``http.admin_key``).
 
     ``action`` is one of ``create_tenant`` (``tenant``: the new name), ``create_key`` and
@@ -177,8 +167,7 @@ class AdminRequest(Message):
     api_key: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class AdminReply(Message):
+class AdminReply(Message, frozen=True):
     """``api_key`` is set (shown once) by ``create_tenant`` and ``create_key``."""
 
     KIND: ClassVar[str] = "admin-reply"
@@ -189,16 +178,14 @@ class AdminReply(Message):
     api_key: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class ClusterStatusRequest(Message):
+class ClusterStatusRequest(Message, frozen=True):
     """Ask the gateway for every live executor's last heartbeat (:class:`ClusterStatusReply`)."""
 
     KIND: ClassVar[str] = "cluster-status"
     request_id: str
 
 
-@dataclass(frozen=True, slots=True)
-class ClusterStatusReply(Message):
+class ClusterStatusReply(Message, frozen=True):
     """One entry per live executor, as parallel lists (index ``i`` is one executor)."""
 
     KIND: ClassVar[str] = "cluster-status-reply"
@@ -213,8 +200,7 @@ class ClusterStatusReply(Message):
 # --- client <-> gateway: the adapter registry ----------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class AdapterPush(Message):
+class AdapterPush(Message, frozen=True):
     """Upload a PEFT LoRA adapter as the next version of ``name`` (answered :class:`AdapterReply`).
 
     Two bulk frames follow the body: ``adapter_config.json`` then
@@ -229,8 +215,7 @@ class AdapterPush(Message):
     tenant: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class AdapterList(Message):
+class AdapterList(Message, frozen=True):
     """List the caller's adapters, every version (answered :class:`AdapterReply`)."""
 
     KIND: ClassVar[str] = "adapter-list"
@@ -239,8 +224,7 @@ class AdapterList(Message):
     tenant: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class AdapterDelete(Message):
+class AdapterDelete(Message, frozen=True):
     """Delete one version of ``name``, or all of it when ``version`` is None."""
 
     KIND: ClassVar[str] = "adapter-delete"
@@ -251,8 +235,7 @@ class AdapterDelete(Message):
     tenant: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class AdapterEntry:
+class AdapterEntry(msgspec.Struct, frozen=True):
     """One adapter version (an item of :class:`AdapterReply`)."""
 
     name: str
@@ -266,8 +249,7 @@ class AdapterEntry:
     created_ms: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class AdapterReply(Message):
+class AdapterReply(Message, frozen=True):
     """The pushed version, the listed versions, or the deleted versions."""
 
     KIND: ClassVar[str] = "adapter-reply"
@@ -278,8 +260,7 @@ class AdapterReply(Message):
 # --- gateway -> scheduler -> executor ----------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class InferWork(Message):
+class InferWork(Message, frozen=True):
     """An authenticated, validated request on its way to an executor.
 
     ``deadline_unix_ms`` is absolute (wall clock) so every hop can check it.
@@ -309,8 +290,7 @@ class InferWork(Message):
 # --- executor <-> scheduler ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ExecutorHello(Message):
+class ExecutorHello(Message, frozen=True):
     """An executor (re)announcing itself; a new ``incarnation`` means it restarted."""
 
     KIND: ClassVar[str] = "hello"
@@ -321,8 +301,7 @@ class ExecutorHello(Message):
     max_queue: int
 
 
-@dataclass(frozen=True, slots=True)
-class LoadReport(Message):
+class LoadReport(Message, frozen=True):
     """Periodic load and liveness report; ``finished_ids`` lists requests done since the last."""
 
     KIND: ClassVar[str] = "load"
@@ -335,8 +314,7 @@ class LoadReport(Message):
     draining: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class AdapterTierCommand(Message):
+class AdapterTierCommand(Message, frozen=True):
     """Move an adapter between an executor's tiers ahead of demand (the predictor sends these).
 
     Sent to the scheduler, which forwards it to ``executor_id``. ``action`` is "promote" (bring
@@ -355,8 +333,7 @@ class AdapterTierCommand(Message):
 # --- executor <-> ledger ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class UsageEvent:
+class UsageEvent(msgspec.Struct, frozen=True):
     """Measured usage of one request (an item of :class:`UsageBatch`)."""
 
     event_id: str
@@ -369,16 +346,14 @@ class UsageEvent:
     ts_unix_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class UsageBatch(Message):
+class UsageBatch(Message, frozen=True):
     """Usage events, batched per engine step; the sender resends each until acknowledged."""
 
     KIND: ClassVar[str] = "usage"
     events: list[UsageEvent]
 
 
-@dataclass(frozen=True, slots=True)
-class UsageAck(Message):
+class UsageAck(Message, frozen=True):
     KIND: ClassVar[str] = "usage-ack"
     event_ids: list[str]
 
@@ -386,8 +361,7 @@ class UsageAck(Message):
 # --- events (PUB/SUB) ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RequestEvent:
+class RequestEvent(msgspec.Struct, frozen=True):
     """One placed request (an item of :class:`RequestEvents`)."""
 
     request_id: str
@@ -398,8 +372,7 @@ class RequestEvent:
     prompt_chars: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class RequestEvents(Message):
+class RequestEvents(Message, frozen=True):
     """Published by the scheduler, one per batch of placed requests; the predictor learns."""
 
     KIND: ClassVar[str] = "request-events"

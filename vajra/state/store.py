@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
+import msgspec
 import redis
 import trio
 from redis.backoff import ExponentialBackoff
@@ -161,36 +162,53 @@ end
 return removed
 """
 
-# KEYS: usage stream, then (dedupe marker, usage totals) per event; ARGV: marker TTL ms,
-# stream MAXLEN ("" = none), then 8 stream fields per event. Returns 1 (new) or 0 per event.
+# KEYS: usage stream, the usage totals of each tenant in the batch, then one dedupe marker per
+# event. ARGV: marker TTL ms, stream MAXLEN ("" = none), number of tenants, and the events as
+# one msgpack array of [tenant index (1-based), event_id, tenant_id, request_id, executor_id,
+# gpu_ms, prompt_tokens, completion_tokens, ts_ms] (numbers as decimal strings, so the stream
+# keeps exactly what was sent). Fresh events are summed per tenant and added with one set of
+# HINCRBYs per tenant. Returns one character per event: "1" new, "0" already counted.
 _RECORD_USAGE_LUA = """
 local fields = {'event_id', 'tenant_id', 'request_id', 'executor_id',
                 'gpu_ms', 'prompt_tokens', 'completion_tokens', 'ts_ms'}
+local n_tenants = tonumber(ARGV[3])
+local events = cmsgpack.unpack(ARGV[4])
+local sums = {}
 local out = {}
-for i = 0, (#KEYS - 1) / 2 - 1 do
-  local marker, totals = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
-  local a = 3 + 8 * i
-  if redis.call('SET', marker, '1', 'NX', 'PX', ARGV[1]) then
-    redis.call('HINCRBY', totals, 'requests', 1)
-    redis.call('HINCRBYFLOAT', totals, 'gpu_ms', ARGV[a + 4])
-    redis.call('HINCRBY', totals, 'prompt_tokens', ARGV[a + 5])
-    redis.call('HINCRBY', totals, 'completion_tokens', ARGV[a + 6])
+for i, ev in ipairs(events) do
+  if redis.call('SET', KEYS[1 + n_tenants + i], '1', 'NX', 'PX', ARGV[1]) then
+    local s = sums[ev[1]]
+    if not s then
+      s = {0, 0, 0, 0}
+      sums[ev[1]] = s
+    end
+    s[1] = s[1] + 1
+    s[2] = s[2] + tonumber(ev[6])
+    s[3] = s[3] + tonumber(ev[7])
+    s[4] = s[4] + tonumber(ev[8])
     local entry = {}
     for j = 1, 8 do
       entry[2 * j - 1] = fields[j]
-      entry[2 * j] = ARGV[a + j - 1]
+      entry[2 * j] = ev[j + 1]
     end
     if ARGV[2] == '' then
       redis.call('XADD', KEYS[1], '*', unpack(entry))
     else
       redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(entry))
     end
-    out[i + 1] = 1
+    out[i] = '1'
   else
-    out[i + 1] = 0
+    out[i] = '0'
   end
 end
-return out
+for t, s in pairs(sums) do
+  local totals = KEYS[1 + t]
+  redis.call('HINCRBY', totals, 'requests', string.format('%d', s[1]))
+  redis.call('HINCRBYFLOAT', totals, 'gpu_ms', string.format('%.17g', s[2]))
+  redis.call('HINCRBY', totals, 'prompt_tokens', string.format('%d', s[3]))
+  redis.call('HINCRBY', totals, 'completion_tokens', string.format('%d', s[4]))
+end
+return table.concat(out)
 """
 
 # KEYS: predictor adapter hash; ARGV: ts_ms
@@ -608,22 +626,36 @@ class ClusterState:
             _check_usage(rec)
         if not records:
             return []
-        keys_: list[str] = [keys.usage_events()]
-        args: list[str] = [str(self._dedupe_ttl_ms), self._stream_maxlen]
+        tenant_index: dict[str, int] = {}
+        events: list[list[str | int]] = []
         for rec in records:
-            keys_ += (keys.usage_event(rec.event_id), keys.usage(rec.tenant_id))
-            args += (
-                rec.event_id,
-                rec.tenant_id,
-                rec.request_id,
-                rec.executor_id,
-                repr(float(rec.gpu_ms)),
-                str(rec.prompt_tokens),
-                str(rec.completion_tokens),
-                str(rec.ts_ms),
+            index = tenant_index.setdefault(rec.tenant_id, len(tenant_index) + 1)
+            events.append(
+                [
+                    index,
+                    rec.event_id,
+                    rec.tenant_id,
+                    rec.request_id,
+                    rec.executor_id,
+                    repr(float(rec.gpu_ms)),
+                    str(rec.prompt_tokens),
+                    str(rec.completion_tokens),
+                    str(rec.ts_ms),
+                ]
             )
-        result = self._record_usage_lua(keys=keys_, args=args)
-        return [bool(int(x)) for x in result]
+        keys_ = [
+            keys.usage_events(),
+            *(keys.usage(t) for t in tenant_index),
+            *(keys.usage_event(rec.event_id) for rec in records),
+        ]
+        args = [
+            str(self._dedupe_ttl_ms),
+            self._stream_maxlen,
+            str(len(tenant_index)),
+            msgspec.msgpack.encode(events),
+        ]
+        flags = self._record_usage_lua(keys=keys_, args=args)
+        return [c == "1" for c in flags]
 
     @_translate_errors
     def get_usage(self, tenant_id: str) -> UsageTotals:
