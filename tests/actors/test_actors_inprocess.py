@@ -219,6 +219,45 @@ async def test_usage_is_resent_until_the_ledger_records_it_once(
             nursery.cancel_scope.cancel()
 
 
+async def test_a_busy_key_is_refreshed_ahead_and_a_revoked_one_stops_within_its_ttl(
+    cfg: VajraConfig, astate: AsyncClusterState, valkey_url: str
+) -> None:
+    """Requests on a busy key never wait for Redis after the first; revocation still lands."""
+    cfg = cfg.replace("gateway", auth_cache_ttl_s=0.4)
+    _, key = _api_key(valkey_url)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Scheduler(cfg).run)
+            await nursery.start(Executor(cfg, astate, executor_id="exec-0", model="null").run)
+            gateway = Gateway(cfg, astate)
+            address = await nursery.start(gateway.run)
+            async with AsyncClient(address, key, timeout_s=10) as c:
+                for _ in range(20):
+                    try:
+                        await c.infer("hello", max_tokens=1)
+                        break
+                    except UnavailableError:  # the executor's hello may still be on its way
+                        await trio.sleep(0.1)
+                start = trio.current_time()
+                while trio.current_time() - start < 1.5:  # several cache lifetimes
+                    await c.infer("hello", max_tokens=1)
+                    await trio.sleep(0.01)
+                assert gateway.counters["auth_cache_misses"] == 1
+                assert gateway.counters["auth_refreshes"] >= 2
+                # Revoked behind the gateway's back (Redis directly): refused within the TTL.
+                with ClusterState(valkey_url) as st:
+                    assert st.revoke_api_key(key)
+                revoked_at = trio.current_time()
+                with pytest.raises(AuthError):
+                    while True:
+                        await c.infer("hello", max_tokens=1)
+                        await trio.sleep(0.01)
+                assert (
+                    trio.current_time() - revoked_at < 0.4 + 1.0
+                )  # TTL, plus slack for a slow host
+            nursery.cancel_scope.cancel()
+
+
 async def test_ledger_acknowledges_duplicates_without_counting_them(
     cfg: VajraConfig, astate: AsyncClusterState
 ) -> None:

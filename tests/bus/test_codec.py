@@ -187,14 +187,13 @@ def test_decoders_cover_all_messages() -> None:
 
 def test_decode_many_takes_apart_a_batch_and_isolates_a_bad_body() -> None:
     push = AdapterPush(request_id="p1", api_key="k", name="lora")
-    frames = [
-        *encode(StatsReply(request_id="s1", actor="a", counters={"x": 1})),
-        _header(),
-        msgpack.packb({"request_id": "bad", "api_key": 3}),  # wrong type: only this one fails
-        *encode(push, bulk=[b"{}", b"weights"]),  # bulk frames are delimited by its kind
-        *encode(ErrorReply(request_id="e1", code="internal", message="m")),
+    messages = [
+        encode(StatsReply(request_id="s1", actor="a", counters={"x": 1})),
+        [_header(), msgpack.packb({"request_id": "bad", "api_key": 3})],  # wrong type
+        encode(push, bulk=[b"{}", b"weights"]),
+        encode(ErrorReply(request_id="e1", code="internal", message="m")),
     ]
-    out = codec.decode_many(frames)
+    out = codec.decode_many([codec.pack_batch(messages)])
     assert len(out) == 4
     first, bad, pushed, last = (env for env, _ in out)
     assert isinstance(first, codec.Envelope) and first.message.request_id == "s1"  # type: ignore[attr-defined]
@@ -202,18 +201,26 @@ def test_decode_many_takes_apart_a_batch_and_isolates_a_bad_body() -> None:
     assert isinstance(pushed, codec.Envelope) and pushed.bulk == (b"{}", b"weights")
     assert isinstance(last, codec.Envelope) and isinstance(last.message, ErrorReply)
     # Each item carries its own frames, so a message can be forwarded byte for byte.
-    assert [len(own) for _, own in out] == [2, 2, 4, 2]
-    assert codec.decode(out[3][1]).message == last.message
+    assert [list(own) for _, own in out] == messages
+    # A message alone travels as its own frames.
+    (alone,) = codec.decode_many(messages[3])
+    assert isinstance(alone[0], codec.Envelope) and alone[0].message == last.message
 
 
-def test_decode_many_stops_at_a_header_it_cannot_read() -> None:
+@pytest.mark.parametrize(
+    "frames",
+    [[b"\xc1not msgpack"], [msgpack.packb([1, 2])], [msgpack.packb([[b"a"], "x"])], [b""]],
+)
+def test_decode_many_answers_a_bad_batch_frame_with_one_error(frames: list[bytes]) -> None:
+    ((env, own),) = codec.decode_many(frames)
+    assert isinstance(env, DecodeError) and "batch" in str(env)
+    assert list(own) == frames
+
+
+def test_decode_many_reports_each_bad_message_of_a_batch() -> None:
     good = encode(ErrorReply(request_id="e1", code="internal", message="m"))
-    out = codec.decode_many([*good, b"\xc1not msgpack", b"body", *good])
-    assert isinstance(out[0][0], codec.Envelope)
-    assert len(out) == 2 and isinstance(out[1][0], DecodeError)
-    # A message cut short: its header promises frames that are not there.
-    push = encode(AdapterPush(request_id="p1", api_key="k", name="lora"), bulk=[b"a", b"b"])
-    cut = codec.decode_many([*good, *push[:3]])
-    assert isinstance(cut[-1][0], DecodeError) and "missing" in str(cut[-1][0])
-    assert codec.decode_many([]) == []
-    assert isinstance(codec.decode_many([good[0]])[0][0], DecodeError)
+    out = codec.decode_many([codec.pack_batch([good, [b"\xc1", b"body"], [good[0]], good])])
+    kinds = [type(env) for env, _ in out]
+    assert kinds == [codec.Envelope, DecodeError, DecodeError, codec.Envelope]
+    ((empty, _),) = codec.decode_many([])
+    assert isinstance(empty, DecodeError) and "expected 2 frames" in str(empty)

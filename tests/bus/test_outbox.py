@@ -127,3 +127,25 @@ async def test_a_second_flush_during_a_blocked_one_keeps_order(
         assert out.pending == 0
         for s in (router, *dealers.values()):
             s.close()
+
+
+async def test_unpacked_outbox_sends_each_message_alone_in_order(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+) -> None:
+    """``pack=False`` (client-facing sockets): one ZeroMQ message per message, sent in one go."""
+    with trio.fail_after(10):
+        router, dealers = _router_with_dealers(ctx, [b"a", b"b"])
+        await _connected(router, dealers)
+        out = Outbox(router, pack=False)
+        for i in range(6):
+            out.add(_msg(i), b"a" if i < 4 else b"b")
+        await out.flush()
+        assert [_ids(await dealers[b"a"].recv()) for _ in range(4)] == [
+            ["r0"],
+            ["r1"],
+            ["r2"],
+            ["r3"],
+        ]
+        assert [_ids(await dealers[b"b"].recv()) for _ in range(2)] == [["r4"], ["r5"]]
+        for s in (router, *dealers.values()):
+            s.close()

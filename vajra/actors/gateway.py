@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 import zmq
@@ -83,6 +83,14 @@ _MAX_QUERIES = 256  # tenant queries and admin requests in flight at once
 Query = WhoAmIRequest | UsageQuery | AdminRequest | ClusterStatusRequest
 
 
+class _AuthEntry(NamedTuple):
+    """A cached key lookup: used until ``expires``; refreshed in the background after ``stale``."""
+
+    tenant: TenantRecord | None
+    expires: float  # time.monotonic()
+    stale: float
+
+
 @dataclass(slots=True)
 class _Pending:
     identity: bytes
@@ -113,7 +121,7 @@ class Gateway:
         self._pending: dict[str, _Pending] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._seq = itertools.count(1)
-        self._auth_cache: dict[str, tuple[TenantRecord | None, float]] = {}
+        self._auth_cache: dict[str, _AuthEntry] = {}
         self._auth_limiter = trio.CapacityLimiter(64)
         self._auth_inflight: dict[str, trio.Event] = {}
         # Bumped by every revocation: an auth lookup that began before one is not cached.
@@ -151,6 +159,8 @@ class Gateway:
         )
         # Admitted requests for the scheduler, sent together at the end of each pass.
         self._work_out = Outbox(self.scheduler)
+        # Replies for clients from one pass over the executors' messages, sent in one go.
+        self._client_out = Outbox(self.frontend, pack=False)
         self.address = ""
         self.backend_address = ""
 
@@ -261,10 +271,23 @@ class Gateway:
             )
             return
         cached = self._auth_cache.get(req.api_key)
-        if cached is not None and cached[1] > time.monotonic():
-            await self._admit(identity, req, cached[0])
+        now = time.monotonic()
+        if cached is not None and cached.expires > now:
+            if cached.stale <= now and req.api_key not in self._auth_inflight:
+                # Refresh ahead of expiry, so a busy key never misses the cache.
+                nursery.start_soon(self._refresh_key, req.api_key)
+            await self._admit(identity, req, cached.tenant)
         else:
+            self.counters["auth_cache_misses"] += 1
             nursery.start_soon(self._authenticate_then_admit, identity, req)
+
+    async def _refresh_key(self, api_key: str) -> None:
+        self.counters["auth_refreshes"] += 1
+        try:
+            with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+                await self._lookup_key(api_key, refresh=True)
+        except (VajraError, trio.TooSlowError) as exc:
+            log.warning("auth refresh failed: %s", exc)  # the entry still expires on time
 
     async def _authenticate_then_admit(self, identity: bytes, req: InferRequest) -> None:
         try:
@@ -279,21 +302,23 @@ class Gateway:
         await self._admit(identity, req, tenant)
         await self._work_out.flush()
 
-    async def _lookup_key(self, api_key: str) -> TenantRecord | None:
+    async def _lookup_key(self, api_key: str, *, refresh: bool = False) -> TenantRecord | None:
         """The key's tenant through the auth cache: one Redis lookup per key at a time.
 
         Requests that miss while a lookup of the same key is in flight wait for it rather
-        than each asking Redis (the cache expires every ``auth_cache_ttl_s`` under load).
+        than each asking Redis. ``refresh``: look it up even if the cached entry is fresh.
+        An entry lives ``auth_cache_ttl_s`` (half that for an unknown key) and is refreshed
+        in the background once half its life has passed (see ``_on_infer``).
         """
         cached = self._auth_cache.get(api_key)
-        if cached is not None and cached[1] > time.monotonic():
-            return cached[0]
+        if not refresh and cached is not None and cached.expires > time.monotonic():
+            return cached.tenant
         pending = self._auth_inflight.get(api_key)
         if pending is not None:
             await pending.wait()
             cached = self._auth_cache.get(api_key)
             if cached is not None:
-                return cached[0]
+                return cached.tenant
         done = self._auth_inflight[api_key] = trio.Event()
         try:
             epoch = self._auth_epoch
@@ -305,7 +330,8 @@ class Gateway:
             if len(self._auth_cache) > 100_000:
                 self._auth_cache.clear()
             if epoch == self._auth_epoch:
-                self._auth_cache[api_key] = (tenant, time.monotonic() + ttl)
+                now = time.monotonic()
+                self._auth_cache[api_key] = _AuthEntry(tenant, now + ttl, now + ttl / 2)
             return tenant
         finally:
             if self._auth_inflight.get(api_key) is done:
@@ -523,8 +549,8 @@ class Gateway:
             self._auth_epoch += 1
             await self.state.delete_tenant(t.tenant_id)
             self._auth_epoch += 1
-            for k, (rec, _) in list(self._auth_cache.items()):
-                if rec is not None and rec.tenant_id == t.tenant_id:
+            for k, entry in list(self._auth_cache.items()):
+                if entry.tenant is not None and entry.tenant.tenant_id == t.tenant_id:
                     del self._auth_cache[k]
             return AdminReply(msg.request_id, msg.action, t.tenant_id, t.name)
         if msg.action == "revoke_key":
@@ -623,9 +649,10 @@ class Gateway:
                         self.counters["malformed_internal_frames"] += 1
                         log.warning("dropped a malformed reply frame: %s", env)
                         continue
-                    await self._forward(env.message)
+                    self._forward(env.message)
+            await self._client_out.flush()
 
-    async def _forward(self, msg: Message) -> None:
+    def _forward(self, msg: Message) -> None:
         request_id = getattr(msg, "request_id", None)
         p = self._pending.get(request_id) if isinstance(request_id, str) else None
         if p is None:
@@ -657,7 +684,7 @@ class Gateway:
         else:
             self.counters["unexpected_internal_kind"] += 1
             return
-        await self.frontend.send([p.identity, *encode(out)])
+        self._client_out.add(encode(out), p.identity)
 
     async def _expire_deadlines(self) -> None:
         """Answer every request whose deadline passed with a retriable TimeoutError."""

@@ -215,6 +215,13 @@ def decode(
 #: One message of a batch: what it decoded to (or why not), and its own frames.
 Decoded = tuple[Envelope | DecodeError, Sequence[bytes]]
 
+_batch_decoder = msgspec.msgpack.Decoder(list[list[bytes]])
+
+
+def pack_batch(messages: Sequence[Sequence[bytes]]) -> bytes:
+    """One frame carrying several messages: a msgpack array of each message's frames."""
+    return _encode(messages)
+
 
 def decode_many(
     frames: Sequence[bytes],
@@ -222,37 +229,29 @@ def decode_many(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_bulk_bytes: int = DEFAULT_MAX_BULK_BYTES,
 ) -> list[Decoded]:
-    """Decode a ZeroMQ message that carries one or more messages back to back.
+    """Decode a ZeroMQ message from an internal hop: one message, or a batch of them.
 
     Internal hops gather the messages for one peer into one ZeroMQ message (see
-    :class:`vajra.bus.outbox.Outbox`); a single message is a batch of one. Each header says
-    how many frames its message spans, so a bad body costs only its own message; a bad
-    header ends the batch there (what follows cannot be delimited), reported as the last item.
+    :class:`vajra.bus.outbox.Outbox`): a single frame made by :func:`pack_batch`. A message
+    alone travels as its own frames (``[header, body, *bulk]``, never one frame). Each
+    message is decoded on its own, so a bad one costs only itself.
     """
+    if len(frames) != 1:
+        messages: Sequence[Sequence[bytes]] = (frames,)
+    else:
+        try:
+            messages = _batch_decoder.decode(frames[0])
+        except (msgspec.ValidationError, *_NOT_MSGPACK):
+            return [(DecodeError("a one-frame message must be a batch of messages"), frames)]
     out: list[Decoded] = []
-    i, n = 0, len(frames)
-    while i < n:
-        if n - i < 2:
-            out.append((DecodeError(f"expected 2 frames (header, body), got {n - i}"), frames[i:]))
-            break
+    for own in messages:
         try:
-            header = _header(frames[i])
-        except DecodeError as exc:
-            out.append((exc, frames[i:]))
-            break
-        end = i + 2 + _BULK_FRAMES[header[0]]
-        own = frames[i:end]
-        if end > n:
-            out.append((DecodeError(f"{header[0]}: frames missing", message_id=header[1]), own))
-            break
-        try:
-            env: Envelope | DecodeError = _body(
-                header, frames[i + 1], tuple(frames[i + 2 : end]), max_body_bytes, max_bulk_bytes
+            env: Envelope | DecodeError = decode(
+                own, max_body_bytes=max_body_bytes, max_bulk_bytes=max_bulk_bytes
             )
         except DecodeError as exc:
             env = exc
         out.append((env, own))
-        i = end
     return out
 
 

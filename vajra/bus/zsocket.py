@@ -101,15 +101,22 @@ class ZSocket:
 
     async def send(self, frames: Sequence[bytes]) -> None:
         """Send one multipart message, waiting while the socket is at its high-water mark."""
+        await self.send_each((frames,))
+
+    async def send_each(self, messages: Sequence[Sequence[bytes]]) -> None:
+        """Send several multipart messages in order, each its own ZeroMQ message.
+
+        Cheaper than one :meth:`send` each: the waiter is checked once, at the end.
+        """
         await trio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            try:
-                self._send_parts(frames)
-            except zmq.Again:
-                await self._wait(_POLLOUT)
-                continue
-            self._woke()
-            return
+        for frames in messages:
+            while True:
+                try:
+                    self._send_parts(frames)
+                    break
+                except zmq.Again:
+                    await self._wait(_POLLOUT)
+        self._woke()
 
     def send_nowait(self, frames: Sequence[bytes]) -> bool:
         """Try to send without waiting; False if the socket would block (message not sent)."""
@@ -120,25 +127,35 @@ class ZSocket:
         self._woke()
         return True
 
+    def _recv_parts(self) -> list[bytes]:
+        """Take one whole message or raise zmq.Again (its later frames are always there).
+
+        ``Frame.more`` is read instead of asking the socket for ``RCVMORE`` per frame.
+        """
+        recv = self._sock.recv
+        frame = recv(_NOBLOCK, copy=False)
+        parts = [frame.bytes]
+        while frame.more:
+            frame = recv(_NOBLOCK, copy=False)
+            parts.append(frame.bytes)
+        return parts
+
     async def recv(self) -> list[bytes]:
         """Receive one multipart message."""
-        await trio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            try:
-                frames: list[bytes] = self._sock.recv_multipart(_NOBLOCK, copy=True)
-            except zmq.Again:
-                await self._wait(_POLLIN)
-                continue
-            self._woke()
-            return frames
+        return (await self.recv_batch(1))[0]
 
     async def recv_batch(self, max_messages: int = 256) -> list[list[bytes]]:
         """Wait for at least one message, then take every waiting one, up to ``max_messages``."""
-        batch = [await self.recv()]
-        sock = self._sock
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                batch = [self._recv_parts()]
+                break
+            except zmq.Again:
+                await self._wait(_POLLIN)
         while len(batch) < max_messages:
             try:
-                batch.append(sock.recv_multipart(_NOBLOCK, copy=True))
+                batch.append(self._recv_parts())
             except zmq.Again:
                 break
         self._woke()
