@@ -243,7 +243,7 @@ async def test_a_busy_key_is_refreshed_ahead_and_a_revoked_one_stops_within_its_
                     await c.infer("hello", max_tokens=1)
                     await trio.sleep(0.01)
                 assert gateway.counters["auth_cache_misses"] == 1
-                assert gateway.counters["auth_refreshes"] >= 2
+                assert 2 <= gateway.counters["auth_refreshes"] <= 1.5 / 0.2 + 1  # one per half-life
                 # Revoked behind the gateway's back (Redis directly): refused within the TTL.
                 with ClusterState(valkey_url) as st:
                     assert st.revoke_api_key(key)

@@ -273,8 +273,10 @@ class Gateway:
         cached = self._auth_cache.get(req.api_key)
         now = time.monotonic()
         if cached is not None and cached.expires > now:
-            if cached.stale <= now and req.api_key not in self._auth_inflight:
-                # Refresh ahead of expiry, so a busy key never misses the cache.
+            if cached.stale <= now:
+                # Refresh ahead of expiry, so a busy key never misses the cache; one refresh
+                # at a time (the entry stops counting as stale until it is replaced).
+                self._auth_cache[req.api_key] = cached._replace(stale=cached.expires)
                 nursery.start_soon(self._refresh_key, req.api_key)
             await self._admit(identity, req, cached.tenant)
         else:

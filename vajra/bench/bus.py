@@ -9,6 +9,9 @@ the gateway's ZeroMQ socket:
 
 The same load generator then drives a raw pyzmq ROUTER echo server in another process, with
 the same frames, so the result carries its own ceiling measured on the same machine.
+
+Where the time goes: the CPU time each process of the cluster used during the throughput run,
+divided by the requests answered (``cpu_us_per_request``; ``load_generator`` is this process).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
 import trio
 import zmq
 
@@ -137,6 +141,31 @@ class _Load:
         }
 
 
+def _process_name(proc: psutil.Process) -> str:
+    """An actor's name (``vajra actor NAME``), else the program's."""
+    argv = proc.cmdline()
+    if "actor" in argv and argv.index("actor") + 1 < len(argv):
+        return argv[argv.index("actor") + 1]
+    return Path(argv[0]).name if argv else proc.name()
+
+
+def _cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by this process (the load generator) and each one under it."""
+    me = psutil.Process()
+    used: dict[str, float] = {}
+    t = me.cpu_times()
+    used["load_generator"] = t.user + t.system
+    for child in me.children(recursive=True):
+        try:
+            with child.oneshot():
+                t = child.cpu_times()
+                name = _process_name(child)
+                used[name] = used.get(name, 0.0) + t.user + t.system
+        except psutil.Error:  # gone meanwhile
+            continue
+    return used
+
+
 def _run_cluster_in_thread(
     home: Path,
 ) -> tuple[dict[str, Any], trio.lowlevel.TrioToken, threading.Thread]:
@@ -187,7 +216,10 @@ def run_bus_bench(
             load = _Load(info["gateway_address"], api_key, check_results=True)
             try:
                 load.latency(200)  # warm-up: caches, connections
+                cpu_before = _cpu_seconds()
                 e2e_tp = load.throughput(concurrency, duration_s)
+                cpu_after = _cpu_seconds()
+                cpu_used = {n: s - cpu_before.get(n, 0.0) for n, s in cpu_after.items()}
                 e2e_lat = load.latency(latency_requests)
                 errors = load.errors
             finally:
@@ -227,6 +259,10 @@ def run_bus_bench(
         "raw_p50_ms": round(raw_lat["p50_ms"], 3),
         "raw_p99_ms": round(raw_lat["p99_ms"], 3),
         "ratio_to_raw": round(e2e_tp["requests_per_s"] / raw_tp["requests_per_s"], 3),
+        "cpu_us_per_request": {
+            name: round(seconds / max(1, e2e_tp["requests"]) * 1e6, 1)
+            for name, seconds in sorted(cpu_used.items(), key=lambda kv: -kv[1])
+        },
         "conditions": {
             "concurrency": concurrency,
             "duration_s": duration_s,

@@ -3,7 +3,7 @@
 Header: msgpack array ``[version, kind, message_id, reply_to, trace_id]``.
 Bulk: a kind that declares ``BULK_FRAMES = n`` (adapter uploads) is followed by exactly ``n``
 raw byte frames, never inside msgpack; :func:`decode` returns them on ``Envelope.bulk``.
-Body: msgpack map of the message's dataclass fields, decoded and type-checked in one pass by
+Body: msgpack map of the message struct's fields, decoded and type-checked in one pass by
 msgspec (one typed decoder per kind).
 
 :func:`decode` validates at the edge: a frame that is not msgpack, an unknown kind, a wrong

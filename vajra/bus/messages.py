@@ -5,6 +5,13 @@ trace_id]`` and a msgpack map holding the struct fields (see :mod:`vajra.bus.cod
 Field names carry their units (``deadline_ms``, ``max_tokens``, ``gpu_ms``). New fields
 always get defaults, so an older sender's frames still decode.
 
+Why ``msgspec.Struct`` rather than ``@dataclass(frozen=True)``: the same frozen, typed,
+declared-fields record (msgspec declares it a dataclass transform, so type checkers treat it
+as one), but building one costs ~0.15 µs instead of ~2 µs (a 9-field frozen dataclass pays
+``object.__setattr__`` per field) and decoding into it is faster too; every request builds and
+decodes several of these in every actor on its path. Internal hops may carry several
+messages in one ZeroMQ message (:mod:`vajra.bus.outbox`); each keeps these two frames.
+
 Data flows left to right::
 
     client ──InferRequest──▶ gateway ──InferWork──▶ scheduler ──InferWork──▶ executor

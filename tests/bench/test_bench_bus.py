@@ -1,0 +1,27 @@
+"""`vajra bench bus` in a short form: it runs end to end and writes every figure it promises.
+
+Speeds are not asserted here (tests must pass on a loaded machine); the benchmark's own runs
+are quoted in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_bus_writes_its_json(tmp_path: Path) -> None:
+    out = tmp_path / "bus.json"
+    cmd = [sys.executable, "-m", "vajra", "bench", "bus", "--json", str(out)]
+    cmd += ["--duration", "0.5", "--concurrency", "16", "--latency-requests", "50"]
+    subprocess.run(cmd, check=True, timeout=240, capture_output=True)
+    result = json.loads(out.read_text())
+    for key in ("requests_per_s", "p50_ms", "p99_ms", "raw_requests_per_s", "ratio_to_raw"):
+        assert result[key] > 0, key
+    assert result["errors"] == 0
+    cpu = result["cpu_us_per_request"]
+    # Every actor of the request path shows up with the time it spent.
+    for actor in ("gateway", "scheduler", "executor", "ledger", "predictor", "load_generator"):
+        assert cpu[actor] > 0, (actor, cpu)
