@@ -146,7 +146,8 @@ def _process_name(proc: psutil.Process) -> str:
     argv = proc.cmdline()
     if "actor" in argv and argv.index("actor") + 1 < len(argv):
         return argv[argv.index("actor") + 1]
-    return Path(argv[0]).name if argv else proc.name()
+    # Some servers rewrite their argv as one string ("valkey-server 127.0.0.1:PORT").
+    return Path(argv[0]).name.split(" ")[0] if argv else proc.name()
 
 
 def _cpu_seconds() -> dict[str, float]:
