@@ -247,11 +247,22 @@ async def test_bad_adapters_are_refused_and_nothing_is_stored(
                 assert words in refused.value.message, (case, refused.value.message)
                 assert refused.value.field == "adapter", case
                 assert stored(cfg, raw) == before, case
-            # Oversized: refused by size before validation, with the size named.
+            # Oversized: refused by size before validation, with the size named. The client
+            # knows the gateway's limit and refuses before sending, at once, even far past
+            # the size at which ZeroMQ would cut the connection (no timeout).
             big = write_adapter(tmp_path / "big", config, weights + b"\0" * MAX_ADAPTER_BYTES)
+            huge = write_adapter(tmp_path / "huge", config, b"\0" * (4 * MAX_ADAPTER_BYTES))
+            for path in (big, huge):
+                with trio.fail_after(5), pytest.raises(PayloadTooLarge) as too_big:
+                    await c.push_adapter(path, "chat")
+                assert f"accepts at most {MAX_ADAPTER_BYTES}" in too_big.value.message
+                assert too_big.value.field == "weights"
+            # A client that was told no limit sends it: the gateway refuses it just the same.
+            c._max_upload_bytes = 0
             with pytest.raises(PayloadTooLarge) as too_big:
                 await c.push_adapter(big, "chat")
             assert f"limit of {MAX_ADAPTER_BYTES}" in too_big.value.message
+            assert stored(cfg, raw) == before
             # Pickle-only directories never leave the client.
             only_bin = tmp_path / "bin"
             only_bin.mkdir()
@@ -330,7 +341,11 @@ async def test_push_frames_are_checked_by_the_codec() -> None:
 
 
 async def test_cli_push_list_delete(
-    cluster: Cluster, valkey_url: str, adapters: Adapters, capsys: pytest.CaptureFixture[str]
+    cluster: Cluster,
+    valkey_url: str,
+    adapters: Adapters,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     from vajra.cli import main
 
@@ -351,6 +366,13 @@ async def test_cli_push_list_delete(
         assert "deleted cli@1" in capsys.readouterr().out
         assert await trio.to_thread.run_sync(main, ["adapter", "delete", "cli", *common]) == 1
         assert "not found" in capsys.readouterr().err
+    # Far past what ZeroMQ lets through: refused by the (sync) client at once, not timed out.
+    config, _ = read_adapter_dir(adapters.v1)
+    huge = write_adapter(tmp_path / "huge", config, b"\0" * (4 * MAX_ADAPTER_BYTES))
+    with trio.fail_after(10):
+        push = ["adapter", "push", str(huge), "--name", "cli", *common]
+        assert await trio.to_thread.run_sync(main, push) == 1
+    assert f"accepts at most {MAX_ADAPTER_BYTES}" in capsys.readouterr().err
 
 
 __all__ = ["seaweed"]  # the S3 server fixture, used below

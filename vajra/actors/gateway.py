@@ -496,7 +496,9 @@ class Gateway:
     async def _answer(self, msg: Query) -> Message:
         if isinstance(msg, WhoAmIRequest):
             t = await self._tenant_of(msg.api_key)
-            return TenantInfo(msg.request_id, t.tenant_id, t.name)
+            return TenantInfo(
+                msg.request_id, t.tenant_id, t.name, self.cfg.adapters.max_adapter_bytes
+            )
         if isinstance(msg, UsageQuery):
             t = await self._tenant_of(msg.api_key)
             if msg.tenant is not None and msg.tenant not in (t.tenant_id, t.name):

@@ -131,10 +131,17 @@ class WhoAmIRequest(Message, frozen=True):
 
 
 class TenantInfo(Message, frozen=True):
+    """The caller's tenant, and the gateway's limits a client checks before sending.
+
+    ``max_adapter_bytes``: the most an adapter upload's files may hold together (0: not said).
+    A larger upload would be cut off by ZeroMQ before the gateway could answer it.
+    """
+
     KIND: ClassVar[str] = "tenant-info"
     request_id: str
     tenant_id: str
     name: str
+    max_adapter_bytes: int = 0
 
 
 class UsageQuery(Message, frozen=True):

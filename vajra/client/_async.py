@@ -54,6 +54,7 @@ from vajra.client._types import (
     build_adapter_push,
     build_infer_request,
     build_stats_request,
+    check_upload_size,
     decode_reply,
     expect,
     interpret_reply,
@@ -129,6 +130,7 @@ class AsyncClient:
         self.address = address
         self._api_key = api_key
         self._tenant = tenant
+        self._max_upload_bytes: int | None = None  # asked of the gateway on the first push
         self._timeout_s = resolve_timeout(timeout_s, timeout_s)
         self._ctx: zmq.Context[Any] | None = None
         self._sock: ZSocket | None = None
@@ -349,10 +351,8 @@ class AsyncClient:
         The new version becomes active. The gateway validates it before storing anything;
         a refused adapter raises InvalidRequest naming the problem.
         """
-        timeout = resolve_timeout(timeout_s, self._timeout_s)
         config_json, weights = await trio.to_thread.run_sync(read_adapter_dir, path)
-        request = build_adapter_push(api_key=self._api_key, tenant=self._tenant, name=name)
-        return single_adapter(await self._single(request, timeout, (config_json, weights)))
+        return await self.push_adapter_bytes(config_json, weights, name, timeout_s=timeout_s)
 
     async def push_adapter_bytes(
         self, config_json: bytes, weights: bytes, name: str, *, timeout_s: float | None = None
@@ -360,8 +360,17 @@ class AsyncClient:
         """Like :meth:`push_adapter`, from the bytes of ``adapter_config.json`` and
         ``adapter_model.safetensors`` (for callers that hold them in memory, like the bridge)."""
         timeout = resolve_timeout(timeout_s, self._timeout_s)
+        check_upload_size(config_json, weights, await self._upload_limit(timeout))
         request = build_adapter_push(api_key=self._api_key, tenant=self._tenant, name=name)
         return single_adapter(await self._single(request, timeout, (config_json, weights)))
+
+    async def _upload_limit(self, timeout_s: float) -> int:
+        """The gateway's upload limit (asked once per client; 0 if it does not say)."""
+        if self._max_upload_bytes is None:
+            request = WhoAmIRequest(request_id=new_request_id(), api_key=self._api_key)
+            info = expect(await self._single(request, timeout_s), TenantInfo)
+            self._max_upload_bytes = info.max_adapter_bytes
+        return self._max_upload_bytes
 
     async def list_adapters(self, *, timeout_s: float | None = None) -> list[AdapterInfo]:
         """Every version of every adapter of this key's tenant, by name then version."""

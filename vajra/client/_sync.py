@@ -26,7 +26,7 @@ from types import TracebackType
 
 import zmq
 
-from vajra.bus.messages import InferRequest
+from vajra.bus.messages import InferRequest, TenantInfo, WhoAmIRequest
 from vajra.client._types import (
     AdapterInfo,
     InferenceResult,
@@ -40,9 +40,11 @@ from vajra.client._types import (
     build_adapter_push,
     build_infer_request,
     build_stats_request,
+    check_upload_size,
     decode_reply,
     expect,
     interpret_reply,
+    new_request_id,
     read_adapter_dir,
     request_frames,
     resolve_timeout,
@@ -104,6 +106,7 @@ class Client:
         self.address = address
         self._api_key = api_key
         self._tenant = tenant
+        self._max_upload_bytes: int | None = None  # asked of the gateway on the first push
         self._timeout_s = resolve_timeout(timeout_s, timeout_s)
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._local = threading.local()
@@ -332,10 +335,8 @@ class Client:
         The gateway validates it before storing anything; a refused adapter raises
         InvalidRequest naming the problem.
         """
-        timeout = resolve_timeout(timeout_s, self._timeout_s)
         config_json, weights = read_adapter_dir(path)
-        request = build_adapter_push(api_key=self._api_key, tenant=self._tenant, name=name)
-        return single_adapter(self._single(request, timeout, (config_json, weights)))
+        return self.push_adapter_bytes(config_json, weights, name, timeout_s=timeout_s)
 
     def push_adapter_bytes(
         self, config_json: bytes, weights: bytes, name: str, *, timeout_s: float | None = None
@@ -343,8 +344,17 @@ class Client:
         """Like :meth:`push_adapter`, from the bytes of ``adapter_config.json`` and
         ``adapter_model.safetensors``."""
         timeout = resolve_timeout(timeout_s, self._timeout_s)
+        check_upload_size(config_json, weights, self._upload_limit(timeout))
         request = build_adapter_push(api_key=self._api_key, tenant=self._tenant, name=name)
         return single_adapter(self._single(request, timeout, (config_json, weights)))
+
+    def _upload_limit(self, timeout_s: float) -> int:
+        """The gateway's upload limit (asked once per client; 0 if it does not say)."""
+        if self._max_upload_bytes is None:
+            request = WhoAmIRequest(request_id=new_request_id(), api_key=self._api_key)
+            info = expect(self._single(request, timeout_s), TenantInfo)
+            self._max_upload_bytes = info.max_adapter_bytes
+        return self._max_upload_bytes
 
     def list_adapters(self, *, timeout_s: float | None = None) -> list[AdapterInfo]:
         """Every version of every adapter of this key's tenant, by name then version."""

@@ -38,7 +38,13 @@ from vajra.bus.messages import (
     UsageReply,
     WhoAmIRequest,
 )
-from vajra.errors import InvalidRequest, ProtocolError, VajraError, error_from_code
+from vajra.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    ProtocolError,
+    VajraError,
+    error_from_code,
+)
 
 #: What a client hands to :func:`interpret_reply`: a decoded message, or the error that
 #: stands in for one (a frame for this request that did not decode, or the client closing).
@@ -324,6 +330,20 @@ def adapter_infos(outcome: object) -> list[AdapterInfo]:
         )
         for a in reply.adapters
     ]
+
+
+def check_upload_size(config_json: bytes, weights: bytes, limit: int) -> None:
+    """Refuse an upload larger than the gateway takes (``limit`` 0: the gateway did not say).
+
+    Checked before sending: ZeroMQ would drop a too-large message before the gateway could
+    answer, and the caller would only see a timeout.
+    """
+    size = len(config_json) + len(weights)
+    if limit and size > limit:
+        raise PayloadTooLarge(
+            f"the adapter's files hold {size} bytes; the gateway accepts at most {limit}",
+            field="weights",
+        )
 
 
 def single_adapter(outcome: object) -> AdapterInfo:
