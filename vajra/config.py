@@ -105,6 +105,8 @@ class AdaptersConfig:
     max_rank: int = 64
     max_adapter_bytes: int = 268_435_456  # config + weights of one upload (256 MiB)
     max_concurrent_pushes: int = 4  # uploads validated/stored at once per gateway
+    max_adapters_per_tenant: int = 1_000  # adapter names a tenant may hold (0: no limit)
+    max_versions_per_adapter: int = 1_000  # versions one name may hold (0: no limit)
     resolve_cache_ttl_s: float = 1.0  # gateway's NAME[@VERSION] -> version cache
     cache_dir: str = ""  # executor's disk tier; empty: <cluster.home>/cache/adapters
     disk_cache_bytes: int = 10 * 2**30

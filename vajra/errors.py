@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_KIND = "unknown_kind"
     UNSUPPORTED_VERSION = "unsupported_version"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    QUOTA_EXCEEDED = "quota_exceeded"
     INTERNAL = "internal"
 
 
@@ -97,6 +98,13 @@ class PayloadTooLarge(VajraError):
     code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
+class QuotaExceeded(VajraError):
+    """A tenant's limit (adapters, versions of one adapter) would be passed; not retriable
+    until something is deleted."""
+
+    code = ErrorCode.QUOTA_EXCEEDED
+
+
 class InternalError(VajraError):
     code = ErrorCode.INTERNAL
 
@@ -109,6 +117,7 @@ _BY_CODE: dict[ErrorCode, type[VajraError]] = {
     ErrorCode.TIMEOUT: TimeoutError,
     ErrorCode.UNAVAILABLE: UnavailableError,
     ErrorCode.PAYLOAD_TOO_LARGE: PayloadTooLarge,
+    ErrorCode.QUOTA_EXCEEDED: QuotaExceeded,
     ErrorCode.INTERNAL: InternalError,
 }
 

@@ -29,10 +29,16 @@ from transformers import AutoModelForCausalLM
 from tests.storage.conftest import s3_store
 from tests.storage.seaweed import SeaweedS3, seaweed
 from vajra.actors.gateway import Gateway
-from vajra.bus.codec import decode, encode
+from vajra.bus.codec import DecodeError, decode, decode_many, encode
 from vajra.bus.messages import AdapterPush, InferResult, InferWork
 from vajra.bus.zsocket import ZSocket, open_socket
-from vajra.client import AsyncClient, InvalidRequest, NotFoundError, PayloadTooLarge
+from vajra.client import (
+    AsyncClient,
+    InvalidRequest,
+    NotFoundError,
+    PayloadTooLarge,
+    QuotaExceeded,
+)
 from vajra.client._types import read_adapter_dir
 from vajra.config import VajraConfig
 from vajra.state import AsyncClusterState, ClusterState
@@ -72,8 +78,14 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture
 def cfg(
-    tmp_path: Path, valkey_url: str, tiny_model_dir: Path, raw: redis.Redis[str]
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    valkey_url: str,
+    tiny_model_dir: Path,
+    raw: redis.Redis[str],
 ) -> VajraConfig:
+    """The test config; a test may set more ``[adapters]`` keys with indirect parametrizing."""
+    adapters: dict[str, int] = getattr(request, "param", {})
     run = tmp_path / "run"
     run.mkdir()
     return (
@@ -87,7 +99,7 @@ def cfg(
             gateway_backend_address=f"ipc://{run}/gw",
             scheduler_address=f"ipc://{run}/sched",
         )
-        .replace("adapters", max_rank=8, max_adapter_bytes=MAX_ADAPTER_BYTES)
+        .replace("adapters", max_rank=8, max_adapter_bytes=MAX_ADAPTER_BYTES, **adapters)
         .replace("storage", local_dir=str(tmp_path / "objects"))
     )
 
@@ -115,11 +127,13 @@ class Cluster:
     async def serve_scheduler(self) -> None:
         while True:
             identity, *frames = await self.sched.recv()
-            work = decode(frames).message
-            assert isinstance(work, InferWork)
-            self.work.append(work)
-            result = InferResult(work.request_id, "ok", [1], "stop", 1, 1, 0.1)
-            await self.sched.send([identity, *encode(result)])
+            for env, _ in decode_many(frames):  # the gateway may send several at once
+                assert not isinstance(env, DecodeError), env
+                work = env.message
+                assert isinstance(work, InferWork)
+                self.work.append(work)
+                result = InferResult(work.request_id, "ok", [1], "stop", 1, 1, 0.1)
+                await self.sched.send([identity, *encode(result)])
 
 
 @pytest.fixture
@@ -325,11 +339,40 @@ async def test_tenants_cannot_see_use_or_delete_each_others_adapters(
             assert cluster.work[-1].adapter_digest == mine.digest
 
 
+@pytest.mark.parametrize(
+    "cfg", [{"max_adapters_per_tenant": 2, "max_versions_per_adapter": 2}], indirect=True
+)
+async def test_quotas_refuse_a_push_before_anything_is_stored(
+    cluster: Cluster,
+    cfg: VajraConfig,
+    raw: redis.Redis[str],
+    valkey_url: str,
+    adapters: Adapters,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    key = new_tenant(valkey_url)
+    v3 = save_peft(tiny_model_dir, tmp_path / "v3", 4, r=2, lora_alpha=4, target_modules=["k_proj"])
+    with trio.fail_after(60):
+        async with AsyncClient(cluster.address, key, timeout_s=30) as c:
+            await c.push_adapter(adapters.v1, "one")
+            await c.push_adapter(adapters.v2, "one")
+            await c.push_adapter(adapters.v1, "two")
+            before = stored(cfg, raw)
+            with pytest.raises(QuotaExceeded, match="already holds 2 versions") as full:
+                await c.push_adapter(v3, "one")
+            assert full.value.field == "name"
+            with pytest.raises(QuotaExceeded, match="already holds 2 adapters"):
+                await c.push_adapter(v3, "three")
+            assert stored(cfg, raw) == before  # the refused files were never written
+            await c.delete_adapter("one", 1)
+            assert (await c.push_adapter(v3, "one")).version == 3
+
+
 async def test_push_frames_are_checked_by_the_codec() -> None:
     frames = encode(AdapterPush("r1", "k", "n"), message_id="r1", bulk=[b"{}", b"w" * 10])
     env = decode(frames)
     assert env.bulk == (b"{}", b"w" * 10)
-    from vajra.bus.codec import DecodeError
 
     with pytest.raises(DecodeError, match="expected 4 frames"):
         decode(frames[:3])

@@ -21,7 +21,7 @@ from vajra.adapters.registry import (
     AsyncAdapterRegistry,
     parse_adapter_ref,
 )
-from vajra.errors import InvalidRequest, NotFoundError, UnavailableError
+from vajra.errors import InvalidRequest, NotFoundError, QuotaExceeded, UnavailableError
 from vajra.state import keys
 
 
@@ -38,7 +38,9 @@ def reg(valkey_url: str, raw: redis.Redis[str]) -> Iterator[AdapterRegistry]:
         r.close()
 
 
-def _push(reg: AdapterRegistry, tenant: str, name: str, seed: str, rank: int = 8) -> int:
+def _push(
+    reg: AdapterRegistry, tenant: str, name: str, seed: str, rank: int = 8, **limits: int
+) -> int:
     d = _digest(seed)
     return reg.register(
         tenant,
@@ -50,6 +52,7 @@ def _push(reg: AdapterRegistry, tenant: str, name: str, seed: str, rank: int = 8
         target_modules=["q_proj", "v_proj"],
         size_bytes=1234,
         base_model="tiny-llama",
+        **limits,
     ).version
 
 
@@ -95,6 +98,61 @@ def test_versions_active_pointer_and_refs(reg: AdapterRegistry) -> None:
     assert reg.list("t_a") == []
     # A deleted name starts again at version 1.
     assert _push(reg, "t_a", "chat", "four") == 1
+
+
+def test_quotas_on_names_and_versions(reg: AdapterRegistry, raw: redis.Redis[str]) -> None:
+    limits = {"max_names": 2, "max_versions": 3}
+    assert _push(reg, "t_q", "a", "a1", **limits) == 1
+    assert _push(reg, "t_q", "b", "b1", **limits) == 1
+    before = sorted(raw.keys("*"))
+    reg.check_quota("t_q", "b", 2, 3)  # an existing name may grow
+    for check in (
+        lambda: reg.check_quota("t_q", "c", 2, 3),
+        lambda: _push(reg, "t_q", "c", "c1", **limits),
+    ):
+        with pytest.raises(QuotaExceeded, match="already holds 2 adapters") as e:
+            check()
+        assert e.value.field == "name" and not e.value.retriable
+    assert sorted(raw.keys("*")) == before  # refused: nothing written
+    _push(reg, "t_q", "b", "b2", **limits)
+    _push(reg, "t_q", "b", "b3", **limits)
+    with pytest.raises(QuotaExceeded, match="already holds 3 versions"):
+        _push(reg, "t_q", "b", "b4", **limits)
+    assert _push(reg, "t_q2", "c", "c1", **limits) == 1  # another tenant has its own quota
+    # Deleting makes room again; 0 means no limit.
+    reg.delete("t_q", "b", 1)
+    assert _push(reg, "t_q", "b", "b4", **limits) == 4
+    reg.delete("t_q", "a")
+    assert _push(reg, "t_q", "c", "c1", **limits) == 1
+    for i in range(5):
+        _push(reg, "t_q3", f"n{i}", f"s{i}")
+
+
+def test_concurrent_registrations_never_pass_a_quota(valkey_url: str) -> None:
+    """The limit is checked in the registering script itself: racing pushes cannot pass it."""
+    import threading
+
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def push(i: int) -> None:
+        r = AdapterRegistry.from_url(valkey_url)
+        try:
+            _push(r, "t_race", f"n{i}", f"s{i}", max_names=5)
+            result = "ok"
+        except QuotaExceeded:
+            result = "refused"
+        finally:
+            r.close()
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=push, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(outcomes) == ["ok"] * 5 + ["refused"] * 11
 
 
 def test_nothing_is_left_after_deleting_everything(

@@ -127,8 +127,9 @@ class AdapterDesk:
     ) -> AdapterReply:
         """Validate (in a worker thread), then store the files, then register the version.
 
-        Nothing is written anywhere until validation has passed, so a refused upload leaves
-        no trace. Files whose registration then fails stay in the store, unreferenced (the
+        Nothing is written anywhere until validation and the tenant's quotas
+        (``adapters.max_adapters_per_tenant``, ``max_versions_per_adapter``) have passed, so a
+        refused upload leaves no trace. Files whose registration then fails stay in the store, unreferenced (the
         same bytes pushed again reuse them).
         """
         assert self.registry is not None
@@ -145,6 +146,12 @@ class AdapterDesk:
         )
         async with self._validate_limiter:
             manifest = await trio.to_thread.run_sync(validate)
+        limits = (
+            self.cfg.adapters.max_adapters_per_tenant,
+            self.cfg.adapters.max_versions_per_adapter,
+        )
+        with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+            await self.registry.check_quota(tenant.tenant_id, msg.name, *limits)
         object_key = adapter_object_key(tenant.tenant_id, manifest.digest)
         await aput_adapter_objects(self.store, object_key, config_json, weights)
         with trio.fail_after(self.cfg.bus.rpc_timeout_s):
@@ -158,6 +165,8 @@ class AdapterDesk:
                 target_modules=list(manifest.target_modules),
                 size_bytes=manifest.size_bytes,
                 base_model=Path(model).name,
+                max_names=limits[0],
+                max_versions=limits[1],
             )
         # A concurrent delete of the last version holding the same bytes may have removed the
         # files between our put and our registration: put them back if so.

@@ -35,7 +35,13 @@ import trio
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from vajra.errors import InternalError, InvalidRequest, NotFoundError, UnavailableError
+from vajra.errors import (
+    InternalError,
+    InvalidRequest,
+    NotFoundError,
+    QuotaExceeded,
+    UnavailableError,
+)
 from vajra.state import keys
 
 __all__ = [
@@ -146,13 +152,23 @@ def _now_ms() -> int:
 # each update is one script even though the new version number is only known there.
 
 # KEYS: names set, name hash, refs hash, versions zset
-# ARGV: name, created_ms, digest, then the version hash's field/value pairs
+# ARGV: name, created_ms, digest, max names, max versions (0: no limit), then the version
+# hash's field/value pairs. Returns the new version, or -1 (the tenant holds max names
+# already and this is a new one) or -2 (this name holds max versions already).
 _REGISTER_LUA = """
+local max_names, max_versions = tonumber(ARGV[4]), tonumber(ARGV[5])
+if max_names > 0 and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0
+   and redis.call('SCARD', KEYS[1]) >= max_names then
+  return -1
+end
+if max_versions > 0 and redis.call('ZCARD', KEYS[4]) >= max_versions then
+  return -2
+end
 local v = redis.call('HINCRBY', KEYS[2], 'last_version', 1)
 if redis.call('HEXISTS', KEYS[2], 'created_ms') == 0 then
   redis.call('HSET', KEYS[2], 'created_ms', ARGV[2])
 end
-redis.call('HSET', KEYS[2] .. ':v:' .. v, 'version', v, unpack(ARGV, 4))
+redis.call('HSET', KEYS[2] .. ':v:' .. v, 'version', v, unpack(ARGV, 6))
 redis.call('HSET', KEYS[2], 'active', v)
 redis.call('ZADD', KEYS[4], v, v)
 redis.call('SADD', KEYS[1], ARGV[1])
@@ -244,6 +260,18 @@ def _version_from_row(name: str, row: Mapping[str, Any]) -> AdapterVersion:
         raise InternalError(f"malformed adapter record for {name!r}: {exc!r}") from exc
 
 
+def _quota_error(code: int, name: str, max_names: int, max_versions: int) -> QuotaExceeded:
+    if code == -1:
+        return QuotaExceeded(
+            f"the tenant already holds {max_names} adapters; delete one to add {name!r}",
+            field="name",
+        )
+    return QuotaExceeded(
+        f"adapter {name!r} already holds {max_versions} versions; delete old ones first",
+        field="name",
+    )
+
+
 def _translate_errors(
     method: Callable[Concatenate[AdapterRegistry, P], R],
 ) -> Callable[Concatenate[AdapterRegistry, P], R]:
@@ -310,8 +338,16 @@ class AdapterRegistry:
         target_modules: Sequence[str],
         size_bytes: int,
         base_model: str,
+        max_names: int = 0,
+        max_versions: int = 0,
     ) -> AdapterVersion:
-        """Add the next version of ``name`` for ``tenant_id`` and make it active."""
+        """Add the next version of ``name`` for ``tenant_id`` and make it active.
+
+        Raises QuotaExceeded (nothing written) when the tenant already holds ``max_names``
+        names and ``name`` is new, or ``name`` already holds ``max_versions`` versions
+        (0: no limit); checked in the same script that registers, so concurrent pushes
+        cannot pass a limit together.
+        """
         _check_tenant(tenant_id)
         check_adapter_name(name)
         if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
@@ -331,10 +367,12 @@ class AdapterRegistry:
             "base_model": base_model,
             "created_ms": str(created_ms),
         }
-        args = [name, str(created_ms), digest]
+        args = [name, str(created_ms), digest, str(max(0, max_names)), str(max(0, max_versions))]
         for k, v in fields.items():
             args += (k, v)
         version = int(self._register_lua(keys=self._keys(tenant_id, name), args=args))
+        if version < 0:
+            raise _quota_error(version, name, max_names, max_versions)
         return AdapterVersion(
             name=name,
             version=version,
@@ -348,6 +386,26 @@ class AdapterRegistry:
             created_ms=created_ms,
             active=True,
         )
+
+    @_translate_errors
+    def check_quota(self, tenant_id: str, name: str, max_names: int, max_versions: int) -> None:
+        """Raise QuotaExceeded if registering a version of ``name`` now would pass a limit.
+
+        A read before the upload is stored, so a refused push leaves no files behind;
+        :meth:`register` checks again, atomically.
+        """
+        _check_tenant(tenant_id)
+        check_adapter_name(name)
+        names_key, _, _, versions_key = self._keys(tenant_id, name)
+        pipe = self._r.pipeline(transaction=False)
+        pipe.sismember(names_key, name)
+        pipe.scard(names_key)
+        pipe.zcard(versions_key)
+        known, n_names, n_versions = pipe.execute()
+        if max_names > 0 and not known and int(n_names) >= max_names:
+            raise _quota_error(-1, name, max_names, max_versions)
+        if max_versions > 0 and int(n_versions) >= max_versions:
+            raise _quota_error(-2, name, max_names, max_versions)
 
     @_translate_errors
     def get(self, tenant_id: str, name: str, version: int | None = None) -> AdapterVersion:
@@ -452,6 +510,11 @@ class AsyncAdapterRegistry:
 
     async def register(self, tenant_id: str, name: str, **fields: Any) -> AdapterVersion:
         return await self._call(self.sync.register, tenant_id, name, **fields)
+
+    async def check_quota(
+        self, tenant_id: str, name: str, max_names: int, max_versions: int
+    ) -> None:
+        await self._call(self.sync.check_quota, tenant_id, name, max_names, max_versions)
 
     async def get(self, tenant_id: str, name: str, version: int | None = None) -> AdapterVersion:
         return await self._call(self.sync.get, tenant_id, name, version)

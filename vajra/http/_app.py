@@ -279,6 +279,7 @@ def _errors(model: type, *codes: int) -> dict[int | str, dict[str, Any]]:
     text = {
         400: "Invalid request; `field`/`param` names the input to blame",
         401: "Missing, unknown or revoked API key (or admin key)",
+        403: "A tenant quota would be passed (`quota_exceeded`); delete something first",
         404: "No such model, adapter or tenant, or one that belongs to another tenant",
         413: "Request body too large",
         429: "Per-tenant rate or concurrency limit; see Retry-After",
@@ -771,10 +772,12 @@ def create_app(ctx: BridgeContext) -> FastAPI:
             " leaving the archive are refused). Only safetensors weights are accepted. The"
             " gateway validates the adapter against the base model before storing anything:"
             " a refused adapter answers 400 naming the problem; one over"
-            " `adapters.max_adapter_bytes` answers 413."
+            " `adapters.max_adapter_bytes` answers 413; one past the tenant's quota"
+            " (`adapters.max_adapters_per_tenant` names, `max_versions_per_adapter` versions"
+            " of a name) answers 403 `quota_exceeded`."
         ),
         response_model=s.AdapterInfoBody,
-        responses=_errors(s.ErrorBody, 400, 401, 413, 429, 503, 504),
+        responses=_errors(s.ErrorBody, 400, 401, 403, 413, 429, 503, 504),
     )
     async def push_adapter(
         request: Request,

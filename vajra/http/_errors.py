@@ -23,6 +23,7 @@ STATUS_BY_CODE: dict[str, int] = {
     ErrorCode.AUTH_FAILED: 401,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.QUOTA_EXCEEDED: 403,
     ErrorCode.OVERLOADED: 503,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.TIMEOUT: 504,
