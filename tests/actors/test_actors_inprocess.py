@@ -223,7 +223,8 @@ async def test_a_busy_key_is_refreshed_ahead_and_a_revoked_one_stops_within_its_
     cfg: VajraConfig, astate: AsyncClusterState, valkey_url: str
 ) -> None:
     """Requests on a busy key never wait for Redis after the first; revocation still lands."""
-    cfg = cfg.replace("gateway", auth_cache_ttl_s=0.4)
+    ttl = 1.0
+    cfg = cfg.replace("gateway", auth_cache_ttl_s=ttl)
     _, key = _api_key(valkey_url)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -238,12 +239,13 @@ async def test_a_busy_key_is_refreshed_ahead_and_a_revoked_one_stops_within_its_
                         break
                     except UnavailableError:  # the executor's hello may still be on its way
                         await trio.sleep(0.1)
-                start = trio.current_time()
-                while trio.current_time() - start < 1.5:  # several cache lifetimes
+                start, refreshed = trio.current_time(), gateway.counters["auth_refreshes"]
+                while trio.current_time() - start < 2.5 * ttl:  # several cache lifetimes
                     await c.infer("hello", max_tokens=1)
                     await trio.sleep(0.01)
                 assert gateway.counters["auth_cache_misses"] == 1
-                assert 2 <= gateway.counters["auth_refreshes"] <= 1.5 / 0.2 + 1  # one per half-life
+                # One background refresh per half-life; none of these requests missed.
+                assert 2 <= gateway.counters["auth_refreshes"] - refreshed <= 2.5 / 0.5 + 1
                 # Revoked behind the gateway's back (Redis directly): refused within the TTL.
                 with ClusterState(valkey_url) as st:
                     assert st.revoke_api_key(key)
@@ -252,9 +254,8 @@ async def test_a_busy_key_is_refreshed_ahead_and_a_revoked_one_stops_within_its_
                     while True:
                         await c.infer("hello", max_tokens=1)
                         await trio.sleep(0.01)
-                assert (
-                    trio.current_time() - revoked_at < 0.4 + 1.0
-                )  # TTL, plus slack for a slow host
+                # Within the TTL, plus slack for a slow host.
+                assert trio.current_time() - revoked_at < ttl + 1.0
             nursery.cancel_scope.cancel()
 
 
