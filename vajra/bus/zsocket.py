@@ -115,6 +115,7 @@ class ZSocket:
                     self._send_parts(frames)
                     break
                 except zmq.Again:
+                    self._woke()  # the sends so far may have consumed another task's edge
                     await self._wait(_POLLOUT)
         self._woke()
 
