@@ -14,10 +14,11 @@ import pytest
 import torch
 import trio
 import zmq
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
 
 from tests.actors.inbox import Inbox
+from tests.reference import transformers_greedy
 from vajra.actors.base import now_ms, wait_until
 from vajra.actors.executor import Executor
 from vajra.adapters.format import base_model_spec, validate_adapter
@@ -67,22 +68,8 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def _reference(model_dir: Path, adapter: Path | None, prompt: str, n: int) -> list[int]:
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=n,
-            pad_token_id=tok.pad_token_id,
-        )
-    toks = [int(t) for t in out[0, ids.shape[1] :]]
-    return toks[: toks.index(tok.eos_token_id) + 1] if tok.eos_token_id in toks else toks
+    toks, eos = transformers_greedy(model_dir, prompt, n, adapter)
+    return toks[: toks.index(eos) + 1] if eos in toks else toks
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import zmq
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.e2e.harness import RunningCluster
+from tests.reference import transformers_greedy
 from vajra.bus.codec import decode, encode
 from vajra.bus.messages import PROTOCOL_VERSION, ErrorReply, InferRequest, InferResult, LoadReport
 from vajra.client import (
@@ -64,18 +65,7 @@ def api_key(cluster: RunningCluster) -> str:
 
 
 def _reference_greedy(model_dir: Path, prompt: str, max_new_tokens: int) -> list[int]:
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.inference_mode():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tok.pad_token_id,
-        )
-    return [int(t) for t in out[0, ids.shape[1] :]]
+    return transformers_greedy(model_dir, prompt, max_new_tokens)[0]
 
 
 def _strip_eos(tokens: list[int], eos: int | None) -> list[int]:
@@ -257,22 +247,7 @@ def _peft_adapter(model_dir: Path, out: Path, seed: int) -> Path:
 
 
 def _peft_greedy(model_dir: Path, adapter: Path, prompt: str, n: int) -> list[int]:
-    from peft import PeftModel
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter
-    ).eval()
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=n,
-            pad_token_id=tok.pad_token_id,
-        )
-    return _strip_eos([int(t) for t in out[0, ids.shape[1] :]], tok.eos_token_id)
+    return _strip_eos(*transformers_greedy(model_dir, prompt, n, adapter))
 
 
 async def test_hot_swap_under_load_never_fails_or_mixes_versions(

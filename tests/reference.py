@@ -1,0 +1,33 @@
+"""What transformers (and PEFT) themselves generate: the reference Vajra's outputs must equal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def transformers_greedy(
+    model_dir: Path, prompt: str, max_new_tokens: int, adapter: Path | None = None
+) -> tuple[list[int], int | None]:
+    """Greedy new-token ids for ``prompt`` from the model in ``model_dir`` (float32), through
+    the PEFT adapter saved in ``adapter`` when given; also the tokenizer's EOS id, so each
+    caller can cut at EOS the way the path it checks does."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+        )
+    return [int(t) for t in out[0, ids.shape[1] :]], tok.eos_token_id
