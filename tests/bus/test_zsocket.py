@@ -152,3 +152,67 @@ async def test_send_nowait_reports_a_full_queue(ctx: zmq.Context[zmq.Socket[byte
     # No peer connected: a DEALER with no peers cannot send at all.
     assert sock.send_nowait([b"x"]) is False
     sock.close()
+
+
+async def _other_task_runs_while(
+    loop: object,
+) -> int:
+    """How many times a competing task got to run while ``loop`` (an async callable) ran."""
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await trio.lowlevel.checkpoint()  # let the ticker start
+        ticks = 0
+        await loop()  # type: ignore[operator]
+        done = True
+    return ticks
+
+
+async def test_recv_batch_yields_even_when_messages_keep_arriving(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+) -> None:
+    """A consumer that never runs dry must still let the actor's other tasks run."""
+    router, dealer = _pair(ctx)
+    try:
+        with trio.fail_after(20):
+            for i in range(2_000):
+                await dealer.send([b"%d" % i])
+            first = await router.recv()  # the connection is up and messages are queued
+            assert first[1] == b"0"
+
+            async def drain_in_small_batches() -> None:
+                for _ in range(100):
+                    batch = await router.recv_batch(5)
+                    assert batch  # never runs dry: 1,999 are waiting
+
+            ticks = await _other_task_runs_while(drain_in_small_batches)
+        assert ticks >= 50, f"the other task ran {ticks} times during 100 batches"
+    finally:
+        router.close()
+        dealer.close()
+
+
+async def test_send_each_yields_even_when_the_socket_has_room(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+) -> None:
+    router, dealer = _pair(ctx)
+    try:
+        with trio.fail_after(20):
+
+            async def send_many() -> None:
+                for i in range(100):
+                    await dealer.send_each([[b"%d" % i]])
+
+            ticks = await _other_task_runs_while(send_many)
+        assert ticks >= 50, f"the other task ran {ticks} times during 100 sends"
+    finally:
+        router.close()
+        dealer.close()

@@ -10,6 +10,11 @@ another task is waiting for; so after every operation the waiter is woken and re
 Receiving drains in batches (:meth:`ZSocket.recv_batch`) so a busy actor pays for one wake-up
 per batch rather than one per message.
 
+Fairness: every :meth:`~ZSocket.recv_batch` and :meth:`~ZSocket.send_each` yields to the
+scheduler once (a full checkpoint) before it touches the socket, even when messages are
+waiting or the socket has room. Without that, a task fed faster than it drains would never
+yield, and an actor's other tasks (tickers, heartbeats, deadlines) would starve.
+
 Cancellation: a cancelled ``send``/``recv`` leaves the socket usable; a message is either
 fully sent/received or not at all (ZeroMQ messages are atomic).
 """
@@ -107,8 +112,10 @@ class ZSocket:
         """Send several multipart messages in order, each its own ZeroMQ message.
 
         Cheaper than one :meth:`send` each: the waiter is checked once, at the end.
+        Yields once before sending (see the module docstring), so a cancellation there sends
+        nothing.
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await trio.lowlevel.checkpoint()
         for frames in messages:
             while True:
                 try:
@@ -146,8 +153,12 @@ class ZSocket:
         return (await self.recv_batch(1))[0]
 
     async def recv_batch(self, max_messages: int = 256) -> list[list[bytes]]:
-        """Wait for at least one message, then take every waiting one, up to ``max_messages``."""
-        await trio.lowlevel.checkpoint_if_cancelled()
+        """Wait for at least one message, then take every waiting one, up to ``max_messages``.
+
+        Yields once before receiving (see the module docstring), so a cancellation there
+        loses no message.
+        """
+        await trio.lowlevel.checkpoint()
         while True:
             try:
                 batch = [self._recv_parts()]
