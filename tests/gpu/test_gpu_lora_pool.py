@@ -102,6 +102,30 @@ def test_smaller_adapter_in_a_dirty_slot_sees_zeros_above_its_rank() -> None:
     assert torch.all(bt[0, 3:] == 0.0)
 
 
+def test_copy_event_is_none_on_the_cpu_where_load_copies_synchronously() -> None:
+    pool = make_pool((1, 0, 0, 0))
+    buffer = host(4, 2.0)
+    slot = pool.load(buffer)
+    assert pool.copy_event(slot) is None
+    buffer.buffer.fill_(9.0)  # the host buffer is free to reuse at once
+    assert torch.equal(pool.read_back(slot), torch.full((4, LAYOUT.unit_numel), 2.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_copy_event_completes_once_the_host_buffer_was_read() -> None:
+    pool = LoraPool(LAYOUT, device="cuda", rank_classes=(8,), slots_per_class=(2,))
+    buffer = torch.full((8, LAYOUT.unit_numel), 3.0).pin_memory()
+    slot = pool.load(HostAdapter(digest="d3", rank=8, buffer=buffer))
+    event = pool.copy_event(slot)
+    assert event is not None
+    event.synchronize()
+    assert event.query()
+    buffer.fill_(9.0)  # reusing the host buffer now cannot change the slot
+    pool.wait_ready([slot])
+    assert torch.equal(pool.read_back(slot).cpu(), torch.full((8, LAYOUT.unit_numel), 3.0))
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(

@@ -2,187 +2,100 @@
 
 Every tier is bounded and evicts least-recently-used, and the GPU tier never evicts an adapter
 that a running request holds (a reference count per adapter, taken at admission and released
-when the request ends). Adapters are addressed by content digest, so a new version (a new
-digest) loads into a free slot while requests on the old one finish on its old slot — the
-atomic swap — and a digest that does not match its bytes is refused as corrupt.
+when the request ends) or that an acquire in progress is waiting for. Adapters are addressed by
+content digest, so a new version (a new digest) loads into a free slot while requests on the
+old one finish on its old slot — the atomic swap — and a digest that does not match its bytes
+is refused as corrupt.
 
 * disk: ``<cache_dir>/<digest>/{adapter_config.json, adapter_model.safetensors}``, bounded in
   bytes (``adapters.disk_cache_bytes``), LRU; found again after a restart.
 * host: one buffer allocated once at start (pinned when CUDA is present: pinning is slow), cut
   into fixed slots per rank class, so caching never fragments it (``adapters.host_cache_bytes``).
 * GPU: the engine's :class:`~vajra.gpu.lora.LoraPool` (``adapters.max_vram_adapters`` slots);
-  past ``adapters.lru_eviction_threshold`` of its slots in use, unreferenced adapters are
-  evicted down to the threshold.
+  past ``adapters.lru_eviction_threshold`` of its slots in use, idle adapters are evicted down
+  to the threshold.
 
-Concurrency: one task per digest loads it (single flight); later callers wait for that load.
-File reads, hashing, validation and packing run in worker threads; copies into the GPU pool run
-under the copy limiter. Counters and load-time histograms per tier are in :attr:`stats`.
+Concurrency. The executor's Trio thread owns every tier's tables, the host slab's and the disk
+cache's included (:mod:`vajra.actors.adapter_cache`); worker threads only do pure work: file
+reads and writes on paths chosen here, hashing, validation, packing into a host slot reserved
+here, and the copy into the GPU pool, under the GPU limiter that the engine holds for a whole
+step.
+
+* One task per digest loads it (single flight); later callers wait for that load and share
+  its error. Acquires in progress are counted per digest and eviction skips those digests, so a
+  load is never undone before its callers take their reference (no load/evict loop).
+* A host slot is pinned from before its load waits for the GPU limiter until the copy out of it
+  is done (on CUDA, until the copy's event completes); a pinned slot is never evicted or handed
+  out again. When every slot that fits is busy, the load packs into an uncached staging buffer
+  (at most :data:`STAGING_BUFFERS` at once; past ``busy_wait_s`` waiting for one, a retriable
+  OverloadedError).
+* When every GPU slot that fits is held, :meth:`AdapterTiers.acquire` answers a retriable
+  OverloadedError at once.
+
+Errors: :meth:`AdapterTiers.acquire` and :meth:`AdapterTiers.promote` raise only VajraErrors.
+A failing disk cache costs the cache, not the request (counted in ``stats["disk"].errors``);
+an unexpected exception (a torch ``RuntimeError``, an ``OSError``) is logged and becomes
+InternalError (UnavailableError for ``OSError``, OverloadedError for out-of-memory). On
+cancellation every reservation and pin is given back. Counters and load-time histograms per
+tier are in :attr:`AdapterTiers.stats`.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
-import shutil
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import trio
 
-from vajra.adapters.format import BaseModelSpec, InvalidAdapter, validate_adapter
+from vajra.actors.adapter_cache import LOAD_MS_BUCKETS, DiskCache, HostEntry, HostSlab, TierStats
+from vajra.adapters.format import AdapterManifest, BaseModelSpec, InvalidAdapter, validate_adapter
 from vajra.config import VajraConfig
-from vajra.errors import OverloadedError, VajraError
-from vajra.gpu.lora.pool import HostAdapter, LoraPool, PoolFull, pack_adapter, read_adapter_tensors
+from vajra.errors import InternalError, OverloadedError, UnavailableError, VajraError
+from vajra.gpu.lora.pool import HostAdapter, LoraPool, pack_adapter, read_adapter_tensors
 from vajra.storage import ObjectStore
-from vajra.storage.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, aget_adapter_objects
+from vajra.storage.adapters import aget_adapter_objects
+
+__all__ = [
+    "LOAD_MS_BUCKETS",
+    "STAGING_BUFFERS",
+    "TIERS",
+    "AdapterTiers",
+    "DiskCache",
+    "HostSlab",
+    "TierStats",
+]
 
 log = logging.getLogger("vajra.executor.tiers")
 
 TIERS = ("gpu", "host", "disk", "store")
-#: Upper bounds (ms) of the load-time histogram buckets.
-LOAD_MS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, float("inf"))
+#: Adapters packed at once into uncached staging buffers while every fitting host slot is busy.
+STAGING_BUFFERS = 4
+_MAX_TRIES = 4  # loads (own or awaited) one acquire tries before answering overloaded
+
+Tier = Literal["gpu", "host", "disk"]
 
 
-@dataclass
-class TierStats:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    load_ms: Counter[float] = field(default_factory=Counter)  # bucket upper bound -> count
-    load_ms_sum: float = 0.0
+@dataclass(eq=False)
+class _Flight:
+    """The one load of a digest in progress; waiters read ``error`` once ``done`` is set."""
 
-    def observe(self, ms: float) -> None:
-        self.load_ms[next(b for b in LOAD_MS_BUCKETS if ms <= b)] += 1
-        self.load_ms_sum += ms
-
-
-class HostSlab:
-    """Host memory for packed adapters, allocated once and cut into fixed slots per rank class.
-
-    A cached adapter takes a slot of the smallest class that fits; a full class evicts its
-    least-recently-used entry. Nothing is allocated (or pinned) after start.
-    """
-
-    def __init__(
-        self,
-        rank_classes: tuple[int, ...],
-        unit_numel: int,
-        capacity_bytes: int,
-        dtype: torch.dtype,
-    ) -> None:
-        element = torch.empty((), dtype=dtype).element_size()
-        per_class = capacity_bytes // max(1, len(rank_classes))
-        self.classes: list[tuple[int, torch.Tensor]] = []
-        pin = torch.cuda.is_available()
-        for rank in rank_classes:
-            slots = max(1, per_class // (rank * unit_numel * element))
-            buf = torch.empty((slots, rank * unit_numel), dtype=dtype, pin_memory=pin)
-            self.classes.append((rank, buf))
-        self.entries: OrderedDict[str, tuple[HostAdapter, int, int]] = OrderedDict()
-        self._free: list[list[int]] = [list(range(buf.shape[0])) for _, buf in self.classes]
-        self.capacity_bytes = sum(b.numel() * b.element_size() for _, b in self.classes)
-
-    def get(self, digest: str) -> HostAdapter | None:
-        hit = self.entries.get(digest)
-        if hit is None:
-            return None
-        self.entries.move_to_end(digest)
-        return hit[0]
-
-    def reserve(self, digest: str, rank: int) -> tuple[torch.Tensor, int, int]:
-        """A slot buffer for an adapter of ``rank`` (evicting LRU of that class if needed)."""
-        for c, (class_rank, buf) in enumerate(self.classes):
-            if class_rank < rank:
-                continue
-            if not self._free[c]:
-                victim = next((d for d, (_, vc, _) in self.entries.items() if vc == c), None)
-                if victim is None:
-                    continue
-                self.drop(victim)
-            local = self._free[c].pop()
-            return buf[local], c, local
-        raise InvalidAdapter(f"adapter rank {rank} exceeds the largest host slot class")
-
-    def put(self, digest: str, host: HostAdapter, c: int, local: int) -> None:
-        self.entries[digest] = (host, c, local)
-
-    def release_reservation(self, c: int, local: int) -> None:
-        self._free[c].append(local)
-
-    def drop(self, digest: str) -> bool:
-        hit = self.entries.pop(digest, None)
-        if hit is None:
-            return False
-        _, c, local = hit
-        self._free[c].append(local)
-        return True
-
-
-class DiskCache:
-    """The local-disk tier: adapter files by digest, bounded in bytes, least-recently-used out."""
-
-    def __init__(self, root: Path, capacity_bytes: int) -> None:
-        self.root = root
-        self.capacity_bytes = capacity_bytes
-        root.mkdir(parents=True, exist_ok=True)
-        self.entries: OrderedDict[str, int] = OrderedDict()
-        found = []
-        for d in root.iterdir():
-            weights = d / ADAPTER_WEIGHTS_FILE
-            config = d / ADAPTER_CONFIG_FILE
-            if d.is_dir() and weights.exists() and config.exists():
-                found.append(
-                    (
-                        weights.stat().st_mtime,
-                        d.name,
-                        weights.stat().st_size + config.stat().st_size,
-                    )
-                )
-        for _, digest, size in sorted(found):
-            self.entries[digest] = size
-        self.used_bytes = sum(self.entries.values())
-
-    def read(self, digest: str) -> tuple[bytes, bytes] | None:
-        if digest not in self.entries:
-            return None
-        d = self.root / digest
-        try:
-            data = (d / ADAPTER_CONFIG_FILE).read_bytes(), (d / ADAPTER_WEIGHTS_FILE).read_bytes()
-        except FileNotFoundError:
-            self.forget(digest)
-            return None
-        self.entries.move_to_end(digest)
-        return data
-
-    def write(self, digest: str, config: bytes, weights: bytes) -> None:
-        size = len(config) + len(weights)
-        if size > self.capacity_bytes:
-            return
-        while self.used_bytes + size > self.capacity_bytes and self.entries:
-            self.forget(next(iter(self.entries)))
-        d = self.root / digest
-        tmp = self.root / f".{digest}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        (tmp / ADAPTER_CONFIG_FILE).write_bytes(config)
-        (tmp / ADAPTER_WEIGHTS_FILE).write_bytes(weights)
-        shutil.rmtree(d, ignore_errors=True)
-        tmp.rename(d)
-        self.entries[digest] = size
-        self.used_bytes += size
-
-    def forget(self, digest: str) -> None:
-        size = self.entries.pop(digest, None)
-        if size is not None:
-            self.used_bytes -= size
-        shutil.rmtree(self.root / digest, ignore_errors=True)
+    tier: Tier
+    done: trio.Event = field(default_factory=trio.Event)
+    error: VajraError | None = None
 
 
 class AdapterTiers:
-    """Moves adapters between tiers for one executor; see the module docstring."""
+    """Moves adapters between tiers for one executor; see the module docstring.
+
+    ``busy_wait_s`` bounds how long a load waits for a staging buffer.
+    """
 
     def __init__(
         self,
@@ -192,6 +105,7 @@ class AdapterTiers:
         store: ObjectStore,
         *,
         gpu_limiter: trio.CapacityLimiter,
+        busy_wait_s: float = 2.0,
     ) -> None:
         a = cfg.adapters
         self.cfg = cfg
@@ -200,20 +114,26 @@ class AdapterTiers:
         self.store = store
         self._gpu_limiter = gpu_limiter
         self._io = trio.CapacityLimiter(4)
+        self._staging = trio.CapacityLimiter(STAGING_BUFFERS)
+        self._busy_wait_s = busy_wait_s
+        self.stats: dict[str, TierStats] = {t: TierStats() for t in TIERS}
         cache_dir = (
             Path(a.cache_dir).expanduser()
             if a.cache_dir
             else cfg.cluster.home_path / "cache" / "adapters"
         )
-        self.disk = DiskCache(cache_dir, a.disk_cache_bytes)
+        self.disk = DiskCache(cache_dir, a.disk_cache_bytes, io=self._io, stats=self.stats["disk"])
         self.host = HostSlab(
-            pool.rank_classes, pool.layout.unit_numel, a.host_cache_bytes, pool.dtype
+            pool.rank_classes,
+            pool.layout.unit_numel,
+            a.host_cache_bytes,
+            pool.dtype,
+            stats=self.stats["host"],
         )
         self.gpu: OrderedDict[str, int] = OrderedDict()  # digest -> slot, least recent first
-        self.refs: Counter[str] = Counter()
-        self.stats: dict[str, TierStats] = {t: TierStats() for t in TIERS}
-        self._loading: dict[str, trio.Event] = {}
-        self._failures: dict[str, VajraError] = {}
+        self.refs: Counter[str] = Counter()  # held by running requests
+        self._wanted: Counter[str] = Counter()  # acquires in progress
+        self._loading: dict[str, _Flight] = {}
 
     async def aclose(self) -> None:
         """Release the object store's connections (bounded in time, even when cancelled)."""
@@ -225,26 +145,39 @@ class AdapterTiers:
     async def acquire(self, digest: str, object_key: str) -> int:
         """Make ``digest`` resident on the GPU and hold it there; returns its pool slot.
 
-        Every :meth:`acquire` must be matched by one :meth:`release`. Raises a VajraError
-        (NotFoundError, UnavailableError, InvalidAdapter for corrupt files, OverloadedError
-        when every slot is held by running requests).
+        Every :meth:`acquire` must be matched by one :meth:`release`. Raises only VajraErrors:
+        NotFoundError, UnavailableError, InvalidAdapter for corrupt files, OverloadedError
+        (retriable) when every slot that fits is held by running requests.
         """
-        while True:
+        self._wanted[digest] += 1
+        try:
+            return await self._acquire(digest, object_key)
+        except VajraError:
+            raise
+        except Exception as exc:
+            raise _typed(exc, digest) from exc
+        finally:
+            self._wanted[digest] -= 1
+            if self._wanted[digest] <= 0:
+                del self._wanted[digest]
+
+    async def _acquire(self, digest: str, object_key: str) -> int:
+        for _ in range(_MAX_TRIES):
             slot = self.gpu.get(digest)
-            if slot is not None:
+            if slot is not None:  # the reference is taken in the step that finds it resident
                 self.stats["gpu"].hits += 1
                 self.refs[digest] += 1
                 self.gpu.move_to_end(digest)
                 return slot
-            loading = self._loading.get(digest)
-            if loading is not None:
-                await loading.wait()
-                failure = self._failures.pop(digest, None)
-                if failure is not None and digest not in self.gpu:
-                    raise failure
+            flight = self._loading.get(digest)
+            if flight is not None:
+                await flight.done.wait()
+                if flight.tier == "gpu" and flight.error is not None and digest not in self.gpu:
+                    raise copy.copy(flight.error)  # a promotion's failure is not ours: retry
                 continue
             self.stats["gpu"].misses += 1
-            await self._load(digest, object_key, to_gpu=True)
+            await self._load(digest, object_key, "gpu")
+        raise OverloadedError(f"adapter {digest[:12]} did not stay resident; retry")
 
     def release(self, digest: str) -> None:
         self.refs[digest] -= 1
@@ -263,14 +196,28 @@ class AdapterTiers:
         if tier == "gpu":
             await self.acquire(digest, object_key)
             self.release(digest)
-        elif digest not in self.gpu and self.host.get(digest) is None:
-            await self._load(digest, object_key, to_gpu=False, to_host=tier == "host")
+            return
+        try:
+            for _ in range(_MAX_TRIES):
+                if digest in self.gpu or self.host.get(digest) is not None:
+                    return
+                if tier == "disk" and digest in self.disk:
+                    return
+                flight = self._loading.get(digest)
+                if flight is None:
+                    await self._load(digest, object_key, "host" if tier == "host" else "disk")
+                    return
+                await flight.done.wait()
+        except VajraError:
+            raise
+        except Exception as exc:
+            raise _typed(exc, digest) from exc
 
     def demote(self, digest: str, tier: str) -> None:
         """Drop an adapter from ``tier`` and every tier above it (a held GPU copy stays)."""
         if tier not in ("gpu", "host", "disk"):
             raise InvalidAdapter(f"cannot demote from tier {tier!r}")
-        if digest in self.gpu and not self.refs.get(digest):
+        if digest in self.gpu and self._idle(digest):
             self._evict_gpu(digest)
         if tier in ("host", "disk"):
             self.host.drop(digest)
@@ -279,37 +226,88 @@ class AdapterTiers:
 
     # --- loading --------------------------------------------------------------------------
 
-    async def _load(
-        self, digest: str, object_key: str, *, to_gpu: bool, to_host: bool = True
-    ) -> None:
-        done = self._loading[digest] = trio.Event()
+    async def _load(self, digest: str, object_key: str, tier: Tier) -> None:
+        """Bring ``digest`` up to ``tier`` as the one load of it in flight."""
+        flight = self._loading[digest] = _Flight(tier)
         try:
-            host = self.host.get(digest)
-            if host is None:
-                self.stats["host"].misses += 1
-                config, weights = await self._bytes(digest, object_key)
-                if not (to_gpu or to_host):
-                    return
-                host = await self._pack(digest, config, weights)
-            else:
-                self.stats["host"].hits += 1
-            if to_gpu:
-                await self._to_gpu(digest, host)
+            await self._load_once(digest, object_key, tier)
         except VajraError as exc:
-            self._failures[digest] = exc
+            flight.error = exc
             raise
+        except Exception as exc:
+            flight.error = _typed(exc, digest)
+            raise flight.error from exc
         finally:
             del self._loading[digest]
-            done.set()
+            flight.done.set()
+
+    async def _load_once(self, digest: str, object_key: str, tier: Tier) -> None:
+        entry = self.host.get(digest)
+        if entry is not None and entry.host is not None:
+            self.stats["host"].hits += 1
+            if tier == "gpu":
+                await self._copy_out(digest, entry, entry.host)
+            return
+        self.stats["host"].misses += 1
+        config, weights = await self._bytes(digest, object_key)
+        if tier == "disk":
+            return
+        t0 = time.perf_counter()
+        manifest, tensors = await trio.to_thread.run_sync(
+            self._validate, config, weights, limiter=self._io
+        )
+        entry = self.host.reserve(digest, manifest.rank)
+        if entry is None:  # every slot that fits is busy: stage it, uncached
+            if tier != "gpu":
+                raise OverloadedError("every host slot that fits this adapter is busy; retry")
+            await self._load_staged(digest, manifest, tensors)
+            return
+        packed = False
+        try:
+            host = await trio.to_thread.run_sync(
+                self._pack, manifest, tensors, entry.buffer, limiter=self._io
+            )
+            packed = True
+        finally:
+            if not packed:
+                self.host.cancel(entry)
+        self.host.put(entry, host)
+        self.stats["host"].observe((time.perf_counter() - t0) * 1e3)
+        if tier == "gpu":
+            await self._copy_out(digest, entry, host)
+
+    async def _copy_out(self, digest: str, entry: HostEntry, host: HostAdapter) -> None:
+        """Copy a cached adapter to the GPU, its host slot pinned until the copy is done."""
+        self.host.pin(entry)
+        event = None
+        try:
+            event = await self._to_gpu(digest, host)
+        finally:
+            self.host.unpin(entry, event)
+
+    async def _load_staged(
+        self, digest: str, manifest: AdapterManifest, tensors: dict[str, torch.Tensor]
+    ) -> None:
+        """Pack into a new staging buffer (not cached) and copy that to the GPU."""
+        with trio.move_on_after(self._busy_wait_s) as waited:
+            await self._staging.acquire()
+        if waited.cancelled_caught:
+            raise OverloadedError("every host buffer for this adapter's rank is busy; retry")
+        try:
+            host = await trio.to_thread.run_sync(
+                self._pack, manifest, tensors, None, limiter=self._io
+            )
+            await self._to_gpu(digest, host)  # the pool keeps `host` alive for a CUDA copy
+        finally:
+            self._staging.release()
 
     async def _bytes(self, digest: str, object_key: str) -> tuple[bytes, bytes]:
         t0 = time.perf_counter()
-        async with self._io:
-            data = await trio.to_thread.run_sync(self.disk.read, digest)
+        data = await self.disk.read(digest)
         if data is not None:
             self.stats["disk"].hits += 1
             self.stats["disk"].observe((time.perf_counter() - t0) * 1e3)
-            if await trio.to_thread.run_sync(_digest_of, *data) == digest:
+            if await trio.to_thread.run_sync(_digest_of, *data, limiter=self._io) == digest:
                 return data
             log.error("disk copy of adapter %s is corrupt; fetching it again", digest)
             self.disk.forget(digest)
@@ -317,58 +315,67 @@ class AdapterTiers:
         t0 = time.perf_counter()
         config, weights = await aget_adapter_objects(self.store, object_key)
         self.stats["store"].observe((time.perf_counter() - t0) * 1e3)
-        if await trio.to_thread.run_sync(_digest_of, config, weights) != digest:
+        if await trio.to_thread.run_sync(_digest_of, config, weights, limiter=self._io) != digest:
             raise InvalidAdapter(f"adapter files under {object_key!r} are corrupt: digest mismatch")
-        async with self._io:
-            await trio.to_thread.run_sync(self.disk.write, digest, config, weights)
+        await self.disk.write(digest, config, weights)  # a failure is counted, not raised
         return config, weights
 
-    async def _pack(self, digest: str, config: bytes, weights: bytes) -> HostAdapter:
-        t0 = time.perf_counter()
+    def _validate(
+        self, config: bytes, weights: bytes
+    ) -> tuple[AdapterManifest, dict[str, torch.Tensor]]:
+        """(worker thread) Check the files against the base model; decode the tensors."""
         a = self.cfg.adapters
+        manifest = validate_adapter(
+            config, weights, self.base, max_rank=a.max_rank, max_bytes=a.max_adapter_bytes
+        )
+        return manifest, read_adapter_tensors(weights)
 
-        def validate_and_pack() -> HostAdapter:
-            manifest = validate_adapter(
-                config, weights, self.base, max_rank=a.max_rank, max_bytes=a.max_adapter_bytes
-            )
-            buf, c, local = self.host.reserve(digest, manifest.rank)
-            try:
-                host = pack_adapter(
-                    manifest,
-                    read_adapter_tensors(weights),
-                    self.pool.layout,
-                    dtype=self.pool.dtype,
-                    out=buf,
-                )
-            except BaseException:
-                self.host.release_reservation(c, local)
-                raise
-            self.host.put(digest, host, c, local)
-            return host
+    def _pack(
+        self,
+        manifest: AdapterManifest,
+        tensors: dict[str, torch.Tensor],
+        out: torch.Tensor | None,
+    ) -> HostAdapter:
+        """(worker thread) Pack into ``out``, a host slot reserved by the owner, or a new
+        unpinned buffer."""
+        layout, dtype = self.pool.layout, self.pool.dtype
+        return pack_adapter(manifest, tensors, layout, dtype=dtype, pin=False, out=out)
 
-        async with self._io:
-            host = await trio.to_thread.run_sync(validate_and_pack)
-        self.stats["host"].observe((time.perf_counter() - t0) * 1e3)
-        return host
-
-    async def _to_gpu(self, digest: str, host: HostAdapter) -> None:
+    async def _to_gpu(self, digest: str, host: HostAdapter) -> Any:
+        """Copy ``host`` into a free pool slot (evicting an idle adapter if needed) and list it
+        as resident; returns the copy's CUDA event (None on the CPU)."""
         t0 = time.perf_counter()
-        while True:
-            try:
-                async with self._gpu_limiter:
-                    slot = await trio.to_thread.run_sync(self.pool.load, host)
-                break
-            except PoolFull:
-                if not self._evict_lru():
+        async with self._gpu_limiter:
+            while not self.pool.can_load(host.rank):
+                if not self._evict_lru(host.rank):
                     raise OverloadedError(
                         "every adapter slot on this executor is in use by running requests; retry"
-                    ) from None
+                    )
+            slot, event = await trio.to_thread.run_sync(self._copy_in, host)
         self.gpu[digest] = slot
         self.stats["gpu"].observe((time.perf_counter() - t0) * 1e3)
         self._trim_to_threshold()
+        return event
 
-    def _evict_lru(self) -> bool:
-        victim = next((d for d in self.gpu if not self.refs.get(d)), None)
+    def _copy_in(self, host: HostAdapter) -> tuple[int, Any]:
+        """(worker thread, GPU limiter held) Load into the pool; the slot and its copy event."""
+        slot = self.pool.load(host)
+        return slot, self.pool.copy_event(slot)
+
+    def _idle(self, digest: str) -> bool:
+        """Neither held by a request nor wanted by an acquire in progress."""
+        return not self.refs.get(digest) and not self._wanted.get(digest)
+
+    def _evict_lru(self, rank: int = 0) -> bool:
+        """Evict the least-recently-used idle adapter whose slot fits ``rank``."""
+        victim = next(
+            (
+                d
+                for d, slot in self.gpu.items()
+                if self._idle(d) and self.pool.slot_rank(slot) >= rank
+            ),
+            None,
+        )
         if victim is None:
             return False
         self._evict_gpu(victim)
@@ -383,6 +390,19 @@ class AdapterTiers:
         limit = int(self.pool.num_slots * self.cfg.adapters.lru_eviction_threshold)
         while len(self.gpu) > max(1, limit) and self._evict_lru():
             pass
+
+
+def _typed(exc: Exception, digest: str) -> VajraError:
+    """The typed error a request gets for an unexpected failure while loading ``digest``."""
+    what = f"loading adapter {digest[:12]} failed"
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        log.warning("%s: out of memory: %s", what, exc)
+        return OverloadedError(f"{what}: out of memory; retry")
+    if isinstance(exc, OSError):  # the message (paths) stays in the log, not in the answer
+        log.warning("%s: %s", what, exc)
+        return UnavailableError(f"{what}: {type(exc).__name__}; retry")
+    log.error("%s", what, exc_info=exc)
+    return InternalError(f"{what}: {type(exc).__name__}")
 
 
 def _digest_of(config: bytes, weights: bytes) -> str:

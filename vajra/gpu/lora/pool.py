@@ -369,6 +369,14 @@ class LoraPool:
             event.record(torch.cuda.current_stream(self.device))
             self._free_events[slot] = event
 
+    def copy_event(self, slot: int) -> Any:
+        """The CUDA event that completes once the copy into ``slot`` (so every read of the
+        host buffer it came from) is done; None on the CPU, where :meth:`load` copies
+        synchronously, or once the copy is known to be done. Call it from the thread that
+        loaded the slot, right after :meth:`load`."""
+        resident = self._resident.get(slot)
+        return None if resident is None else resident.ready
+
     def wait_ready(self, slots: Iterable[int]) -> None:
         """Order the current stream after the copies into ``slots`` (no-op on the CPU)."""
         if self._copy_stream is None:
