@@ -20,7 +20,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from vajra.errors import InvalidRequest
+from vajra.errors import InternalError, InvalidRequest
 from vajra.gpu import (
     GenerationRequest,
     NullEngine,
@@ -248,15 +248,58 @@ def test_abort_removes_a_row_and_the_rest_are_unchanged(
     admit[1] = [request("queued", "Hi", max_tokens=5)]
     engine.max_batch_size = 3
     outputs = run(engine, admit, abort={4: ["b", "queued", "unknown"]})
-    assert len(outputs["b"]) == 4 and not outputs["b"][-1].finished
-    assert "queued" not in outputs
+    # b: four tokens, then one final "abort" output with what it computed (for billing)
+    assert len(outputs["b"]) == 5 and not any(o.finished for o in outputs["b"][:4])
+    final = outputs["b"][-1]
+    assert final.finished and final.finish_reason == "abort" and final.error is None
+    assert final.token_ids == () and final.completion_tokens == 4 and final.compute_ms > 0
+    # queued (never prefilled): an abort output with nothing computed; unknown: nothing
+    (queued,) = outputs["queued"]
+    assert queued.finish_reason == "abort" and queued.completion_tokens == 0
+    assert queued.compute_ms == 0.0
+    assert "unknown" not in outputs
     for rid in ("a", "c"):
         assert token_ids(outputs[rid]) == greedy_reference(reference, prompts[rid], 15)
 
 
 def test_abort_of_the_last_row_empties_the_batch(engine: TorchEngine) -> None:
     engine.step([request("r", "Hi", max_tokens=10)], [])
-    assert engine.step([], ["r"]) == []
+    (out,) = engine.step([], ["r"])
+    assert out.request_id == "r" and out.finished and out.finish_reason == "abort"
+    assert out.completion_tokens == 1
+    assert not engine.has_work()
+
+
+def test_a_request_aborted_in_the_step_that_admits_it_never_runs(engine: TorchEngine) -> None:
+    (out,) = engine.step([request("r", "Hi", max_tokens=10)], ["r"])
+    assert out.finish_reason == "abort" and out.completion_tokens == 0
+    assert not engine.has_work()
+
+
+def test_a_row_whose_logits_are_nan_ends_alone_with_an_error(
+    engine: TorchEngine, reference: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A corrupt adapter's row must not take the batch (or the engine) down with it."""
+    prompts = {"a": "The river town", "bad": "A small train arrived", "c": "In the afternoon"}
+    real_forward = engine._forward
+
+    def forward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, float]:
+        logits, ms = real_forward(*args, **kwargs)
+        rows = [seq.request.request_id for seq in engine._batch.seqs] if engine._batch else []
+        if logits.shape[0] == len(rows) and "bad" in rows:  # a decode pass holding "bad"
+            logits = logits.clone()
+            logits[rows.index("bad"), 3] = float("nan")
+        return logits, ms
+
+    monkeypatch.setattr(engine, "_forward", forward)
+    admit = {0: [request(rid, p, max_tokens=12) for rid, p in prompts.items()]}
+    outputs = run(engine, admit)
+    bad = outputs["bad"][-1]
+    assert bad.finished and bad.finish_reason == "error"
+    assert isinstance(bad.error, InternalError) and "cannot be sampled" in bad.error.message
+    assert bad.completion_tokens == 1  # the token from its prefill; none from the NaN pass
+    for rid in ("a", "c"):
+        assert token_ids(outputs[rid]) == greedy_reference(reference, prompts[rid], 12)
     assert not engine.has_work()
 
 

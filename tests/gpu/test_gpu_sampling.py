@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vajra.errors import InvalidRequest
-from vajra.gpu.sampling import SamplingParams, make_generator, sample_next_tokens, sample_row
+from vajra.gpu.sampling import (
+    BAD_ROW,
+    SamplingParams,
+    make_generator,
+    sample_next_tokens,
+    sample_row,
+)
 
 
 @pytest.mark.parametrize(
@@ -83,3 +89,31 @@ def test_tiny_top_p_is_greedy() -> None:
     params = [SamplingParams(temperature=1.5, top_p=1e-6, seed=i) for i in range(8)]
     generators = [make_generator(p, "cpu") for p in params]
     assert torch.equal(sample_next_tokens(logits, params, generators), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_row_with_nan_or_inf_gets_bad_row_and_the_others_are_sampled(
+    poison: float, temperature: float
+) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40)
+    logits[1, 7] = poison
+    params = [SamplingParams(temperature=temperature, seed=i) for i in range(3)]
+    gens = [make_generator(p, "cpu") for p in params]
+    tokens = sample_next_tokens(logits, params, gens).tolist()
+    assert tokens[1] == BAD_ROW
+    clean = torch.cat([logits[:1], logits[2:]])
+    gens = [make_generator(p, "cpu") for p in (params[0], params[2])]
+    assert [tokens[0], tokens[2]] == sample_next_tokens(
+        clean, [params[0], params[2]], gens
+    ).tolist()
+
+
+def test_a_row_of_all_minus_infinity_is_bad_but_one_minus_infinity_is_fine() -> None:
+    logits = torch.zeros(2, 5)
+    logits[0, :] = float("-inf")
+    logits[1, 2] = float("-inf")
+    params = [SamplingParams(temperature=1.0, seed=1)] * 2
+    tokens = sample_next_tokens(logits, params, [make_generator(p, "cpu") for p in params])
+    assert tokens[0] == BAD_ROW and tokens[1] != 2 and tokens[1] >= 0

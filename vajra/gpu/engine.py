@@ -2,9 +2,11 @@
 
 One worker thread calls :meth:`Engine.step` over and over (never concurrently). Each step:
 
-1. drops aborted requests (queued or running; no output is produced for them);
-2. tokenizes and queues the admitted requests (a prompt that cannot run gets a finished
+1. tokenizes and queues the admitted requests (a prompt that cannot run gets a finished
    output with an ``InvalidRequest`` at once);
+2. drops aborted requests, queued or running (those admitted in the same step included): each
+   gets one finished output with ``finish_reason="abort"`` carrying its token counts and model
+   time so far, so what it computed can be billed; an id the engine does not hold gets none;
 3. runs ONE decode forward for every running row together: rows of different lengths share
    the pass through left padding, a 2-D attention mask and per-row position ids;
 4. prefills waiting requests into the free slots (up to ``max_batch_size`` rows), samples
@@ -12,7 +14,8 @@ One worker thread calls :meth:`Engine.step` over and over (never concurrently). 
 
 So every live request gets exactly one new token per step, and rows join and leave between
 decode passes. Nothing raises out of ``step()``: a failed forward finishes the rows it carried
-with ``finish_reason="error"`` and an ``InternalError``.
+with ``finish_reason="error"`` and an ``InternalError``; a row whose logits cannot be sampled
+(NaN or infinity, e.g. from an adapter with corrupt weights) ends alone the same way.
 
 KV cache layout (:class:`_Batch`): a ``transformers.DynamicCache`` whose rows are right-aligned;
 row ``i`` holds its real tokens in its last ``num_cached`` columns, everything before is
@@ -39,7 +42,7 @@ from transformers.cache_utils import DynamicLayer
 from vajra.errors import InternalError, InvalidRequest, VajraError
 from vajra.gpu.lora import LoraBatchState, LoraPool, inject_lora
 from vajra.gpu.model import load_model
-from vajra.gpu.sampling import SamplingParams, make_generator, sample_next_tokens
+from vajra.gpu.sampling import BAD_ROW, SamplingParams, make_generator, sample_next_tokens
 
 _COMPUTE_STREAMS = 4  # CUDA streams the batches rotate through
 
@@ -60,7 +63,7 @@ class StepOutput:
     text_delta: str  # new text since the last output for this request (may be "")
     token_ids: tuple[int, ...]  # new token ids since the last output
     finished: bool
-    finish_reason: str | None  # "stop" (stop string or EOS), "length", "error"
+    finish_reason: str | None  # "stop" (stop string or EOS), "length", "error", "abort"
     prompt_tokens: int
     completion_tokens: int
     compute_ms: float  # this request's share of model time so far
@@ -75,7 +78,8 @@ class Engine(Protocol):
     blocking: bool
 
     def step(self, admit: Sequence[GenerationRequest], abort: Sequence[str]) -> list[StepOutput]:
-        """Abort, admit, run one decode pass; an output for every request that moved or ended."""
+        """Admit, abort, run one decode pass; an output for every request that moved or ended
+        (an aborted request it held: one finished output with ``finish_reason="abort"``)."""
         ...
 
     def num_running(self) -> int: ...
@@ -278,17 +282,28 @@ class TorchEngine:
 
     def step(self, admit: Sequence[GenerationRequest], abort: Sequence[str]) -> list[StepOutput]:
         outputs: list[StepOutput] = []
-        with torch.inference_mode():
-            for request_id in abort:
-                self._abort(request_id)
-            for request in admit:
-                refused = self._admit(request)
-                if refused is not None:
-                    outputs.append(refused)
-            if self._batch is not None:
-                outputs += self._decode(self._batch)
-            if self._waiting and self.num_running() < self.max_batch_size:
-                outputs += self._prefill()
+        try:
+            with torch.inference_mode():
+                for request in admit:
+                    refused = self._admit(request)
+                    if refused is not None:
+                        outputs.append(refused)
+                for request_id in abort:
+                    aborted = self._abort(request_id)
+                    if aborted is not None:
+                        outputs.append(aborted)
+                if self._batch is not None:
+                    outputs += self._decode(self._batch)
+                if self._waiting and self.num_running() < self.max_batch_size:
+                    outputs += self._prefill()
+        except Exception as exc:  # a bug, not an input: end what is held, keep the engine usable
+            log.exception("engine step failed; finishing every request it held")
+            ended = {out.request_id for out in outputs if out.finished}
+            held = [*self._waiting.values(), *(self._batch.seqs if self._batch else [])]
+            self._waiting, self._batch = {}, None
+            outputs = [o for o in outputs if o.finished] + [
+                _error_output(seq, exc) for seq in held if seq.request.request_id not in ended
+            ]
         return outputs
 
     def _forward(
@@ -400,6 +415,16 @@ class TorchEngine:
         return outputs, batch
 
     def _emit(self, seq: _Sequence, token: int) -> StepOutput:
+        if token == BAD_ROW:
+            log.error("request %s: logits cannot be sampled", seq.request.request_id)
+            return _ended(
+                seq,
+                "error",
+                InternalError(
+                    "the model produced logits that cannot be sampled (NaN or infinity) for "
+                    "this request; its adapter's weights may be corrupt"
+                ),
+            )
         seq.completion_tokens += 1
         reason: str | None = None
         if token in self._eos or seq.text.push(token):  # EOS adds no text
@@ -452,17 +477,21 @@ class TorchEngine:
             ids = [self.tokenizer.bos_token_id]
         return ids
 
-    def _abort(self, request_id: str) -> None:
-        if self._waiting.pop(request_id, None) is not None:
-            return
+    def _abort(self, request_id: str) -> StepOutput | None:
+        """Drop a queued or running request; its final "abort" output (None: not held)."""
+        seq = self._waiting.pop(request_id, None)
+        if seq is not None:
+            return _ended(seq, "abort")
         row = self._row_of(request_id)
         if row is None or self._batch is None:
-            return
+            return None
+        seq = self._batch.seqs[row]
         live = [i for i in range(len(self._batch.seqs)) if i != row]
         if live:
             self._batch.select(live)
         else:
             self._batch = None
+        return _ended(seq, "abort")
 
     def _row_of(self, request_id: str) -> int | None:
         if self._batch is not None:
@@ -486,18 +515,24 @@ def _refusal(request_id: str, error: VajraError, *, prompt_tokens: int = 0) -> S
     )
 
 
-def _error_output(seq: _Sequence, exc: Exception) -> StepOutput:
+def _ended(seq: _Sequence, reason: str, error: VajraError | None = None) -> StepOutput:
+    """The final output of a request that ends without a new token (an abort or an error),
+    with what it computed so far."""
     return StepOutput(
         request_id=seq.request.request_id,
         text_delta="",
         token_ids=(),
         finished=True,
-        finish_reason="error",
+        finish_reason=reason,
         prompt_tokens=len(seq.prompt_ids),
         completion_tokens=seq.completion_tokens,
         compute_ms=seq.compute_ms,
-        error=InternalError(f"model step failed: {type(exc).__name__}: {exc}"),
+        error=error,
     )
+
+
+def _error_output(seq: _Sequence, exc: Exception) -> StepOutput:
+    return _ended(seq, "error", InternalError(f"model step failed: {type(exc).__name__}: {exc}"))
 
 
 class NullEngine:

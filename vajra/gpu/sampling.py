@@ -8,6 +8,11 @@ Semantics: for row ``i`` of ``logits`` with parameters ``p = params[i]``
 
 Each request draws from its own ``torch.Generator``, so a seeded request gets the same tokens
 whatever else shares its batch.
+
+A row whose logits cannot be sampled (a NaN or +inf anywhere, or every entry -inf: e.g. an
+adapter with corrupt weights) gets the token :data:`BAD_ROW` instead, and so does a row whose
+sampling raised; the other rows are unaffected. Sampling never raises for a bad row: the
+engine ends that row alone with an error.
 """
 
 from __future__ import annotations
@@ -58,16 +63,38 @@ def make_generator(params: SamplingParams, device: torch.device | str) -> torch.
     return generator
 
 
+#: The token :func:`sample_next_tokens` gives a row it cannot sample.
+BAD_ROW = -1
+
+
+def unsampleable_rows(logits: torch.Tensor) -> torch.Tensor:  # [batch] bool
+    """Rows with a NaN or +inf logit, or with every logit -inf."""
+    return (
+        torch.isnan(logits).any(dim=-1)
+        | torch.isposinf(logits).any(dim=-1)
+        | torch.isneginf(logits).all(dim=-1)
+    )
+
+
 def sample_next_tokens(
     logits: torch.Tensor,  # [batch, vocab]
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
-) -> torch.Tensor:  # [batch] int64, on logits.device
-    """Pick one token per row (see the module docstring for the semantics)."""
+) -> torch.Tensor:  # [batch] int64, on logits.device; BAD_ROW for a row that cannot be sampled
+    """Pick one token per row (see the module docstring for the semantics); never raises
+    because of one row's logits."""
+    bad = unsampleable_rows(logits)
     tokens = logits.argmax(dim=-1)
+    bad_rows = set(bad.nonzero().flatten().tolist()) if bool(bad.any()) else set()
     for row, p in enumerate(params):
-        if not p.greedy:
+        if row in bad_rows or p.greedy:
+            continue
+        try:
             tokens[row] = sample_row(logits[row], p.temperature, p.top_p, generators[row])
+        except RuntimeError:  # e.g. probabilities that do not sum to a positive number
+            bad_rows.add(row)
+    if bad_rows:
+        tokens[sorted(bad_rows)] = BAD_ROW
     return tokens
 
 
