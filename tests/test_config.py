@@ -98,3 +98,10 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
     f.write_text(dump_toml(cfg))
     assert load_config(f, env={}) == cfg
+
+
+def test_cluster_devices_key() -> None:
+    assert VajraConfig().cluster.devices == ""
+    cfg = load_config(env={"VAJRA_CLUSTER_DEVICES": "0,1"})
+    assert cfg.cluster.devices == "0,1"
+    assert 'devices = "0,1"' in dump_toml(cfg)

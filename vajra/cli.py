@@ -12,10 +12,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vajra.config import ConfigError, VajraConfig, dump_toml, load_config
 from vajra.errors import VajraError
+
+if TYPE_CHECKING:
+    from vajra.state import TenantPurge
 
 
 def _config(args: argparse.Namespace) -> VajraConfig:
@@ -61,16 +64,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.http_port is not None:
         cfg = cfg.replace("http", enabled=True, port=args.http_port)
+    if args.devices is not None:
+        cfg = cfg.replace("cluster", devices=args.devices)
     sup = Supervisor(
         cfg, gateway_port=args.gateway_port, executors=args.executors, model=args.model
     )
     return trio.run(run_supervisor, sup)
 
 
+def _actor_config(args: argparse.Namespace) -> VajraConfig:
+    cfg = _config(args)
+    if args.device:
+        cfg = cfg.replace("executor", device=args.device)
+    return cfg
+
+
 def cmd_actor(args: argparse.Namespace) -> int:
     from vajra.actors import run_actor_process
 
-    cfg = _config(args)
+    cfg = _actor_config(args)
     return run_actor_process(
         args.name,
         cfg,
@@ -94,10 +106,20 @@ def cmd_tenant(args: argparse.Namespace) -> int:
                 print(f"{t.name}\t{t.tenant_id}")
         elif args.tenant_cmd == "delete":
             tenant = state.get_tenant_by_name(args.name)
-            if tenant is None or not state.delete_tenant(tenant.tenant_id):
+            purge = state.delete_tenant(tenant.tenant_id) if tenant is not None else None
+            if purge is None:
                 print(f"vajra: no tenant named {args.name!r}", file=sys.stderr)
                 return 1
-            print(f"tenant {args.name} deleted")
+            try:
+                removed = _delete_tenant_objects(_cluster_config(cfg, args), purge)
+            except VajraError as exc:
+                print(
+                    f"vajra: tenant {args.name} deleted, but its adapter files were not all "
+                    f"removed: {exc}",
+                    file=sys.stderr,
+                )
+                return 1
+            print(f"tenant {args.name} deleted ({removed} adapter files removed)")
         elif args.tenant_cmd == "new-key":
             tenant = state.get_tenant_by_name(args.name)
             if tenant is None:
@@ -110,6 +132,25 @@ def cmd_tenant(args: argparse.Namespace) -> int:
                 return 1
             print("key revoked")
     return 0
+
+
+def _cluster_config(cfg: VajraConfig, args: argparse.Namespace) -> VajraConfig:
+    """The running cluster's own configuration (its ``cluster.toml``: object store, admin
+    key) unless ``--config`` was given."""
+    if getattr(args, "config", None):
+        return cfg
+    path = _cluster_info(cfg).get("config")
+    if isinstance(path, str) and Path(path).is_file():
+        return load_config(path)
+    return cfg
+
+
+def _delete_tenant_objects(cfg: VajraConfig, purge: TenantPurge) -> int:
+    """Delete a purged tenant's adapter files (registered or not); returns how many went."""
+    from vajra.storage import delete_tenant_objects, open_store
+
+    with open_store(cfg) as store:
+        return delete_tenant_objects(store, purge.tenant_id)
 
 
 def cmd_adapter(args: argparse.Namespace) -> int:
@@ -198,12 +239,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         gateway = _gateway(cfg, args)
     except SystemExit:
         return 0
-    from vajra.client import Client
+    from vajra.client import AuthError, Client
 
+    # The gateway's counters are for operators: ask with the cluster's admin key.
+    admin_key = _cluster_config(cfg, args).http.admin_key
     try:
-        with Client(gateway, "", timeout_s=2.0) as client:
+        with Client(gateway, admin_key, timeout_s=2.0) as client:
             stats = client.stats()
         print("gateway counters: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
+    except AuthError:
+        print("gateway counters: need the admin key (set http.admin_key)")
     except VajraError as exc:
         print(f"gateway unreachable: {exc}")
     return 0
@@ -256,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--http-port", type=int, help="also start the HTTP bridge on this port (0: any free)"
     )
+    up.add_argument(
+        "--devices",
+        metavar="0,1",
+        help="GPU indices for the executors, round-robin (default: every visible GPU)",
+    )
     up.set_defaults(func=cmd_up)
 
     actor = with_config(sub.add_parser("actor", help="run one actor process"))
@@ -265,13 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     actor.add_argument("--executor-id", default="exec-0")
     actor.add_argument("--model", help="override the model directory (executor)")
     actor.add_argument("--metrics-port", type=int, help="serve /metrics on 127.0.0.1:PORT")
+    actor.add_argument("--device", help="override executor.device (executor), e.g. cuda:1")
     actor.set_defaults(func=cmd_actor)
 
     tenant = with_config(sub.add_parser("tenant", help="manage tenants and API keys"))
     tsub = tenant.add_subparsers(dest="tenant_cmd", required=True)
     tsub.add_parser("create", help="create a tenant; prints its API key once").add_argument("name")
     tsub.add_parser("list", help="list tenants")
-    tsub.add_parser("delete", help="delete a tenant and its keys").add_argument("name")
+    tsub.add_parser(
+        "delete", help="delete a tenant: its keys, usage totals, adapters and their files"
+    ).add_argument("name")
     tsub.add_parser("new-key", help="issue another API key").add_argument("name")
     tsub.add_parser("revoke-key", help="revoke an API key").add_argument("key")
     tenant.set_defaults(func=cmd_tenant)

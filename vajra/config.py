@@ -39,6 +39,9 @@ class ClusterConfig:
     events_address: str = "tcp://127.0.0.1:5559"
     ledger_address: str = "tcp://127.0.0.1:5560"
     metrics_port: int = 0  # > 0: `vajra up` gives each actor a /metrics port from here up
+    # GPU indices `vajra up` hands its executors round-robin ("0,1"); empty: every visible GPU
+    # when executor.device is "auto" (the CPU without CUDA).
+    devices: str = ""
 
     @property
     def home_path(self) -> Path:

@@ -1,18 +1,17 @@
 """A real cluster for end-to-end tests: `vajra up` in a subprocess, on free loopback ports.
 
 Test rules: loopback only; every wait bounded; the cluster is stopped with SIGTERM at the end
-and must exit 0 within 10 s.
+and must exit 0 within 10 s, leaving no process behind (actors, embedded Valkey, reaper).
 """
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import RunningCluster, start_cluster, stop_cluster
+from tests.e2e.harness import RunningCluster, cluster_pids, start_cluster, stop_cluster, wait_gone
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,5 @@ def cluster(
         if c.process.poll() is None:
             elapsed = stop_cluster(c)
             assert elapsed < 10.0, f"shutdown took {elapsed:.1f}s"
-        leftovers = subprocess.run(
-            ["pgrep", "-f", f"--config {c.home}/run/cluster.toml"], capture_output=True, text=True
-        ).stdout.split()
-        assert not leftovers, f"actor processes left running: {leftovers}"
+        leftovers, _ = wait_gone(cluster_pids(c.home), timeout=5.0)
+        assert not leftovers, f"processes left running: {leftovers}"

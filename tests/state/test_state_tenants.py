@@ -110,7 +110,14 @@ def test_deleted_tenant_keys_stop_working(state: ClusterState, raw: redis.Redis[
     other, other_key = state.create_tenant("other")
     state.record_usage(UsageRecord("ev1", record.tenant_id, "r1", "e1", 5.0, 1, 2, 1000))
 
-    assert state.delete_tenant(record.tenant_id) is True
+    purge = state.delete_tenant(record.tenant_id)
+    assert purge is not None
+    assert (purge.tenant_id, purge.name, purge.api_keys, purge.object_keys) == (
+        record.tenant_id,
+        "acme",
+        2,
+        (),
+    )
     assert state.authenticate(first) is None
     assert state.authenticate(second) is None
     assert state.get_tenant(record.tenant_id) is None
@@ -118,10 +125,11 @@ def test_deleted_tenant_keys_stop_working(state: ClusterState, raw: redis.Redis[
     assert state.list_tenants() == [other]
     assert state.authenticate(other_key) == other
     assert not raw.exists(keys.tenant_keys(record.tenant_id))
-    # usage totals are billing records and survive the tenant
-    assert state.get_usage(record.tenant_id).requests == 1
+    # its usage totals go with it; the usage stream (the billing history) stays
+    assert not raw.exists(keys.usage(record.tenant_id))
+    assert raw.xlen(keys.usage_events()) == 1
 
-    assert state.delete_tenant(record.tenant_id) is False
+    assert state.delete_tenant(record.tenant_id) is None
     again, _ = state.create_tenant("acme")  # the name is free again
     assert again.tenant_id != record.tenant_id
 

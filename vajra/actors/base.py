@@ -3,16 +3,20 @@
 An actor is a class with ``async def run(self, *, task_status)`` that binds its sockets,
 reports readiness through ``task_status.started(addresses)`` and serves until cancelled, and
 ``async def drain(self)`` which finishes in-flight work (bounded in time) before the process
-exits. :func:`run_actor_process` wires that to SIGINT/SIGTERM.
+exits. :func:`serve_until_signalled` wires that to SIGINT/SIGTERM and to the exit of the
+supervisor that started the process (its lifeline pipe, ``$VAJRA_PARENT_FD``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import signal
+import stat
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -55,6 +59,7 @@ def error_frames(request_id: str, exc: VajraError, *, reply_to: str | None = Non
             message=exc.message,
             field=exc.field,
             retriable=exc.retriable,
+            retry_after_ms=round(getattr(exc, "retry_after_s", 0.0) * 1000),
         ),
         reply_to=reply_to,
     )
@@ -73,21 +78,124 @@ def new_context() -> zmq.Context[Any]:
     return zmq.Context(io_threads=1)
 
 
-async def serve_until_signalled(actor: Actor) -> None:
-    """Run ``actor`` until SIGINT/SIGTERM, then let it drain and return."""
+#: The environment variable naming the read end of the supervisor's lifeline pipe.
+PARENT_FD_ENV = "VAJRA_PARENT_FD"
+#: The environment variable naming this process's copy of the home lock (``run/lock``).
+HOME_LOCK_FD_ENV = "VAJRA_HOME_LOCK_FD"
+#: How long an actor whose supervisor died may drain before it exits anyway (no one else
+#: will stop it).
+ORPHAN_DRAIN_LIMIT_S = 10.0
+
+
+def inherited_parent_fd(env: dict[str, str] | None = None) -> int | None:
+    """The lifeline pipe this process inherited from ``vajra up`` ($VAJRA_PARENT_FD), if any.
+
+    The supervisor keeps the pipe's only write end, so the read end reaches end-of-file
+    exactly when the supervisor exits, however it exits (kill -9 included). The descriptor
+    (and the home lock's, $VAJRA_HOME_LOCK_FD) is made non-inheritable here, so this actor's
+    own children do not keep it open.
+    """
+    env = dict(os.environ) if env is None else env
+    _disinherit(env.get(HOME_LOCK_FD_ENV, ""))
+    value = env.get(PARENT_FD_ENV, "")
+    if not value:
+        return None
+    try:
+        fd = int(value)
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise OSError(f"fd {fd} is not a pipe")
+    except (ValueError, OSError) as exc:
+        log.warning("ignoring %s=%r: %s", PARENT_FD_ENV, value, exc)
+        return None
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def _disinherit(value: str) -> None:
+    """Keep an inherited descriptor (the home lock) from this actor's own children: held by
+    them, it would keep the home taken after the actor exits."""
+    try:
+        os.set_inheritable(int(value), False)
+    except (ValueError, OSError):
+        pass
+
+
+async def wait_for_parent_exit(fd: int) -> None:
+    """Return once the pipe ``fd`` reaches end-of-file: the supervisor has exited."""
+    os.set_blocking(fd, False)
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            if not os.read(fd, 512):
+                return
+        except BlockingIOError:
+            continue
+
+
+async def serve_until_signalled(actor: Actor, *, parent_fd: int | None = None) -> None:
+    """Run ``actor`` until SIGINT/SIGTERM or its supervisor's exit, then let it drain and return.
+
+    ``parent_fd`` defaults to :func:`inherited_parent_fd`: when the supervisor dies (the
+    pipe closes) the actor stops as on SIGTERM, but its drain is cut off after
+    ``ORPHAN_DRAIN_LIMIT_S``, since no supervisor will kill it. A stop requested while the
+    actor is still starting cancels the start (there is nothing to drain yet).
+    """
+    if parent_fd is None:
+        parent_fd = inherited_parent_fd()
+    stop = trio.Event()
+    orphaned = False
+
+    async def on_signal(signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            log.info("%s: signal %s, draining", actor.name, signal.Signals(signum).name)
+            stop.set()
+            return
+
+    async def on_parent_exit(fd: int) -> None:
+        nonlocal orphaned
+        await wait_for_parent_exit(fd)
+        if not stop.is_set():
+            orphaned = True
+            log.warning("%s: the supervisor exited; draining, then exiting", actor.name)
+            stop.set()
+
+    async def cancel_on_stop(scope: trio.CancelScope) -> None:
+        await stop.wait()
+        scope.cancel()
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(actor.run)
-            log.info("%s: ready", actor.name)
-            async for signum in signals:
-                log.info("%s: signal %s, draining", actor.name, signal.Signals(signum).name)
-                break
-            await actor.drain()
+            nursery.start_soon(on_signal, signals)
+            if parent_fd is not None:
+                nursery.start_soon(on_parent_exit, parent_fd)
+            started = False
+            with trio.CancelScope() as startup:
+                nursery.start_soon(cancel_on_stop, startup)
+                await nursery.start(actor.run)
+                started = True
+            if started:
+                log.info("%s: ready", actor.name)
+                await stop.wait()
+                with trio.move_on_after(ORPHAN_DRAIN_LIMIT_S if orphaned else math.inf) as limit:
+                    await actor.drain()
+                if limit.cancelled_caught:
+                    log.warning("%s: drain cut off after %.0fs", actor.name, ORPHAN_DRAIN_LIMIT_S)
+            else:
+                log.info("%s: stopped while starting", actor.name)
             nursery.cancel_scope.cancel()
 
 
+class _RedactingFormatter(logging.Formatter):
+    """Masks the password of any URL in a log line (``redis://:***@host:port``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from vajra.state.store import redact_secrets
+
+        return redact_secrets(super().format(record))
+
+
 def configure_logging(name: str) -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s {name} %(levelname)s %(message)s",
-    )
+    """Log INFO and up to stderr as ``time NAME LEVEL message``, with URL passwords masked."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_RedactingFormatter(f"%(asctime)s {name} %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])

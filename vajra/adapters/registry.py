@@ -15,9 +15,13 @@ per-tenant reference count per digest, kept by the same scripts, tells the calle
 last version using an object is gone (:attr:`Deletion.freed_object_keys`), so it can remove
 the files.
 
+Deleting a tenant: :func:`purge_tenant_adapters` removes every registry key of one tenant
+and returns the object keys its versions pointed at (``ClusterState.delete_tenant`` calls it).
+
 Errors: as :mod:`vajra.state.store` — UnavailableError when Redis cannot be reached,
 InternalError for other Redis failures or malformed records, InvalidRequest naming the field
-for bad arguments (before anything is written).
+for bad arguments (before anything is written). Messages name no address (they reach
+clients); the store's address and redis-py's message are logged instead.
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ from vajra.errors import (
     InvalidRequest,
     NotFoundError,
     QuotaExceeded,
-    UnavailableError,
 )
 from vajra.state import keys
+from vajra.state.store import StoreErrors
 
 __all__ = [
     "ADAPTER_NAME_RE",
@@ -54,6 +58,7 @@ __all__ = [
     "check_adapter_name",
     "not_found",
     "parse_adapter_ref",
+    "purge_tenant_adapters",
 ]
 
 P = ParamSpec("P")
@@ -236,6 +241,75 @@ return out
 """
 
 
+# KEYS: names set, refs hash; ARGV: the tenant's key prefix (``vajra:adapter:{t}:``).
+# Deletes every name's hash, versions zset and version hashes, then the set and the refs.
+# Returns {number of keys deleted, object keys of the deleted versions...}.
+_PURGE_TENANT_LUA = """
+local removed = 0
+local objects = {}
+for _, n in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local nkey = ARGV[1] .. 'name:' .. n
+  for _, v in ipairs(redis.call('ZRANGE', nkey .. ':versions', 0, -1)) do
+    local vkey = nkey .. ':v:' .. v
+    local obj = redis.call('HGET', vkey, 'object_key')
+    if obj then table.insert(objects, obj) end
+    removed = removed + redis.call('DEL', vkey)
+  end
+  removed = removed + redis.call('DEL', nkey, nkey .. ':versions')
+end
+removed = removed + redis.call('DEL', KEYS[1], KEYS[2])
+table.insert(objects, 1, removed)
+return objects
+"""
+
+_SCAN_BATCH = 500
+
+
+def purge_tenant_adapters(client: redis.Redis[str], tenant_id: str) -> tuple[int, tuple[str, ...]]:
+    """Delete every registry key of ``tenant_id``; return (keys deleted, object keys freed).
+
+    One Lua script removes what the tenant's names set reaches (names, versions, refs) at
+    once; then a SCAN over ``vajra:adapter:{tenant_id}:*`` removes anything it did not
+    reach (a record written by a push that raced with the purge), reading the object key
+    of any version hash it finds first. The object keys are those of every deleted version
+    (sorted, without repeats); the caller deletes their files from the object store.
+    Redis errors propagate as redis-py exceptions (the caller translates them).
+    """
+    _check_tenant(tenant_id)
+    prefix = keys.adapter_tenant_prefix(tenant_id)
+    purge = client.register_script(_PURGE_TENANT_LUA)
+    out = purge(keys=[keys.adapter_names(tenant_id), keys.adapter_refs(tenant_id)], args=[prefix])
+    removed = int(out[0])
+    objects = {str(o) for o in out[1:]}
+    batch: list[str] = []
+    for key in client.scan_iter(match=prefix + "*", count=_SCAN_BATCH):
+        batch.append(key)
+        if len(batch) >= _SCAN_BATCH:
+            removed += _delete_leftovers(client, batch, objects)
+            batch = []
+    if batch:
+        removed += _delete_leftovers(client, batch, objects)
+    return removed, tuple(sorted(objects))
+
+
+def _delete_leftovers(client: redis.Redis[str], batch: list[str], objects: set[str]) -> int:
+    versions = [k for k in batch if re.search(r":v:[0-9]+$", k)]
+    if versions:
+        pipe = client.pipeline(transaction=False)
+        for key in versions:
+            pipe.hget(key, "object_key")
+        objects.update(str(o) for o in pipe.execute() if o)
+    return int(client.delete(*batch))
+
+
+def _client_address(client: redis.Redis[str]) -> str:
+    """``host:port`` (or the socket path) of a client's server, for logs."""
+    kw = client.connection_pool.connection_kwargs
+    if "path" in kw:
+        return str(kw["path"])
+    return f"{kw.get('host', '?')}:{kw.get('port', '?')}"
+
+
 def _version_from_row(name: str, row: Mapping[str, Any]) -> AdapterVersion:
     try:
         version = int(row["version"])
@@ -279,10 +353,8 @@ def _translate_errors(
     def wrapper(self: AdapterRegistry, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return method(self, *args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise UnavailableError(f"the adapter registry is unreachable: {exc}") from exc
         except redis.RedisError as exc:
-            raise InternalError(f"the adapter registry failed: {exc}") from exc
+            raise self._errors.translate(exc) from exc
 
     return wrapper
 
@@ -292,6 +364,7 @@ class AdapterRegistry:
 
     def __init__(self, client: redis.Redis[str]) -> None:
         self._r = client
+        self._errors = StoreErrors("the adapter registry", _client_address(client))
         self._register_lua = client.register_script(_REGISTER_LUA)
         self._resolve_lua = client.register_script(_RESOLVE_LUA)
         self._delete_lua = client.register_script(_DELETE_LUA)

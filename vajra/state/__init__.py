@@ -3,6 +3,7 @@
 The key schema is documented in :mod:`vajra.state.keys`. :class:`ClusterState` is the
 synchronous client, :class:`AsyncClusterState` its Trio face, and
 :class:`EmbeddedValkey` the local server ``vajra up`` starts when no Redis URL is given.
+URLs may carry a password: show them through :func:`redact_url` / :func:`redact_secrets`.
 """
 
 from vajra.state import keys
@@ -12,9 +13,12 @@ from vajra.state.store import (
     AsyncClusterState,
     ClusterState,
     ExecutorHeartbeat,
+    TenantPurge,
     TenantRecord,
     UsageRecord,
     UsageTotals,
+    redact_secrets,
+    redact_url,
 )
 
 __all__ = [
@@ -23,8 +27,11 @@ __all__ = [
     "ClusterState",
     "EmbeddedValkey",
     "ExecutorHeartbeat",
+    "TenantPurge",
     "TenantRecord",
     "UsageRecord",
     "UsageTotals",
     "keys",
+    "redact_secrets",
+    "redact_url",
 ]

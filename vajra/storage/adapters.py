@@ -20,11 +20,16 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
+def tenant_objects_prefix(tenant_id: str) -> str:
+    """The prefix under which every adapter file of ``tenant_id`` lives."""
+    return check_key(f"adapters/{tenant_id}") + "/"
+
+
 def adapter_object_key(tenant_id: str, digest: str) -> str:
     """The object key (a prefix) of the adapter with this sha256 hex ``digest``."""
     if not _DIGEST.fullmatch(digest):
         raise InvalidRequest("digest must be 64 lowercase hex characters", field="digest")
-    return check_key(f"adapters/{tenant_id}/{digest}")
+    return f"{tenant_objects_prefix(tenant_id)}{digest}"
 
 
 def adapter_object_keys(object_key: str) -> tuple[str, str]:
@@ -69,3 +74,19 @@ async def aget_adapter_objects(store: ObjectStore, object_key: str) -> tuple[byt
 async def adelete_adapter_objects(store: ObjectStore, object_key: str) -> None:
     for key in adapter_object_keys(object_key):
         await store.adelete(key)
+
+
+def delete_tenant_objects(store: ObjectStore, tenant_id: str) -> int:
+    """Remove every adapter file of a deleted tenant (registered or not); how many. Blocking."""
+    keys = store.list_keys(tenant_objects_prefix(tenant_id))
+    for key in keys:
+        store.delete(key)
+    return len(keys)
+
+
+async def adelete_tenant_objects(store: ObjectStore, tenant_id: str) -> int:
+    """:func:`delete_tenant_objects` from Trio."""
+    keys = await store.alist_keys(tenant_objects_prefix(tenant_id))
+    for key in keys:
+        await store.adelete(key)
+    return len(keys)
