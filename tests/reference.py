@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+#: Target module sets the adapters of :func:`save_peft_adapters` cycle through.
+TARGET_SETS = (
+    ("q_proj", "v_proj", "down_proj"),
+    ("q_proj", "k_proj", "v_proj", "o_proj"),
+    ("gate_proj", "up_proj", "down_proj"),
+    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+)
 
 
 def transformers_greedy(
@@ -31,3 +41,24 @@ def transformers_greedy(
             pad_token_id=tok.pad_token_id,
         )
     return [int(t) for t in out[0, ids.shape[1] :]], tok.eos_token_id
+
+
+def save_peft_adapters(model_dir: Path, root: Path, ranks: Sequence[int], seed: int) -> list[Path]:
+    """One PEFT LoRA adapter per rank (random A and B, varied targets, alpha 2r), saved by
+    PEFT itself under ``root/adapter<i>-r<rank>``."""
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    out = []
+    for i, r in enumerate(ranks):
+        torch.manual_seed(seed * 1000 + i)
+        cfg = LoraConfig(
+            r=r,
+            lora_alpha=2 * r,
+            target_modules=list(TARGET_SETS[i % len(TARGET_SETS)]),
+            init_lora_weights=False,
+        )
+        path = root / f"adapter{i}-r{r}"
+        get_peft_model(copy.deepcopy(base), cfg).save_pretrained(path)
+        out.append(path)
+    return out

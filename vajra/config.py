@@ -66,6 +66,14 @@ class GatewayConfig:
     max_deadline_ms: int = 600_000
     max_inflight: int = 4_096
     auth_cache_ttl_s: float = 1.0
+    auth_negative_ttl_s: float = 0.5  # how long a key that belongs to no tenant stays refused
+    auth_cache_entries: int = 100_000  # least recently refreshed out beyond this
+    max_pending_auth: int = 1_024  # key lookups in flight; beyond: `overloaded` at once
+    max_pending_auth_per_client: int = 64  # ... per client connection
+    # Per tenant, per gateway (N gateways: configure 1/N each); <= 0 turns a limit off.
+    tenant_rate_limit_per_s: float = 500.0  # requests of any kind, refilled per second
+    tenant_rate_limit_burst: int = 1_000
+    tenant_max_inflight: int = 512  # generations in flight at once
     gateway_id: str = "gw-0"
 
 
@@ -162,10 +170,10 @@ class HttpConfig:
     gateway_connections: int = 2
     request_timeout_s: float = 60.0
     max_body_bytes: int = 1_048_576
-    rate_limit_per_s: float = 50.0
-    rate_limit_burst: int = 200
-    max_concurrent_per_tenant: int = 256
-    tenant_cache_ttl_s: float = 10.0
+    # Slow clients: a request's headers (and an idle keep-alive connection) get this long;
+    # a request body must arrive whole within body_timeout_s.
+    idle_timeout_s: float = 15.0
+    body_timeout_s: float = 60.0
     health_interval_s: float = 0.5
     health_timeout_s: float = 1.5
     graceful_timeout_s: float = 3.0

@@ -24,10 +24,21 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_VERSION = "unsupported_version"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     QUOTA_EXCEEDED = "quota_exceeded"
+    RATE_LIMITED = "rate_limited"
+    CONCURRENCY_LIMITED = "concurrency_limited"
+    CANCELLED = "cancelled"
     INTERNAL = "internal"
 
 
-RETRIABLE_CODES = frozenset({ErrorCode.OVERLOADED, ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE})
+RETRIABLE_CODES = frozenset(
+    {
+        ErrorCode.OVERLOADED,
+        ErrorCode.TIMEOUT,
+        ErrorCode.UNAVAILABLE,
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.CONCURRENCY_LIMITED,
+    }
+)
 
 
 class VajraError(Exception):
@@ -105,6 +116,32 @@ class QuotaExceeded(VajraError):
     code = ErrorCode.QUOTA_EXCEEDED
 
 
+class RateLimited(VajraError):
+    """The tenant is over its request rate (``rate_limited``) or has too many requests in
+    flight (``concurrency_limited``); retriable after ``retry_after_s``."""
+
+    code = ErrorCode.RATE_LIMITED
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        retry_after_s: float = 1.0,
+        code: ErrorCode | None = None,
+    ) -> None:
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
+        if code is not None:
+            self.code = code
+
+
+class Cancelled(VajraError):
+    """The request was cancelled by its caller (a cancel message, a client that went away)."""
+
+    code = ErrorCode.CANCELLED
+
+
 class InternalError(VajraError):
     code = ErrorCode.INTERNAL
 
@@ -118,16 +155,23 @@ _BY_CODE: dict[ErrorCode, type[VajraError]] = {
     ErrorCode.UNAVAILABLE: UnavailableError,
     ErrorCode.PAYLOAD_TOO_LARGE: PayloadTooLarge,
     ErrorCode.QUOTA_EXCEEDED: QuotaExceeded,
+    ErrorCode.CANCELLED: Cancelled,
     ErrorCode.INTERNAL: InternalError,
 }
 
 
-def error_from_code(code: str, message: str, field: str | None = None) -> VajraError:
+def error_from_code(
+    code: str, message: str, field: str | None = None, *, retry_after_ms: int = 0
+) -> VajraError:
     """Rebuild the exception an ``ErrorReply`` stands for; unknown codes become InternalError."""
     try:
         parsed = ErrorCode(code)
     except ValueError:
         return InternalError(f"{code}: {message}", field=field)
+    if parsed in (ErrorCode.RATE_LIMITED, ErrorCode.CONCURRENCY_LIMITED):
+        return RateLimited(
+            message, field=field, retry_after_s=max(0, retry_after_ms) / 1000.0, code=parsed
+        )
     if parsed in (
         ErrorCode.MALFORMED_FRAME,
         ErrorCode.UNKNOWN_KIND,

@@ -7,16 +7,14 @@ through :func:`make_tiers`.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import trio
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
+from tests.reference import save_peft_adapters
 from vajra.actors import adapter_tiers as tiers_mod
 from vajra.actors.base import wait_until
 from vajra.adapters.format import BaseModelSpec, base_model_spec, validate_adapter
@@ -25,12 +23,6 @@ from vajra.gpu.lora.pool import LoraPool, pack_adapter_dir
 from vajra.storage import LocalObjectStore, adapter_object_key, put_adapter_objects
 
 TENANT = "t_kit"
-TARGET_SETS = (
-    ("q_proj", "v_proj", "down_proj"),
-    ("q_proj", "k_proj", "v_proj", "o_proj"),
-    ("gate_proj", "up_proj", "down_proj"),
-    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-)
 
 
 @dataclass(frozen=True)
@@ -42,22 +34,7 @@ class KitAdapter:
     size_bytes: int
 
 
-def save_adapters(model_dir: Path, root: Path, ranks: Sequence[int], seed: int) -> list[Path]:
-    """One PEFT adapter per rank (random A and B, varied targets), saved by PEFT itself."""
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    out = []
-    for i, r in enumerate(ranks):
-        torch.manual_seed(seed * 1000 + i)
-        cfg = LoraConfig(
-            r=r,
-            lora_alpha=2 * r,
-            target_modules=list(TARGET_SETS[i % len(TARGET_SETS)]),
-            init_lora_weights=False,
-        )
-        path = root / f"adapter{i}-r{r}"
-        get_peft_model(copy.deepcopy(base), cfg).save_pretrained(path)
-        out.append(path)
-    return out
+save_adapters = save_peft_adapters
 
 
 def store_adapters(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -130,7 +131,8 @@ class Cluster:
             for env, _ in decode_many(frames):  # the gateway may send several at once
                 assert not isinstance(env, DecodeError), env
                 work = env.message
-                assert isinstance(work, InferWork)
+                if not isinstance(work, InferWork):  # announcements (a GatewayHello): no reply
+                    continue
                 self.work.append(work)
                 result = InferResult(work.request_id, "ok", [1], "stop", 1, 1, 0.1)
                 await self.sched.send([identity, *encode(result)])
@@ -292,6 +294,71 @@ async def test_bad_adapters_are_refused_and_nothing_is_stored(
             assert await c.list_adapters() == []
             # A valid push still works afterwards.
             assert (await c.push_adapter(adapters.v1, "chat")).version == 1
+
+
+async def test_hostile_uploads_are_refused_at_once_while_other_tenants_are_served(
+    cluster: Cluster,
+    cfg: VajraConfig,
+    raw: redis.Redis[str],
+    valkey_url: str,
+    adapters: Adapters,
+) -> None:
+    """Catastrophic regexes, 50,000-deep JSON and NaN weights: each upload is refused within a
+    second, the gateway stays up, and another tenant's requests keep their latency meanwhile
+    (Python's ``re`` on "(.+)+X" held the GIL for minutes; deep JSON ended the gateway)."""
+    attacker, victim = new_tenant(valkey_url), new_tenant(valkey_url)
+    config, weights = read_adapter_dir(adapters.v1)  # q_proj and v_proj, r=8
+    tensors = load_safetensors(weights)
+    b_key = next(k for k in tensors if "lora_B" in k)
+    nan = dict(tensors)
+    nan[b_key] = tensors[b_key].clone()
+    nan[b_key][1, 2] = float("nan")
+    deep = b"[" * 50_000 + b"]" * 50_000
+
+    def edited(**changes: Any) -> bytes:
+        return json.dumps({**json.loads(config), **changes}).encode()
+
+    def header_of(body: bytes) -> bytes:
+        return len(body).to_bytes(8, "little") + body
+
+    hostile: dict[str, tuple[bytes, bytes, str]] = {
+        "regex-target": (edited(target_modules="(.+)+X"), weights, "matches no module"),
+        "regex-rank": (edited(rank_pattern={"(.+)+X": 2, "(.+)+_proj": 3}), weights, "says 3"),
+        "regex-alpha": (edited(alpha_pattern={"(.+)+X": 1, "(.+)+_proj": "x"}), weights, "alpha"),
+        "backreference": (edited(target_modules=r"(q)\1_proj"), weights, "linear time"),
+        "deep-config": (deep, weights, "too deeply"),
+        "deep-header": (config, header_of(b'{"t": ' + deep + b"}"), "too deeply"),
+        "nan-weights": (config, save_safetensors(nan), b_key),
+    }
+    latencies: list[float] = []
+    before = stored(cfg, raw)
+
+    async def victim_traffic(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with AsyncClient(cluster.address, victim, timeout_s=30) as v:
+            await v.infer("hi")  # connected and warm
+            task_status.started()
+            while True:
+                t0 = time.perf_counter()
+                await v.infer("hi")
+                latencies.append(time.perf_counter() - t0)
+                await trio.sleep(0.005)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(victim_traffic)
+            async with AsyncClient(cluster.address, attacker, timeout_s=30) as a:
+                for case, (cfg_bytes, w_bytes, words) in [*hostile.items()] * 3:
+                    t0 = time.perf_counter()
+                    with pytest.raises(InvalidRequest) as refused:
+                        await a.push_adapter_bytes(cfg_bytes, w_bytes, "evil")
+                    assert time.perf_counter() - t0 < 1.0, case
+                    assert words in refused.value.message, (case, refused.value.message)
+                    assert refused.value.field == "adapter", case
+                assert stored(cfg, raw) == before
+                assert (await a.push_adapter(adapters.v1, "fine")).version == 1  # still up
+            nursery.cancel_scope.cancel()
+    assert len(latencies) >= 3
+    assert max(latencies) < 1.0, f"another tenant waited {max(latencies):.2f} s"
 
 
 def _torch_save(tensors: dict[str, torch.Tensor]) -> bytes:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -25,9 +26,10 @@ async def gateway() -> AsyncIterator[FakeGateway]:
     ctx.term()
 
 
-@pytest.fixture
-def thread_gateway() -> Iterator[FakeGateway]:
-    """A fake gateway served by its own ``trio.run`` in a background thread (for Client)."""
+@contextmanager
+def gateway_in_thread() -> Iterator[tuple[FakeGateway, Callable[[], None]]]:
+    """A fake gateway served by its own ``trio.run`` in a background thread, and a function
+    that stops it (closing its socket, as a killed gateway's would be)."""
     ctx: zmq.Context[Any] = zmq.Context()
     gw = FakeGateway(ctx)
     started: queue.Queue[tuple[trio.lowlevel.TrioToken, trio.CancelScope]] = queue.Queue()
@@ -40,8 +42,22 @@ def thread_gateway() -> Iterator[FakeGateway]:
     thread = threading.Thread(target=trio.run, args=(serve,), name="fake-gateway", daemon=True)
     thread.start()
     token, scope = started.get(timeout=5)
-    yield gw
-    trio.from_thread.run_sync(scope.cancel, trio_token=token)
-    thread.join(timeout=5)
-    assert not thread.is_alive(), "the fake gateway thread did not stop"
-    ctx.term()
+
+    def stop() -> None:
+        if thread.is_alive():
+            trio.from_thread.run_sync(scope.cancel, trio_token=token)
+            thread.join(timeout=5)
+        assert not thread.is_alive(), "the fake gateway thread did not stop"
+
+    try:
+        yield gw, stop
+    finally:
+        stop()
+        ctx.term()
+
+
+@pytest.fixture
+def thread_gateway() -> Iterator[FakeGateway]:
+    """A fake gateway served by its own ``trio.run`` in a background thread (for Client)."""
+    with gateway_in_thread() as (gw, _):
+        yield gw

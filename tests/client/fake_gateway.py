@@ -28,6 +28,7 @@ import zmq
 from vajra.bus.codec import DecodeError, decode, encode
 from vajra.bus.messages import (
     PROTOCOL_VERSION,
+    CancelRequest,
     ErrorReply,
     InferRequest,
     InferResult,
@@ -66,6 +67,8 @@ class FakeGateway:
         self.reply_order: list[str] = []
         self.stats_requests = 0
         self.request_seen = trio.Event()
+        self.cancels: list[CancelRequest] = []
+        self.cancel_seen = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         sock = open_socket(self._ctx, zmq.ROUTER)
@@ -94,6 +97,10 @@ class FakeGateway:
             self.stats_requests += 1
             counters = {"requests": len(self.requests), "stats": self.stats_requests}
             await send(StatsReply(message.request_id, "gateway", counters))
+            return
+        if isinstance(message, CancelRequest):  # one-way, as the real gateway's
+            self.cancels.append(message)
+            self.cancel_seen.set()
             return
         assert isinstance(message, InferRequest)
         self.requests.append(message)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import builtins
 import random
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
+import zmq
 from fake_gateway import FakeGateway, echo_pieces, echo_text
 
 from vajra.client import (
@@ -266,3 +268,78 @@ async def test_errors_leave_the_client_block_unwrapped(gateway: FakeGateway) -> 
             async with AsyncClient(gateway.address, "k") as c:
                 await c.infer("!silent")
         assert scope.cancelled_caught
+
+
+async def test_abandoned_generations_are_cancelled_at_the_gateway(gateway: FakeGateway) -> None:
+    """A stream left early and a call past its deadline send a cancel (with the key)."""
+    with trio.fail_after(LIMIT_S):
+        async with AsyncClient(gateway.address, "k") as c:
+            async with c.stream("a b c d e f g h") as chunks:
+                left_early = chunks.request_id
+                async for _ in chunks:
+                    break
+            with pytest.raises(TimeoutError):
+                await c.infer("!silent", timeout_s=0.2)
+            timed_out = gateway.requests[-1].request_id
+            with trio.move_on_after(0.2):  # the caller gives up (cancellation)
+                await c.infer("!silent")
+            given_up = gateway.requests[-1].request_id
+            await c.infer("finished")  # answered: nothing to cancel
+            async with c.stream("a b") as chunks:
+                async for _ in chunks:
+                    pass
+            with pytest.raises(AuthError):  # the gateway's error is an answer too
+                await c.infer("!auth")
+            while len(gateway.cancels) < 3:  # noqa: ASYNC110 - the fake gateway's list
+                await trio.sleep(0.01)
+            await trio.sleep(0.1)  # and no more come
+            assert [(m.request_id, m.api_key) for m in gateway.cancels] == [
+                (left_early, "k"),
+                (timed_out, "k"),
+                (given_up, "k"),
+            ]
+            assert c.cancels_sent == 3
+
+
+async def test_a_dropped_gateway_fails_outstanding_calls_at_once() -> None:
+    """Calls in flight when the gateway dies fail fast and retriably, not at their deadline."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    doomed = FakeGateway(ctx)
+    errors: list[VajraError] = []
+    stop_gateway = trio.CancelScope()
+
+    async def serve(*, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        with stop_gateway:
+            await doomed.run(task_status=task_status)
+
+    async def call(c: AsyncClient, kind: str) -> None:
+        try:
+            if kind == "stream":
+                async with c.stream("!silent") as chunks:
+                    async for _ in chunks:
+                        pass
+            else:
+                await c.infer("!silent")
+        except VajraError as exc:
+            errors.append(exc)
+
+    try:
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve)
+                async with AsyncClient(doomed.address, "k", timeout_s=60) as c:
+                    await c.infer("warm up")  # connected
+                    t0 = trio.current_time()
+                    async with trio.open_nursery() as callers:
+                        callers.start_soon(call, c, "infer")
+                        callers.start_soon(call, c, "stream")
+                        while len(doomed.requests) < 3:  # noqa: ASYNC110
+                            await trio.sleep(0.01)
+                        stop_gateway.cancel()  # the gateway goes away
+                    elapsed = trio.current_time() - t0
+                    assert c.disconnects >= 1
+    finally:
+        ctx.term()
+    assert len(errors) == 2 and all(isinstance(e, UnavailableError) for e in errors)
+    assert all(e.retriable for e in errors)
+    assert elapsed < 10  # not the 60 s deadline

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from conftest import gateway_in_thread
 from fake_gateway import FakeGateway, echo_pieces, echo_text
 
 from vajra.client import (
@@ -133,3 +134,40 @@ def test_a_closed_client_refuses_calls(thread_gateway: FakeGateway) -> None:
         c.infer("y")
     with pytest.raises(InvalidRequest):
         c.infer("y", timeout_s=float("nan"))
+
+
+def test_abandoned_generations_are_cancelled_at_the_gateway(thread_gateway: FakeGateway) -> None:
+    with Client(thread_gateway.address, "k", timeout_s=TIMEOUT_S) as c:
+        stream = c.stream("a b c d e f")
+        next(stream)
+        stream.close()  # the caller stops early
+        left_early = thread_gateway.requests[-1].request_id
+        with pytest.raises(TimeoutError):
+            c.infer("!silent", timeout_s=0.2)
+        timed_out = thread_gateway.requests[-1].request_id
+        c.infer("answered")
+        list(c.stream("a b"))
+        with pytest.raises(AuthError):
+            c.infer("!auth")
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(thread_gateway.cancels) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert [(m.request_id, m.api_key) for m in thread_gateway.cancels] == [
+            (left_early, "k"),
+            (timed_out, "k"),
+        ]
+        assert c.cancels_sent == 2
+
+
+def test_a_dropped_gateway_fails_the_open_call_at_once() -> None:
+    with gateway_in_thread() as (gw, stop), Client(gw.address, "k", timeout_s=60) as c:
+        assert c.infer("warm up").text == echo_text("warm up")
+        stopper = threading.Timer(0.3, stop)  # the gateway dies while the call waits
+        stopper.start()
+        t0 = time.monotonic()
+        with pytest.raises(UnavailableError) as info:
+            c.infer("!silent")
+        stopper.join()
+        assert time.monotonic() - t0 < 10  # not the 60 s deadline
+        assert info.value.retriable and c.disconnects == 1

@@ -205,7 +205,7 @@ def test_a_thousand_malformed_frames_are_each_answered(
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(cluster.gateway)
     try:
-        with Client(cluster.gateway, "", timeout_s=10) as c:
+        with Client(cluster.gateway, api_key, timeout_s=10) as c:
             before = c.stats().get("malformed_frames", 0)
         for i in range(1000):
             sock.send_multipart(_random_frames(rng, i))
@@ -217,7 +217,7 @@ def test_a_thousand_malformed_frames_are_each_answered(
                 assert isinstance(env.message, ErrorReply)
                 replies += 1
         assert replies == 1000
-        with Client(cluster.gateway, "", timeout_s=10) as c:
+        with Client(cluster.gateway, api_key, timeout_s=10) as c:
             after = c.stats().get("malformed_frames", 0)
         assert after - before == 1000
         # ... and it still serves a valid request, on the very same connection.

@@ -22,14 +22,14 @@ CONFIG = f"""
 [gateway]
 max_prompt_chars = 2000
 max_tokens_limit = {MAX_TOKENS_LIMIT}
+tenant_rate_limit_per_s = 2000.0
+tenant_rate_limit_burst = 2000
+tenant_max_inflight = 1000
 
 [http]
 enabled = true
 port = 0
 admin_key = "{ADMIN_KEY}"
-rate_limit_per_s = 2000.0
-rate_limit_burst = 2000
-max_concurrent_per_tenant = 1000
 max_body_bytes = 65536
 
 [adapters]

@@ -12,6 +12,7 @@ import io
 import json
 import pickle
 import tarfile
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import redis
 
+from tests.e2e.harness import RunningCluster
 from tests.http.conftest import MAX_ADAPTER_BYTES
 
 pytestmark = pytest.mark.e2e
@@ -325,3 +328,50 @@ def test_three_tenants_cannot_touch_each_others_adapters(
         assert 'vajra_http_requests_total{method="POST",route="/v1/adapters",status="201"}' in (
             metrics
         )
+
+
+def test_deleting_a_tenant_removes_its_keys_usage_adapters_and_files(
+    http_cluster: RunningCluster,
+    base_url: str,
+    make_tenant: MakeTenant,
+    admin_key: str,
+    adapter_dir: Path,
+) -> None:
+    """An admin delete leaves nothing of the tenant in Redis or in the object store (its files
+    go once its requests in flight have ended); another tenant is untouched."""
+    gone_id, gone_key = make_tenant("gone")
+    kept_id, kept_key = make_tenant("kept")
+    objects = http_cluster.home / "objects" / "adapters"
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        for key in (gone_key, kept_key):
+            assert _push(http, key, "bot", _files(adapter_dir)).status_code == 201
+            r = http.post(
+                "/v1/completions",
+                json={"model": "bot", "prompt": "hi", "max_tokens": 2},
+                headers=_auth(key),
+            )
+            assert r.status_code == 200, r.text
+        assert (objects / gone_id).is_dir() and (objects / kept_id).is_dir()
+        r = http.delete(f"/v1/admin/tenants/{gone_id}", headers=_auth(admin_key))
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 20
+        while (objects / gone_id).exists() and any((objects / gone_id).rglob("*.*")):
+            assert time.monotonic() < deadline, list((objects / gone_id).rglob("*"))
+            time.sleep(0.1)
+        client: redis.Redis[str] = redis.Redis.from_url(
+            http_cluster.redis_url, decode_responses=True
+        )
+        try:
+            left = [k for k in client.scan_iter("vajra:*") if gone_id in k]
+            kept = [k for k in client.scan_iter("vajra:*") if kept_id in k]
+        finally:
+            client.close()
+        assert left == [f"vajra:tenant-deleted:{gone_id}"]  # keeps late usage from counting
+        assert any(k.startswith("vajra:adapter:") for k in kept)
+        assert http.get("/v1/adapters", headers=_auth(gone_key)).status_code == 401
+        r = http.post(
+            "/v1/completions",
+            json={"model": "bot", "prompt": "hi", "max_tokens": 2},
+            headers=_auth(kept_key),
+        )
+        assert r.status_code == 200, r.text

@@ -1,5 +1,5 @@
-"""Limits and failure answers: per-tenant rate and concurrency limits (pure, fake clock), 429
-with Retry-After through a bridge with tight limits, and 503 at once when the gateway is down.
+"""Limits and failure answers: the gateway's per-tenant limits as 429 with Retry-After through
+the bridge, slow clients cut off, and 503 at once when the gateway is down.
 
 Test rules: loopback only; port 0 for every bridge started here; everything under
 `trio.fail_after`.
@@ -8,65 +8,23 @@ Test rules: loopback only; port 0 for every bridge started here; everything unde
 from __future__ import annotations
 
 import socket
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
-from tests.e2e.harness import RunningCluster
+from vajra.actors.executor import Executor
+from vajra.actors.gateway import Gateway
+from vajra.actors.scheduler import Scheduler
+from vajra.client import AsyncClient
 from vajra.config import VajraConfig
-from vajra.http import HttpBridge, TenantLimits
-from vajra.http._errors import ApiError
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_token_bucket_refills_at_its_rate() -> None:
-    clock = FakeClock()
-    limits = TenantLimits(rate_per_s=2.0, burst=3, max_concurrent=100, clock=clock)
-    for _ in range(3):
-        limits.acquire("a")
-        limits.release("a")
-    with pytest.raises(ApiError) as info:
-        limits.acquire("a")
-    assert info.value.status == 429 and info.value.code == "rate_limited"
-    assert info.value.headers["Retry-After"] == "1"
-    limits.acquire("b")  # another tenant has its own bucket
-    clock.now += 0.5  # one token back at 2/s
-    limits.acquire("a")
-    with pytest.raises(ApiError):
-        limits.acquire("a")
-
-
-def test_concurrency_limit_counts_requests_in_flight() -> None:
-    limits = TenantLimits(rate_per_s=1000.0, burst=1000, max_concurrent=2, clock=FakeClock())
-    limits.acquire("a")
-    with limits.slot("a"):
-        with pytest.raises(ApiError) as info:
-            limits.acquire("a")
-        assert info.value.code == "concurrency_limited" and info.value.status == 429
-    assert limits.inflight("a") == 1
-    limits.acquire("a")
-    assert limits.inflight("a") == 2
-
-
-def test_idle_tenants_are_forgotten_when_the_table_is_full() -> None:
-    clock = FakeClock()
-    limits = TenantLimits(rate_per_s=1.0, burst=1, max_concurrent=1, clock=clock, max_tenants=2)
-    with limits.slot("a"):
-        pass
-    limits.acquire("b")
-    clock.now += 10
-    limits.acquire("c")  # prunes "a" (idle, full); keeps "b" (in flight)
-    assert limits.inflight("b") == 1 and limits.inflight("a") == 0
+from vajra.errors import RateLimited
+from vajra.http import HttpBridge
+from vajra.state import AsyncClusterState, ClusterState
 
 
 def _free_port() -> int:
@@ -110,28 +68,132 @@ async def test_a_down_gateway_is_answered_503_at_once() -> None:
             assert "vajra_gateway_up 0.0" in metrics
 
 
-@pytest.mark.e2e
-async def test_tight_limits_answer_429_with_retry_after(
-    http_cluster: RunningCluster, tenant: tuple[str, str], model_name: str
+@asynccontextmanager
+async def _cluster_in_process(cfg: VajraConfig) -> AsyncIterator[str]:
+    """Scheduler, a model-less executor and the gateway in this Trio run; yields the gateway."""
+    state = AsyncClusterState.from_url(cfg.cluster.redis_url)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Scheduler(cfg).run)
+            await nursery.start(Executor(cfg, state, executor_id="exec-0", model="null").run)
+            address: str = await nursery.start(Gateway(cfg, state).run)
+            yield address
+            nursery.cancel_scope.cancel()
+    finally:
+        await state.aclose()
+
+
+async def test_the_gateways_tenant_limits_answer_429_with_retry_after(
+    tmp_path: Path, valkey_url: str
 ) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
     cfg = (
         VajraConfig()
-        .replace("cluster", gateway_address=http_cluster.gateway, model="")
-        .replace("http", port=0, rate_limit_per_s=0.2, rate_limit_burst=3, base_model_name="tiny")
+        .replace(
+            "cluster",
+            redis_url=valkey_url,
+            model="null",
+            gateway_address="tcp://127.0.0.1:0",
+            gateway_backend_address=f"ipc://{run}/gw",
+            scheduler_address=f"ipc://{run}/sched",
+            scheduler_dispatch_address=f"ipc://{run}/dispatch",
+            events_address=f"ipc://{run}/events",
+            ledger_address=f"ipc://{run}/ledger",
+        )
+        .replace("gateway", tenant_rate_limit_per_s=0.2, tenant_rate_limit_burst=3)
+        .replace("http", port=0, base_model_name="null")
     )
-    h = {"Authorization": f"Bearer {tenant[1]}"}
-    body = {"model": "tiny", "prompt": "limit", "max_tokens": 1}
+    with ClusterState(valkey_url) as s:
+        _, key = s.create_tenant(f"lim{uuid.uuid4().hex[:8]}")
+        _, other = s.create_tenant(f"lim{uuid.uuid4().hex[:8]}")
+    body = {"model": "null", "prompt": "limit", "max_tokens": 1}
     with trio.fail_after(60):
-        async with _bridge(cfg) as address, httpx.AsyncClient(base_url=address, timeout=30) as http:
-            codes = [
-                (await http.post("/v1/completions", json=body, headers=h)).status_code
-                for _ in range(4)
-            ]
-            assert codes == [200, 200, 200, 429]
-            r = await http.post("/v1/completions", json=body, headers=h)
-            assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
-            assert r.json()["error"]["code"] == "rate_limited"
-            r = await http.post(
-                "/v1/models/tiny/infer", json={"prompt": "x", "stream": True}, headers=h
-            )
-            assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+        async with _cluster_in_process(cfg) as gateway:
+            bridge_cfg = cfg.replace("cluster", gateway_address=gateway)
+            async with (
+                _bridge(bridge_cfg) as address,
+                httpx.AsyncClient(base_url=address, timeout=30) as http,
+            ):
+                h = {"Authorization": f"Bearer {key}"}
+                codes = [
+                    (await http.post("/v1/completions", json=body, headers=h)).status_code
+                    for _ in range(4)
+                ]
+                assert codes == [200, 200, 200, 429]
+                r = await http.post("/v1/completions", json=body, headers=h)
+                assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+                assert r.json()["error"]["code"] == "rate_limited"
+                r = await http.post(
+                    "/v1/models/null/infer", json={"prompt": "x", "stream": True}, headers=h
+                )
+                assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+                # Another tenant has its own budget.
+                h2 = {"Authorization": f"Bearer {other}"}
+                r = await http.post("/v1/completions", json=body, headers=h2)
+                assert r.status_code == 200
+                assert 'vajra_http_limited_requests_total{reason="rate_limited"} 3.0' in (
+                    (await http.get("/metrics")).text
+                )
+            # The same limits hold for a ZeroMQ client: no way around them.
+            async with AsyncClient(gateway, key, timeout_s=10) as c:
+                with pytest.raises(RateLimited) as info:
+                    await c.infer("x", max_tokens=1)
+                assert info.value.retriable and info.value.retry_after_s > 0
+
+
+async def _slow_client(address: str, request: bytes, pause_s: float, until: float) -> float:
+    """Send ``request`` one byte at a time; return when the server closed the connection
+    (seconds after the start), or ``until`` if it never did."""
+    host, port = address.removeprefix("http://").rsplit(":", 1)
+    t0 = trio.current_time()
+    stream = await trio.open_tcp_stream(host, int(port))
+    try:
+        for i in range(len(request)):
+            if trio.current_time() - t0 > until:
+                return until
+            try:
+                await stream.send_all(request[i : i + 1])
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return trio.current_time() - t0
+            with trio.move_on_after(pause_s):
+                if await stream.receive_some(65536) == b"":
+                    return trio.current_time() - t0
+        with trio.move_on_after(until):
+            while await stream.receive_some(65536) != b"":
+                pass
+        return trio.current_time() - t0
+    except (trio.BrokenResourceError, OSError):
+        return trio.current_time() - t0
+    finally:
+        await stream.aclose()
+
+
+async def test_slow_headers_and_slow_bodies_are_cut_off() -> None:
+    """Slowloris: 40 connections trickling headers and 40 trickling a body are all closed
+    within the configured times, and the bridge still answers a normal request."""
+    cfg = (
+        VajraConfig()
+        .replace("cluster", gateway_address=f"tcp://127.0.0.1:{_free_port()}", model="")
+        .replace("http", port=0, idle_timeout_s=1.5, body_timeout_s=1.5)
+    )
+    slow_headers = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 200
+    slow_body = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer vk_x\r\nContent-Length: 500\r\n\r\n" + b" " * 500
+    )
+    closed: list[float] = []
+
+    async def one(request: bytes) -> None:
+        closed.append(await _slow_client(address, request, pause_s=0.2, until=20.0))
+
+    with trio.fail_after(60):
+        async with _bridge(cfg) as address:
+            async with trio.open_nursery() as nursery:
+                for _ in range(40):
+                    nursery.start_soon(one, slow_headers)
+                    nursery.start_soon(one, slow_body)
+            async with httpx.AsyncClient(base_url=address, timeout=10) as http:
+                assert (await http.get("/healthz")).status_code == 200
+    assert len(closed) == 80
+    assert max(closed) < 10.0, sorted(closed)[-5:]

@@ -11,8 +11,15 @@ One task owns the engine: it takes what has arrived, runs one engine step in a w
 (one thread limiter per GPU, so the Trio loop never blocks on the model), and sends what the
 step produced. Requests join and leave the batch between steps.
 
+Ending early: a request cancelled by its caller (``CancelWork``), sent by an earlier
+incarnation of its gateway (``GatewayHello``: nobody can receive its tokens any more), past its
+deadline or still running at the end of a drain is dropped from the batch at the next step; the
+engine's final "abort" output says what it computed, and that is billed. Every failure while
+admitting a request (its adapter's load included) becomes that request's typed error.
+
 Drain (SIGTERM): tell the scheduler to stop placing here, finish running requests within
-``drain_timeout_s``, answer the rest with a retriable error, then flush usage to the ledger.
+``drain_timeout_s``, end the rest with a retriable error (billing what they computed), then
+flush usage to the ledger.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ from vajra.actors.base import error_frames, new_context, now_ms, wait_until
 from vajra.bus.codec import DecodeError, decode, decode_many, encode
 from vajra.bus.messages import (
     AdapterTierCommand,
+    CancelWork,
     ExecutorHello,
+    GatewayHello,
     InferResult,
     InferWork,
     LoadReport,
@@ -46,6 +55,7 @@ from vajra.bus.outbox import Outbox
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
 from vajra.errors import (
+    InternalError,
     InvalidRequest,
     OverloadedError,
     TimeoutError,
@@ -73,6 +83,9 @@ class _Active:
     slot: int | None = None
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    # The row is being dropped (cancelled, expired, drained, orphaned): it sends nothing more;
+    # the engine's final "abort" output bills it and forgets it.
+    ending: bool = False
 
 
 class Executor:
@@ -97,6 +110,9 @@ class Executor:
         self.engine: Engine | None = None
         self._incoming: list[_Queued] = []
         self._adapter_waits = 0  # requests waiting for their adapter to load
+        self._waiting_ids: set[str] = set()  # ... by request id
+        self._cancelled_waits: set[str] = set()  # ... of those, the ones cancelled meanwhile
+        self._gateways: dict[str, str] = {}  # gateway id -> its latest incarnation
         self.tiers: AdapterTiers | None = None
         self._nursery: trio.Nursery | None = None
         self._active: dict[str, _Active] = {}
@@ -197,9 +213,12 @@ class Executor:
             )
         self._incoming.clear()
         for rid in list(self._active):
-            self._aborts.append(rid)
-            self._answer_error(rid, UnavailableError("the executor is shutting down; retry"))
+            self._end_row(rid, UnavailableError("the executor is shutting down; retry"))
         await self._replies_out.flush()
+        # One more engine step drops those rows and reports what they computed (billed below).
+        with trio.move_on_after(self.ecfg.drain_timeout_s):
+            await wait_until(lambda: not self._active)
+        self._send_usage(force=True)
         with trio.move_on_after(self.cfg.ledger.flush_timeout_s):
             while self._outbox:
                 await self._flush_outbox(force=True)
@@ -224,6 +243,11 @@ class Executor:
                         continue
                     if isinstance(env.message, InferWork):
                         self._accept(env.message)
+                    elif isinstance(env.message, CancelWork):
+                        for rid in env.message.request_ids:
+                            self._cancel(rid)
+                    elif isinstance(env.message, GatewayHello):
+                        self._on_gateway_hello(env.message)
                     elif isinstance(env.message, AdapterTierCommand):
                         assert self._nursery is not None
                         self._nursery.start_soon(self._on_tier_command, env.message)
@@ -232,6 +256,10 @@ class Executor:
             await self._replies_out.flush()
 
     def _accept(self, work: InferWork) -> None:
+        if self._orphaned(work):
+            self.counters["orphaned_dropped"] += 1
+            self._finished.append(work.request_id)
+            return
         if self._draining:
             self._answer_error(
                 work.request_id, UnavailableError("the executor is shutting down; retry")
@@ -256,7 +284,54 @@ class Executor:
         else:
             assert self._nursery is not None
             self._adapter_waits += 1
+            self._waiting_ids.add(work.request_id)
             self._nursery.start_soon(self._accept_with_adapter, work)
+
+    def _orphaned(self, work: InferWork) -> bool:
+        """Sent by an earlier incarnation of its gateway: its answers can reach nobody."""
+        latest = self._gateways.get(work.gateway_id)
+        return latest is not None and work.gateway_incarnation != latest
+
+    def _on_gateway_hello(self, hello: GatewayHello) -> None:
+        if self._gateways.get(hello.gateway_id) == hello.incarnation:
+            return
+        self._gateways[hello.gateway_id] = hello.incarnation
+        orphans = [q.work.request_id for q in self._incoming if self._orphaned(q.work)]
+        orphans += [rid for rid, a in self._active.items() if self._orphaned(a.work)]
+        for rid in orphans:
+            self.counters["orphaned_cancelled"] += 1
+            self._cancel(rid)
+        # Requests still waiting for their adapter are checked when the load ends.
+
+    def _cancel(self, request_id: str) -> None:
+        """Drop a request, wherever it is; it sends nothing more (see the module docstring)."""
+        if request_id in self._active:
+            self.counters["cancelled_running"] += 1
+            self._end_row(request_id, None)
+            return
+        for i, queued in enumerate(self._incoming):
+            if queued.work.request_id == request_id:
+                del self._incoming[i]
+                self._release(queued)
+                self._finished.append(request_id)
+                self.counters["cancelled_queued"] += 1
+                return
+        if request_id in self._waiting_ids:
+            self._cancelled_waits.add(request_id)
+            return
+        self.counters["cancel_unknown"] += 1
+
+    def _end_row(self, request_id: str, error: VajraError | None) -> None:
+        """Drop a running row at the next step; answer ``error`` now (None: answer nothing)."""
+        act = self._active.get(request_id)
+        if act is None or act.ending:
+            return
+        act.ending = True
+        self._aborts.append(request_id)
+        if error is not None:
+            self.counters[f"error_{error.code.value}"] += 1
+            self._replies_out.add(error_frames(request_id, error))
+        self._wake.set()
 
     async def _on_tier_command(self, cmd: AdapterTierCommand) -> None:
         """Promote or demote an adapter; failures are counted and logged, never fatal."""
@@ -275,6 +350,10 @@ class Executor:
             self.counters["tier_commands_failed"] += 1
             log.warning("tier command %s %s failed: %s", cmd.action, cmd.adapter_digest[:12], exc)
             return
+        except Exception:  # a bug in the tiers must not take the executor down
+            self.counters["tier_commands_failed"] += 1
+            log.exception("tier command %s %s failed", cmd.action, cmd.adapter_digest[:12])
+            return
         self.counters[f"tier_{cmd.action}"] += 1
 
     async def _accept_with_adapter(self, work: InferWork) -> None:
@@ -288,10 +367,22 @@ class Executor:
             failed: VajraError | None = TimeoutError("deadline passed while loading its adapter")
         except VajraError as exc:
             failed = exc
+        except Exception as exc:  # never let one request's adapter take the executor down
+            log.exception("loading adapter %s failed", work.adapter_digest[:12])
+            failed = InternalError(f"the adapter could not be loaded: {type(exc).__name__}")
         else:
             failed = None
         finally:
             self._adapter_waits -= 1
+            self._waiting_ids.discard(work.request_id)
+        cancelled = work.request_id in self._cancelled_waits or self._orphaned(work)
+        self._cancelled_waits.discard(work.request_id)
+        if cancelled:
+            if failed is None:
+                self.tiers.release(work.adapter_digest)
+            self._finished.append(work.request_id)
+            self.counters["cancelled_loading"] += 1
+            return
         if failed is not None:
             self._answer_error(work.request_id, failed)
             await self._replies_out.flush()
@@ -354,16 +445,24 @@ class Executor:
     def _expire_running(self) -> None:
         now = now_ms()
         for rid, act in list(self._active.items()):
-            if act.work.deadline_unix_ms <= now:
+            if act.work.deadline_unix_ms <= now and not act.ending:
                 self.counters["expired_running"] += 1
-                self._aborts.append(rid)
-                self._answer_error(rid, TimeoutError("deadline passed during generation"))
+                self._end_row(rid, TimeoutError("deadline passed during generation"))
 
     def _on_output(self, out: StepOutput) -> None:
         act = self._active.get(out.request_id)
-        if act is None:  # aborted while the step ran
+        if act is None:  # already answered and forgotten
             return
         work = act.work
+        if act.ending or out.finish_reason == "abort":
+            # Dropped: nothing more is sent; once the engine lets go of the row, bill what it
+            # computed and forget it.
+            if out.finished:
+                self.counters["aborted"] += 1
+                self._finish(work.request_id)
+                if out.compute_ms > 0 or out.completion_tokens > 0:
+                    self._record_usage(work, out)
+            return
         if out.token_ids:
             act.token_ids.extend(out.token_ids)
         if out.text_delta:

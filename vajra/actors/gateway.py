@@ -6,14 +6,28 @@ Data flows left to right::
     clients ◀─ROUTER(frontend)─ gateway ◀─ROUTER(backend)─ executors (chunks, results, errors)
                                         ◀─DEALER─ scheduler (errors: no executor, executor lost)
 
-Every request gets an internal id (``<gateway_id>-<seq>``) so a client can neither collide with
-nor read another client's replies; replies are re-addressed to the client's own request id.
-Redis is consulted only on an auth-cache miss, in a worker thread, off the hot path.
+Every request gets an internal id ``<gateway_id>.<incarnation>-<seq>``, where the incarnation
+is random per gateway process: ids never repeat across gateways or restarts, so a client can
+neither collide with nor read another client's replies, nor can a restarted gateway hand a new
+request the id of one still running (usage event ids derive from request ids, so billing stays
+exactly-once too). Replies are re-addressed to the client's own request id. At start, and
+every few seconds, the gateway announces its incarnation (``GatewayHello``) so executors drop
+rows an earlier incarnation sent. Redis is consulted only on an auth-cache miss, in a worker
+thread, off the hot path (see :mod:`vajra.actors.gateway_auth`; lookups in flight are bounded).
+
+Limits: per tenant, a token bucket for every operation and a bound on generations in flight
+(:mod:`vajra.policies.limits`), answered ``rate_limited`` / ``concurrency_limited`` with a
+``retry_after_ms``; per gateway, ``max_inflight`` generations in all (``overloaded``).
+
+Cancellation: a client's ``CancelRequest`` (its request id and the key it sent it with) makes
+the gateway forget the request, answer it ``cancelled`` and tell its executor (``CancelWork``),
+which drops the row and bills what it computed.
 
 Errors: every frame from a client is answered — a reply, or an ``ErrorReply`` with a typed
-code — and malformed ones are counted; nothing a client sends can stop the gateway.
-Cancellation: :meth:`drain` first refuses new requests, then waits (bounded) for the
-requests in flight to be answered.
+code — and malformed ones are counted; nothing a client sends can stop the gateway (an
+unexpected exception while answering becomes an ``internal`` error reply and a log line).
+Shutdown: :meth:`drain` first refuses new requests, then waits (bounded) for the requests in
+flight to be answered.
 """
 
 from __future__ import annotations
@@ -24,16 +38,19 @@ import itertools
 import logging
 import math
 import time
+import uuid
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import trio
 import zmq
 
-from vajra.actors.base import error_frames, new_context, now_ms, stats_frames, wait_until
+from vajra.actors.base import error_frames, new_context, now_ms, wait_until
 from vajra.actors.gateway_adapters import AdapterDesk, AdapterOp
+from vajra.actors.gateway_auth import MAX_KEY_CHARS, AuthCache
+from vajra.actors.gateway_queries import Query, QueryDesk
 from vajra.adapters.registry import (
     AsyncAdapterRegistry,
     ResolvedAdapter,
@@ -43,34 +60,32 @@ from vajra.adapters.registry import (
 from vajra.bus.codec import DecodeError, decode, decode_many, encode
 from vajra.bus.messages import (
     AdapterPush,
-    AdminReply,
-    AdminRequest,
-    ClusterStatusReply,
-    ClusterStatusRequest,
+    CancelRequest,
+    CancelWork,
     ErrorReply,
+    GatewayHello,
     InferRequest,
     InferResult,
     InferWork,
     Message,
-    StatsRequest,
-    TenantInfo,
+    PingRequest,
+    PongReply,
     TokenChunk,
-    UsageQuery,
-    UsageReply,
-    WhoAmIRequest,
 )
 from vajra.bus.outbox import Outbox
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
 from vajra.errors import (
     AuthError,
+    Cancelled,
+    InternalError,
     InvalidRequest,
-    NotFoundError,
     OverloadedError,
     TimeoutError,
     UnavailableError,
     VajraError,
 )
+from vajra.policies.limits import TenantLimits
 from vajra.state import AsyncClusterState, TenantRecord
 from vajra.storage import ObjectStore, open_store
 
@@ -79,16 +94,7 @@ log = logging.getLogger("vajra.gateway")
 _MAX_ID_CHARS = 128
 _MAX_SEED = 2**63 - 1
 _MAX_QUERIES = 256  # tenant queries and admin requests in flight at once
-
-Query = WhoAmIRequest | UsageQuery | AdminRequest | ClusterStatusRequest
-
-
-class _AuthEntry(NamedTuple):
-    """A cached key lookup: used until ``expires``; refreshed in the background after ``stale``."""
-
-    tenant: TenantRecord | None
-    expires: float  # time.monotonic()
-    stale: float
+_HELLO_INTERVAL_S = 2.0
 
 
 @dataclass(slots=True)
@@ -98,6 +104,7 @@ class _Pending:
     deadline: float  # trio clock
     stream: bool
     tenant_id: str
+    api_key: str  # the key it was sent with: a cancel must carry the same
 
 
 class Gateway:
@@ -119,13 +126,30 @@ class Gateway:
         self.state = state
         self.counters: Counter[str] = Counter()
         self._pending: dict[str, _Pending] = {}
+        self._by_client: dict[tuple[bytes, str], str] = {}  # (identity, client id) -> internal
         self._deadlines: list[tuple[float, str]] = []
+        self.incarnation = uuid.uuid4().hex[:12]
+        self._id_prefix = f"{self.gcfg.gateway_id}.{self.incarnation}-"
         self._seq = itertools.count(1)
-        self._auth_cache: dict[str, _AuthEntry] = {}
-        self._auth_limiter = trio.CapacityLimiter(64)
-        self._auth_inflight: dict[str, trio.Event] = {}
-        # Bumped by every revocation: an auth lookup that began before one is not cached.
-        self._auth_epoch = 0
+        g = self.gcfg
+        self.auth = AuthCache(
+            state,
+            ttl_s=g.auth_cache_ttl_s,
+            negative_ttl_s=g.auth_negative_ttl_s,
+            max_entries=g.auth_cache_entries,
+            max_pending=g.max_pending_auth,
+            max_pending_per_client=g.max_pending_auth_per_client,
+            counters=self.counters,
+        )
+        self.limits = TenantLimits(
+            rate_per_s=g.tenant_rate_limit_per_s,
+            burst=g.tenant_rate_limit_burst,
+            max_inflight=g.tenant_max_inflight,
+        )
+        self._cancels: list[str] = []  # internal ids for the scheduler, sent with the work
+        # Requests waiting for their key's lookup (one lookup per key), and how many in all.
+        self._awaiting_key: dict[str, list[tuple[bytes, InferRequest]]] = {}
+        self._awaiting = 0
         self._queries = 0
         # The adapter registry and object store (adapter push/list/delete, name resolution).
         self._owns_registry = registry is None and bool(cfg.cluster.redis_url)
@@ -135,6 +159,17 @@ class Gateway:
         self._owns_store = store is None
         self.store: ObjectStore = store if store is not None else open_store(cfg)
         self.adapters = AdapterDesk(cfg, self.registry, self.store)
+        self.queries = QueryDesk(
+            cfg,
+            state,
+            auth=self.auth,
+            limits=self.limits,
+            adapters=self.adapters,
+            store=self.store,
+            counters=self.counters,
+            stats=self.snapshot,
+            spawn=self._spawn,
+        )
         self._pushes = 0
         self._adapter_ops = 0
         self._nursery: trio.Nursery | None = None
@@ -179,6 +214,8 @@ class Gateway:
                 nursery.start_soon(self._serve_replies, self.backend, True)
                 nursery.start_soon(self._serve_replies, self.scheduler, False)
                 nursery.start_soon(self._expire_deadlines)
+                nursery.start_soon(self._announce)
+                nursery.start_soon(self.adapters.warm_up)
                 task_status.started(self.address)
         finally:
             self._nursery = None
@@ -197,14 +234,31 @@ class Gateway:
         with trio.move_on_after(self.cfg.executor.drain_timeout_s + 1.0):
             await wait_until(lambda: not self._pending)
 
+    async def _announce(self) -> None:
+        """Tell the executors (through the scheduler) which incarnation of this gateway lives."""
+        hello = encode(GatewayHello(self.gcfg.gateway_id, self.incarnation))
+        while True:
+            self._work_out.add(hello)
+            await self._work_out.flush()
+            await trio.sleep(_HELLO_INTERVAL_S)
+
     # --- client side ----------------------------------------------------------------------
 
     async def _serve_frontend(self, nursery: trio.Nursery) -> None:
         batch_size = self.cfg.bus.recv_batch
         while True:
             for frames in await self.frontend.recv_batch(batch_size):
-                await self._on_client_frames(frames, nursery)
+                try:
+                    await self._on_client_frames(frames, nursery)
+                except VajraError as exc:
+                    await self._reply_error(frames[0], "", exc)
+                except Exception:  # a bug must cost one answer, never the gateway
+                    log.exception("failed to handle a client message")
+                    self.counters["internal_errors"] += 1
+                    await self._reply_error(frames[0], "", InternalError("internal error"))
+            self._flush_cancels()
             await self._work_out.flush()
+            await self._client_out.flush()  # the answers to this pass's cancels
 
     async def _on_client_frames(self, frames: list[bytes], nursery: trio.Nursery) -> None:
         identity = frames[0]
@@ -225,12 +279,10 @@ class Gateway:
         if isinstance(msg, InferRequest):
             self.counters["requests"] += 1
             await self._on_infer(identity, msg, nursery)
-        elif isinstance(msg, StatsRequest):
-            self.counters["stats_requests"] += 1
-            self.counters["inflight"] = len(self._pending)
-            await self.frontend.send(
-                [identity, *stats_frames(msg.request_id, self.name, self.counters)]
-            )
+        elif isinstance(msg, CancelRequest):
+            self._on_cancel(identity, msg)
+        elif isinstance(msg, PingRequest):
+            await self.frontend.send([identity, *encode(PongReply(msg.request_id))])
         elif isinstance(msg, Query):
             self.counters["queries"] += 1
             if self._queries >= _MAX_QUERIES:
@@ -270,75 +322,68 @@ class Gateway:
                 ),
             )
             return
-        cached = self._auth_cache.get(req.api_key)
-        now = time.monotonic()
-        if cached is not None and cached.expires > now:
-            if cached.stale <= now:
-                # Refresh ahead of expiry, so a busy key never misses the cache; one refresh
-                # at a time (the entry stops counting as stale until it is replaced).
-                self._auth_cache[req.api_key] = cached._replace(stale=cached.expires)
+        entry = self.auth.get(req.api_key)
+        if entry is not None:
+            if self.auth.take_refresh(req.api_key, entry):
+                # Ahead of expiry, so a busy key never misses the cache.
                 nursery.start_soon(self._refresh_key, req.api_key)
-            await self._admit(identity, req, cached.tenant)
+            await self._admit(identity, req, entry.tenant)
+        elif len(req.api_key) > MAX_KEY_CHARS:
+            await self._admit(identity, req, None)
+        elif (waiting := self._awaiting_key.get(req.api_key)) is not None:
+            # A lookup of this key is under way: wait for it (no lookup of our own).
+            if self._awaiting >= self.gcfg.max_inflight:
+                await self._shed_lookup(identity, req)
+            else:
+                waiting.append((identity, req))
+                self._awaiting += 1
+        elif self._awaiting >= self.gcfg.max_inflight or not self.auth.reserve(identity):
+            await self._shed_lookup(identity, req)
         else:
             self.counters["auth_cache_misses"] += 1
-            nursery.start_soon(self._authenticate_then_admit, identity, req)
+            self._awaiting_key[req.api_key] = [(identity, req)]
+            self._awaiting += 1
+            nursery.start_soon(self._authenticate_then_admit, identity, req.api_key)
+
+    async def _shed_lookup(self, identity: bytes, req: InferRequest) -> None:
+        self.counters["overloaded"] += 1
+        await self._reply_error(
+            identity,
+            req.request_id,
+            OverloadedError("too many API key lookups in flight; retry later"),
+        )
 
     async def _refresh_key(self, api_key: str) -> None:
         self.counters["auth_refreshes"] += 1
         try:
             with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-                await self._lookup_key(api_key, refresh=True)
+                await self.auth.lookup(api_key, refresh=True)
         except (VajraError, trio.TooSlowError) as exc:
             log.warning("auth refresh failed: %s", exc)  # the entry still expires on time
 
-    async def _authenticate_then_admit(self, identity: bytes, req: InferRequest) -> None:
+    async def _authenticate_then_admit(self, identity: bytes, api_key: str) -> None:
+        """Look ``api_key`` up (a lookup ``identity`` reserved), then admit every request that
+        waited for it; one task per key, however many requests wait."""
+        tenant: TenantRecord | None = None
+        failed = False
         try:
             with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-                tenant = await self._lookup_key(req.api_key)
+                tenant = await self.auth.lookup(api_key)
         except (VajraError, trio.TooSlowError) as exc:
             log.warning("auth lookup failed: %s", exc)
-            await self._reply_error(
-                identity, req.request_id, UnavailableError("cluster state is unreachable; retry")
-            )
-            return
-        await self._admit(identity, req, tenant)
-        await self._work_out.flush()
-
-    async def _lookup_key(self, api_key: str, *, refresh: bool = False) -> TenantRecord | None:
-        """The key's tenant through the auth cache: one Redis lookup per key at a time.
-
-        Requests that miss while a lookup of the same key is in flight wait for it rather
-        than each asking Redis. ``refresh``: look it up even if the cached entry is fresh.
-        An entry lives ``auth_cache_ttl_s`` (half that for an unknown key) and is refreshed
-        in the background once half its life has passed (see ``_on_infer``).
-        """
-        cached = self._auth_cache.get(api_key)
-        if not refresh and cached is not None and cached.expires > time.monotonic():
-            return cached.tenant
-        pending = self._auth_inflight.get(api_key)
-        if pending is not None:
-            await pending.wait()
-            cached = self._auth_cache.get(api_key)
-            if cached is not None:
-                return cached.tenant
-        done = self._auth_inflight[api_key] = trio.Event()
-        try:
-            epoch = self._auth_epoch
-            async with self._auth_limiter:
-                tenant = await self.state.authenticate(api_key)
-            ttl = (
-                self.gcfg.auth_cache_ttl_s if tenant is not None else self.gcfg.auth_cache_ttl_s / 2
-            )
-            if len(self._auth_cache) > 100_000:
-                self._auth_cache.clear()
-            if epoch == self._auth_epoch:
-                now = time.monotonic()
-                self._auth_cache[api_key] = _AuthEntry(tenant, now + ttl, now + ttl / 2)
-            return tenant
+            failed = True
         finally:
-            if self._auth_inflight.get(api_key) is done:
-                del self._auth_inflight[api_key]
-            done.set()
+            self.auth.release(identity)
+            waiting = self._awaiting_key.pop(api_key, [])
+            self._awaiting -= len(waiting)
+        for ident, req in waiting:
+            if failed:
+                await self._reply_error(
+                    ident, req.request_id, UnavailableError("cluster state is unreachable; retry")
+                )
+            else:
+                await self._admit(ident, req, tenant)
+        await self._work_out.flush()
 
     async def _admit(self, identity: bytes, req: InferRequest, tenant: TenantRecord | None) -> None:
         if tenant is None:
@@ -353,6 +398,20 @@ class Gateway:
                 InvalidRequest(f"unknown tenant {req.tenant!r}", field="tenant"),
             )
             return
+        refused = self.limits.admit(tenant.tenant_id, time.monotonic(), generation=True)
+        if refused is not None:
+            self.counters[f"tenant_{refused.code.value}"] += 1
+            await self._reply_error(identity, req.request_id, refused)
+            return
+        try:
+            await self._route(identity, req, tenant)
+        except BaseException:
+            self.limits.release(tenant.tenant_id)
+            raise
+
+    async def _route(self, identity: bytes, req: InferRequest, tenant: TenantRecord) -> None:
+        """Resolve the request's adapter (cached, or in a task) and dispatch it; every path
+        that does not dispatch releases the tenant's in-flight slot."""
         resolved: ResolvedAdapter | None = None
         if req.adapter is not None:
             hit = self.adapters.cached(tenant.tenant_id, req.adapter)
@@ -362,6 +421,7 @@ class Gateway:
                 return
             resolved = hit[0]
             if resolved is None:
+                self.limits.release(tenant.tenant_id)
                 await self._reply_error(identity, req.request_id, not_found(req.adapter))
                 return
         self._dispatch(identity, req, tenant, resolved)
@@ -377,11 +437,12 @@ class Gateway:
 
         The caller flushes ``_work_out`` (the frontend loop once per pass).
         """
-        internal_id = f"{self.gcfg.gateway_id}-{next(self._seq)}"
+        internal_id = f"{self._id_prefix}{next(self._seq)}"
         deadline = trio.current_time() + req.deadline_ms / 1000.0
         self._pending[internal_id] = _Pending(
-            identity, req.request_id, deadline, req.stream, tenant.tenant_id
+            identity, req.request_id, deadline, req.stream, tenant.tenant_id, req.api_key
         )
+        self._by_client[identity, req.request_id] = internal_id
         heapq.heappush(self._deadlines, (deadline, internal_id))
         received = now_ms()
         work = InferWork(
@@ -401,8 +462,41 @@ class Gateway:
             adapter_version=resolved.version if resolved else None,
             adapter_digest=resolved.digest if resolved else None,
             adapter_object_key=resolved.object_key if resolved else None,
+            gateway_incarnation=self.incarnation,
         )
         self._work_out.add(encode(work, message_id=internal_id))
+
+    def _forget(self, internal_id: str) -> _Pending | None:
+        """Stop tracking a request (answered, expired or cancelled); frees its tenant's slot."""
+        p = self._pending.pop(internal_id, None)
+        if p is not None:
+            key = (p.identity, p.client_request_id)
+            if self._by_client.get(key) == internal_id:
+                del self._by_client[key]
+            self.limits.release(p.tenant_id)
+        return p
+
+    def _on_cancel(self, identity: bytes, msg: CancelRequest) -> None:
+        """Forget the caller's request, answer it ``cancelled``, and tell its executor."""
+        internal_id = self._by_client.get((identity, msg.request_id))
+        p = self._pending.get(internal_id) if internal_id is not None else None
+        if p is None or internal_id is None:
+            self.counters["cancels_unknown"] += 1  # it ended already: nothing to answer
+            return
+        if not hmac.compare_digest(msg.api_key.encode(), p.api_key.encode()):
+            self.counters["cancels_refused"] += 1
+            return
+        self._forget(internal_id)
+        self.counters["cancels"] += 1
+        self._cancels.append(internal_id)
+        frames = error_frames(p.client_request_id, Cancelled("the request was cancelled"))
+        self._client_out.add(frames, p.identity)
+
+    def _flush_cancels(self) -> None:
+        """Queue this pass's cancels for the scheduler (the caller flushes ``_work_out``)."""
+        if self._cancels:
+            self._work_out.add(encode(CancelWork(self._cancels)))
+            self._cancels = []
 
     def _validate(self, req: InferRequest) -> None:
         g = self.gcfg
@@ -458,7 +552,10 @@ class Gateway:
         """Answer one query or admin request; Redis is reached in a worker thread, bounded."""
         try:
             await self._reply_with(
-                identity, msg.request_id, self._answer(msg), timeout_s=self.cfg.bus.rpc_timeout_s
+                identity,
+                msg.request_id,
+                self.queries.answer(msg),
+                timeout_s=self.cfg.bus.rpc_timeout_s,
             )
         finally:
             self._queries -= 1
@@ -483,91 +580,12 @@ class Gateway:
                 identity, request_id, UnavailableError("cluster state is unreachable; retry")
             )
             return
+        except Exception:  # a bug must cost one answer, never the gateway
+            log.exception("failed to answer request %s", request_id[:64])
+            self.counters["internal_errors"] += 1
+            await self._reply_error(identity, request_id, InternalError("internal error"))
+            return
         await self.frontend.send([identity, *encode(reply)])
-
-    async def _tenant_of(self, api_key: str) -> TenantRecord:
-        """The key's tenant (through the auth cache); AuthError for an unknown or revoked key."""
-        tenant = await self._lookup_key(api_key)
-        if tenant is None:
-            self.counters["auth_failed"] += 1
-            raise AuthError("invalid API key")
-        return tenant
-
-    async def _answer(self, msg: Query) -> Message:
-        if isinstance(msg, WhoAmIRequest):
-            t = await self._tenant_of(msg.api_key)
-            return TenantInfo(
-                msg.request_id, t.tenant_id, t.name, self.cfg.adapters.max_adapter_bytes
-            )
-        if isinstance(msg, UsageQuery):
-            t = await self._tenant_of(msg.api_key)
-            if msg.tenant is not None and msg.tenant not in (t.tenant_id, t.name):
-                # Same answer whether or not the named tenant exists: ids must not leak.
-                raise NotFoundError(f"no tenant {msg.tenant!r}", field="tenant_id")
-            u = await self.state.get_usage(t.tenant_id)
-            return UsageReply(
-                msg.request_id,
-                t.tenant_id,
-                t.name,
-                u.requests,
-                u.gpu_ms,
-                u.prompt_tokens,
-                u.completion_tokens,
-            )
-        if isinstance(msg, ClusterStatusRequest):
-            beats = await self.state.list_heartbeats()
-            return ClusterStatusReply(
-                msg.request_id,
-                [hb.executor_id for hb in beats],
-                [hb.queue_depth for hb in beats],
-                [hb.running for hb in beats],
-                [len(hb.resident_adapters) for hb in beats],
-                [hb.free_memory_bytes for hb in beats],
-            )
-        return await self._admin(msg)
-
-    async def _admin(self, msg: AdminRequest) -> AdminReply:
-        """Tenant and key administration under the admin key (``http.admin_key``).
-
-        Revoking a key (or deleting its tenant) drops it from this gateway's auth cache, so
-        the key's next request is refused. A key revoked elsewhere (``vajra tenant
-        revoke-key`` writes Redis directly) stays usable for up to ``auth_cache_ttl_s``.
-        """
-        expected = self.cfg.http.admin_key
-        if not expected:
-            raise AuthError("the admin API is disabled: set http.admin_key")
-        if not hmac.compare_digest(msg.admin_key.encode(), expected.encode()):
-            self.counters["admin_auth_failed"] += 1
-            raise AuthError("invalid admin key")
-        if msg.action == "create_tenant":
-            record, key = await self.state.create_tenant(msg.tenant or "")
-            return AdminReply(msg.request_id, msg.action, record.tenant_id, record.name, key)
-        if msg.action in ("create_key", "delete_tenant"):
-            ref = msg.tenant or ""
-            t = await self.state.get_tenant_by_name(ref) or await self.state.get_tenant(ref)
-            if t is None:
-                raise NotFoundError(f"no tenant {ref!r}", field="tenant")
-            if msg.action == "create_key":
-                key = await self.state.create_api_key(t.tenant_id)
-                return AdminReply(msg.request_id, msg.action, t.tenant_id, t.name, key)
-            self._auth_epoch += 1
-            await self.state.delete_tenant(t.tenant_id)
-            self._auth_epoch += 1
-            for k, entry in list(self._auth_cache.items()):
-                if entry.tenant is not None and entry.tenant.tenant_id == t.tenant_id:
-                    del self._auth_cache[k]
-            return AdminReply(msg.request_id, msg.action, t.tenant_id, t.name)
-        if msg.action == "revoke_key":
-            if not msg.api_key:
-                raise InvalidRequest("api_key is required", field="api_key")
-            self._auth_epoch += 1
-            revoked = await self.state.revoke_api_key(msg.api_key)
-            self._auth_epoch += 1
-            self._auth_cache.pop(msg.api_key, None)
-            if not revoked:
-                raise NotFoundError("no such API key", field="api_key")
-            return AdminReply(msg.request_id, msg.action)
-        raise InvalidRequest(f"unknown admin action {msg.action!r}", field="action")
 
     # --- adapters: resolution on the request path --------------------------------------------
 
@@ -579,11 +597,16 @@ class Gateway:
         try:
             resolved = await self.adapters.resolve(tenant.tenant_id, req.adapter)
         except VajraError as exc:
+            self.limits.release(tenant.tenant_id)
             if not isinstance(exc, InvalidRequest):
                 log.warning("adapter lookup failed: %s", exc)
             await self._reply_error(identity, req.request_id, exc)
             return
+        except BaseException:
+            self.limits.release(tenant.tenant_id)
+            raise
         if resolved is None:
+            self.limits.release(tenant.tenant_id)
             await self._reply_error(identity, req.request_id, not_found(req.adapter))
             return
         self._dispatch(identity, req, tenant, resolved)
@@ -635,7 +658,7 @@ class Gateway:
                 f"request_id must be 1..{_MAX_ID_CHARS} characters", field="request_id"
             )
         with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-            tenant = await self._tenant_of(msg.api_key)
+            tenant = await self.queries.tenant_of(msg.api_key)
         if msg.tenant is not None and msg.tenant not in (tenant.tenant_id, tenant.name):
             raise InvalidRequest(f"unknown tenant {msg.tenant!r}", field="tenant")
         return await self.adapters.handle(tenant, msg, bulk)
@@ -668,7 +691,7 @@ class Gateway:
                 return
             out = TokenChunk(p.client_request_id, msg.index, msg.text, msg.token_ids)
         elif isinstance(msg, InferResult):
-            del self._pending[msg.request_id]
+            self._forget(msg.request_id)
             self.counters["results"] += 1
             out = InferResult(
                 p.client_request_id,
@@ -682,9 +705,16 @@ class Gateway:
                 msg.queue_ms,
             )
         elif isinstance(msg, ErrorReply):
-            del self._pending[msg.request_id]
+            self._forget(msg.request_id)
             self.counters[f"error_{msg.code}"] += 1
-            out = ErrorReply(p.client_request_id, msg.code, msg.message, msg.field, msg.retriable)
+            out = ErrorReply(
+                p.client_request_id,
+                msg.code,
+                msg.message,
+                msg.field,
+                msg.retriable,
+                msg.retry_after_ms,
+            )
         else:
             self.counters["unexpected_internal_kind"] += 1
             return
@@ -697,7 +727,7 @@ class Gateway:
             now = trio.current_time()
             while self._deadlines and self._deadlines[0][0] <= now:
                 _, internal_id = heapq.heappop(self._deadlines)
-                p = self._pending.pop(internal_id, None)
+                p = self._forget(internal_id)
                 if p is None:
                     continue
                 self.counters["deadline_expired"] += 1
@@ -707,5 +737,10 @@ class Gateway:
                     TimeoutError("the request's deadline passed before it was answered"),
                 )
 
-    def snapshot(self) -> dict[str, Any]:
-        return {"inflight": len(self._pending), **self.counters}
+    def snapshot(self) -> dict[str, int]:
+        return {**self.counters, "inflight": len(self._pending)}
+
+    def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Start a background task in the gateway's nursery (the desks' hook)."""
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)

@@ -25,7 +25,7 @@ from vajra.adapters.registry import (
 )
 from vajra.bus.messages import AdapterDelete, AdapterEntry, AdapterList, AdapterPush, AdapterReply
 from vajra.config import VajraConfig
-from vajra.errors import NotFoundError, UnavailableError, VajraError
+from vajra.errors import InternalError, InvalidRequest, NotFoundError, UnavailableError, VajraError
 from vajra.state import TenantRecord
 from vajra.storage import ObjectStore, adapter_object_key, adapter_object_keys
 from vajra.storage.adapters import adelete_adapter_objects, aput_adapter_objects
@@ -49,6 +49,17 @@ class AdapterDesk:
         self._resolve_limiter = trio.CapacityLimiter(64)
         self._validate_limiter = trio.CapacityLimiter(max(1, cfg.adapters.max_concurrent_pushes))
         self.pushed = 0
+
+    async def warm_up(self) -> None:
+        """Read the base model's module shapes once, ahead of the first upload (which would
+        otherwise wait seconds for it); a failure is logged, and the upload reports it."""
+        model = self.cfg.cluster.model
+        if not model or model == "null":
+            return
+        try:
+            await trio.to_thread.run_sync(base_model_spec, Path(model))
+        except Exception as exc:
+            log.warning("could not read the base model's modules at start: %s", exc)
 
     # --- resolution on the request path ---------------------------------------------------
 
@@ -75,6 +86,11 @@ class AdapterDesk:
     def forget(self, tenant_id: str, name: str) -> None:
         """After a push or delete through this gateway, its next lookups see the change."""
         self._resolutions.pop((tenant_id, name), None)
+
+    def forget_tenant(self, tenant_id: str) -> None:
+        """After the tenant was deleted: none of its names resolves from the cache any more."""
+        for key in [k for k in self._resolutions if k[0] == tenant_id]:
+            del self._resolutions[key]
 
     async def resolve(self, tenant_id: str, ref: str) -> ResolvedAdapter | None:
         """Look ``ref`` up in Redis (a cache miss); None when it does not exist for the tenant.
@@ -134,6 +150,8 @@ class AdapterDesk:
         """
         assert self.registry is not None
         check_adapter_name(msg.name)
+        if len(bulk) != 2:  # the codec checks this already; a push without both files is no push
+            raise InvalidRequest("an adapter push carries adapter_config.json and the weights")
         config_json, weights = bulk
         model = self.cfg.cluster.model
         validate = functools.partial(
@@ -204,16 +222,26 @@ def _validate_upload(
 ) -> AdapterManifest:
     """Validate an upload against the base model in ``model`` (runs in a worker thread).
 
-    Raises InvalidAdapter naming the problem, or UnavailableError when the gateway has no
-    readable base model.
+    Raises InvalidAdapter naming the problem, UnavailableError when the gateway has no
+    readable base model, InternalError for anything else: never a bare exception, which would
+    end the gateway's task group.
     """
     size = len(config_json) + len(weights)
     if size > max_bytes:  # refuse before even reading the base model
         raise InvalidAdapter(f"adapter is {size} bytes; the limit is {max_bytes}")
     try:
         base = base_model_spec(Path(model))
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # OSError, ValueError, KeyError, or whatever transformers raises
+        log.error("the base model at %r cannot be read: %s", model, exc)
         raise UnavailableError(
-            f"adapter uploads are unavailable: the base model at {model!r} cannot be read ({exc})"
+            "adapter uploads are unavailable: the cluster's base model cannot be read"
         ) from exc
-    return validate_adapter(config_json, weights, base, max_rank=max_rank, max_bytes=max_bytes)
+    try:
+        return validate_adapter(config_json, weights, base, max_rank=max_rank, max_bytes=max_bytes)
+    except VajraError:
+        raise
+    except Exception as exc:  # a validator bug must not take the gateway down with it
+        log.exception("validating an adapter upload failed unexpectedly")
+        raise InternalError(
+            f"the upload could not be validated ({type(exc).__name__}); nothing was stored"
+        ) from exc

@@ -6,6 +6,8 @@ Data flows left to right::
     executors ─ExecutorHello / LoadReport─▶ scheduler
     scheduler ═RequestEvents═▶ predictor (PUB, one message per batch of placements)
     scheduler ─ErrorReply─▶ gateway   (no executor can take it; its executor was lost)
+    gateway ─CancelWork─▶ scheduler ─CancelWork─▶ the executor holding each request
+    gateway ─GatewayHello─▶ scheduler ─GatewayHello─▶ every executor
 
 The request body is forwarded to the executor byte for byte (decoded once, never re-encoded).
 The scheduler remembers which requests each executor holds until a LoadReport lists them as
@@ -27,7 +29,9 @@ from vajra.actors.base import error_frames, new_context, now_ms, stats_frames
 from vajra.bus.codec import DecodeError, decode_many, encode
 from vajra.bus.messages import (
     AdapterTierCommand,
+    CancelWork,
     ExecutorHello,
+    GatewayHello,
     InferWork,
     LoadReport,
     RequestEvent,
@@ -129,6 +133,12 @@ class Scheduler:
             msg = env.message
             if isinstance(msg, InferWork):
                 self._place(gateway, msg, own)
+            elif isinstance(msg, CancelWork):
+                self._route_cancels(msg)
+            elif isinstance(msg, GatewayHello):
+                self.counters["gateway_hellos"] += 1
+                for executor_id in self.executors:
+                    self._to_executors.add(own, executor_id.encode())
             elif isinstance(msg, AdapterTierCommand):
                 if msg.executor_id in self.executors:
                     self._to_executors.add(own, msg.executor_id.encode())
@@ -169,6 +179,20 @@ class Scheduler:
                 prompt_chars=len(work.prompt),
             )
         )
+
+    def _route_cancels(self, msg: CancelWork) -> None:
+        """Send each cancelled request's id to the executor holding it (unknown ids: dropped,
+        the request already finished)."""
+        by_executor: dict[str, list[str]] = {}
+        for rid in msg.request_ids:
+            holder = next((v for v in self.executors.values() if rid in v.inflight), None)
+            if holder is None:
+                self.counters["cancels_unknown"] += 1
+                continue
+            by_executor.setdefault(holder.executor_id, []).append(rid)
+        for executor_id, rids in by_executor.items():
+            self.counters["cancels"] += len(rids)
+            self._to_executors.add(encode(CancelWork(rids)), executor_id.encode())
 
     # --- executors --------------------------------------------------------------------------
 

@@ -175,6 +175,8 @@ def _run_cluster_in_thread(
         load_config(env=env)
         .replace("cluster", gateway_address=free_tcp_address())
         .replace("http", enabled=False)  # the bridge is not on this path; keep its CPU out
+        # One tenant drives the whole load: per-tenant limits would measure themselves.
+        .replace("gateway", tenant_rate_limit_per_s=0.0, tenant_max_inflight=0)
     )
     sup = Supervisor(cfg, executors=1, model="null")
     ready: dict[str, Any] = {}

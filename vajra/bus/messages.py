@@ -16,6 +16,8 @@ Data flows left to right::
 
     client ──InferRequest──▶ gateway ──InferWork──▶ scheduler ──InferWork──▶ executor
     client ◀──TokenChunk / InferResult / ErrorReply── gateway ◀── executor
+    client ──CancelRequest──▶ gateway ──CancelWork──▶ scheduler ──CancelWork──▶ executor
+    gateway ──GatewayHello──▶ scheduler ──GatewayHello──▶ every executor
     client ──AdapterPush (+2 bulk frames) / AdapterList / AdapterDelete──▶ gateway ──AdapterReply──▶ client
     executor ──ExecutorHello / LoadReport──▶ scheduler ──ErrorReply (executor lost)──▶ gateway
     executor ──UsageEvent──▶ ledger ──UsageAck──▶ executor
@@ -95,7 +97,10 @@ class InferResult(Message, frozen=True):
 
 
 class ErrorReply(Message, frozen=True):
-    """A typed failure; ``code`` is a :class:`vajra.errors.ErrorCode` value."""
+    """A typed failure; ``code`` is a :class:`vajra.errors.ErrorCode` value.
+
+    ``retry_after_ms``: for ``rate_limited`` / ``concurrency_limited``, when a retry may pass.
+    """
 
     KIND: ClassVar[str] = "error"
     request_id: str
@@ -103,13 +108,44 @@ class ErrorReply(Message, frozen=True):
     message: str
     field: str | None = None
     retriable: bool = False
+    retry_after_ms: int = 0
+
+
+class CancelRequest(Message, frozen=True):
+    """The caller gives up on its request ``request_id`` (its own id), e.g. a dropped stream.
+
+    ``api_key`` must be the key the request was sent with. The gateway forgets the request,
+    answers it with a ``cancelled`` ErrorReply, and tells its executor, which drops the row at
+    its next step and bills what it computed. A cancel for a request that already ended (or
+    that the gateway never saw) is not answered.
+    """
+
+    KIND: ClassVar[str] = "cancel"
+    request_id: str
+    api_key: str = ""
+
+
+class PingRequest(Message, frozen=True):
+    """Is the gateway up? Needs no key and reveals nothing (answered :class:`PongReply`)."""
+
+    KIND: ClassVar[str] = "ping"
+    request_id: str
+
+
+class PongReply(Message, frozen=True):
+    KIND: ClassVar[str] = "pong"
+    request_id: str
 
 
 class StatsRequest(Message, frozen=True):
-    """Ask an actor for its counters (answered with :class:`StatsReply`)."""
+    """Ask an actor for its counters (answered with :class:`StatsReply`).
+
+    The gateway answers only a valid tenant key or the admin key (``api_key``).
+    """
 
     KIND: ClassVar[str] = "stats"
     request_id: str
+    api_key: str = ""
 
 
 class StatsReply(Message, frozen=True):
@@ -193,10 +229,14 @@ class AdminReply(Message, frozen=True):
 
 
 class ClusterStatusRequest(Message, frozen=True):
-    """Ask the gateway for every live executor's last heartbeat (:class:`ClusterStatusReply`)."""
+    """Ask the gateway for every live executor's last heartbeat (:class:`ClusterStatusReply`).
+
+    Answered only for a valid tenant key or the admin key (``api_key``).
+    """
 
     KIND: ClassVar[str] = "cluster-status"
     request_id: str
+    api_key: str = ""
 
 
 class ClusterStatusReply(Message, frozen=True):
@@ -281,7 +321,7 @@ class InferWork(Message, frozen=True):
     """
 
     KIND: ClassVar[str] = "work"
-    request_id: str
+    request_id: str  # unique across gateways and their restarts (see GatewayHello)
     tenant_id: str
     prompt: str
     adapter: str | None
@@ -299,6 +339,30 @@ class InferWork(Message, frozen=True):
     adapter_version: int | None = None
     adapter_digest: str | None = None  # sha256 hex of config + weights
     adapter_object_key: str | None = None  # object-store prefix holding the PEFT files
+    gateway_incarnation: str = ""  # the sending gateway's incarnation (see GatewayHello)
+
+
+class CancelWork(Message, frozen=True):
+    """Stop these requests (internal ids): gateway -> scheduler -> the executor holding each.
+
+    The executor drops each row at its next step, releases its adapter and bills what it
+    computed; it sends no answer (the gateway has already answered the caller).
+    """
+
+    KIND: ClassVar[str] = "cancel-work"
+    request_ids: list[str]
+
+
+class GatewayHello(Message, frozen=True):
+    """A gateway announcing itself (at start and then periodically): gateway -> scheduler.
+
+    The scheduler passes a new ``incarnation`` on to every executor, which then cancels the
+    rows that an earlier incarnation of ``gateway_id`` sent: nobody can receive their tokens.
+    """
+
+    KIND: ClassVar[str] = "gateway-hello"
+    gateway_id: str
+    incarnation: str
 
 
 # --- executor <-> scheduler ---------------------------------------------------------------
@@ -398,6 +462,11 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     TokenChunk,
     InferResult,
     ErrorReply,
+    CancelRequest,
+    PingRequest,
+    PongReply,
+    CancelWork,
+    GatewayHello,
     StatsRequest,
     StatsReply,
     InferWork,

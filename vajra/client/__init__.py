@@ -30,6 +30,7 @@ from vajra.client._types import (
 )
 from vajra.errors import (
     AuthError,
+    Cancelled,
     InternalError,
     InvalidRequest,
     NotFoundError,
@@ -37,6 +38,7 @@ from vajra.errors import (
     PayloadTooLarge,
     ProtocolError,
     QuotaExceeded,
+    RateLimited,
     TimeoutError,
     UnavailableError,
     VajraError,
@@ -46,6 +48,7 @@ __all__ = [
     "AdapterInfo",
     "AsyncClient",
     "AuthError",
+    "Cancelled",
     "Client",
     "ExecutorStatus",
     "InferenceResult",
@@ -57,6 +60,7 @@ __all__ = [
     "PayloadTooLarge",
     "ProtocolError",
     "QuotaExceeded",
+    "RateLimited",
     "Stream",
     "StreamChunk",
     "Tenant",

@@ -10,6 +10,13 @@ the protocol allows it, so one slow reader cannot stall the others; a gateway th
 fails that request with :class:`~vajra.errors.ProtocolError`. Replies for requests that are
 no longer outstanding (timed out, abandoned, unknown, or frames that do not decode at all)
 are counted in :attr:`AsyncClient.ignored_replies`, logged at debug level and dropped.
+
+A generation that is abandoned before its answer (its deadline passed, the caller was
+cancelled, a stream left early) is cancelled at the gateway with a ``CancelRequest``, so its
+executor stops computing (and billing) it. When the connection to the gateway drops (a socket
+monitor reports it), every outstanding call fails at once with a retriable
+:class:`~vajra.errors.UnavailableError` instead of waiting out its deadline: whatever the
+gateway held died with it. ZeroMQ reconnects by itself; later calls go to the new gateway.
 """
 
 from __future__ import annotations
@@ -24,13 +31,17 @@ from typing import Any
 
 import trio
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from vajra.bus.messages import (
     AdminReply,
     AdminRequest,
     ClusterStatusReply,
     ClusterStatusRequest,
+    ErrorReply,
     InferRequest,
+    PingRequest,
+    PongReply,
     TenantInfo,
     UsageQuery,
     UsageReply,
@@ -54,6 +65,7 @@ from vajra.client._types import (
     build_adapter_push,
     build_infer_request,
     build_stats_request,
+    cancel_frames,
     check_upload_size,
     decode_reply,
     expect,
@@ -134,12 +146,15 @@ class AsyncClient:
         self._timeout_s = resolve_timeout(timeout_s, timeout_s)
         self._ctx: zmq.Context[Any] | None = None
         self._sock: ZSocket | None = None
+        self._monitor: ZSocket | None = None
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
         self._nursery: trio.Nursery | None = None
         self._calls: dict[str, _Call] = {}
         self._opened = False
         self._closed = False
         self._ignored = 0
+        self.disconnects = 0  # times the connection to the gateway dropped
+        self.cancels_sent = 0  # abandoned generations cancelled at the gateway
 
     @property
     def ignored_replies(self) -> int:
@@ -161,9 +176,11 @@ class AsyncClient:
             raise InvalidRequest(
                 f"cannot connect to {self.address!r}: {exc}", field="address"
             ) from None
+        self._monitor = ZSocket(self._sock.raw.get_monitor_socket(zmq.EVENT_DISCONNECTED))
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
         self._nursery.start_soon(self._receive_loop, self._sock)
+        self._nursery.start_soon(self._watch_connection, self._monitor)
         return self
 
     async def __aexit__(
@@ -185,6 +202,8 @@ class AsyncClient:
         self._closed = True
         for call in list(self._calls.values()):
             self._fail(call, UnavailableError("the client was closed before the answer came"))
+        if self._monitor is not None:
+            self._monitor.close()
         if self._sock is not None:
             self._sock.close()
         if self._ctx is not None:
@@ -204,6 +223,23 @@ class AsyncClient:
         while True:
             for frames in await sock.recv_batch(_RECV_BATCH):
                 self._dispatch(frames)
+
+    async def _watch_connection(self, monitor: ZSocket) -> None:
+        """Fail every outstanding call when the connection to the gateway drops."""
+        while True:
+            for frames in await monitor.recv_batch(_RECV_BATCH):
+                try:
+                    event = parse_monitor_message(frames)["event"]
+                except (ValueError, KeyError, IndexError):  # not an event we understand
+                    continue
+                if event != zmq.EVENT_DISCONNECTED:
+                    continue
+                self.disconnects += 1
+                lost = UnavailableError(
+                    "the connection to the gateway was lost before the answer came; retry"
+                )
+                for call in list(self._calls.values()):
+                    self._fail(call, lost)
 
     def _dispatch(self, frames: Sequence[bytes]) -> None:
         request_id, reply = decode_reply(frames)
@@ -262,17 +298,39 @@ class AsyncClient:
         except trio.EndOfChannel:
             return call.failure or UnavailableError("the request was abandoned")
 
+    def _cancel(self, request: Request) -> None:
+        """Tell the gateway that ``request`` was abandoned (never blocks, never raises)."""
+        frames = cancel_frames(request)
+        if frames is None or self._closed or self._sock is None:
+            return
+        try:
+            if self._sock.send_nowait(frames):
+                self.cancels_sent += 1
+        except (zmq.ZMQError, trio.ClosedResourceError):
+            pass  # the socket is going away: so is the gateway's reason to compute
+
     async def _single(
         self, request: Request, timeout_s: float, bulk: Sequence[bytes] = ()
     ) -> InferenceResult | StreamChunk | dict[str, int] | object:
-        """Send ``request`` (with its ``bulk`` frames) and wait for its one final answer."""
+        """Send ``request`` (with its ``bulk`` frames) and wait for its one final answer.
+
+        Leaving without that answer (deadline, cancellation, a local failure) cancels it.
+        """
         deadline = trio.current_time() + timeout_s
         with self._register(request) as call, _within(deadline, request.request_id, timeout_s):
             await self._send(request, bulk)
-            while True:
-                outcome = interpret_reply(await self._next_reply(call))
-                if outcome is not None:
-                    return outcome
+            answered = False
+            try:
+                while True:
+                    reply = await self._next_reply(call)
+                    answered = isinstance(reply, ErrorReply)
+                    outcome = interpret_reply(reply)
+                    if outcome is not None:
+                        answered = True
+                        return outcome
+            finally:
+                if not answered:
+                    self._cancel(request)
 
     # --- public API ------------------------------------------------------------------------
 
@@ -336,10 +394,16 @@ class AsyncClient:
         return Stream(self, request, timeout)
 
     async def stats(self, *, timeout_s: float | None = None) -> dict[str, int]:
-        """The gateway's counters."""
+        """The gateway's counters (this client's key must be a tenant's or the admin key)."""
         timeout = resolve_timeout(timeout_s, self._timeout_s)
-        counters: dict[str, int] = expect(await self._single(build_stats_request(), timeout), dict)
+        request = build_stats_request(self._api_key)
+        counters: dict[str, int] = expect(await self._single(request, timeout), dict)
         return counters
+
+    async def ping(self, *, timeout_s: float | None = None) -> None:
+        """Return once the gateway answers (no key needed); TimeoutError if it does not."""
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        expect(await self._single(PingRequest(request_id=new_request_id()), timeout), PongReply)
 
     # --- adapters ----------------------------------------------------------------------------
 
@@ -422,12 +486,11 @@ class AsyncClient:
         )
 
     async def cluster_status(self, *, timeout_s: float | None = None) -> list[ExecutorStatus]:
-        """Every live executor's last heartbeat (no API key needed, like :meth:`stats`)."""
+        """Every live executor's last heartbeat (a tenant's key or the admin key, like
+        :meth:`stats`)."""
         timeout = resolve_timeout(timeout_s, self._timeout_s)
-        reply = expect(
-            await self._single(ClusterStatusRequest(request_id=new_request_id()), timeout),
-            ClusterStatusReply,
-        )
+        request = ClusterStatusRequest(request_id=new_request_id(), api_key=self._api_key)
+        reply = expect(await self._single(request, timeout), ClusterStatusReply)
         return [
             ExecutorStatus(*row)
             for row in zip(
@@ -491,9 +554,9 @@ class Stream:
     :class:`~vajra.client.StreamChunk` objects until the final one. The whole stream, from
     entering to its final chunk, runs under one deadline of ``timeout_s``; when it passes,
     iterating raises :class:`vajra.errors.TimeoutError`. A gateway error is raised from the
-    iteration. Leaving the block early (``break``, an error, cancellation) abandons the
-    request: chunks still on their way are dropped. The protocol has no cancel message, so
-    the gateway finishes the generation regardless.
+    iteration. Leaving the block early (``break``, an error, cancellation, the deadline)
+    abandons the request: it is cancelled at the gateway (its executor stops generating and
+    bills only what it computed) and chunks still on their way are dropped.
     """
 
     def __init__(self, client: AsyncClient, request: InferRequest, timeout_s: float) -> None:
@@ -504,6 +567,7 @@ class Stream:
         self._call: _Call | None = None
         self._stack: ExitStack | None = None
         self._deadline = 0.0
+        self._answered = False  # the final chunk or the gateway's error came
 
     @property
     def request_id(self) -> str:
@@ -533,6 +597,8 @@ class Stream:
     ) -> None:
         self._progress.finished = True
         if self._stack is not None:
+            if not self._answered:
+                self._client._cancel(self._request)
             self._stack.close()
 
     def __aiter__(self) -> Stream:
@@ -549,4 +615,7 @@ class Stream:
         except TimeoutError:
             self._progress.finished = True
             raise
-        return expect(interpret_reply(reply, self._progress), StreamChunk)
+        self._answered = isinstance(reply, ErrorReply)
+        chunk = expect(interpret_reply(reply, self._progress), StreamChunk)
+        self._answered = self._progress.finished
+        return chunk

@@ -9,6 +9,11 @@ One thread may have several calls open at once (an :meth:`Client.infer` inside a
 open calls in their inboxes. Replies for no open call of the thread (late replies to calls
 that timed out, frames that do not decode) are counted in :attr:`Client.ignored_replies`,
 logged at debug level and dropped.
+
+As in the Trio client, an abandoned generation (deadline passed, stream closed early) is
+cancelled at the gateway, and a dropped connection to the gateway (reported by a socket
+monitor per thread) fails the thread's open calls at once with a retriable
+:class:`~vajra.errors.UnavailableError`.
 """
 
 from __future__ import annotations
@@ -25,8 +30,16 @@ from contextlib import contextmanager
 from types import TracebackType
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
-from vajra.bus.messages import InferRequest, TenantInfo, WhoAmIRequest
+from vajra.bus.messages import (
+    ErrorReply,
+    InferRequest,
+    PingRequest,
+    PongReply,
+    TenantInfo,
+    WhoAmIRequest,
+)
 from vajra.client._types import (
     AdapterInfo,
     InferenceResult,
@@ -40,6 +53,7 @@ from vajra.client._types import (
     build_adapter_push,
     build_infer_request,
     build_stats_request,
+    cancel_frames,
     check_upload_size,
     decode_reply,
     expect,
@@ -58,13 +72,21 @@ _HIGH_WATER_MARK = 10_000
 
 
 class _ThreadState:
-    """One thread's socket, and an inbox per open call of that thread."""
+    """One thread's socket and its connection monitor, and an inbox per open call."""
 
-    __slots__ = ("__weakref__", "inbox", "sock")
+    __slots__ = ("__weakref__", "inbox", "monitor", "poller", "sock")
 
-    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+    def __init__(self, sock: zmq.Socket[bytes], monitor: zmq.Socket[bytes]) -> None:
         self.sock = sock
+        self.monitor = monitor
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(monitor, zmq.POLLIN)
         self.inbox: dict[str, deque[Reply]] = {}
+
+    def close(self) -> None:
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
 
 
 def _timed_out(request_id: str, timeout_s: float) -> TimeoutError:
@@ -114,6 +136,8 @@ class Client:
         self._states: weakref.WeakSet[_ThreadState] = weakref.WeakSet()
         self._closed = False
         self._ignored = 0
+        self.disconnects = 0  # times a thread's connection to the gateway dropped
+        self.cancels_sent = 0  # abandoned generations cancelled at the gateway
 
     @property
     def ignored_replies(self) -> int:
@@ -141,7 +165,7 @@ class Client:
             self._closed = True
             states = list(self._states)
         for state in states:
-            state.sock.close(linger=0)
+            state.close()
         self._ctx.destroy(linger=0)  # also closes any socket a finalizer has not reached yet
 
     def _state(self) -> _ThreadState:
@@ -165,9 +189,10 @@ class Client:
                 raise InvalidRequest(
                     f"cannot connect to {self.address!r}: {exc}", field="address"
                 ) from None
-            state = _ThreadState(sock)
-            # A thread that ends drops its state; its socket is closed then, not leaked.
-            weakref.finalize(state, sock.close, 0)
+            monitor: zmq.Socket[bytes] = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            state = _ThreadState(sock, monitor)
+            # A thread that ends drops its state; its sockets are closed then, not leaked.
+            weakref.finalize(state, _close_sockets, monitor, sock)
             self._states.add(state)
         self._local.state = state
         return state
@@ -212,7 +237,10 @@ class Client:
                 raise UnavailableError("the client was closed before the answer came")
             if time.monotonic() >= deadline:
                 raise _timed_out(request_id, timeout_s)
-            if not state.sock.poll(_poll_ms(deadline), zmq.POLLIN):
+            ready = dict(state.poller.poll(_poll_ms(deadline)))
+            if state.monitor in ready:
+                self._on_monitor_event(state)
+            if state.sock not in ready:
                 continue
             try:
                 frames = state.sock.recv_multipart(zmq.NOBLOCK)
@@ -220,6 +248,35 @@ class Client:
                 continue
             self._route(state, frames)
         return inbox.popleft()
+
+    def _on_monitor_event(self, state: _ThreadState) -> None:
+        """A dropped connection fails every open call of the thread (they died with it)."""
+        try:
+            event = parse_monitor_message(state.monitor.recv_multipart(zmq.NOBLOCK))["event"]
+        except (zmq.Again, ValueError, KeyError, IndexError):
+            return
+        if event != zmq.EVENT_DISCONNECTED:
+            return
+        with self._lock:
+            self.disconnects += 1
+        for inbox in state.inbox.values():
+            inbox.append(
+                UnavailableError(
+                    "the connection to the gateway was lost before the answer came; retry"
+                )
+            )
+
+    def _cancel(self, state: _ThreadState, request: Request) -> None:
+        """Tell the gateway that ``request`` was abandoned (never blocks, never raises)."""
+        frames = cancel_frames(request)
+        if frames is None or self._closed:
+            return
+        try:
+            state.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError:  # full or closed: the gateway's deadline still ends it
+            return
+        with self._lock:
+            self.cancels_sent += 1
 
     def _route(self, state: _ThreadState, frames: Sequence[bytes]) -> None:
         rid, reply = decode_reply(frames)
@@ -239,11 +296,18 @@ class Client:
         deadline = time.monotonic() + timeout_s
         with self._register(state, request.request_id):
             self._send(state, request, deadline, timeout_s, bulk)
-            while True:
-                reply = self._next_reply(state, request.request_id, deadline, timeout_s)
-                outcome = interpret_reply(reply)
-                if outcome is not None:
-                    return outcome
+            answered = False
+            try:
+                while True:
+                    reply = self._next_reply(state, request.request_id, deadline, timeout_s)
+                    answered = isinstance(reply, ErrorReply)
+                    outcome = interpret_reply(reply)
+                    if outcome is not None:
+                        answered = True
+                        return outcome
+            finally:
+                if not answered:
+                    self._cancel(state, request)
 
     # --- public API ----------------------------------------------------------------------
 
@@ -315,15 +379,29 @@ class Client:
         progress = StreamProgress()
         with self._register(state, request.request_id):
             self._send(state, request, deadline, timeout_s)
-            while not progress.finished:
-                reply = self._next_reply(state, request.request_id, deadline, timeout_s)
-                yield expect(interpret_reply(reply, progress), StreamChunk)
+            answered = False
+            try:
+                while not progress.finished:
+                    reply = self._next_reply(state, request.request_id, deadline, timeout_s)
+                    answered = isinstance(reply, ErrorReply)
+                    chunk = expect(interpret_reply(reply, progress), StreamChunk)
+                    answered = progress.finished
+                    yield chunk
+            finally:  # also when the caller stops early (GeneratorExit)
+                if not answered:
+                    self._cancel(state, request)
 
     def stats(self, *, timeout_s: float | None = None) -> dict[str, int]:
-        """The gateway's counters."""
+        """The gateway's counters (this client's key must be a tenant's or the admin key)."""
         timeout = resolve_timeout(timeout_s, self._timeout_s)
-        counters: dict[str, int] = expect(self._single(build_stats_request(), timeout), dict)
+        request = build_stats_request(self._api_key)
+        counters: dict[str, int] = expect(self._single(request, timeout), dict)
         return counters
+
+    def ping(self, *, timeout_s: float | None = None) -> None:
+        """Return once the gateway answers (no key needed); TimeoutError if it does not."""
+        timeout = resolve_timeout(timeout_s, self._timeout_s)
+        expect(self._single(PingRequest(request_id=new_request_id()), timeout), PongReply)
 
     # --- adapters ----------------------------------------------------------------------------
 
@@ -374,3 +452,8 @@ class Client:
             api_key=self._api_key, tenant=self._tenant, name=name, version=version
         )
         return adapter_infos(self._single(request, timeout))
+
+
+def _close_sockets(*socks: zmq.Socket[bytes]) -> None:
+    for sock in socks:
+        sock.close(linger=0)

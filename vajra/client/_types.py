@@ -24,12 +24,15 @@ from vajra.bus.messages import (
     AdapterReply,
     AdminReply,
     AdminRequest,
+    CancelRequest,
     ClusterStatusReply,
     ClusterStatusRequest,
     ErrorReply,
     InferRequest,
     InferResult,
     Message,
+    PingRequest,
+    PongReply,
     StatsReply,
     StatsRequest,
     TenantInfo,
@@ -54,6 +57,7 @@ Reply = Message | VajraError
 Request = (
     InferRequest
     | StatsRequest
+    | PingRequest
     | WhoAmIRequest
     | UsageQuery
     | AdminRequest
@@ -63,7 +67,7 @@ Request = (
     | AdapterDelete
 )
 #: Replies handed back as they are, for the client method to turn into its public value.
-_PLAIN_REPLIES = (TenantInfo, UsageReply, AdminReply, ClusterStatusReply, AdapterReply)
+_PLAIN_REPLIES = (TenantInfo, UsageReply, AdminReply, ClusterStatusReply, AdapterReply, PongReply)
 
 T = TypeVar("T")
 
@@ -224,8 +228,16 @@ def build_infer_request(
     )
 
 
-def build_stats_request(request_id: str | None = None) -> StatsRequest:
-    return StatsRequest(request_id=request_id or new_request_id())
+def build_stats_request(api_key: str = "", request_id: str | None = None) -> StatsRequest:
+    return StatsRequest(request_id=request_id or new_request_id(), api_key=api_key)
+
+
+def cancel_frames(request: Request) -> list[bytes] | None:
+    """The frames that cancel ``request`` at the gateway, or None when it is not cancellable
+    (only generations are: they hold an executor's row)."""
+    if not isinstance(request, InferRequest):
+        return None
+    return encode(CancelRequest(request_id=request.request_id, api_key=request.api_key))
 
 
 def request_frames(request: Request, bulk: Sequence[bytes] = ()) -> list[bytes]:
@@ -405,7 +417,9 @@ def _interpret(
     if isinstance(reply, VajraError):
         raise reply
     if isinstance(reply, ErrorReply):
-        raise error_from_code(reply.code, reply.message, reply.field)
+        raise error_from_code(
+            reply.code, reply.message, reply.field, retry_after_ms=reply.retry_after_ms
+        )
     if isinstance(reply, InferResult):
         usage = Usage(
             prompt_tokens=reply.prompt_tokens,

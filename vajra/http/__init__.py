@@ -14,7 +14,6 @@ from vajra.http._app import BridgeContext, create_app
 from vajra.http._bridge import HttpBridge, base_model_name
 from vajra.http._chat import ChatTemplate
 from vajra.http._gateway import GatewayPool
-from vajra.http._limits import TenantLimits
 from vajra.http._metrics import BridgeMetrics
 
 __all__ = [
@@ -23,7 +22,6 @@ __all__ = [
     "ChatTemplate",
     "GatewayPool",
     "HttpBridge",
-    "TenantLimits",
     "base_model_name",
     "create_app",
 ]

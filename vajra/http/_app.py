@@ -1,10 +1,11 @@
 """The ASGI application: routes, error handlers and middleware of the HTTP bridge.
 
 Every route is a thin translation: HTTP in, one SDK call through :class:`GatewayPool` out.
-Authentication is the gateway's (each request carries the caller's key); the bridge adds
-per-tenant rate and concurrency limits, a body size limit, a deadline per request
-(``http.request_timeout_s``, sent to the gateway as the request's deadline), metrics and the
-two error shapes (see :mod:`vajra.http._errors`).
+Authentication and per-tenant rate and concurrency limits are the gateway's (each request
+carries the caller's key; a refusal becomes 429 with ``Retry-After``); the bridge adds body
+size and time limits, a deadline per request (``http.request_timeout_s``, sent to the gateway
+as the request's deadline), metrics and the two error shapes (see :mod:`vajra.http._errors`).
+A caller that goes away cancels its generation at the gateway (through the SDK).
 
 Streams (``"stream": true``) are server-sent events. Their status is decided by the first
 event: an error before any text (bad key, unknown adapter, limits, validation) is answered
@@ -17,7 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -33,11 +35,12 @@ from starlette.responses import Response
 from vajra.client import AdapterInfo, InferenceResult, StreamChunk, Usage, VajraError
 from vajra.client._types import new_request_id
 from vajra.config import VajraConfig
+from vajra.errors import RateLimited
 from vajra.http import _schemas as s
 from vajra.http._chat import ChatTemplate
 from vajra.http._errors import ApiError, error_response, sse_error
 from vajra.http._gateway import GatewayPool
-from vajra.http._limits import BodySizeLimit, TenantLimits
+from vajra.http._limits import BodySizeLimit
 from vajra.http._metrics import BridgeMetrics
 from vajra.http._uploads import AdapterFiles, check_size, too_large, unpack_archive
 
@@ -71,7 +74,6 @@ class BridgeContext:
 
     cfg: VajraConfig
     pool: GatewayPool
-    limits: TenantLimits
     metrics: BridgeMetrics
     chat: ChatTemplate
     base_model: str
@@ -169,40 +171,34 @@ class EventStream(Response):
 
 
 class Generator:
-    """What every generation route shares: the caller's tenant, limits, the call, metrics."""
+    """What every generation route shares: the call, the limits' metric, the metrics."""
 
     def __init__(self, ctx: BridgeContext) -> None:
         self.ctx = ctx
         self.timeout_s = ctx.cfg.http.request_timeout_s
 
-    async def admit(self, api_key: str) -> str:
-        """The caller's tenant id, once its rate and concurrency budget admit one more request;
-        pair with ``limits.release``."""
-        tenant = await self.ctx.pool.tenant_of(api_key)
+    @contextmanager
+    def counting_limits(self) -> Iterator[None]:
+        """Count the gateway's per-tenant refusals (raised on as they are: 429)."""
         try:
-            self.ctx.limits.acquire(tenant.tenant_id)
-        except ApiError as exc:
-            self.ctx.metrics.limited.labels(exc.code).inc()
+            yield
+        except RateLimited as exc:
+            self.ctx.metrics.limited.labels(exc.code.value).inc()
             raise
-        return tenant.tenant_id
 
     async def complete(self, api_key: str, gen: Generation, route: str) -> InferenceResult:
         t0 = trio.current_time()
-        tenant_id = await self.admit(api_key)
-        try:
-            with self.ctx.pool.guard():
-                result = await self.ctx.pool.client(api_key).infer(
-                    gen.prompt,
-                    adapter=gen.adapter,
-                    max_tokens=gen.max_tokens,
-                    temperature=gen.temperature,
-                    top_p=gen.top_p,
-                    stop=gen.stop,
-                    seed=gen.seed,
-                    timeout_s=self.timeout_s,
-                )
-        finally:
-            self.ctx.limits.release(tenant_id)
+        with self.counting_limits(), self.ctx.pool.guard():
+            result = await self.ctx.pool.client(api_key).infer(
+                gen.prompt,
+                adapter=gen.adapter,
+                max_tokens=gen.max_tokens,
+                temperature=gen.temperature,
+                top_p=gen.top_p,
+                stop=gen.stop,
+                seed=gen.seed,
+                timeout_s=self.timeout_s,
+            )
         self.ctx.metrics.observe_generation(
             route,
             adapter=gen.adapter is not None,
@@ -221,30 +217,26 @@ class Generator:
     ) -> StreamChunk:
         """Stream ``gen``, handing each chunk to ``on_chunk``; returns the final chunk."""
         t0 = trio.current_time()
-        tenant_id = await self.admit(api_key)
         ttft: float | None = None
         final: StreamChunk | None = None
-        try:
-            with self.ctx.pool.guard():
-                stream = self.ctx.pool.client(api_key).stream(
-                    gen.prompt,
-                    adapter=gen.adapter,
-                    max_tokens=gen.max_tokens,
-                    temperature=gen.temperature,
-                    top_p=gen.top_p,
-                    stop=gen.stop,
-                    seed=gen.seed,
-                    timeout_s=self.timeout_s,
-                )
-                async with stream as chunks:
-                    async for chunk in chunks:
-                        if ttft is None:
-                            ttft = trio.current_time() - t0
-                        if chunk.is_final:
-                            final = chunk
-                        await on_chunk(chunk)
-        finally:
-            self.ctx.limits.release(tenant_id)
+        with self.counting_limits(), self.ctx.pool.guard():
+            stream = self.ctx.pool.client(api_key).stream(
+                gen.prompt,
+                adapter=gen.adapter,
+                max_tokens=gen.max_tokens,
+                temperature=gen.temperature,
+                top_p=gen.top_p,
+                stop=gen.stop,
+                seed=gen.seed,
+                timeout_s=self.timeout_s,
+            )
+            async with stream as chunks:  # leaving early (a disconnect) cancels it
+                async for chunk in chunks:
+                    if ttft is None:
+                        ttft = trio.current_time() - t0
+                    if chunk.is_final:
+                        final = chunk
+                    await on_chunk(chunk)
         if final is None or final.usage is None:
             raise ApiError(502, "malformed_frame", "the stream ended without a final chunk")
         self.ctx.metrics.observe_generation(
@@ -853,14 +845,10 @@ def create_app(ctx: BridgeContext) -> FastAPI:
                 ),
                 max_adapter_bytes,
             )
-        tenant_id = await gen.admit(key)
-        try:
-            with ctx.pool.guard():
-                info = await ctx.pool.client(key).push_adapter_bytes(
-                    files.config_json, files.weights, name, timeout_s=gen.timeout_s
-                )
-        finally:
-            ctx.limits.release(tenant_id)
+        with gen.counting_limits(), ctx.pool.guard():
+            info = await ctx.pool.client(key).push_adapter_bytes(
+                files.config_json, files.weights, name, timeout_s=gen.timeout_s
+            )
         return _json(adapter_body(info, base), 201)
 
     @app.get(
@@ -938,7 +926,6 @@ def create_app(ctx: BridgeContext) -> FastAPI:
     async def revoke_key(body: s.KeyRevoke, key: str = Depends(api_key)) -> Response:
         with ctx.pool.guard():
             await ctx.pool.client(key).revoke_api_key(body.api_key, timeout_s=10.0)
-        ctx.pool.forget_key(body.api_key)
         return _json({"ok": True})
 
     @app.delete(
@@ -963,10 +950,10 @@ def create_app(ctx: BridgeContext) -> FastAPI:
         responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
     )
     async def metrics() -> Response:
-        if ctx.pool.up:
+        if ctx.pool.up and ctx.pool.admin_key:  # gateway-wide views need the admin key
             try:
                 with trio.move_on_after(1.0):
-                    executors = await ctx.pool.probe_client.cluster_status(timeout_s=1.0)
+                    executors = await ctx.pool.operator_client.cluster_status(timeout_s=1.0)
                     ctx.metrics.set_executors(executors)
             except VajraError as exc:
                 log.debug("no executor status for /metrics: %s", exc)
@@ -1004,6 +991,7 @@ def create_app(ctx: BridgeContext) -> FastAPI:
         max_bytes=ctx.cfg.http.max_body_bytes,
         render=render_error,
         per_path={"/v1/adapters": max_adapter_bytes + UPLOAD_OVERHEAD_BYTES},
+        timeout_s=ctx.cfg.http.body_timeout_s,
     )
     app.add_middleware(_RequestMetrics, metrics=ctx.metrics)
     return app

@@ -15,7 +15,6 @@ from vajra.config import VajraConfig
 from vajra.http._app import BridgeContext, create_app
 from vajra.http._chat import ChatTemplate
 from vajra.http._gateway import GatewayPool
-from vajra.http._limits import TenantLimits
 from vajra.http._metrics import BridgeMetrics
 
 log = logging.getLogger("vajra.http")
@@ -49,12 +48,7 @@ class HttpBridge:
             timeout_s=h.request_timeout_s,
             health_interval_s=h.health_interval_s,
             health_timeout_s=h.health_timeout_s,
-            tenant_cache_ttl_s=h.tenant_cache_ttl_s,
-        )
-        self.limits = TenantLimits(
-            rate_per_s=h.rate_limit_per_s,
-            burst=h.rate_limit_burst,
-            max_concurrent=h.max_concurrent_per_tenant,
+            admin_key=h.admin_key,
         )
         self.metrics = BridgeMetrics(billing_granularity_ms=cfg.policies.billing_granularity_ms)
         self.address = ""
@@ -69,7 +63,6 @@ class HttpBridge:
             ctx = BridgeContext(
                 cfg=self.cfg,
                 pool=self.pool,
-                limits=self.limits,
                 metrics=self.metrics,
                 chat=chat,
                 base_model=base_model_name(self.cfg),
@@ -79,7 +72,9 @@ class HttpBridge:
             hc.accesslog = None
             hc.graceful_timeout = h.graceful_timeout_s
             hc.backlog = 2048
-            hc.keep_alive_timeout = 75
+            # Bounds both an idle keep-alive connection and the wait for a request's headers
+            # (a slow client sending them a byte at a time); bodies: BodySizeLimit.
+            hc.keep_alive_timeout = h.idle_timeout_s
             app: Any = create_app(ctx)
             serve_app = partial(serve, app, hc, shutdown_trigger=self._shutdown.wait, mode="asgi")
             binds: list[str] = await nursery.start(self._serve, serve_app, nursery.cancel_scope)

@@ -2,9 +2,13 @@
 
 Native routes answer ``{"error": {"code", "message", "field"}}``; the OpenAI-compatible routes
 answer OpenAI's ``{"error": {"message", "type", "param", "code"}}``. ``code`` is stable (a
-:class:`vajra.errors.ErrorCode` value or one of the bridge's own: ``rate_limited``,
-``concurrency_limited``, ``model_not_found``, ``method_not_allowed``, ``http_error``);
+:class:`vajra.errors.ErrorCode` value or one of the bridge's own: ``model_not_found``,
+``method_not_allowed``, ``http_error``);
 ``field``/``param`` names the input to blame where there is one.
+
+Per-tenant limits are the gateway's: its ``rate_limited`` / ``concurrency_limited`` errors
+become 429 with ``Retry-After`` (whole seconds, at least 1) from the gateway's
+``retry_after_ms``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Mapping
 
 from starlette.responses import Response
 
-from vajra.errors import ErrorCode, VajraError
+from vajra.errors import ErrorCode, RateLimited, VajraError
 
 #: HTTP status for each Vajra error code.
 STATUS_BY_CODE: dict[str, int] = {
@@ -24,6 +28,9 @@ STATUS_BY_CODE: dict[str, int] = {
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.QUOTA_EXCEEDED: 403,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.CONCURRENCY_LIMITED: 429,
+    ErrorCode.CANCELLED: 499,  # the client went away (nginx's "client closed request")
     ErrorCode.OVERLOADED: 503,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.TIMEOUT: 504,
@@ -65,6 +72,8 @@ class ApiError(Exception):
 
     @classmethod
     def from_vajra(cls, exc: VajraError) -> ApiError:
+        if isinstance(exc, RateLimited):
+            return rate_limited(exc.code.value, exc.message, exc.retry_after_s)
         status = STATUS_BY_CODE.get(exc.code.value, 500)
         headers = {"Retry-After": "1"} if exc.retriable else None
         return cls(status, exc.code.value, exc.message, field=exc.field, headers=headers)

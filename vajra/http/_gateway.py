@@ -5,9 +5,9 @@ Data flows left to right::
     HTTP request ──(caller's key)──▶ a view of one shared AsyncClient ──▶ gateway
     health probe (every health_interval_s) ──stats──▶ gateway ──▶ up / down
 
-The bridge holds no state of its own beyond caches: the gateway authenticates every request.
-The tenant cache (key digest → tenant, ``tenant_cache_ttl_s``) only names whose rate and
-concurrency budget a request spends; it never admits a request.
+The bridge holds no state of its own: the gateway authenticates every request and applies
+every per-tenant limit. The probe is a ``ping`` (no key needed); with ``admin_key`` set it
+also reads the gateway's counters (for ``/metrics``).
 
 When the probe fails ``_FAILURES_TO_DOWN`` times in a row the gateway is marked down: new
 requests get 503 at once and requests waiting on it are cancelled (also 503), so a dead
@@ -16,21 +16,18 @@ gateway costs a caller at most about ``interval + 2 x timeout`` seconds, not a d
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 
 import trio
 
-from vajra.client import AsyncClient, Tenant, UnavailableError, VajraError
+from vajra.client import AsyncClient, UnavailableError, VajraError
 
 log = logging.getLogger("vajra.http")
 
 _FAILURES_TO_DOWN = 2
-_MAX_CACHED_TENANTS = 100_000
 
 
 class GatewayPool:
@@ -44,19 +41,18 @@ class GatewayPool:
         timeout_s: float = 60.0,
         health_interval_s: float = 0.5,
         health_timeout_s: float = 1.5,
-        tenant_cache_ttl_s: float = 10.0,
+        admin_key: str = "",
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
-        self.tenant_cache_ttl_s = tenant_cache_ttl_s
+        self.admin_key = admin_key
         self._n = max(1, connections)
         self._clients: list[AsyncClient] = []
         self._next = itertools.count()
         self._guarded: set[trio.CancelScope] = set()
         self._failures = _FAILURES_TO_DOWN
-        self._tenants: dict[bytes, tuple[Tenant, float]] = {}
         self.up = False
         self.gateway_counters: dict[str, int] = {}
 
@@ -78,7 +74,10 @@ class GatewayPool:
 
     async def _probe(self) -> None:
         try:
-            counters = await self._clients[0].stats(timeout_s=self.health_timeout_s)
+            await self._clients[0].ping(timeout_s=self.health_timeout_s)
+            counters = {}
+            if self.admin_key:
+                counters = await self.operator_client.stats(timeout_s=self.health_timeout_s)
         except VajraError as exc:
             self._failures += 1
             if self._failures >= _FAILURES_TO_DOWN and self.up:
@@ -101,8 +100,9 @@ class GatewayPool:
         return base.with_api_key(api_key)
 
     @property
-    def probe_client(self) -> AsyncClient:
-        return self.client("")
+    def operator_client(self) -> AsyncClient:
+        """A connection speaking with the admin key (empty when none is configured)."""
+        return self.client(self.admin_key)
 
     @contextmanager
     def guard(self) -> Iterator[None]:
@@ -118,21 +118,3 @@ class GatewayPool:
             self._guarded.discard(scope)
         if scope.cancelled_caught:
             raise UnavailableError(f"the gateway at {self.address} stopped answering; retry")
-
-    async def tenant_of(self, api_key: str) -> Tenant:
-        """The caller's tenant, cached by key digest; AuthError for a bad or revoked key."""
-        digest = hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).digest()
-        now = time.monotonic()
-        hit = self._tenants.get(digest)
-        if hit is not None and hit[1] > now:
-            return hit[0]
-        with self.guard():
-            tenant = await self.client(api_key).whoami(timeout_s=min(self.timeout_s, 10.0))
-        if len(self._tenants) >= _MAX_CACHED_TENANTS:
-            self._tenants.clear()
-        self._tenants[digest] = (tenant, now + self.tenant_cache_ttl_s)
-        return tenant
-
-    def forget_key(self, api_key: str) -> None:
-        digest = hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).digest()
-        self._tenants.pop(digest, None)

@@ -91,7 +91,7 @@ class BridgeMetrics:
         )
         self.limited = Counter(
             "vajra_http_limited_requests",
-            "Requests refused by the bridge's per-tenant limits",
+            "Requests refused by the gateway's per-tenant limits",
             ["reason"],
             registry=r,
         )
