@@ -270,3 +270,38 @@ async def test_a_torch_error_while_packing_or_copying_is_a_typed_error(
         assert b.digest in tiers.host.entries and a.digest not in tiers.host.entries
         assert slot_holds(pool, slot, b, expected_units(b, spec, pool))
         assert not tiers.refs.keys() - {b.digest}
+
+
+async def test_an_adapter_forgotten_while_its_disk_copy_is_written_is_not_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A demote (forget) racing the write of the same digest: the finished write must neither
+    list the digest nor leave its files (a listed entry without files broke later reads)."""
+    from vajra.actors import adapter_cache
+
+    release = trio.Event()
+    started = trio.Event()
+    real_write = adapter_cache._write_files
+
+    def slow_write(*args: Any) -> None:
+        real_write(*args)
+        trio.from_thread.run_sync(started.set)
+        trio.from_thread.run(release.wait)
+
+    monkeypatch.setattr(adapter_cache, "_write_files", slow_write)
+    disk = adapter_cache.DiskCache(tmp_path / "disk", 1 << 20, io=trio.CapacityLimiter(2))
+    digest = "ab" * 32
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            written: list[bool] = []
+
+            async def write() -> None:
+                written.append(await disk.write(digest, b"{}", b"weights"))
+
+            nursery.start_soon(write)
+            await started.wait()  # the files are on disk, the write not yet accounted
+            disk.forget(digest)
+            release.set()
+    assert written == [False]
+    assert digest not in disk and disk.used_bytes == 0
+    assert not (tmp_path / "disk" / digest).exists()

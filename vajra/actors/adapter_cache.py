@@ -197,6 +197,7 @@ class DiskCache:
         root.mkdir(parents=True, exist_ok=True)
         self.entries: OrderedDict[str, int] = OrderedDict()  # digest -> bytes, least recent first
         self._busy: set[str] = set()  # being written, or being deleted as a victim
+        self._doomed: set[str] = set()  # forgotten while busy: not to be listed once written
         found = []
         for d in root.iterdir():
             weights = d / ADAPTER_WEIGHTS_FILE
@@ -255,13 +256,23 @@ class DiskCache:
             return False
         finally:
             self._busy -= busy
+            self._doomed -= set(victims)  # deleted anyway
+        if digest in self._doomed:  # forgotten while it was written
+            self._doomed.discard(digest)
+            self.used_bytes -= size
+            await trio.to_thread.run_sync(_remove, self.root / digest, limiter=self._io)
+            return False
         self.entries[digest] = size
         return True
 
     def forget(self, digest: str) -> None:
-        """Unlist ``digest`` and delete its files (two files, on the calling thread)."""
+        """Unlist ``digest`` and delete its files (two files, on the calling thread); one
+        being written or deleted right now is deleted when that ends."""
         self._unlist(digest)
-        shutil.rmtree(self.root / digest, ignore_errors=True)
+        if digest in self._busy:
+            self._doomed.add(digest)
+            return
+        _remove(self.root / digest)
 
     def _unlist(self, digest: str) -> None:
         size = self.entries.pop(digest, None)
@@ -293,3 +304,7 @@ def _write_files(
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
