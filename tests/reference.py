@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -16,6 +17,19 @@ TARGET_SETS = (
     ("gate_proj", "up_proj", "down_proj"),
     ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 )
+
+
+def _greedy(model: Any, tok: Any, prompt: str, max_new_tokens: int) -> list[int]:
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+        )
+    return [int(t) for t in out[0, ids.shape[1] :]]
 
 
 def transformers_greedy(
@@ -31,16 +45,23 @@ def transformers_greedy(
 
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tok.pad_token_id,
-        )
-    return [int(t) for t in out[0, ids.shape[1] :]], tok.eos_token_id
+    return _greedy(model, tok, prompt, max_new_tokens), tok.eos_token_id
+
+
+def peft_greedy_many(
+    model_dir: Path, adapters: Sequence[Path], prompts: Sequence[str], max_new_tokens: int
+) -> dict[tuple[Path, str], list[int]]:
+    """:func:`transformers_greedy` through each adapter for each prompt, the base loaded once."""
+    from peft import PeftModel
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    out: dict[tuple[Path, str], list[int]] = {}
+    for adapter in adapters:
+        model = PeftModel.from_pretrained(copy.deepcopy(base), adapter).eval()
+        for prompt in prompts:
+            out[adapter, prompt] = _greedy(model, tok, prompt, max_new_tokens)
+    return out
 
 
 def save_peft_adapters(model_dir: Path, root: Path, ranks: Sequence[int], seed: int) -> list[Path]:

@@ -16,6 +16,7 @@ import trio
 import zmq
 
 from tests.actors.inbox import Inbox
+from tests.inprocess import inprocess_config
 from vajra.actors.base import wait_until
 from vajra.actors.executor import Executor
 from vajra.actors.gateway import Gateway
@@ -47,19 +48,7 @@ from vajra.state import AsyncClusterState, ClusterState
 
 @pytest.fixture
 def cfg(tmp_path: Path, valkey_url: str) -> VajraConfig:
-    run = tmp_path / "run"
-    run.mkdir()
-    base = VajraConfig().replace(
-        "cluster",
-        redis_url=valkey_url,
-        model="null",
-        gateway_address="tcp://127.0.0.1:0",
-        gateway_backend_address=f"ipc://{run}/gw",
-        scheduler_address=f"ipc://{run}/sched",
-        scheduler_dispatch_address=f"ipc://{run}/dispatch",
-        events_address=f"ipc://{run}/events",
-        ledger_address=f"ipc://{run}/ledger",
-    )
+    base = inprocess_config(tmp_path / "run", valkey_url)
     return base.replace("scheduler", executor_timeout_s=0.4).replace(
         "executor", usage_resend_s=0.2, drain_timeout_s=1.0
     )

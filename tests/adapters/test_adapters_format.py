@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from safetensors.torch import save as save_safetensors
 from transformers import AutoModelForCausalLM
 
+from tests.adapters.conftest import edit_config, save_peft
 from vajra.adapters import (
     BaseModelSpec,
     InvalidAdapter,
@@ -32,41 +32,6 @@ from vajra.adapters import (
 from vajra.errors import InvalidRequest
 
 LIMITS: dict[str, Any] = {"max_rank": 64, "max_bytes": 10_000_000}
-
-
-def save_peft(model_dir: Path, out: Path, **lora: Any) -> Path:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
-    peft_model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_model_dir: Path) -> BaseModelSpec:
-    return base_model_spec(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def good(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
-    out = save_peft(
-        tiny_model_dir,
-        tmp_path_factory.mktemp("good"),
-        r=8,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj", "down_proj"],
-        rank_pattern={"down_proj": 4},
-        alpha_pattern={"v_proj": 3.0},
-    )
-    return (out / "adapter_config.json").read_bytes(), (
-        out / "adapter_model.safetensors"
-    ).read_bytes()
-
-
-def edit_config(config: bytes, **changes: Any) -> bytes:
-    data = json.loads(config)
-    data.update(changes)
-    return json.dumps(data).encode()
 
 
 def refused(config: bytes, weights: bytes, spec: BaseModelSpec, *words: str, **limits: Any) -> str:

@@ -22,14 +22,13 @@ import torch
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.other import get_pattern_key, match_target_against_key
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from transformers import AutoModelForCausalLM
 
+from tests.adapters.conftest import edit_config, peft_model
 from vajra.actors import gateway_adapters
-from vajra.adapters import BaseModelSpec, InvalidAdapter, base_model_spec, validate_adapter
+from vajra.adapters import BaseModelSpec, InvalidAdapter, validate_adapter
 from vajra.adapters.format import MAX_HEADER_BYTES, validate_adapter_dir
 from vajra.adapters.untrusted import (
     MAX_CONFIG_BYTES,
@@ -45,45 +44,6 @@ LIMITS: dict[str, Any] = {"max_rank": 64, "max_bytes": 10_000_000}
 FAST_S = 1.0  # every hostile upload must be answered within this much wall time
 DEEP = 50_000
 V_B = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"  # [32, 8] in `good`
-
-
-def peft_model(model_dir: Path, **lora: Any) -> PeftModel:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
-
-
-def save_peft(model_dir: Path, out: Path, **lora: Any) -> tuple[Path, PeftModel]:
-    model = peft_model(model_dir, **lora)
-    model.save_pretrained(out)
-    return out, model
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_model_dir: Path) -> BaseModelSpec:
-    return base_model_spec(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def good(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
-    out, _ = save_peft(
-        tiny_model_dir,
-        tmp_path_factory.mktemp("good"),
-        r=8,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj", "down_proj"],
-        rank_pattern={"down_proj": 4},
-        alpha_pattern={"v_proj": 3.0},
-    )
-    return (out / "adapter_config.json").read_bytes(), (
-        out / "adapter_model.safetensors"
-    ).read_bytes()
-
-
-def edit_config(config: bytes, **changes: Any) -> bytes:
-    data = json.loads(config)
-    data.update(changes)
-    return json.dumps(data).encode()
 
 
 def with_header(weights: bytes, edit: Callable[[dict[str, Any]], Any]) -> bytes:
@@ -440,8 +400,9 @@ PEFT_CONFIGS: list[dict[str, Any]] = [
 def test_module_ranks_and_scales_match_the_layers_peft_builds(
     tiny_model_dir: Path, spec: BaseModelSpec, tmp_path: Path, lora: dict[str, Any]
 ) -> None:
-    out, model = save_peft(tiny_model_dir, tmp_path, r=8, lora_alpha=16, **lora)
-    manifest = validate_adapter_dir(out, spec, **LIMITS)
+    model = peft_model(tiny_model_dir, r=8, lora_alpha=16, **lora)
+    model.save_pretrained(tmp_path)
+    manifest = validate_adapter_dir(tmp_path, spec, **LIMITS)
     layers = {
         name.removeprefix("base_model.model."): module
         for name, module in model.named_modules()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +60,20 @@ class RunningCluster:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
+
+    def create_tenant(self, name: str, *, timeout: float = 60) -> tuple[str, str]:
+        """``vajra tenant create NAME`` (retried while the cluster's state is coming back);
+        returns (tenant_id, api_key)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.cli("tenant", "create", name)
+            if out.returncode == 0:
+                key = re.search(r"api key \(shown once\): (\S+)", out.stdout)
+                tenant_id = re.search(r"\((t_[0-9a-f]+)\)", out.stdout)
+                assert key and tenant_id, out.stdout
+                return tenant_id.group(1), key.group(1)
+            assert time.monotonic() < deadline, out.stderr
+            time.sleep(0.5)
 
     def full_log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -200,3 +216,16 @@ def wait_gone(pids: Iterable[int], timeout: float) -> tuple[list[int], float]:
             return [], time.monotonic() - t0
         time.sleep(0.1)
     return [p for p in pids if alive(p)], time.monotonic() - t0
+
+
+@contextmanager
+def running_cluster(
+    tmp: Path, model_dir: Path, *, config_text: str = ""
+) -> Iterator[RunningCluster]:
+    """:func:`start_cluster`, stopped (SIGTERM, exit 0) when the block ends."""
+    cluster = start_cluster(tmp, model_dir, config_text=config_text)
+    try:
+        yield cluster
+    finally:
+        if cluster.process.poll() is None:
+            stop_cluster(cluster)

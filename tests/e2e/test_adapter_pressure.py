@@ -7,21 +7,16 @@ Test rules: loopback only; every wait bounded; PEFT itself is the reference.
 
 from __future__ import annotations
 
-import copy
 import random
-import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 import trio
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.e2e.harness import RunningCluster, pgrep, start_cluster, stop_cluster
-from tests.reference import save_peft_adapters
+from tests.e2e.harness import RunningCluster, pgrep, running_cluster
+from tests.reference import peft_greedy_many, save_peft_adapters
 from vajra.client import AsyncClient, VajraError
 
 pytestmark = pytest.mark.e2e
@@ -43,52 +38,21 @@ TOKENS = 6
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Any]:
-    c = start_cluster(tmp_path_factory.mktemp("pressure"), tiny_model_dir, config_text=CONFIG)
-    try:
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[RunningCluster]:
+    with running_cluster(
+        tmp_path_factory.mktemp("pressure"), tiny_model_dir, config_text=CONFIG
+    ) as c:
         yield c
-    finally:
-        if c.process.poll() is None:
-            stop_cluster(c)
-
-
-def _peft_references(model_dir: Path, adapters: list[Path]) -> dict[tuple[Path, str], list[int]]:
-    """Greedy tokens of PEFT itself for every (adapter, prompt), the base loaded once."""
-    from peft import PeftModel
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    out: dict[tuple[Path, str], list[int]] = {}
-    for adapter in adapters:
-        model = PeftModel.from_pretrained(copy.deepcopy(base), adapter).eval()
-        for prompt in PROMPTS:
-            ids = tok(prompt, return_tensors="pt").input_ids
-            with torch.inference_mode():
-                gen = model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    do_sample=False,
-                    max_new_tokens=TOKENS,
-                    pad_token_id=tok.pad_token_id,
-                )
-            out[adapter, prompt] = [int(t) for t in gen[0, ids.shape[1] :]]
-    return out
-
-
-def _tenant(cluster: RunningCluster, name: str) -> str:
-    done = cluster.cli("tenant", "create", f"{name}-{uuid.uuid4().hex[:6]}")
-    assert done.returncode == 0, done.stderr
-    key = re.search(r"api key \(shown once\): (\S+)", done.stdout)
-    assert key, done.stdout
-    return key.group(1)
 
 
 async def test_three_tenants_get_their_own_adapters_answers_under_tier_pressure(
     cluster: RunningCluster, tmp_path: Path
 ) -> None:
     paths = save_peft_adapters(cluster.model_dir, tmp_path, RANKS, seed=11)
-    expected = _peft_references(cluster.model_dir, paths)
-    keys = [_tenant(cluster, f"pressure{i}") for i in range(3)]
+    expected = peft_greedy_many(cluster.model_dir, paths, PROMPTS, TOKENS)
+    keys = [cluster.create_tenant(f"pressure{i}-{uuid.uuid4().hex[:6]}")[1] for i in range(3)]
     # Tenant i owns adapters 3i .. 3i+2, all three named a0, a1, a2 (names are per tenant).
     own = {(i, f"a{j}"): paths[3 * i + j] for i in range(3) for j in range(3)}
     executor_pid = pgrep(f"actor executor --config {cluster.home}/run/cluster.toml")

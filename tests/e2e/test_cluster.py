@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 import subprocess
 import time
@@ -51,17 +50,9 @@ PROMPTS = [
 ]
 
 
-def _create_tenant(cluster: RunningCluster, name: str) -> str:
-    out = cluster.cli("tenant", "create", name)
-    assert out.returncode == 0, out.stderr
-    match = re.search(r"api key \(shown once\): (\S+)", out.stdout)
-    assert match, out.stdout
-    return match.group(1)
-
-
 @pytest.fixture(scope="module")
 def api_key(cluster: RunningCluster) -> str:
-    return _create_tenant(cluster, "acme")
+    return cluster.create_tenant("acme")[1]
 
 
 def _reference_greedy(model_dir: Path, prompt: str, max_new_tokens: int) -> list[int]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import stat
@@ -46,18 +45,6 @@ CONFIG = "[http]\nenabled = false\n"
 
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def _create_tenant(cluster: RunningCluster, name: str, *, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        out = cluster.cli("tenant", "create", name)
-        if out.returncode == 0:
-            match = re.search(r"api key \(shown once\): (\S+)", out.stdout)
-            assert match, out.stdout
-            return match.group(1)
-        assert time.monotonic() < deadline, out.stderr
-        time.sleep(0.5)
 
 
 def _infer_until_ok(cluster: RunningCluster, key: str, *, timeout: float) -> float:
@@ -108,7 +95,7 @@ def tree(
 
 @pytest.fixture(scope="module")
 def acme_key(tree: RunningCluster) -> str:
-    return _create_tenant(tree, "acme")
+    return tree.create_tenant("acme")[1]
 
 
 def test_secrets_are_owner_only_and_valkey_demands_the_password(
@@ -198,7 +185,7 @@ def test_killed_valkey_is_restarted_on_its_port_with_its_data(
     assert record["config"] == before["config"]
     # A tenant created now must reach the restarted server, and so must the gateway's lookup
     # of its key: both succeed again within a bounded time.
-    beta_key = _create_tenant(tree, "beta", timeout=30)
+    beta_key = tree.create_tenant("beta", timeout=30)[1]
     took = _infer_until_ok(tree, beta_key, timeout=30)
     assert took < 30
     # What was written before the kill is still there (the append-only file was replayed).
@@ -232,7 +219,7 @@ def test_kill_9_of_the_supervisor_takes_every_process_down_and_the_home_restarts
     first = start_cluster(tmp_path, tiny_model_dir, config_text=CONFIG, log_name="first.log")
     second: subprocess.Popen[str] | None = None
     try:
-        key = _create_tenant(first, "acme")
+        key = first.create_tenant("acme")[1]
         actors = actor_pids(first.home)
         assert len(actors) == 5, actors  # ledger, scheduler, predictor, one executor, gateway
         everything = cluster_pids(first.home)  # + the embedded Valkey and its reaper

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import struct
 import threading
@@ -33,7 +32,7 @@ import trio
 import trio.lowlevel
 import zmq
 
-from tests.e2e.harness import RunningCluster, pgrep, start_cluster, stop_cluster
+from tests.e2e.harness import RunningCluster, pgrep, running_cluster
 from tests.reference import transformers_greedy
 from vajra.bus.codec import encode
 from vajra.bus.messages import InferRequest
@@ -59,22 +58,17 @@ admin_key = "{ADMIN_KEY}"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Any]:
-    c = start_cluster(tmp_path_factory.mktemp("safety"), tiny_model_dir, config_text=CONFIG)
-    try:
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[RunningCluster]:
+    with running_cluster(
+        tmp_path_factory.mktemp("safety"), tiny_model_dir, config_text=CONFIG
+    ) as c:
         yield c
-    finally:
-        if c.process.poll() is None:
-            stop_cluster(c)
 
 
 def _tenant(cluster: RunningCluster, name: str) -> tuple[str, str]:
-    out = cluster.cli("tenant", "create", f"{name}-{uuid.uuid4().hex[:6]}")
-    assert out.returncode == 0, out.stderr
-    key = re.search(r"api key \(shown once\): (\S+)", out.stdout)
-    tenant_id = re.search(r"\((t_[0-9a-f]+)\)", out.stdout)
-    assert key and tenant_id, out.stdout
-    return tenant_id.group(1), key.group(1)
+    return cluster.create_tenant(f"{name}-{uuid.uuid4().hex[:6]}")
 
 
 def _actor_pid(cluster: RunningCluster, name: str) -> int:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import trio
 
+from tests.inprocess import inprocess_config
 from vajra.actors.executor import Executor
 from vajra.actors.gateway import Gateway
 from vajra.actors.scheduler import Scheduler
@@ -86,21 +87,8 @@ async def _cluster_in_process(cfg: VajraConfig) -> AsyncIterator[str]:
 async def test_the_gateways_tenant_limits_answer_429_with_retry_after(
     tmp_path: Path, valkey_url: str
 ) -> None:
-    run = tmp_path / "run"
-    run.mkdir()
     cfg = (
-        VajraConfig()
-        .replace(
-            "cluster",
-            redis_url=valkey_url,
-            model="null",
-            gateway_address="tcp://127.0.0.1:0",
-            gateway_backend_address=f"ipc://{run}/gw",
-            scheduler_address=f"ipc://{run}/sched",
-            scheduler_dispatch_address=f"ipc://{run}/dispatch",
-            events_address=f"ipc://{run}/events",
-            ledger_address=f"ipc://{run}/ledger",
-        )
+        inprocess_config(tmp_path / "run", valkey_url)
         .replace("gateway", tenant_rate_limit_per_s=0.2, tenant_rate_limit_burst=3)
         .replace("http", port=0, base_model_name="null")
     )

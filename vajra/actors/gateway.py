@@ -403,28 +403,29 @@ class Gateway:
             self.counters[f"tenant_{refused.code.value}"] += 1
             await self._reply_error(identity, req.request_id, refused)
             return
+        handed_on = False
         try:
-            await self._route(identity, req, tenant)
-        except BaseException:
-            self.limits.release(tenant.tenant_id)
-            raise
+            handed_on = await self._route(identity, req, tenant)
+        finally:
+            if not handed_on:
+                self.limits.release(tenant.tenant_id)
 
-    async def _route(self, identity: bytes, req: InferRequest, tenant: TenantRecord) -> None:
-        """Resolve the request's adapter (cached, or in a task) and dispatch it; every path
-        that does not dispatch releases the tenant's in-flight slot."""
+    async def _route(self, identity: bytes, req: InferRequest, tenant: TenantRecord) -> bool:
+        """Resolve the request's adapter (cached, or in a task) and dispatch it. True when the
+        request was dispatched or handed to that task, which then owns its in-flight slot."""
         resolved: ResolvedAdapter | None = None
         if req.adapter is not None:
             hit = self.adapters.cached(tenant.tenant_id, req.adapter)
             if hit is None:  # not cached: look it up off the hot path
                 assert self._nursery is not None
                 self._nursery.start_soon(self._resolve_then_dispatch, identity, req, tenant)
-                return
+                return True
             resolved = hit[0]
             if resolved is None:
-                self.limits.release(tenant.tenant_id)
                 await self._reply_error(identity, req.request_id, not_found(req.adapter))
-                return
+                return False
         self._dispatch(identity, req, tenant, resolved)
+        return True
 
     def _dispatch(
         self,
@@ -594,22 +595,23 @@ class Gateway:
     ) -> None:
         """Resolve ``req.adapter`` for the tenant in Redis (a cache miss), then dispatch."""
         assert req.adapter is not None
+        dispatched = False
         try:
-            resolved = await self.adapters.resolve(tenant.tenant_id, req.adapter)
-        except VajraError as exc:
-            self.limits.release(tenant.tenant_id)
-            if not isinstance(exc, InvalidRequest):
-                log.warning("adapter lookup failed: %s", exc)
-            await self._reply_error(identity, req.request_id, exc)
-            return
-        except BaseException:
-            self.limits.release(tenant.tenant_id)
-            raise
-        if resolved is None:
-            self.limits.release(tenant.tenant_id)
-            await self._reply_error(identity, req.request_id, not_found(req.adapter))
-            return
-        self._dispatch(identity, req, tenant, resolved)
+            try:
+                resolved = await self.adapters.resolve(tenant.tenant_id, req.adapter)
+            except VajraError as exc:
+                if not isinstance(exc, InvalidRequest):
+                    log.warning("adapter lookup failed: %s", exc)
+                await self._reply_error(identity, req.request_id, exc)
+                return
+            if resolved is None:
+                await self._reply_error(identity, req.request_id, not_found(req.adapter))
+                return
+            self._dispatch(identity, req, tenant, resolved)
+            dispatched = True
+        finally:
+            if not dispatched:
+                self.limits.release(tenant.tenant_id)
         await self._work_out.flush()
 
     # --- adapters: push, list, delete ----------------------------------------------------------
