@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import trio
-import zmq
 
 from vajra.bus.codec import encode
 from vajra.bus.messages import ErrorReply, StatsReply
@@ -72,10 +71,6 @@ def stats_frames(request_id: str, actor: str, counters: Counter[str]) -> list[by
 async def send_routed(sock: ZSocket, identity: bytes, frames: Sequence[bytes]) -> None:
     """Send on a ROUTER socket to one peer."""
     await sock.send([identity, *frames])
-
-
-def new_context() -> zmq.Context[Any]:
-    return zmq.Context(io_threads=1)
 
 
 #: The environment variable naming the read end of the supervisor's lifeline pipe.

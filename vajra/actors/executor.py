@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
-import zmq
 
+from vajra import bus
 from vajra.actors.adapter_tiers import AdapterTiers
-from vajra.actors.base import error_frames, new_context, now_ms, wait_until
+from vajra.actors.base import error_frames, now_ms, wait_until
 from vajra.bus.codec import DecodeError, decode, decode_many, encode
 from vajra.bus.messages import (
     AdapterTierCommand,
@@ -123,17 +123,17 @@ class Executor:
         self._wake = trio.Event()
         self._gpu = trio.CapacityLimiter(1)
         self._draining = False
-        self._ctx = new_context()
+        self._ctx = bus.new_context()
         hwm = cfg.bus.high_water_mark
         ident = executor_id.encode()
         self.work_in: ZSocket = open_socket(
-            self._ctx, zmq.DEALER, identity=ident, high_water_mark=hwm
+            self._ctx, bus.DEALER, identity=ident, high_water_mark=hwm
         )
         self.replies: ZSocket = open_socket(
-            self._ctx, zmq.DEALER, identity=ident, high_water_mark=hwm
+            self._ctx, bus.DEALER, identity=ident, high_water_mark=hwm
         )
         self.ledger: ZSocket = open_socket(
-            self._ctx, zmq.DEALER, identity=ident, high_water_mark=hwm
+            self._ctx, bus.DEALER, identity=ident, high_water_mark=hwm
         )
         # Chunks, results and errors for the gateway; each loop pass flushes what it added.
         self._replies_out = Outbox(self.replies)

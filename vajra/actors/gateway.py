@@ -45,9 +45,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-import zmq
 
-from vajra.actors.base import error_frames, new_context, now_ms, wait_until
+from vajra import bus
+from vajra.actors.base import error_frames, now_ms, wait_until
 from vajra.actors.gateway_adapters import AdapterDesk, AdapterOp
 from vajra.actors.gateway_auth import MAX_KEY_CHARS, AuthCache
 from vajra.actors.gateway_queries import Query, QueryDesk
@@ -174,21 +174,21 @@ class Gateway:
         self._adapter_ops = 0
         self._nursery: trio.Nursery | None = None
         self._accepting = True
-        self._ctx = new_context()
+        self._ctx = bus.new_context()
         # Each frame (ZeroMQ checks frames one by one) may be an adapter file; larger peers
         # are disconnected by ZeroMQ before they are buffered in full.
         self.frontend: ZSocket = open_socket(
             self._ctx,
-            zmq.ROUTER,
+            bus.ROUTER,
             high_water_mark=cfg.bus.high_water_mark,
             max_message_bytes=max(cfg.bus.max_body_bytes, cfg.adapters.max_adapter_bytes) + 65_536,
         )
         self.backend: ZSocket = open_socket(
-            self._ctx, zmq.ROUTER, high_water_mark=cfg.bus.high_water_mark, handover=True
+            self._ctx, bus.ROUTER, high_water_mark=cfg.bus.high_water_mark, handover=True
         )
         self.scheduler: ZSocket = open_socket(
             self._ctx,
-            zmq.DEALER,
+            bus.DEALER,
             identity=self.gcfg.gateway_id.encode(),
             high_water_mark=cfg.bus.high_water_mark,
         )

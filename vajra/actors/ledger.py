@@ -16,9 +16,9 @@ import logging
 from collections import Counter
 
 import trio
-import zmq
 
-from vajra.actors.base import new_context, stats_frames, wait_until
+from vajra import bus
+from vajra.actors.base import stats_frames, wait_until
 from vajra.bus.codec import DecodeError, decode, encode
 from vajra.bus.messages import StatsRequest, UsageAck, UsageBatch, UsageEvent
 from vajra.bus.zsocket import ZSocket, open_socket
@@ -36,9 +36,9 @@ class Ledger:
         self.cfg = cfg
         self.state = state
         self.counters: Counter[str] = Counter()
-        self._ctx = new_context()
+        self._ctx = bus.new_context()
         self.sock: ZSocket = open_socket(
-            self._ctx, zmq.ROUTER, high_water_mark=cfg.bus.high_water_mark, handover=True
+            self._ctx, bus.ROUTER, high_water_mark=cfg.bus.high_water_mark, handover=True
         )
         self._busy = 0
 

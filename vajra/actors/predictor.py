@@ -15,9 +15,8 @@ import logging
 from collections import Counter, deque
 
 import trio
-import zmq
 
-from vajra.actors.base import new_context
+from vajra import bus
 from vajra.bus.codec import DecodeError, decode
 from vajra.bus.messages import RequestEvent, RequestEvents
 from vajra.bus.zsocket import ZSocket, open_socket
@@ -40,9 +39,9 @@ class Predictor:
         self.history: dict[str, deque[int]] = {}
         self._unflushed: Counter[str] = Counter()
         self._latest: dict[str, int] = {}
-        self._ctx = new_context()
+        self._ctx = bus.new_context()
         self.events: ZSocket = open_socket(
-            self._ctx, zmq.SUB, high_water_mark=cfg.bus.high_water_mark
+            self._ctx, bus.SUB, high_water_mark=cfg.bus.high_water_mark
         )
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import trio
-import zmq
 
-from vajra.actors.base import error_frames, new_context, now_ms, stats_frames
+from vajra import bus
+from vajra.actors.base import error_frames, now_ms, stats_frames
 from vajra.bus.codec import DecodeError, decode_many, encode
 from vajra.bus.messages import (
     AdapterTierCommand,
@@ -79,13 +79,13 @@ class Scheduler:
         self.counters: Counter[str] = Counter()
         self.executors: dict[str, _ExecutorView] = {}
         self._events: list[RequestEvent] = []  # placed in this batch, published after it
-        self._ctx = new_context()
+        self._ctx = bus.new_context()
         hwm = cfg.bus.high_water_mark
-        self.frontend: ZSocket = open_socket(self._ctx, zmq.ROUTER, high_water_mark=hwm)
+        self.frontend: ZSocket = open_socket(self._ctx, bus.ROUTER, high_water_mark=hwm)
         self.dispatch: ZSocket = open_socket(
-            self._ctx, zmq.ROUTER, high_water_mark=hwm, handover=True
+            self._ctx, bus.ROUTER, high_water_mark=hwm, handover=True
         )
-        self.events: ZSocket = open_socket(self._ctx, zmq.PUB, high_water_mark=hwm)
+        self.events: ZSocket = open_socket(self._ctx, bus.PUB, high_water_mark=hwm)
         # What one pass produced, sent per peer at its end (see vajra.bus.outbox).
         self._to_executors = Outbox(self.dispatch)
         self._to_gateways = Outbox(self.frontend)

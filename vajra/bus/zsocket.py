@@ -34,6 +34,20 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 
+#: Socket types for :func:`open_socket`; actors name them from here, never from pyzmq.
+ROUTER = int(zmq.ROUTER)
+DEALER = int(zmq.DEALER)
+PUB = int(zmq.PUB)
+SUB = int(zmq.SUB)
+
+#: What :func:`new_context` returns; actors hold one and pass it to :func:`open_socket`.
+Context = zmq.Context
+
+
+def new_context() -> zmq.Context[Any]:
+    """One ZeroMQ context per actor process, with one I/O thread."""
+    return zmq.Context(io_threads=1)
+
 
 class ZSocket:
     """A pyzmq socket used from Trio tasks. Create with :func:`open_socket`.
