@@ -62,7 +62,6 @@ class GatewayConfig:
     max_tokens_limit: int = 4_096
     max_stop_strings: int = 8
     max_stop_chars: int = 128
-    default_deadline_ms: int = 30_000
     max_deadline_ms: int = 600_000
     max_inflight: int = 4_096
     auth_cache_ttl_s: float = 1.0
@@ -80,7 +79,6 @@ class GatewayConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     executor_timeout_s: float = 1.5
-    max_queue_per_executor: int = 512
 
 
 @dataclass(frozen=True)
