@@ -24,6 +24,8 @@ Data flows left to right::
     scheduler ══RequestEvent══▶ predictor (PUB/SUB)
 """
 
+# Over 400 lines: the whole wire schema in one place, so every message kind is read together.
+
 from __future__ import annotations
 
 from typing import ClassVar, NewType
