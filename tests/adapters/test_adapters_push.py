@@ -12,7 +12,7 @@ import json
 import pickle
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +40,9 @@ from vajra.client import (
     PayloadTooLarge,
     QuotaExceeded,
 )
-from vajra.client._types import read_adapter_dir
+from vajra.client._adapter_files import read_adapter_dir
 from vajra.config import VajraConfig
-from vajra.state import AsyncClusterState, ClusterState
+from vajra.state import ClusterState
 from vajra.storage import LocalObjectStore
 
 MAX_ADAPTER_BYTES = 2_000_000
@@ -106,15 +106,14 @@ def cfg(
 
 
 @pytest.fixture
-async def astate(valkey_url: str, raw: redis.Redis[str]) -> AsyncIterator[AsyncClusterState]:
-    s = AsyncClusterState.from_url(valkey_url)
-    yield s
-    await s.aclose()
+def state(valkey_url: str, raw: redis.Redis[str]) -> Iterator[ClusterState]:
+    with ClusterState(valkey_url) as s:
+        yield s
 
 
 def new_tenant(valkey_url: str) -> str:
     with ClusterState(valkey_url) as s:
-        _, key = s.create_tenant(f"t{uuid.uuid4().hex[:8]}")
+        _, key = s.tenants.create(f"t{uuid.uuid4().hex[:8]}")
     return key
 
 
@@ -139,12 +138,12 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(cfg: VajraConfig, astate: AsyncClusterState) -> AsyncIterator[Cluster]:
+async def cluster(cfg: VajraConfig, state: ClusterState) -> AsyncIterator[Cluster]:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sched = open_socket(ctx, zmq.ROUTER)
     sched.bind(cfg.cluster.scheduler_address)
     async with trio.open_nursery() as nursery:
-        gateway = Gateway(cfg, astate)
+        gateway = Gateway(cfg, state)
         address = await nursery.start(gateway.run)
         c = Cluster(gateway, address, sched)
         nursery.start_soon(c.serve_scheduler)
@@ -490,7 +489,7 @@ __all__ = ["seaweed"]  # the S3 server fixture, used below
 
 async def test_push_and_delete_through_s3(
     cfg: VajraConfig,
-    astate: AsyncClusterState,
+    state: ClusterState,
     seaweed: SeaweedS3,
     valkey_url: str,
     adapters: Adapters,
@@ -501,7 +500,7 @@ async def test_push_and_delete_through_s3(
     try:
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                gateway = Gateway(cfg, astate, store=store)
+                gateway = Gateway(cfg, state, store=store)
                 address = await nursery.start(gateway.run)
                 async with AsyncClient(address, key, timeout_s=30) as c:
                     config, weights = read_adapter_dir(adapters.v1)

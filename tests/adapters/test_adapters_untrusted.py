@@ -29,7 +29,8 @@ from safetensors.torch import save as save_safetensors
 from tests.adapters.conftest import edit_config, peft_model
 from vajra.actors import gateway_adapters
 from vajra.adapters import BaseModelSpec, InvalidAdapter, validate_adapter
-from vajra.adapters.format import MAX_HEADER_BYTES, validate_adapter_dir
+from vajra.adapters.format import validate_adapter_dir
+from vajra.adapters.safetensors_header import MAX_HEADER_BYTES
 from vajra.adapters.untrusted import (
     MAX_CONFIG_BYTES,
     MAX_PATTERN_CHARS,

@@ -190,7 +190,7 @@ def test_killed_valkey_is_restarted_on_its_port_with_its_data(
     assert took < 30
     # What was written before the kill is still there (the append-only file was replayed).
     with ClusterState(tree.redis_url) as state:
-        acme = state.authenticate(acme_key)
+        acme = state.api_keys.authenticate(acme_key)
         assert acme is not None and acme.name == "acme"
     assert "embedded valkey restarted on port" in tree.full_log()
 

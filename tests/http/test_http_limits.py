@@ -25,7 +25,7 @@ from vajra.client import AsyncClient
 from vajra.config import VajraConfig
 from vajra.errors import RateLimited
 from vajra.http import HttpBridge
-from vajra.state import AsyncClusterState, ClusterState
+from vajra.state import ClusterState
 
 
 def _free_port() -> int:
@@ -72,16 +72,13 @@ async def test_a_down_gateway_is_answered_503_at_once() -> None:
 @asynccontextmanager
 async def _cluster_in_process(cfg: VajraConfig) -> AsyncIterator[str]:
     """Scheduler, a model-less executor and the gateway in this Trio run; yields the gateway."""
-    state = AsyncClusterState.from_url(cfg.cluster.redis_url)
-    try:
+    with ClusterState(cfg.cluster.redis_url) as state:
         async with trio.open_nursery() as nursery:
             await nursery.start(Scheduler(cfg).run)
             await nursery.start(Executor(cfg, state, executor_id="exec-0", model="null").run)
             address: str = await nursery.start(Gateway(cfg, state).run)
             yield address
             nursery.cancel_scope.cancel()
-    finally:
-        await state.aclose()
 
 
 async def test_the_gateways_tenant_limits_answer_429_with_retry_after(
@@ -93,8 +90,8 @@ async def test_the_gateways_tenant_limits_answer_429_with_retry_after(
         .replace("http", port=0, base_model_name="null")
     )
     with ClusterState(valkey_url) as s:
-        _, key = s.create_tenant(f"lim{uuid.uuid4().hex[:8]}")
-        _, other = s.create_tenant(f"lim{uuid.uuid4().hex[:8]}")
+        _, key = s.tenants.create(f"lim{uuid.uuid4().hex[:8]}")
+        _, other = s.tenants.create(f"lim{uuid.uuid4().hex[:8]}")
     body = {"model": "null", "prompt": "limit", "max_tokens": 1}
     with trio.fail_after(60):
         async with _cluster_in_process(cfg) as gateway:

@@ -1,4 +1,4 @@
-"""AsyncClusterState under Trio, and the unreachable-store path.
+"""The cluster state from Trio (through an OffLoop), and the unreachable-store path.
 
 Rules: loopback only; every async test runs under ``trio.fail_after``.
 """
@@ -14,60 +14,60 @@ import trio.lowlevel
 
 from vajra.errors import UnavailableError
 from vajra.state import (
-    AsyncClusterState,
     ClusterState,
     EmbeddedValkey,
     ExecutorHeartbeat,
+    OffLoop,
     UsageRecord,
     UsageTotals,
 )
 
 
 @pytest.fixture
-def astate(state: ClusterState) -> AsyncClusterState:
-    return AsyncClusterState(state)
+def offloop() -> OffLoop:
+    return OffLoop()
 
 
-async def test_async_round_trip(astate: AsyncClusterState) -> None:
+async def test_async_round_trip(state: ClusterState, offloop: OffLoop) -> None:
     with trio.fail_after(10):
-        await astate.ping()
-        record, api_key = await astate.create_tenant("acme")
-        assert await astate.authenticate(api_key) == record
-        assert await astate.get_tenant(record.tenant_id) == record
-        assert await astate.get_tenant_by_name("acme") == record
-        assert await astate.list_tenants() == [record]
-        second = await astate.create_api_key(record.tenant_id)
-        assert await astate.revoke_api_key(second) is True
+        await offloop.run(state.ping)
+        record, api_key = await offloop.run(state.tenants.create, "acme")
+        assert await offloop.run(state.api_keys.authenticate, api_key) == record
+        assert await offloop.run(state.tenants.get, record.tenant_id) == record
+        assert await offloop.run(state.tenants.get_by_name, "acme") == record
+        assert await offloop.run(state.tenants.list) == [record]
+        second = await offloop.run(state.api_keys.create, record.tenant_id)
+        assert await offloop.run(state.api_keys.revoke, second) is True
 
         hb = ExecutorHeartbeat("e0", "i1", "m", "cpu", 1, 0, 0, ("a",), 8, 1)
-        await astate.write_heartbeat(hb, 30)
-        assert await astate.list_heartbeats() == [hb]
+        await offloop.run(state.heartbeats.write, hb, 30)
+        assert await offloop.run(state.heartbeats.list) == [hb]
 
-        await astate.record_request_event("a", 7)
-        assert (await astate.get_adapter_stats("a")).last_ms == 7
+        await offloop.run(state.events.record, "a", 7)
+        assert (await offloop.run(state.events.stats, "a")).last_ms == 7
 
-        purge = await astate.delete_tenant(record.tenant_id)
+        purge = await offloop.run(state.tenants.delete, record.tenant_id)
         assert purge is not None and purge.name == "acme" and purge.object_keys == ()
-        assert await astate.authenticate(api_key) is None
-        assert await astate.delete_tenant(record.tenant_id) is None
+        assert await offloop.run(state.api_keys.authenticate, api_key) is None
+        assert await offloop.run(state.tenants.delete, record.tenant_id) is None
 
 
-async def test_concurrent_duplicates_count_once(astate: AsyncClusterState) -> None:
+async def test_concurrent_duplicates_count_once(state: ClusterState, offloop: OffLoop) -> None:
     rec = UsageRecord("ev-1", "t_1", "r", "e", 3.0, 1, 1, 1)
     results: list[bool] = []
 
     async def send() -> None:
-        results.append(await astate.record_usage(rec))
+        results.append(await offloop.run(state.usage.record, rec))
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             for _ in range(20):
                 nursery.start_soon(send)
         assert sorted(results) == [False] * 19 + [True]
-        assert await astate.get_usage("t_1") == UsageTotals("t_1", 1, 3.0, 1, 1)
+        assert await offloop.run(state.usage.get, "t_1") == UsageTotals("t_1", 1, 3.0, 1, 1)
 
 
-async def test_async_calls_do_not_block_the_loop(astate: AsyncClusterState) -> None:
+async def test_async_calls_do_not_block_the_loop(state: ClusterState, offloop: OffLoop) -> None:
     ticks = 0
 
     async def ticker() -> None:
@@ -80,7 +80,7 @@ async def test_async_calls_do_not_block_the_loop(astate: AsyncClusterState) -> N
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ticker)
             for i in range(20):
-                await astate.record_request_event("a", i)
+                await offloop.run(state.events.record, "a", i)
             nursery.cancel_scope.cancel()
     assert ticks >= 20
 
@@ -95,19 +95,17 @@ def test_stopped_server_is_unavailable(stopped_url: str, caplog: pytest.LogCaptu
         assert "127.0.0.1" not in str(info.value) and port not in str(info.value)
         assert f"127.0.0.1:{port}" in caplog.text
         with pytest.raises(UnavailableError):
-            cs.create_tenant("acme")
+            cs.tenants.create("acme")
         with pytest.raises(UnavailableError):
-            cs.authenticate("vk_whatever")
+            cs.api_keys.authenticate("vk_whatever")
 
 
-async def test_stopped_server_is_unavailable_async(stopped_url: str) -> None:
-    astate = AsyncClusterState(
-        ClusterState(stopped_url, socket_timeout_s=0.5, socket_connect_timeout_s=0.5)
-    )
+async def test_stopped_server_is_unavailable_async(stopped_url: str, offloop: OffLoop) -> None:
+    state = ClusterState(stopped_url, socket_timeout_s=0.5, socket_connect_timeout_s=0.5)
     with trio.fail_after(10):
         with pytest.raises(UnavailableError):
-            await astate.list_heartbeats()
-        await astate.aclose()
+            await offloop.run(state.heartbeats.list)
+        await offloop.run(state.close)
 
 
 def test_server_stopped_mid_session(tmp_path: Path) -> None:
@@ -117,7 +115,7 @@ def test_server_stopped_mid_session(tmp_path: Path) -> None:
         cs.ping()  # a pooled connection now exists
         server.stop()
         with pytest.raises(UnavailableError):
-            cs.get_usage("t_1")
+            cs.usage.get("t_1")
 
 
 def test_password_is_not_in_errors(stopped_url: str) -> None:
@@ -134,10 +132,10 @@ def test_password_is_not_in_errors(stopped_url: str) -> None:
 def test_embedded_data_survives_restart(tmp_path: Path) -> None:
     data_dir = tmp_path / "persist"
     with EmbeddedValkey(data_dir) as first, ClusterState(first.url) as cs:
-        record, api_key = cs.create_tenant("acme")
+        record, api_key = cs.tenants.create("acme")
     assert not first.running
     with EmbeddedValkey(data_dir) as second, ClusterState(second.url) as cs:
-        assert cs.authenticate(api_key) == record
+        assert cs.api_keys.authenticate(api_key) == record
         client: redis.Redis[str] = redis.Redis.from_url(second.url, decode_responses=True)
         assert client.config_get("appendonly") == {"appendonly": "yes"}
         assert client.config_get("appendfsync") == {"appendfsync": "everysec"}

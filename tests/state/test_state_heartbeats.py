@@ -30,26 +30,26 @@ def _hb(executor_id: str = "exec-0", **changes: object) -> ExecutorHeartbeat:
 
 def test_round_trip(state: ClusterState) -> None:
     a, b = _hb("exec-b"), _hb("exec-a", resident_adapters=(), device="cpu")
-    state.write_heartbeat(a, ttl_s=30)
-    state.write_heartbeat(b, ttl_s=30)
-    assert state.list_heartbeats() == [b, a]
+    state.heartbeats.write(a, ttl_s=30)
+    state.heartbeats.write(b, ttl_s=30)
+    assert state.heartbeats.list() == [b, a]
 
 
 def test_rewrite_replaces(state: ClusterState) -> None:
-    state.write_heartbeat(_hb(), ttl_s=30)
+    state.heartbeats.write(_hb(), ttl_s=30)
     newer = _hb(queue_depth=0, resident_adapters=("a3",), incarnation="inc-2")
-    state.write_heartbeat(newer, ttl_s=30)
-    assert state.list_heartbeats() == [newer]
+    state.heartbeats.write(newer, ttl_s=30)
+    assert state.heartbeats.list() == [newer]
 
 
 def test_expired_heartbeat_disappears(state: ClusterState, raw: redis.Redis[str]) -> None:
-    state.write_heartbeat(_hb("short"), ttl_s=1)
-    state.write_heartbeat(_hb("long"), ttl_s=60)
+    state.heartbeats.write(_hb("short"), ttl_s=1)
+    state.heartbeats.write(_hb("long"), ttl_s=60)
     assert 0 < raw.pttl(keys.executor("short")) <= 1000
 
     deadline = time.monotonic() + 5.0
     while True:
-        live = [hb.executor_id for hb in state.list_heartbeats()]
+        live = [hb.executor_id for hb in state.heartbeats.list()]
         if live == ["long"]:
             break
         assert live == ["long", "short"]
@@ -59,15 +59,15 @@ def test_expired_heartbeat_disappears(state: ClusterState, raw: redis.Redis[str]
 
 
 def test_malformed_heartbeat_is_skipped(state: ClusterState, raw: redis.Redis[str]) -> None:
-    state.write_heartbeat(_hb("good"), ttl_s=30)
+    state.heartbeats.write(_hb("good"), ttl_s=30)
     raw.hset(keys.executor("bad"), mapping={"incarnation": "x", "queue_depth": "many"})
     raw.sadd(keys.executors(), "bad")
-    assert [hb.executor_id for hb in state.list_heartbeats()] == ["good"]
+    assert [hb.executor_id for hb in state.heartbeats.list()] == ["good"]
 
 
 @pytest.mark.parametrize("ttl_s", [0, -1, float("nan"), float("inf")])
 def test_bad_ttl_rejected(state: ClusterState, ttl_s: float) -> None:
     with pytest.raises(InvalidRequest) as info:
-        state.write_heartbeat(_hb(), ttl_s=ttl_s)
+        state.heartbeats.write(_hb(), ttl_s=ttl_s)
     assert info.value.field == "ttl_s"
-    assert state.list_heartbeats() == []
+    assert state.heartbeats.list() == []

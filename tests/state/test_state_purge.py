@@ -13,13 +13,13 @@ import pytest
 import redis
 import trio
 
-from vajra.adapters.registry import AdapterRegistry
 from vajra.cli import main as cli_main
-from vajra.state import AsyncClusterState, ClusterState, UsageRecord, keys
+from vajra.state import ClusterState, OffLoop, UsageRecord, keys
+from vajra.state.adapters import AdapterRecords
 from vajra.storage import LocalObjectStore, adapter_object_keys, put_adapter_objects
 
 
-def _push(reg: AdapterRegistry, tenant_id: str, name: str, seed: str) -> str:
+def _push(reg: AdapterRecords, tenant_id: str, name: str, seed: str) -> str:
     digest = hashlib.sha256(seed.encode()).hexdigest()
     object_key = f"adapters/{tenant_id}/{digest}"
     reg.register(
@@ -56,12 +56,12 @@ def _snapshot(raw: redis.Redis[str], tenant_id: str) -> dict[str, object]:
     return out
 
 
-def _populate(state: ClusterState, reg: AdapterRegistry, name: str) -> tuple[str, list[str]]:
+def _populate(state: ClusterState, reg: AdapterRecords, name: str) -> tuple[str, list[str]]:
     """A tenant with two API keys, usage, two adapters (three versions, one object shared)."""
-    record, _ = state.create_tenant(name)
+    record, _ = state.tenants.create(name)
     t = record.tenant_id
-    state.create_api_key(t)
-    state.record_usage(UsageRecord(f"ev-{name}", t, "r1", "e1", 5.0, 1, 2, 1000))
+    state.api_keys.create(t)
+    state.usage.record(UsageRecord(f"ev-{name}", t, "r1", "e1", 5.0, 1, 2, 1000))
     objects = [
         _push(reg, t, "chat", f"{name}-chat-1"),
         _push(reg, t, "chat", f"{name}-chat-2"),
@@ -71,12 +71,12 @@ def _populate(state: ClusterState, reg: AdapterRegistry, name: str) -> tuple[str
 
 
 @pytest.fixture
-def reg(valkey_url: str, raw: redis.Redis[str]) -> AdapterRegistry:
-    return AdapterRegistry.from_url(valkey_url)
+def reg(state: ClusterState) -> AdapterRecords:
+    return state.adapters
 
 
 def test_delete_tenant_removes_every_key_of_it_and_none_of_another(
-    state: ClusterState, reg: AdapterRegistry, raw: redis.Redis[str]
+    state: ClusterState, reg: AdapterRecords, raw: redis.Redis[str]
 ) -> None:
     t, objects = _populate(state, reg, "acme")
     other, _ = _populate(state, reg, "other")
@@ -85,7 +85,7 @@ def test_delete_tenant_removes_every_key_of_it_and_none_of_another(
     assert any(k.startswith(keys.adapter_tenant_prefix(t)) for k in _keys_of(raw, t))
     assert raw.exists(keys.usage(t))
 
-    purge = state.delete_tenant(t)
+    purge = state.tenants.delete(t)
 
     assert purge is not None
     assert (purge.tenant_id, purge.name, purge.api_keys) == (t, "acme", 2)
@@ -98,47 +98,48 @@ def test_delete_tenant_removes_every_key_of_it_and_none_of_another(
     assert _snapshot(raw, other) == before_other
     assert raw.xlen(keys.usage_events()) == 2  # the billing history stays
     assert reg.list(other) and not reg.list(t)
-    assert state.delete_tenant(t) is None
+    assert state.tenants.delete(t) is None
     # Usage that was still on its way is kept in the history, but recreates no totals.
-    assert state.record_usage(UsageRecord("ev-late", t, "r2", "e1", 5.0, 1, 2, 2000))
+    assert state.usage.record(UsageRecord("ev-late", t, "r2", "e1", 5.0, 1, 2, 2000))
     assert not raw.exists(keys.usage(t)) and raw.xlen(keys.usage_events()) == 3
-    assert state.record_usage(UsageRecord("ev-other-late", other, "r2", "e1", 5.0, 1, 2, 2000))
-    assert state.get_usage(other).requests == 2
+    assert state.usage.record(UsageRecord("ev-other-late", other, "r2", "e1", 5.0, 1, 2, 2000))
+    assert state.usage.get(other).requests == 2
 
 
 def test_delete_tenant_sweeps_keys_a_racing_push_left(
-    state: ClusterState, reg: AdapterRegistry, raw: redis.Redis[str]
+    state: ClusterState, reg: AdapterRecords, raw: redis.Redis[str]
 ) -> None:
     t, objects = _populate(state, reg, "acme")
     # A version hash the names set does not reach (as if written around the purge).
     stray = keys.adapter_version(t, "ghost", 9)
     raw.hset(stray, mapping={"object_key": f"adapters/{t}/stray", "version": "9"})
-    purge = state.delete_tenant(t)
+    purge = state.tenants.delete(t)
     assert purge is not None
     assert purge.object_keys == tuple(sorted([*objects, f"adapters/{t}/stray"]))
     assert _keys_of(raw, t) == [keys.tenant_deleted(t)]
     # Leftovers alone (the tenant itself already gone) are purged too.
     raw.hset(keys.adapter(t, "late"), mapping={"active": "1"})
-    late = state.delete_tenant(t)
+    late = state.tenants.delete(t)
     assert late is not None and late.name is None
     assert _keys_of(raw, t) == [keys.tenant_deleted(t)]
 
 
 async def test_delete_tenant_async(valkey_url: str, raw: redis.Redis[str]) -> None:
     with ClusterState(valkey_url) as sync:
-        t, objects = _populate(sync, AdapterRegistry.from_url(valkey_url), "acme")
-    astate = AsyncClusterState.from_url(valkey_url)
+        t, objects = _populate(sync, sync.adapters, "acme")
+    state = ClusterState(valkey_url)
+    offloop = OffLoop()
     with trio.fail_after(10):
-        purge = await astate.delete_tenant(t)
+        purge = await offloop.run(state.tenants.delete, t)
         assert purge is not None and purge.object_keys == tuple(objects)
-        assert await astate.delete_tenant(t) is None
-        await astate.aclose()
+        assert await offloop.run(state.tenants.delete, t) is None
+        await offloop.run(state.close)
     assert _keys_of(raw, t) == [keys.tenant_deleted(t)]
 
 
 def test_cli_tenant_delete_removes_the_adapter_files(
     state: ClusterState,
-    reg: AdapterRegistry,
+    reg: AdapterRecords,
     raw: redis.Redis[str],
     valkey_url: str,
     tmp_path: Path,

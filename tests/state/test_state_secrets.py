@@ -21,10 +21,9 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from vajra.adapters.registry import AdapterRegistry
 from vajra.errors import InternalError, UnavailableError, VajraError
 from vajra.state import ClusterState, EmbeddedValkey, keys, redact_secrets, redact_url
-from vajra.state.embedded import (
+from vajra.state.reaper import (
     reaper_command,
     record_server,
     stop_recorded_server,
@@ -101,7 +100,7 @@ def test_state_errors_carry_no_address(
 ) -> None:
     with ClusterState(stopped_url, socket_timeout_s=0.5, socket_connect_timeout_s=0.5) as cs:
         with pytest.raises(UnavailableError) as info:
-            cs.authenticate("vk_whatever")
+            cs.api_keys.authenticate("vk_whatever")
         _no_address(info.value, stopped_url)
     port = urlsplit(stopped_url).port
     assert f"127.0.0.1:{port}" in caplog.text  # the address is logged server-side
@@ -109,7 +108,7 @@ def test_state_errors_carry_no_address(
 
     raw.set(keys.usage("t_1"), "not a hash")  # WRONGTYPE from the server
     with ClusterState(valkey_url) as cs, pytest.raises(InternalError) as internal:
-        cs.get_usage("t_1")
+        cs.usage.get("t_1")
     _no_address(internal.value, valkey_url)
     assert keys.usage("t_1") not in str(internal.value)
 
@@ -117,18 +116,15 @@ def test_state_errors_carry_no_address(
 def test_registry_errors_carry_no_address(
     stopped_url: str, valkey_url: str, raw: redis.Redis[str]
 ) -> None:
-    gone = AdapterRegistry.from_url(stopped_url, socket_timeout_s=0.5, socket_connect_timeout_s=0.5)
-    with pytest.raises(UnavailableError) as info:
-        gone.list("t_1")
-    _no_address(info.value, stopped_url)
-    gone.close()
+    with ClusterState(stopped_url, socket_timeout_s=0.5, socket_connect_timeout_s=0.5) as gone:
+        with pytest.raises(UnavailableError) as info:
+            gone.adapters.list("t_1")
+        _no_address(info.value, stopped_url)
 
     raw.set(keys.adapter_names("t_1"), "not a set")
-    reg = AdapterRegistry.from_url(valkey_url)
-    with pytest.raises(InternalError) as internal:
-        reg.list("t_1")
+    with ClusterState(valkey_url) as cs, pytest.raises(InternalError) as internal:
+        cs.adapters.list("t_1")
     _no_address(internal.value, valkey_url)
-    reg.close()
 
 
 # --- servers left behind ---------------------------------------------------------------------

@@ -34,15 +34,15 @@ def _rec(**changes: Any) -> UsageRecord:
 
 
 def test_unknown_tenant_has_zero_usage(state: ClusterState) -> None:
-    assert state.get_usage("t_1") == UsageTotals("t_1", 0, 0.0, 0, 0)
+    assert state.usage.get("t_1") == UsageTotals("t_1", 0, 0.0, 0, 0)
 
 
 def test_repeated_event_counted_once(state: ClusterState, raw: redis.Redis[str]) -> None:
     rec = _rec()
-    assert state.record_usage(rec) is True
-    assert state.record_usage(rec) is False
-    assert state.record_usage(_rec(gpu_ms=99.0)) is False  # same id, different body: still a dup
-    assert state.get_usage("t_1") == UsageTotals("t_1", 1, 12.5, 10, 20)
+    assert state.usage.record(rec) is True
+    assert state.usage.record(rec) is False
+    assert state.usage.record(_rec(gpu_ms=99.0)) is False  # same id, different body: still a dup
+    assert state.usage.get("t_1") == UsageTotals("t_1", 1, 12.5, 10, 20)
 
     entries = raw.xrange(keys.usage_events())
     assert len(entries) == 1
@@ -61,18 +61,18 @@ def test_repeated_event_counted_once(state: ClusterState, raw: redis.Redis[str])
 
 
 def test_totals_are_per_tenant(state: ClusterState) -> None:
-    state.record_usage(_rec(event_id="e1", tenant_id="t_a", gpu_ms=1.0))
-    state.record_usage(_rec(event_id="e2", tenant_id="t_a", gpu_ms=2.0, prompt_tokens=1))
-    state.record_usage(_rec(event_id="e3", tenant_id="t_b", gpu_ms=4.0))
-    assert state.get_usage("t_a") == UsageTotals("t_a", 2, 3.0, 11, 40)
-    assert state.get_usage("t_b") == UsageTotals("t_b", 1, 4.0, 10, 20)
+    state.usage.record(_rec(event_id="e1", tenant_id="t_a", gpu_ms=1.0))
+    state.usage.record(_rec(event_id="e2", tenant_id="t_a", gpu_ms=2.0, prompt_tokens=1))
+    state.usage.record(_rec(event_id="e3", tenant_id="t_b", gpu_ms=4.0))
+    assert state.usage.get("t_a") == UsageTotals("t_a", 2, 3.0, 11, 40)
+    assert state.usage.get("t_b") == UsageTotals("t_b", 1, 4.0, 10, 20)
 
 
 def test_stream_trimmed_when_capped(valkey_url: str, raw: redis.Redis[str]) -> None:
     with ClusterState(valkey_url, usage_stream_maxlen=10) as capped:
         for i in range(500):
-            capped.record_usage(_rec(event_id=f"e{i}"))
-        assert capped.get_usage("t_1").requests == 500
+            capped.usage.record(_rec(event_id=f"e{i}"))
+        assert capped.usage.get("t_1").requests == 500
     assert raw.xlen(keys.usage_events()) < 500
 
 
@@ -95,7 +95,7 @@ def test_invalid_usage_rejected(
     state: ClusterState, raw: redis.Redis[str], changes: dict[str, object], field: str
 ) -> None:
     with pytest.raises(InvalidRequest) as info:
-        state.record_usage(_rec(**changes))
+        state.usage.record(_rec(**changes))
     assert info.value.field == field
     assert raw.dbsize() == 0
 
@@ -128,10 +128,10 @@ def test_totals_equal_sum_over_distinct_events(
                 prompt_tokens=prompt,
                 completion_tokens=completion,
             )
-            was_new = cs.record_usage(rec)
+            was_new = cs.usage.record(rec)
             assert was_new == (event not in first_by_id)
             first_by_id.setdefault(event, (gpu_ms, prompt, completion))
-        totals = cs.get_usage(tenant_id)
+        totals = cs.usage.get(tenant_id)
     counted = first_by_id.values()
     assert totals.requests == len(first_by_id)
     assert totals.prompt_tokens == sum(p for _, p, _ in counted)
@@ -140,20 +140,20 @@ def test_totals_equal_sum_over_distinct_events(
 
 
 def test_request_events(state: ClusterState) -> None:
-    stats = state.get_adapter_stats("a1")
+    stats = state.events.stats("a1")
     assert (stats.requests, stats.last_ms) == (0, None)
-    state.record_request_event("a1", 2000)
-    state.record_request_event("a1", 1000)  # late arrival does not move last_ms back
-    state.record_request_event("a2", 5)
-    stats = state.get_adapter_stats("a1")
+    state.events.record("a1", 2000)
+    state.events.record("a1", 1000)  # late arrival does not move last_ms back
+    state.events.record("a2", 5)
+    stats = state.events.stats("a1")
     assert (stats.adapter, stats.requests, stats.last_ms) == ("a1", 2, 2000)
-    assert state.get_adapter_stats("a2").requests == 1
+    assert state.events.stats("a2").requests == 1
 
 
 @pytest.mark.parametrize(("adapter", "ts_ms"), [("", 1), ("a1", -1)])
 def test_invalid_request_event(state: ClusterState, adapter: str, ts_ms: int) -> None:
     with pytest.raises(InvalidRequest):
-        state.record_request_event(adapter, ts_ms)
+        state.events.record(adapter, ts_ms)
 
 
 @settings(max_examples=40, deadline=None)
@@ -179,14 +179,14 @@ def test_batches_count_each_distinct_event_once(
     with ClusterState(valkey_url) as cs:
         for i in range(0, len(recs), split):
             batch = recs[i : i + split]
-            fresh = cs.record_usage_many(batch)
+            fresh = cs.usage.record_many(batch)
             expected = []
             for r in batch:
                 expected.append(r.event_id not in first)
                 first.setdefault(r.event_id, r)
             assert fresh == expected
         for tenant in tenants:
-            totals = cs.get_usage(tenant)
+            totals = cs.usage.get(tenant)
             counted = [r for r in first.values() if r.tenant_id == tenant]
             assert totals.requests == len(counted)
             assert totals.prompt_tokens == sum(r.prompt_tokens for r in counted)

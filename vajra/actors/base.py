@@ -184,7 +184,7 @@ class _RedactingFormatter(logging.Formatter):
     """Masks the password of any URL in a log line (``redis://:***@host:port``)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        from vajra.state.store import redact_secrets
+        from vajra.state.connection import redact_secrets
 
         return redact_secrets(super().format(record))
 

@@ -24,7 +24,7 @@ from vajra.bus.messages import StatsRequest, UsageAck, UsageBatch, UsageEvent
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
 from vajra.errors import InvalidRequest, VajraError
-from vajra.state import AsyncClusterState, UsageRecord
+from vajra.state import ClusterState, OffLoop, UsageRecord
 
 log = logging.getLogger("vajra.ledger")
 
@@ -32,9 +32,10 @@ log = logging.getLogger("vajra.ledger")
 class Ledger:
     name = "ledger"
 
-    def __init__(self, cfg: VajraConfig, state: AsyncClusterState) -> None:
+    def __init__(self, cfg: VajraConfig, state: ClusterState) -> None:
         self.cfg = cfg
         self.state = state
+        self.redis = OffLoop()  # Redis calls, off the event loop
         self.counters: Counter[str] = Counter()
         self._ctx = bus.new_context()
         self.sock: ZSocket = open_socket(
@@ -106,14 +107,14 @@ class Ledger:
         ]
         try:
             with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-                fresh = await self.state.record_usage_many(records)
+                fresh = await self.redis.run(self.state.usage.record_many, records)
         except InvalidRequest as exc:
             # One bad event must not block the others: record them one by one.
             log.warning("usage batch refused (%s); recording one by one", exc)
             fresh = []
             for rec in records:
                 try:
-                    fresh.append(await self.state.record_usage(rec))
+                    fresh.append(await self.redis.run(self.state.usage.record, rec))
                 except InvalidRequest as bad:
                     self.counters["events_invalid"] += 1
                     log.error("usage event %s refused for good: %s", rec.event_id, bad)

@@ -22,7 +22,7 @@ from vajra.bus.messages import RequestEvent, RequestEvents
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
 from vajra.errors import VajraError
-from vajra.state import AsyncClusterState
+from vajra.state import ClusterState, OffLoop
 
 log = logging.getLogger("vajra.predictor")
 
@@ -32,9 +32,10 @@ BASE_MODEL_KEY = "__base__"
 class Predictor:
     name = "predictor"
 
-    def __init__(self, cfg: VajraConfig, state: AsyncClusterState) -> None:
+    def __init__(self, cfg: VajraConfig, state: ClusterState) -> None:
         self.cfg = cfg
         self.state = state
+        self.redis = OffLoop()  # Redis calls, off the event loop
         self.counters: Counter[str] = Counter()
         self.history: dict[str, deque[int]] = {}
         self._unflushed: Counter[str] = Counter()
@@ -93,7 +94,7 @@ class Predictor:
         latest, self._latest = self._latest, {}
         for i, (adapter, count) in enumerate(pending.items()):
             try:
-                await self.state.record_request_event(adapter, latest[adapter], count)
+                await self.redis.run(self.state.events.record, adapter, latest[adapter], count)
             except VajraError as exc:
                 log.warning("request events not flushed: %s", exc)
                 for a, c in list(pending.items())[i:]:

@@ -8,7 +8,7 @@ import trio
 
 from vajra.actors.base import Actor, configure_logging, serve_until_signalled
 from vajra.config import VajraConfig
-from vajra.state import AsyncClusterState
+from vajra.state import ClusterState
 
 log = logging.getLogger("vajra.actors")
 
@@ -18,7 +18,7 @@ ACTOR_NAMES = ("gateway", "scheduler", "predictor", "ledger", "executor", "http"
 def build_actor(
     name: str,
     cfg: VajraConfig,
-    state: AsyncClusterState | None,
+    state: ClusterState | None,
     *,
     executor_id: str = "exec-0",
     model: str | None = None,
@@ -65,7 +65,7 @@ def run_actor_process(
     configure_logging(name if name != "executor" else executor_id)
 
     async def main() -> None:
-        state = AsyncClusterState.from_url(cfg.cluster.redis_url) if cfg.cluster.redis_url else None
+        state = ClusterState(cfg.cluster.redis_url) if cfg.cluster.redis_url else None
         try:
             actor = build_actor(name, cfg, state, executor_id=executor_id, model=model)
             if metrics_port:
@@ -75,7 +75,7 @@ def run_actor_process(
             await serve_until_signalled(actor)
         finally:
             if state is not None:
-                await state.aclose()
+                state.close()
 
     trio.run(main)
     return 0

@@ -4,7 +4,7 @@ It runs in its own session (a terminal's Ctrl-C does not stop it before the ledg
 flush), is restarted on the same port and data directory when it dies, and is recorded in
 ``run/valkey.pid``. Valkey cannot watch the supervisor's lifeline pipe, so a small reaper
 process does it for Valkey: after a ``kill -9`` of the supervisor it waits for the actors to
-exit (the home lock) and then stops Valkey (:func:`vajra.state.embedded.reap_after_parent`);
+exit (the home lock) and then stops Valkey (:func:`vajra.state.reaper.reap_after_parent`);
 the next ``vajra up`` also stops a recorded server it finds still running.
 """
 
@@ -20,7 +20,7 @@ import trio
 
 from vajra.actors.home import StartupError
 from vajra.state import EmbeddedValkey, redact_url
-from vajra.state.embedded import reaper_command, record_server, stop_recorded_server
+from vajra.state.reaper import reaper_command, record_server, stop_recorded_server
 
 log = logging.getLogger("vajra.supervisor")
 

@@ -8,10 +8,10 @@ from vajra.adapters.format import (
     adapter_digest,
     base_model_spec,
     parse_lora_key,
-    read_safetensors_header,
     validate_adapter,
     validate_adapter_dir,
 )
+from vajra.adapters.safetensors_header import read_safetensors_header
 
 __all__ = [
     "SERVABLE_MODULES",

@@ -1,16 +1,16 @@
-"""PEFT LoRA adapters on disk: parse and validate ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""PEFT LoRA adapters on disk: validate ``adapter_config.json`` + ``adapter_model.safetensors``
+against a base model and describe the result in an :class:`AdapterManifest`.
 
 Pure code: no torch import at module level and no I/O beyond reading a model's ``config.json``.
-The safetensors header is parsed here byte by byte (8-byte little-endian header length, then a
-JSON header mapping each tensor name to ``{dtype, shape, data_offsets}``), so a pickle file, a
-truncated upload or a header whose offsets point past the end is refused before any tensor is
-decoded, and nothing outside the checked byte ranges is ever read.
+The config is read by :mod:`vajra.adapters.peft_config` and the weights' header by
+:mod:`vajra.adapters.safetensors_header`; this module checks that the two agree with each
+other and with the base.
 
-What is accepted is plain LoRA as PEFT saves it for a Llama-family model: ``peft_type`` LORA,
-``bias`` "none", no DoRA, no ``modules_to_save``, no ``fan_in_fan_out``, float32/float16/bfloat16
-weights, all finite, a ``lora_A`` [r, in] and a ``lora_B`` [out, r] for each targeted linear
-module of the base. Ranks and alphas may differ per module (``rank_pattern`` /
-``alpha_pattern``); the scale is ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``.
+What is accepted is plain LoRA as PEFT saves it for a Llama-family model (see
+:mod:`~vajra.adapters.peft_config` for the config's subset): float32/float16/bfloat16 weights,
+all finite, a ``lora_A`` [r, in] and a ``lora_B`` [out, r] for each targeted linear module of
+the base. Ranks and alphas may differ per module (``rank_pattern`` / ``alpha_pattern``); the
+scale is ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``.
 
 Every input is a tenant's, so validation is bounded (see :mod:`vajra.adapters.untrusted` for
 why it cannot stall the event loop of the thread's process): the config and the header are
@@ -26,59 +26,45 @@ import hashlib
 import json
 import math
 import re
-import struct
 from collections.abc import Collection
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
+from vajra.adapters.peft_config import (
+    PatternTable,
+    TargetModules,
+    alpha_value,
+    dot_suffixes,
+    parse_config,
+)
+from vajra.adapters.safetensors_header import read_safetensors_header
 from vajra.adapters.untrusted import (
     DEFAULT_BUDGET_S,
-    MAX_CONFIG_BYTES,
     Budget,
     InvalidAdapter,
-    compile_pattern_keys,
-    compile_target_modules,
-    decode_json,
     first_non_finite,
     show,
 )
 
 #: safetensors dtype name -> bytes per element, for the dtypes an adapter may use.
 SAFETENSORS_DTYPES: dict[str, int] = {"F32": 4, "F16": 2, "BF16": 2}
-_ALL_SAFETENSORS_DTYPES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
-    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8,
-}  # fmt: skip
 #: The linear layers Vajra's multi-LoRA layer serves on Llama-family models (PEFT's usual targets).
 SERVABLE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-#: Largest safetensors header accepted: about 150 bytes per tensor, so room for some 14,000
-#: tensors, while one decode stays within milliseconds (the safetensors library allows 100 MiB).
-MAX_HEADER_BYTES = 2 * 1024 * 1024
-_MAX_TENSOR_NAME_CHARS = 1_024
-_MAX_NDIM = 8
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$"
 )
-_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 _HASH_CHUNK_BYTES = 16 * 1024 * 1024
-_FLOAT32_MAX = 3.4028234663852886e38
 
 __all__ = [
-    "DEFAULT_BUDGET_S",
-    "MAX_CONFIG_BYTES",
-    "MAX_HEADER_BYTES",
     "SAFETENSORS_DTYPES",
     "SERVABLE_MODULES",
     "AdapterManifest",
     "BaseModelSpec",
     "InvalidAdapter",
-    "TensorInfo",
     "adapter_digest",
     "base_model_spec",
     "parse_lora_key",
-    "read_safetensors_header",
     "validate_adapter",
     "validate_adapter_dir",
 ]
@@ -93,16 +79,6 @@ class BaseModelSpec:
 
     def __hash__(self) -> int:
         return hash((self.model_type, tuple(sorted(self.modules.items()))))
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor of a safetensors file, located but not decoded."""
-
-    dtype: str  # safetensors name: F32, F16, BF16, ...
-    shape: tuple[int, ...]
-    start: int  # absolute byte offsets into the file
-    end: int
 
 
 @dataclass(frozen=True)
@@ -151,185 +127,6 @@ def parse_lora_key(key: str) -> tuple[str, str] | None:
     return m.group("module"), m.group("which")
 
 
-def _is_count(value: Any) -> bool:
-    """A safetensors dimension or offset: an unsigned 64-bit integer (bounding it also bounds
-    the arithmetic and the messages that use it)."""
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
-
-
-def read_safetensors_header(data: bytes, *, budget: Budget | None = None) -> dict[str, TensorInfo]:
-    """Parse and bounds-check a safetensors file's header; raise InvalidAdapter naming the fault.
-
-    The header is at most :data:`MAX_HEADER_BYTES` and is decoded with bounded depth, so no
-    bytes make this raise anything but InvalidAdapter.
-    """
-    budget = budget or Budget(None)
-    if data[:2] in _PICKLE_MAGIC or data[:4] in _PICKLE_MAGIC:
-        raise InvalidAdapter("weights are a pickle/zip file (e.g. .bin or .pt), not safetensors")
-    if len(data) < 8:
-        raise InvalidAdapter(f"weights are not safetensors: {len(data)} bytes, no header")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > MAX_HEADER_BYTES:
-        raise InvalidAdapter(
-            f"weights are not safetensors or their header is too large: header length "
-            f"{header_len} bytes, the limit is {MAX_HEADER_BYTES}"
-        )
-    if 8 + header_len > len(data):
-        raise InvalidAdapter(
-            f"weights are not safetensors or truncated: header length {header_len} "
-            f"exceeds the {len(data)}-byte file"
-        )
-    header = decode_json(
-        memoryview(data)[8 : 8 + header_len], what="adapter_model.safetensors header", header=True
-    )
-    if not isinstance(header, dict):
-        raise InvalidAdapter("weights are not safetensors: header is not a JSON object")
-    base = 8 + header_len
-    body = len(data) - base
-    out: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        budget.check()
-        if name == "__metadata__":
-            continue
-        if len(name) > _MAX_TENSOR_NAME_CHARS:
-            raise InvalidAdapter(
-                f"tensor {show(name)} has a name of {len(name)} characters; "
-                f"the limit is {_MAX_TENSOR_NAME_CHARS}"
-            )
-        if not isinstance(entry, dict):
-            raise InvalidAdapter(f"safetensors header entry {name!r} is not an object")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in _ALL_SAFETENSORS_DTYPES:
-            raise InvalidAdapter(f"tensor {name!r} has unknown dtype {show(dtype)}")
-        if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM and all(map(_is_count, shape))):
-            raise InvalidAdapter(f"tensor {name!r} has a malformed shape {show(shape)}")
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(map(_is_count, offsets))
-            and offsets[0] <= offsets[1]
-        ):
-            raise InvalidAdapter(f"tensor {name!r} has malformed data_offsets {show(offsets)}")
-        if offsets[1] > body:
-            raise InvalidAdapter(
-                f"safetensors data truncated: tensor {name!r} ends at byte {offsets[1]} "
-                f"of a {body}-byte data section"
-            )
-        want = math.prod(shape) * _ALL_SAFETENSORS_DTYPES[dtype]
-        if offsets[1] - offsets[0] != want:
-            raise InvalidAdapter(
-                f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} {dtype} "
-                f"(expected {want})"
-            )
-        out[name] = TensorInfo(dtype, tuple(shape), base + offsets[0], base + offsets[1])
-    return out
-
-
-def _alpha(value: Any) -> float | None:
-    """``value`` as a LoRA alpha: a number within float32's finite range (the scale is applied
-    to float32 weights, so a larger one makes them infinite), else None."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond float range
-        return None
-    return number if abs(number) <= _FLOAT32_MAX else None  # False for NaN
-
-
-class _PatternTable:
-    r"""``rank_pattern`` or ``alpha_pattern`` with PEFT's semantics: the value of the first key
-    ``k`` (in order) for which ``re.match(rf"(.*\.)?({k})$", module)`` holds, else the value
-    under ``module`` itself, else the default (``get_pattern_key`` then ``dict.get``)."""
-
-    def __init__(self, patterns: dict[str, Any], *, field: str, budget: Budget) -> None:
-        self.patterns = patterns
-        compiled = compile_pattern_keys(patterns, field=field, budget=budget)
-        self.keys = list(zip(compiled, patterns.values(), strict=True))
-
-    def value(self, module: str, default: Any, budget: Budget) -> Any:
-        for regex, value in self.keys:
-            budget.check()
-            if regex.match(module) is not None:
-                return value
-        return self.patterns.get(module, default)
-
-
-def _dot_suffixes(module: str) -> list[str]:
-    """What follows each dot of ``module``: ``a.b.c`` -> ``["b.c", "c"]``."""
-    return [module[i + 1 :] for i, c in enumerate(module) if c == "."]
-
-
-class _Targets:
-    """``target_modules`` with the semantics of PEFT's ``check_target_module_exists``: a string
-    is a regex that must ``re.fullmatch`` the module (matched here by RE2); a list holds names
-    that must equal the module or one of its dot-separated suffixes."""
-
-    def __init__(self, target: str | list[str]) -> None:
-        self.regex = compile_target_modules(target) if isinstance(target, str) else None
-        self.names = frozenset() if isinstance(target, str) else frozenset(target)
-
-    def hit(self, module: str) -> bool:
-        if self.regex is not None:
-            return self.regex.fullmatch(module) is not None
-        return module in self.names or any(s in self.names for s in _dot_suffixes(module))
-
-
-def _parse_config(config_json: bytes) -> dict[str, Any]:
-    if len(config_json) > MAX_CONFIG_BYTES:
-        raise InvalidAdapter(
-            f"adapter_config.json is {len(config_json)} bytes; the limit is {MAX_CONFIG_BYTES}"
-        )
-    config = decode_json(config_json, what="adapter_config.json")
-    if not isinstance(config, dict):
-        raise InvalidAdapter("adapter_config.json is not a JSON object")
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise InvalidAdapter(
-            f"adapter_config.json: peft_type is {show(peft_type)}; only LORA is served"
-        )
-    refusals = {
-        "use_dora": "DoRA (use_dora) is not supported",
-        "modules_to_save": "modules_to_save is not supported (only LoRA A/B weights are served)",
-        "fan_in_fan_out": "fan_in_fan_out is not supported",
-        "lora_bias": "lora_bias is not supported",
-        "trainable_token_indices": "trainable_token_indices is not supported",
-        "layer_replication": "layer_replication is not supported",
-        "target_parameters": "target_parameters is not supported",
-        "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
-        "arrow_config": "arrow routing (arrow_config) is not supported",
-        "use_qalora": "QA-LoRA (use_qalora) is not supported",
-        "use_bdlora": "use_bdlora is not supported",
-        "kasa_config": "kasa_config is not supported",
-        "monteclora_config": "monteclora_config is not supported",
-    }
-    for key, message in refusals.items():
-        if config.get(key):
-            raise InvalidAdapter(f"adapter_config.json: {message}")
-    if config.get("bias", "none") != "none":
-        raise InvalidAdapter(f"adapter_config.json: bias {show(config['bias'])} is not supported")
-    r = config.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise InvalidAdapter(f"adapter_config.json: r must be a positive integer, got {show(r)}")
-    alpha = config.get("lora_alpha", 8)
-    if _alpha(alpha) is None:
-        raise InvalidAdapter(
-            f"adapter_config.json: lora_alpha must be a finite number (within float32 range), "
-            f"got {show(alpha)}"
-        )
-    target = config.get("target_modules")
-    if not (
-        isinstance(target, str)
-        or (isinstance(target, list) and target and all(isinstance(t, str) for t in target))
-    ):
-        raise InvalidAdapter(f"adapter_config.json: bad target_modules {show(target)}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        value = config.get(key) or {}
-        if not isinstance(value, dict):
-            raise InvalidAdapter(f"adapter_config.json: {key} must be an object")
-    return config
-
-
 def validate_adapter(
     config_json: bytes,
     weights: bytes,
@@ -351,13 +148,11 @@ def validate_adapter(
     size = len(config_json) + len(weights)
     if size > max_bytes:
         raise InvalidAdapter(f"adapter is {size} bytes; the limit is {max_bytes}")
-    config = _parse_config(config_json)
+    config = parse_config(config_json)
     target: str | list[str] = config["target_modules"]
-    targets = _Targets(target)
-    rank_table = _PatternTable(
-        config.get("rank_pattern") or {}, field="rank_pattern", budget=budget
-    )
-    alpha_table = _PatternTable(
+    targets = TargetModules(target)
+    rank_table = PatternTable(config.get("rank_pattern") or {}, field="rank_pattern", budget=budget)
+    alpha_table = PatternTable(
         config.get("alpha_pattern") or {}, field="alpha_pattern", budget=budget
     )
     infos = read_safetensors_header(weights, budget=budget)
@@ -370,7 +165,7 @@ def validate_adapter(
         if targets.hit(module):
             targeted.add(module)
     if isinstance(target, list):
-        known = {s for m in base.modules for s in (m, *_dot_suffixes(m))}
+        known = {s for m in base.modules for s in (m, *dot_suffixes(m))}
         missing = [t for t in target if t not in known]
         if missing:
             raise InvalidAdapter(
@@ -439,7 +234,7 @@ def validate_adapter(
         if module not in targeted:
             raise InvalidAdapter(f"module {module!r} has weights but is not in target_modules")
         declared_alpha = alpha_table.value(module, config.get("lora_alpha", 8), budget)
-        alpha = _alpha(declared_alpha)
+        alpha = alpha_value(declared_alpha)
         if alpha is None:
             raise InvalidAdapter(
                 f"module {module!r}: alpha {show(declared_alpha)} is not a finite number "

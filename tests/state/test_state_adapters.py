@@ -1,5 +1,5 @@
-"""The adapter registry on a real Valkey: versions, the active pointer, NAME@VERSION, delete,
-reference-counted objects, and isolation between tenants.
+"""The adapter registry's records on a real Valkey: versions, the active pointer, NAME@VERSION,
+delete, reference-counted objects, and isolation between tenants.
 
 Rules: loopback only; every test starts from an empty database (FLUSHDB); async tests run
 under ``trio.fail_after``; Hypothesis checks the registry against a plain-Python model.
@@ -16,13 +16,10 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vajra.adapters.registry import (
-    AdapterRegistry,
-    AsyncAdapterRegistry,
-    parse_adapter_ref,
-)
+from vajra.adapters.versions import parse_adapter_ref
 from vajra.errors import InvalidRequest, NotFoundError, QuotaExceeded, UnavailableError
-from vajra.state import keys
+from vajra.state import ClusterState, OffLoop, keys
+from vajra.state.adapters import AdapterRecords
 
 
 def _digest(seed: str) -> str:
@@ -30,16 +27,13 @@ def _digest(seed: str) -> str:
 
 
 @pytest.fixture
-def reg(valkey_url: str, raw: redis.Redis[str]) -> Iterator[AdapterRegistry]:
-    r = AdapterRegistry.from_url(valkey_url)
-    try:
-        yield r
-    finally:
-        r.close()
+def reg(valkey_url: str, raw: redis.Redis[str]) -> Iterator[AdapterRecords]:
+    with ClusterState(valkey_url) as state:
+        yield state.adapters
 
 
 def _push(
-    reg: AdapterRegistry, tenant: str, name: str, seed: str, rank: int = 8, **limits: int
+    reg: AdapterRecords, tenant: str, name: str, seed: str, rank: int = 8, **limits: int
 ) -> int:
     d = _digest(seed)
     return reg.register(
@@ -56,7 +50,7 @@ def _push(
     ).version
 
 
-def test_versions_active_pointer_and_refs(reg: AdapterRegistry) -> None:
+def test_versions_active_pointer_and_refs(reg: AdapterRecords) -> None:
     assert _push(reg, "t_a", "chat", "one") == 1
     assert _push(reg, "t_a", "chat", "two", rank=16) == 2
     r = reg.resolve("t_a", "chat")
@@ -100,7 +94,7 @@ def test_versions_active_pointer_and_refs(reg: AdapterRegistry) -> None:
     assert _push(reg, "t_a", "chat", "four") == 1
 
 
-def test_quotas_on_names_and_versions(reg: AdapterRegistry, raw: redis.Redis[str]) -> None:
+def test_quotas_on_names_and_versions(reg: AdapterRecords, raw: redis.Redis[str]) -> None:
     limits = {"max_names": 2, "max_versions": 3}
     assert _push(reg, "t_q", "a", "a1", **limits) == 1
     assert _push(reg, "t_q", "b", "b1", **limits) == 1
@@ -136,14 +130,12 @@ def test_concurrent_registrations_never_pass_a_quota(valkey_url: str) -> None:
     lock = threading.Lock()
 
     def push(i: int) -> None:
-        r = AdapterRegistry.from_url(valkey_url)
-        try:
-            _push(r, "t_race", f"n{i}", f"s{i}", max_names=5)
-            result = "ok"
-        except QuotaExceeded:
-            result = "refused"
-        finally:
-            r.close()
+        with ClusterState(valkey_url) as state:
+            try:
+                _push(state.adapters, "t_race", f"n{i}", f"s{i}", max_names=5)
+                result = "ok"
+            except QuotaExceeded:
+                result = "refused"
         with lock:
             outcomes.append(result)
 
@@ -156,7 +148,7 @@ def test_concurrent_registrations_never_pass_a_quota(valkey_url: str) -> None:
 
 
 def test_nothing_is_left_after_deleting_everything(
-    reg: AdapterRegistry, raw: redis.Redis[str]
+    reg: AdapterRecords, raw: redis.Redis[str]
 ) -> None:
     _push(reg, "t_a", "x", "1")
     _push(reg, "t_a", "x", "2")
@@ -167,7 +159,7 @@ def test_nothing_is_left_after_deleting_everything(
     assert raw.keys("*") == []
 
 
-def test_unknown_and_malformed_references(reg: AdapterRegistry) -> None:
+def test_unknown_and_malformed_references(reg: AdapterRecords) -> None:
     _push(reg, "t_a", "chat", "one")
     for ref in ("nope", "chat@2", "nope@1"):
         with pytest.raises(NotFoundError) as nf:
@@ -188,7 +180,7 @@ def test_unknown_and_malformed_references(reg: AdapterRegistry) -> None:
         reg.delete("t_a", "other")
 
 
-def test_tenants_are_isolated(reg: AdapterRegistry) -> None:
+def test_tenants_are_isolated(reg: AdapterRecords) -> None:
     """Tenant B and C see A's adapter exactly as they see a name nobody has."""
     _push(reg, "t_a", "secret", "a1")
     _push(reg, "t_b", "shared-name", "b1")
@@ -230,7 +222,7 @@ _OPS = st.lists(
 )
 @given(ops=_OPS)
 def test_registry_matches_a_model(
-    reg: AdapterRegistry, raw: redis.Redis[str], ops: list[tuple[str, str, str, int]]
+    reg: AdapterRecords, raw: redis.Redis[str], ops: list[tuple[str, str, str, int]]
 ) -> None:
     raw.flushdb()
     # model: (tenant, name) -> {"last": int, "versions": {v: seed}, "active": v}
@@ -288,10 +280,12 @@ def test_registry_matches_a_model(
 
 
 async def test_async_registry_and_unreachable_redis(valkey_url: str, raw: redis.Redis[str]) -> None:
-    areg = AsyncAdapterRegistry.from_url(valkey_url)
+    state = ClusterState(valkey_url)
+    records, offloop = state.adapters, OffLoop()
     with trio.fail_after(10):
         d = _digest("x")
-        v = await areg.register(
+        v = await offloop.run(
+            records.register,
             "t_a",
             "n",
             digest=d,
@@ -303,10 +297,10 @@ async def test_async_registry_and_unreachable_redis(valkey_url: str, raw: redis.
             base_model="m",
         )
         assert v.version == 1
-        assert (await areg.resolve("t_a", "n@1")).digest == d
-        assert [a.version for a in await areg.list("t_a")] == [1]
-        await areg.delete("t_a", "n")
-        await areg.aclose()
-    dead = AdapterRegistry.from_url("redis://127.0.0.1:1", socket_connect_timeout_s=0.5, retries=0)
-    with pytest.raises(UnavailableError):
-        dead.resolve("t_a", "n")
+        assert (await offloop.run(records.resolve, "t_a", "n@1")).digest == d
+        assert [a.version for a in await offloop.run(records.list, "t_a")] == [1]
+        await offloop.run(records.delete, "t_a", "n")
+        await offloop.run(state.close)
+    dead = ClusterState("redis://127.0.0.1:1", socket_connect_timeout_s=0.5, retries=0)
+    with dead, pytest.raises(UnavailableError):
+        dead.adapters.resolve("t_a", "n")
