@@ -11,22 +11,25 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from pathlib import Path
 
 import trio
 
-from vajra.adapters.format import AdapterManifest, InvalidAdapter, base_model_spec, validate_adapter
-from vajra.adapters.registry import (
-    AdapterVersion,
-    AsyncAdapterRegistry,
-    ResolvedAdapter,
-    check_adapter_name,
+from vajra.adapters.format import (
+    AdapterManifest,
+    BaseModelSpec,
+    InvalidAdapter,
+    base_model_spec,
+    validate_adapter,
 )
+from vajra.adapters.versions import AdapterVersion, ResolvedAdapter, check_adapter_name
 from vajra.bus.messages import AdapterDelete, AdapterEntry, AdapterList, AdapterPush, AdapterReply
 from vajra.config import VajraConfig
 from vajra.errors import InternalError, InvalidRequest, NotFoundError, UnavailableError, VajraError
-from vajra.state import TenantRecord
+from vajra.state import OffLoop, TenantRecord
+from vajra.state.adapters import AdapterRecords
 from vajra.storage import ObjectStore, adapter_object_key, adapter_object_keys
 from vajra.storage.adapters import adelete_adapter_objects, aput_adapter_objects
 
@@ -34,15 +37,18 @@ log = logging.getLogger("vajra.gateway")
 
 AdapterOp = AdapterPush | AdapterList | AdapterDelete
 
+#: One read of the base model at a time in this process: the first imports transformers,
+#: whose lazy module fails ("cannot import name") when two threads import it at once.
+_MODEL_READ = threading.Lock()
+
 
 class AdapterDesk:
     """Owns the gateway's registry and object-store work; raises VajraErrors, sends nothing."""
 
-    def __init__(
-        self, cfg: VajraConfig, registry: AsyncAdapterRegistry | None, store: ObjectStore
-    ) -> None:
+    def __init__(self, cfg: VajraConfig, registry: AdapterRecords, store: ObjectStore) -> None:
         self.cfg = cfg
         self.registry = registry
+        self.redis = OffLoop()  # registry calls, off the event loop
         self.store = store
         self._resolutions: dict[tuple[str, str], dict[str, tuple[ResolvedAdapter | None, float]]]
         self._resolutions = {}
@@ -50,16 +56,24 @@ class AdapterDesk:
         self._validate_limiter = trio.CapacityLimiter(max(1, cfg.adapters.max_concurrent_pushes))
         self.pushed = 0
 
-    async def warm_up(self) -> None:
-        """Read the base model's module shapes once, ahead of the first upload (which would
-        otherwise wait seconds for it); a failure is logged, and the upload reports it."""
+    async def warm_up(self, limit_s: float) -> None:
+        """Read the base model's module shapes (importing torch and transformers) ahead of the
+        first upload, which would otherwise wait seconds for them.
+
+        Never fails: an error is logged (the first upload reports it), and after ``limit_s``
+        this stops waiting while the read goes on in its thread (the first upload waits for
+        the rest). Cancellation stops the wait at once, the same way.
+        """
         model = self.cfg.cluster.model
         if not model or model == "null":
             return
-        try:
-            await trio.to_thread.run_sync(base_model_spec, Path(model))
-        except Exception as exc:
-            log.warning("could not read the base model's modules at start: %s", exc)
+        with trio.move_on_after(limit_s) as waited:
+            try:
+                await trio.to_thread.run_sync(_read_base_model, model, abandon_on_cancel=True)
+            except Exception as exc:
+                log.warning("could not read the base model's modules at start: %s", exc)
+        if waited.cancelled_caught:
+            log.warning("reading the base model's modules took over %gs; going on", limit_s)
 
     # --- resolution on the request path ---------------------------------------------------
 
@@ -99,11 +113,9 @@ class AdapterDesk:
         """
         resolved: ResolvedAdapter | None
         try:
-            if self.registry is None:
-                raise UnavailableError("the adapter registry is not configured")
             async with self._resolve_limiter:
                 with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-                    resolved = await self.registry.resolve(tenant_id, ref)
+                    resolved = await self.redis.run(self.registry.resolve, tenant_id, ref)
         except NotFoundError:
             resolved = None
         except trio.TooSlowError:
@@ -116,20 +128,19 @@ class AdapterDesk:
     async def handle(
         self, tenant: TenantRecord, msg: AdapterOp, bulk: tuple[bytes, ...]
     ) -> AdapterReply:
-        if self.registry is None:
-            raise UnavailableError("the adapter registry is not configured")
         if isinstance(msg, AdapterList):
             with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-                versions = await self.registry.list(tenant.tenant_id)
+                versions = await self.redis.run(self.registry.list, tenant.tenant_id)
             return AdapterReply(msg.request_id, [_entry(v) for v in versions])
         if isinstance(msg, AdapterDelete):
             return await self._delete(tenant, msg)
         return await self._push(tenant, msg, bulk)
 
     async def _delete(self, tenant: TenantRecord, msg: AdapterDelete) -> AdapterReply:
-        assert self.registry is not None
         with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-            deletion = await self.registry.delete(tenant.tenant_id, msg.name, msg.version)
+            deletion = await self.redis.run(
+                self.registry.delete, tenant.tenant_id, msg.name, msg.version
+            )
         self.forget(tenant.tenant_id, msg.name)
         for object_key in deletion.freed_object_keys:
             try:
@@ -148,7 +159,6 @@ class AdapterDesk:
         refused upload leaves no trace. Files whose registration then fails stay in the store, unreferenced (the
         same bytes pushed again reuse them).
         """
-        assert self.registry is not None
         check_adapter_name(msg.name)
         if len(bulk) != 2:  # the codec checks this already; a push without both files is no push
             raise InvalidRequest("an adapter push carries adapter_config.json and the weights")
@@ -169,11 +179,12 @@ class AdapterDesk:
             self.cfg.adapters.max_versions_per_adapter,
         )
         with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-            await self.registry.check_quota(tenant.tenant_id, msg.name, *limits)
+            await self.redis.run(self.registry.check_quota, tenant.tenant_id, msg.name, *limits)
         object_key = adapter_object_key(tenant.tenant_id, manifest.digest)
         await aput_adapter_objects(self.store, object_key, config_json, weights)
         with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-            version = await self.registry.register(
+            version = await self.redis.run(
+                self.registry.register,
                 tenant.tenant_id,
                 msg.name,
                 digest=manifest.digest,
@@ -217,6 +228,12 @@ def _entry(v: AdapterVersion) -> AdapterEntry:
     )
 
 
+def _read_base_model(model: str) -> BaseModelSpec:
+    """The base model's modules (cached after the first read; blocks: run it in a thread)."""
+    with _MODEL_READ:
+        return base_model_spec(Path(model))
+
+
 def _validate_upload(
     model: str, config_json: bytes, weights: bytes, *, max_rank: int, max_bytes: int
 ) -> AdapterManifest:
@@ -230,7 +247,7 @@ def _validate_upload(
     if size > max_bytes:  # refuse before even reading the base model
         raise InvalidAdapter(f"adapter is {size} bytes; the limit is {max_bytes}")
     try:
-        base = base_model_spec(Path(model))
+        base = _read_base_model(model)
     except Exception as exc:  # OSError, ValueError, KeyError, or whatever transformers raises
         log.error("the base model at %r cannot be read: %s", model, exc)
         raise UnavailableError(

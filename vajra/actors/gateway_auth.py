@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import trio
 
-from vajra.state import AsyncClusterState, TenantRecord
+from vajra.state import ClusterState, OffLoop, TenantRecord
 
 #: Longer keys are refused without asking Redis (issued keys are far shorter).
 MAX_KEY_CHARS = 256
@@ -44,7 +44,7 @@ class AuthCache:
 
     def __init__(
         self,
-        state: AsyncClusterState,
+        state: ClusterState,
         *,
         ttl_s: float,
         negative_ttl_s: float,
@@ -54,6 +54,7 @@ class AuthCache:
         counters: Counter[str],
     ) -> None:
         self.state = state
+        self.redis = OffLoop()  # Redis calls, off the event loop
         self.ttl_s = ttl_s
         self.negative_ttl_s = negative_ttl_s
         self.max_entries = max(1, max_entries)
@@ -135,7 +136,7 @@ class AuthCache:
         try:
             epoch = self._epoch
             async with self._limiter:
-                tenant = await self.state.authenticate(api_key)
+                tenant = await self.redis.run(self.state.api_keys.authenticate, api_key)
             if epoch == self._epoch:
                 self._store(api_key, tenant)
             return tenant

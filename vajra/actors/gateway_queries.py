@@ -37,7 +37,7 @@ from vajra.bus.messages import (
 from vajra.config import VajraConfig
 from vajra.errors import AuthError, InvalidRequest, NotFoundError, VajraError
 from vajra.policies.limits import TenantLimits
-from vajra.state import AsyncClusterState, TenantRecord
+from vajra.state import ClusterState, OffLoop, TenantRecord
 from vajra.storage import ObjectStore, adelete_tenant_objects
 
 log = logging.getLogger("vajra.gateway")
@@ -52,7 +52,7 @@ class QueryDesk:
     def __init__(
         self,
         cfg: VajraConfig,
-        state: AsyncClusterState,
+        state: ClusterState,
         *,
         auth: AuthCache,
         limits: TenantLimits,
@@ -64,6 +64,7 @@ class QueryDesk:
     ) -> None:
         self.cfg = cfg
         self.state = state
+        self.redis = OffLoop()  # Redis calls, off the event loop
         self.auth = auth
         self.limits = limits
         self.adapters = adapters
@@ -108,7 +109,7 @@ class QueryDesk:
             if msg.tenant is not None and msg.tenant not in (t.tenant_id, t.name):
                 # Same answer whether or not the named tenant exists: ids must not leak.
                 raise NotFoundError(f"no tenant {msg.tenant!r}", field="tenant_id")
-            u = await self.state.get_usage(t.tenant_id)
+            u = await self.redis.run(self.state.usage.get, t.tenant_id)
             return UsageReply(
                 msg.request_id,
                 t.tenant_id,
@@ -120,7 +121,7 @@ class QueryDesk:
             )
         if isinstance(msg, ClusterStatusRequest):
             await self._check_operator(msg.api_key)
-            beats = await self.state.list_heartbeats()
+            beats = await self.redis.run(self.state.heartbeats.list)
             return ClusterStatusReply(
                 msg.request_id,
                 [hb.executor_id for hb in beats],
@@ -145,18 +146,19 @@ class QueryDesk:
             self.counters["admin_auth_failed"] += 1
             raise AuthError("invalid admin key")
         if msg.action == "create_tenant":
-            record, key = await self.state.create_tenant(msg.tenant or "")
+            record, key = await self.redis.run(self.state.tenants.create, msg.tenant or "")
             return AdminReply(msg.request_id, msg.action, record.tenant_id, record.name, key)
         if msg.action in ("create_key", "delete_tenant"):
             ref = msg.tenant or ""
-            t = await self.state.get_tenant_by_name(ref) or await self.state.get_tenant(ref)
+            t = await self.redis.run(self.state.tenants.get_by_name, ref)
+            t = t or await self.redis.run(self.state.tenants.get, ref)
             if t is None:
                 raise NotFoundError(f"no tenant {ref!r}", field="tenant")
             if msg.action == "create_key":
-                key = await self.state.create_api_key(t.tenant_id)
+                key = await self.redis.run(self.state.api_keys.create, t.tenant_id)
                 return AdminReply(msg.request_id, msg.action, t.tenant_id, t.name, key)
             self.auth.begin_revocation()
-            await self.state.delete_tenant(t.tenant_id)
+            await self.redis.run(self.state.tenants.delete, t.tenant_id)
             self.auth.forget_tenant(t.tenant_id)
             self.adapters.forget_tenant(t.tenant_id)
             self._spawn(self._delete_objects_when_idle, t.tenant_id)
@@ -165,7 +167,7 @@ class QueryDesk:
             if not msg.api_key:
                 raise InvalidRequest("api_key is required", field="api_key")
             self.auth.begin_revocation()
-            revoked = await self.state.revoke_api_key(msg.api_key)
+            revoked = await self.redis.run(self.state.api_keys.revoke, msg.api_key)
             self.auth.forget_key(msg.api_key)
             if not revoked:
                 raise NotFoundError("no such API key", field="api_key")
@@ -179,7 +181,8 @@ class QueryDesk:
             await wait_until(lambda: self.limits.inflight(tenant_id) == 0, poll_s=0.2)
         try:
             with trio.fail_after(self.cfg.storage.s3_op_timeout_s):
-                await self.state.delete_tenant(tenant_id)  # a push that landed meanwhile
+                # Again: a push that landed meanwhile.
+                await self.redis.run(self.state.tenants.delete, tenant_id)
                 removed = await adelete_tenant_objects(self.store, tenant_id)
         except (VajraError, trio.TooSlowError) as exc:
             log.error("deleting tenant %s's adapter files failed: %s", tenant_id, exc)
