@@ -32,7 +32,7 @@ from vajra.bus.messages import (
 )
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
-from vajra.state import AsyncClusterState
+from vajra.state import ClusterState
 from vajra.storage import (
     LocalObjectStore,
     ObjectStore,
@@ -110,7 +110,7 @@ async def _start_executor(
     nursery: trio.Nursery,
     ctx: zmq.Context[zmq.Socket[bytes]],
     cfg: VajraConfig,
-    state: AsyncClusterState,
+    state: ClusterState,
     executor_id: str,
 ) -> tuple[Executor, ZSocket, Inbox]:
     """An executor with raw sockets standing in for the scheduler (dispatch) and the gateway."""
@@ -178,7 +178,7 @@ async def test_mixed_adapters_match_peft_and_move_through_the_tiers(
         "b": _reference(tiny_model_dir, adapters[1], prompt, n),
     }
     assert want["a"] != want["base"] and want["b"] != want["base"]
-    state = AsyncClusterState.from_url(valkey_url)
+    state = ClusterState(valkey_url)
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             executor, dispatch, replies = await _start_executor(nursery, ctx, cfg, state, "exec-t")
@@ -243,7 +243,7 @@ async def test_mixed_adapters_match_peft_and_move_through_the_tiers(
             await dispatch.send([b"exec-t", *encode(bogus)])
             await wait_until(lambda: executor.counters["tier_commands_failed"] == 1)
             nursery.cancel_scope.cancel()
-    await state.aclose()
+    state.close()
 
 
 async def test_executor_keeps_serving_held_adapters_when_s3_dies(
@@ -275,7 +275,7 @@ async def test_executor_keeps_serving_held_adapters_when_s3_dies(
         )
         with open_store(cfg) as store:
             (da, ka), (db, kb) = (_store(store, a, tiny_model_dir) for a in adapters)
-        state = AsyncClusterState.from_url(valkey_url)
+        state = ClusterState(valkey_url)
         with trio.fail_after(120):
             async with trio.open_nursery() as nursery:
                 _, dispatch, replies = await _start_executor(nursery, ctx, cfg, state, "exec-s3")
@@ -296,7 +296,7 @@ async def test_executor_keeps_serving_held_adapters_when_s3_dies(
                 b1 = got["b1"]
                 assert isinstance(b1, ErrorReply) and b1.code == "unavailable" and b1.retriable
                 nursery.cancel_scope.cancel()
-        await state.aclose()
+        state.close()
     finally:
         server.kill()
 

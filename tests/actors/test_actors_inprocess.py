@@ -7,7 +7,7 @@ misbehave (a silent executor, a dead ledger) are played by raw sockets.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,7 +43,7 @@ from vajra.client import (
     UnavailableError,
 )
 from vajra.config import VajraConfig
-from vajra.state import AsyncClusterState, ClusterState
+from vajra.state import ClusterState
 
 
 @pytest.fixture
@@ -55,15 +55,14 @@ def cfg(tmp_path: Path, valkey_url: str) -> VajraConfig:
 
 
 @pytest.fixture
-async def astate(valkey_url: str, raw: redis.Redis[str]) -> AsyncIterator[AsyncClusterState]:
-    s = AsyncClusterState.from_url(valkey_url)
-    yield s
-    await s.aclose()
+def state(valkey_url: str, raw: redis.Redis[str]) -> Iterator[ClusterState]:
+    with ClusterState(valkey_url) as s:
+        yield s
 
 
 def _api_key(valkey_url: str) -> tuple[str, str]:
     with ClusterState(valkey_url) as s:
-        t, key = s.create_tenant(f"t{uuid.uuid4().hex[:8]}")
+        t, key = s.tenants.create(f"t{uuid.uuid4().hex[:8]}")
     return t.tenant_id, key
 
 
@@ -133,14 +132,14 @@ async def test_scheduler_fails_requests_of_a_silent_executor_and_of_a_restart(
 
 
 async def test_gateway_sheds_load_expires_deadlines_and_answers_unknown_adapters(
-    cfg: VajraConfig, astate: AsyncClusterState, valkey_url: str
+    cfg: VajraConfig, state: ClusterState, valkey_url: str
 ) -> None:
     cfg = cfg.replace("gateway", max_inflight=2)
     tenant_id, key = _api_key(valkey_url)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            gateway = Gateway(cfg, astate)
+            gateway = Gateway(cfg, state)
             address = await nursery.start(gateway.run)
             # A scheduler that accepts work and never answers.
             sched = open_socket(ctx, zmq.ROUTER)
@@ -168,10 +167,10 @@ async def test_gateway_sheds_load_expires_deadlines_and_answers_unknown_adapters
                 # (the client's own deadline usually fires first and cancels: the same end)
                 ended = gateway.counters["deadline_expired"] + gateway.counters["cancels"]
                 assert ended == 2
-                assert not gateway._pending and not gateway._by_client
+                assert not gateway.replies._pending and not gateway.replies._by_client
                 assert gateway.limits.inflight(tenant_id) == 0
                 # Draining: new work is refused with a retriable error.
-                gateway._accepting = False
+                await gateway.drain()
                 with pytest.raises(UnavailableError):
                     await c.infer("x", timeout_s=2)
             nursery.cancel_scope.cancel()
@@ -179,15 +178,15 @@ async def test_gateway_sheds_load_expires_deadlines_and_answers_unknown_adapters
 
 
 async def test_usage_is_resent_until_the_ledger_records_it_once(
-    cfg: VajraConfig, astate: AsyncClusterState, valkey_url: str
+    cfg: VajraConfig, state: ClusterState, valkey_url: str
 ) -> None:
     tenant_id, key = _api_key(valkey_url)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(Scheduler(cfg).run)
-            executor = Executor(cfg, astate, executor_id="exec-0", model="null")
+            executor = Executor(cfg, state, executor_id="exec-0", model="null")
             await nursery.start(executor.run)
-            gateway_address = await nursery.start(Gateway(cfg, astate).run)
+            gateway_address = await nursery.start(Gateway(cfg, state).run)
             async with AsyncClient(gateway_address, key, timeout_s=10) as c:
                 for _ in range(20):
                     try:
@@ -200,19 +199,19 @@ async def test_usage_is_resent_until_the_ledger_records_it_once(
             assert r.text == "."
             # No ledger yet: the events wait in the outbox and are resent.
             await trio.sleep(0.5)
-            assert len(executor._outbox) == 5
+            assert len(executor.usage.pending) == 5
             assert executor.counters["usage_resent"] >= 5
-            ledger = Ledger(cfg, astate)
+            ledger = Ledger(cfg, state)
             await nursery.start(ledger.run)
-            await wait_until(lambda: not executor._outbox)
-            usage = await astate.get_usage(tenant_id)
+            await wait_until(lambda: not executor.usage.pending)
+            usage = state.usage.get(tenant_id)
             assert usage.requests == 5
             assert usage.completion_tokens == 5
             nursery.cancel_scope.cancel()
 
 
 async def test_a_busy_key_is_refreshed_ahead_and_a_revoked_one_stops_within_its_ttl(
-    cfg: VajraConfig, astate: AsyncClusterState, valkey_url: str
+    cfg: VajraConfig, state: ClusterState, valkey_url: str
 ) -> None:
     """Requests on a busy key never wait for Redis after the first; revocation still lands."""
     ttl = 1.0
@@ -221,8 +220,8 @@ async def test_a_busy_key_is_refreshed_ahead_and_a_revoked_one_stops_within_its_
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(Scheduler(cfg).run)
-            await nursery.start(Executor(cfg, astate, executor_id="exec-0", model="null").run)
-            gateway = Gateway(cfg, astate)
+            await nursery.start(Executor(cfg, state, executor_id="exec-0", model="null").run)
+            gateway = Gateway(cfg, state)
             address = await nursery.start(gateway.run)
             async with AsyncClient(address, key, timeout_s=10) as c:
                 for _ in range(20):
@@ -240,7 +239,7 @@ async def test_a_busy_key_is_refreshed_ahead_and_a_revoked_one_stops_within_its_
                 assert 2 <= gateway.counters["auth_refreshes"] - refreshed <= 2.5 / 0.5 + 1
                 # Revoked behind the gateway's back (Redis directly): refused within the TTL.
                 with ClusterState(valkey_url) as st:
-                    assert st.revoke_api_key(key)
+                    assert st.api_keys.revoke(key)
                 revoked_at = trio.current_time()
                 with pytest.raises(AuthError):
                     while True:
@@ -252,12 +251,12 @@ async def test_a_busy_key_is_refreshed_ahead_and_a_revoked_one_stops_within_its_
 
 
 async def test_ledger_acknowledges_duplicates_without_counting_them(
-    cfg: VajraConfig, astate: AsyncClusterState
+    cfg: VajraConfig, state: ClusterState
 ) -> None:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            ledger = Ledger(cfg, astate)
+            ledger = Ledger(cfg, state)
             await nursery.start(ledger.run)
             sender: ZSocket = open_socket(ctx, zmq.DEALER, identity=b"exec-x")
             sender.connect(cfg.cluster.ledger_address)
@@ -271,7 +270,7 @@ async def test_ledger_acknowledges_duplicates_without_counting_them(
                 assert isinstance(msg, UsageAck)
                 acked += msg.event_ids
             assert sorted(acked) == sorted(["ev-1", "ev-1", "ev bad id!", "ev-1"])
-            usage = await astate.get_usage("t_abc")
+            usage = state.usage.get("t_abc")
             assert (usage.requests, usage.gpu_ms, usage.prompt_tokens) == (1, 12.5, 3)
             assert ledger.counters["events_invalid"] == 1
             await sender.send([b"garbage"])
@@ -284,7 +283,7 @@ async def test_ledger_acknowledges_duplicates_without_counting_them(
 
 
 async def test_executor_drain_finishes_and_refuses_new_work(
-    cfg: VajraConfig, astate: AsyncClusterState
+    cfg: VajraConfig, state: ClusterState
 ) -> None:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     with trio.fail_after(20):
@@ -294,7 +293,7 @@ async def test_executor_drain_finishes_and_refuses_new_work(
             replies = open_socket(ctx, zmq.ROUTER, handover=True)
             replies.bind(cfg.cluster.gateway_backend_address)
             replies_in = Inbox(replies, routed=True)
-            executor = Executor(cfg, astate, executor_id="exec-d", model="null")
+            executor = Executor(cfg, state, executor_id="exec-d", model="null")
             await nursery.start(executor.run)
             hello = decode((await dispatch.recv())[1:]).message
             assert isinstance(hello, ExecutorHello) and hello.executor_id == "exec-d"
@@ -306,7 +305,8 @@ async def test_executor_drain_finishes_and_refuses_new_work(
             msg = await replies_in.next()
             assert isinstance(msg, ErrorReply) and msg.code == "unavailable" and msg.retriable
             # Expired work is answered with a timeout, never run.
-            executor._draining = False
+            assert executor.intake is not None
+            executor.intake.draining = False
             await dispatch.send([b"exec-d", *encode(_work("w3", deadline_ms=-1))])
             msg = await replies_in.next()
             assert isinstance(msg, ErrorReply) and msg.code == "timeout"
@@ -315,9 +315,9 @@ async def test_executor_drain_finishes_and_refuses_new_work(
 
 
 async def test_gateway_turns_a_slow_or_failing_answer_into_a_typed_error(
-    cfg: VajraConfig, astate: AsyncClusterState
+    cfg: VajraConfig, state: ClusterState
 ) -> None:
-    gateway = Gateway(cfg, astate)
+    gateway = Gateway(cfg, state)
 
     async def never() -> InferResult:
         await trio.sleep_forever()
@@ -327,8 +327,8 @@ async def test_gateway_turns_a_slow_or_failing_answer_into_a_typed_error(
         raise AuthError("invalid API key")
 
     with trio.fail_after(10):
-        await gateway._reply_with(b"nobody", "r1", never(), timeout_s=0.05)
-        await gateway._reply_with(b"nobody", "r2", refuses())
+        await gateway.protocol.reply_with(b"nobody", "r1", never(), timeout_s=0.05)
+        await gateway.protocol.reply_with(b"nobody", "r2", refuses())
     assert gateway.counters["error_unavailable"] == 1
     assert gateway.counters["error_auth_failed"] == 1
     gateway.frontend.close()
@@ -337,7 +337,7 @@ async def test_gateway_turns_a_slow_or_failing_answer_into_a_typed_error(
 
 
 async def test_operator_views_need_a_key_and_unknown_keys_cannot_flood_lookups(
-    cfg: VajraConfig, astate: AsyncClusterState, valkey_url: str
+    cfg: VajraConfig, state: ClusterState, valkey_url: str
 ) -> None:
     """stats and cluster_status refuse an empty or unknown key (ping needs none); lookups of
     unknown keys are bounded per connection and in all, while a known key keeps working."""
@@ -348,7 +348,7 @@ async def test_operator_views_need_a_key_and_unknown_keys_cannot_flood_lookups(
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(Scheduler(cfg).run)  # with no executor: "unavailable"
-            gateway = Gateway(cfg, astate)
+            gateway = Gateway(cfg, state)
             address = await nursery.start(gateway.run)
             async with (
                 AsyncClient(address, "", timeout_s=10) as anonymous,
@@ -387,7 +387,7 @@ async def test_operator_views_need_a_key_and_unknown_keys_cannot_flood_lookups(
                     done.set()
                 assert seen == 100 and max_pending <= 4
                 assert gateway.counters["auth_shed_client"] > 0
-                assert gateway.auth.pending == 0 and not gateway._awaiting_key
+                assert gateway.auth.pending == 0 and not gateway.admission._awaiting_key
                 with pytest.raises(UnavailableError):  # known key: admitted (no executor here)
                     await tenant.infer("x", max_tokens=1, timeout_s=5)
             nursery.cancel_scope.cancel()

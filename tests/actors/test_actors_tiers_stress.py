@@ -142,7 +142,7 @@ async def _stress(
 
     # Quiet again: nothing held, nothing leaked, every table agrees with what it describes.
     assert not tiers.refs and not tiers._wanted and not tiers._loading
-    assert tiers.pool.resident() == {s: d for d, s in tiers.gpu.items()}
+    assert tiers.slots.resident() == {s: d for d, s in tiers.gpu.items()}
     for digest, slot in tiers.gpu.items():
         assert torch.equal(pool.read_back(slot), want[digest])
     host = tiers.host

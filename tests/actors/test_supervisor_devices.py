@@ -12,9 +12,9 @@ import pytest
 import trio
 
 from vajra.actors import supervisor as sup_mod
+from vajra.actors.actor_processes import actor_processes
 from vajra.actors.supervisor import (
     Supervisor,
-    actor_processes,
     executor_devices,
     parse_devices,
     run_supervisor,

@@ -1,5 +1,6 @@
-"""Adapter tiers built without an executor: the tiny model's spec, a small CPU LoRA pool, real
-PEFT adapters in a local object store, and the GPU limiter held from outside like an engine step.
+"""Adapter tiers built without an executor: the tiny model's spec, a small CPU LoRA pool (the
+torch engine's AdapterResidency, standing in for an engine), real PEFT adapters in a local
+object store, and the GPU limiter held from outside like an engine step.
 
 ``tiers_mod`` is the module under test; tests patch its names (``pack_adapter``) and build
 through :func:`make_tiers`.
@@ -19,7 +20,7 @@ from vajra.actors import adapter_tiers as tiers_mod
 from vajra.actors.base import wait_until
 from vajra.adapters.format import BaseModelSpec, base_model_spec, validate_adapter
 from vajra.config import VajraConfig
-from vajra.gpu.lora.pool import LoraPool, pack_adapter_dir
+from vajra.gpu.lora import LoraPool, pack_adapter_dir
 from vajra.storage import LocalObjectStore, adapter_object_key, put_adapter_objects
 
 TENANT = "t_kit"

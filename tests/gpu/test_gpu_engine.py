@@ -29,7 +29,8 @@ from vajra.gpu import (
     TorchEngine,
     load_engine,
 )
-from vajra.gpu.engine import _Batch, _Sequence, _TextStream
+from vajra.gpu.kv_batch import Batch, Row
+from vajra.gpu.text_stream import TextStream
 
 PROMPTS = [
     "",
@@ -347,6 +348,7 @@ def test_empty_prompt_is_bos_only_and_bos_is_not_doubled(
 def test_null_engine_finishes_everything_at_once() -> None:
     engine = load_engine("null", max_batch_size=8)
     assert isinstance(engine, NullEngine) and engine.model_name == "null"
+    assert engine.adapters is None  # serves no adapters: the executor builds no tiers
     outs = engine.step([request("a", "héllo"), request("b", "x", max_tokens=1)], ["zzz"])
     assert [o.request_id for o in outs] == ["a", "b"]
     assert all(o.finished and o.completion_tokens == 1 and o.error is None for o in outs)
@@ -373,7 +375,7 @@ def test_text_stream_releases_exactly_the_text_up_to_a_stop(
     # Special tokens written as text ("<s>") encode to their ids and decode to nothing.
     assume(not any(t in body for t in tokenizer.all_special_tokens))
     prompt_ids = tokenizer("Once upon a time").input_ids
-    stream = _TextStream(tokenizer, prompt_ids, tuple(stop))
+    stream = TextStream(tokenizer, prompt_ids, tuple(stop))
     pieces = []
     for token in tokenizer(body, add_special_tokens=False).input_ids:
         stopped = stream.push(token)
@@ -394,7 +396,7 @@ def test_text_stream_of_arbitrary_tokens_matches_one_decode(
     reference: tuple[Any, Any], ids: list[int]
 ) -> None:
     _, tokenizer = reference
-    stream = _TextStream(tokenizer, [tokenizer.bos_token_id], ())
+    stream = TextStream(tokenizer, [tokenizer.bos_token_id], ())
     pieces = []
     for token in ids:
         stream.push(token)
@@ -404,7 +406,7 @@ def test_text_stream_of_arbitrary_tokens_matches_one_decode(
     assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _fake_batch(lengths: list[int], first_id: int) -> tuple[_Batch, dict[int, list[float]]]:
+def _fake_batch(lengths: list[int], first_id: int) -> tuple[Batch, dict[int, list[float]]]:
     """Rows whose cached keys spell out (row id, position); padding is 0."""
     width = max(lengths)
     keys = torch.zeros(len(lengths), 1, width, 1)
@@ -417,10 +419,10 @@ def _fake_batch(lengths: list[int], first_id: int) -> tuple[_Batch, dict[int, li
         keys[row, 0, width - n :, 0] = torch.tensor(expected[rid])
         mask[row, width - n :] = 1
         req = request(str(rid), "")
-        seqs.append(_Sequence(req, [], None, None, num_cached=n))  # type: ignore[arg-type]
+        seqs.append(Row(req, [], None, None, num_cached=n))  # type: ignore[arg-type]
     cache = DynamicCache(ddp_cache_data=[(keys, keys.clone())])
     next_ids = torch.arange(first_id, first_id + len(lengths))
-    return _Batch(seqs, cache, mask, next_ids), expected
+    return Batch(seqs, cache, mask, next_ids), expected
 
 
 @settings(max_examples=100, deadline=None)

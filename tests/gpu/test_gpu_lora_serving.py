@@ -83,10 +83,10 @@ def served(
     tiny_model_dir: Path, adapter_dirs: dict[str, Path], spec: BaseModelSpec
 ) -> tuple[TorchEngine, dict[str, int]]:
     engine = TorchEngine(tiny_model_dir, device="cpu", max_batch_size=8, max_adapters=12)
-    pool = engine.lora_pool
-    assert pool is not None
+    adapters = engine.adapters
+    assert adapters is not None
     slots = {
-        name: pool.load(pack_adapter_dir(path, spec, pool.layout))
+        name: adapters.load(pack_adapter_dir(path, spec, adapters.layout))
         for name, path in adapter_dirs.items()
     }
     return engine, slots
@@ -219,8 +219,8 @@ def test_adapter_trained_by_peft_is_served_unchanged(
     trainee.save_pretrained(tmp_path)
 
     engine = TorchEngine(tiny_model_dir, device="cpu", max_batch_size=4, max_adapters=4)
-    assert engine.lora_pool is not None
-    slot = engine.lora_pool.load(pack_adapter_dir(tmp_path, spec, engine.lora_pool.layout))
+    assert engine.adapters is not None
+    slot = engine.adapters.load(pack_adapter_dir(tmp_path, spec, engine.adapters.layout))
     reference = peft_model(tiny_model_dir, tmp_path)
     prompt = "The river town"
     want = peft_greedy(reference, tokenizer, prompt, 12)
@@ -247,8 +247,9 @@ def test_adapter_trained_by_peft_is_served_unchanged(
 
 def test_unknown_slot_is_refused(served: tuple[TorchEngine, dict[str, int]]) -> None:
     engine, _ = served
-    assert engine.lora_pool is not None
-    free = next(s for s in range(engine.lora_pool.num_slots) if not engine.lora_pool.is_loaded(s))
+    assert engine.adapters is not None
+    loaded = engine.adapters.resident()
+    free = next(s for s in range(engine.adapters.num_slots) if s not in loaded)
     request = GenerationRequest("x", "Hi", SamplingParams(max_tokens=2), free)
     (out,) = engine.step([request], [])
     assert out.finished and out.finish_reason == "error"
@@ -257,6 +258,6 @@ def test_unknown_slot_is_refused(served: tuple[TorchEngine, dict[str, int]]) -> 
 
 def test_engine_without_pool_refuses_adapter_rows(tiny_model_dir: Path) -> None:
     engine = TorchEngine(tiny_model_dir, device="cpu")
-    assert engine.lora_pool is None
+    assert engine.adapters is None
     (out,) = engine.step([GenerationRequest("x", "Hi", SamplingParams(max_tokens=2), 0)], [])
     assert out.finish_reason == "error" and out.error is not None

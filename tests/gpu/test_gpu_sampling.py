@@ -26,6 +26,10 @@ from vajra.gpu.sampling import (
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"stop": ("",)}, "stop"),
+        ({"temperature": 6.0}, "temperature"),  # request_rules.TEMPERATURE_MAX is 5
+        ({"top_p": float("nan")}, "top_p"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**63}, "seed"),
     ],
 )
 def test_invalid_params_name_the_field(kwargs: dict[str, object], field: str) -> None:

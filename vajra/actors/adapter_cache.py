@@ -13,6 +13,8 @@ no lock is needed and no two threads can hand out the same slot or count the sam
 * :class:`DiskCache` — adapter files under ``<root>/<digest>/``, bounded in bytes, LRU. A
   failing disk (a full one, an I/O error) loses the cache, never a request: failures are
   logged, counted in ``stats.errors`` and answered as a miss.
+
+Which entry leaves either cache is :mod:`vajra.policies.eviction`'s choice.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import torch
 import trio
 
 from vajra.adapters.format import InvalidAdapter
-from vajra.gpu.lora.pool import HostAdapter
+from vajra.gpu.lora import HostAdapter
+from vajra.policies.eviction import lru_victim, victims_to_fit
 from vajra.storage.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
 log = logging.getLogger("vajra.executor.tiers")
@@ -120,14 +123,18 @@ class HostSlab:
             if class_rank < rank:
                 continue
             if not self._free[c]:
-                victim = next((e for e in self.entries.values() if e.c == c and not e.busy()), None)
+                of_class = (d for d, e in self.entries.items() if e.c == c)
+                victim = lru_victim(of_class, self._busy)
                 if victim is None:
                     continue
-                self.drop(victim.digest)
+                self.drop(victim)
                 self.stats.evictions += 1
             local = self._free[c].pop()
             return HostEntry(digest, c, local, buf[local])
         return None
+
+    def _busy(self, digest: str) -> bool:
+        return self.entries[digest].busy()
 
     def put(self, entry: HostEntry, host: HostAdapter) -> None:
         """List a reserved slot, now packed, under its digest."""
@@ -236,11 +243,9 @@ class DiskCache:
         size = len(config) + len(weights)
         if size > self.capacity_bytes or digest in self.entries or digest in self._busy:
             return False
-        victims = []
-        while self.used_bytes + size > self.capacity_bytes and self.entries:
-            victim, victim_size = self.entries.popitem(last=False)
-            self.used_bytes -= victim_size
-            victims.append(victim)
+        victims = victims_to_fit(self.entries.items(), self.used_bytes, self.capacity_bytes, size)
+        for victim in victims:
+            self.used_bytes -= self.entries.pop(victim)
             self.stats.evictions += 1
         self.used_bytes += size  # reserved now, so concurrent writes never overshoot
         busy = {digest, *victims}

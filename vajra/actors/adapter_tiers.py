@@ -1,4 +1,4 @@
-"""The executor's adapter tiers: object store → local disk → pinned host memory → GPU pool.
+"""The executor's adapter tiers: object store → local disk → pinned host memory → GPU slots.
 
 Every tier is bounded and evicts least-recently-used, and the GPU tier never evicts an adapter
 that a running request holds (a reference count per adapter, taken at admission and released
@@ -11,14 +11,15 @@ is refused as corrupt.
   bytes (``adapters.disk_cache_bytes``), LRU; found again after a restart.
 * host: one buffer allocated once at start (pinned when CUDA is present: pinning is slow), cut
   into fixed slots per rank class, so caching never fragments it (``adapters.host_cache_bytes``).
-* GPU: the engine's :class:`~vajra.gpu.lora.LoraPool` (``adapters.max_vram_adapters`` slots);
-  past ``adapters.lru_eviction_threshold`` of its slots in use, idle adapters are evicted down
-  to the threshold.
+* GPU: the engine's adapter slots, driven only through
+  :class:`~vajra.gpu.interface.AdapterResidency` (``adapters.max_vram_adapters`` slots); past
+  ``adapters.lru_eviction_threshold`` of its slots in use, idle adapters are evicted down to
+  the threshold. Which adapter leaves a tier is :mod:`vajra.policies.eviction`'s choice.
 
 Concurrency. The executor's Trio thread owns every tier's tables, the host slab's and the disk
 cache's included (:mod:`vajra.actors.adapter_cache`); worker threads only do pure work: file
 reads and writes on paths chosen here, hashing, validation, packing into a host slot reserved
-here, and the copy into the GPU pool, under the GPU limiter that the engine holds for a whole
+here, and the copy into a GPU slot, under the GPU limiter that the engine holds for a whole
 step.
 
 * One task per digest loads it (single flight); later callers wait for that load and share
@@ -58,7 +59,9 @@ from vajra.actors.adapter_cache import LOAD_MS_BUCKETS, DiskCache, HostEntry, Ho
 from vajra.adapters.format import AdapterManifest, BaseModelSpec, InvalidAdapter, validate_adapter
 from vajra.config import VajraConfig
 from vajra.errors import InternalError, OverloadedError, UnavailableError, VajraError
-from vajra.gpu.lora.pool import HostAdapter, LoraPool, pack_adapter, read_adapter_tensors
+from vajra.gpu.interface import AdapterResidency
+from vajra.gpu.lora import HostAdapter, pack_adapter, read_adapter_tensors
+from vajra.policies.eviction import slot_victim, threshold_victims
 from vajra.storage import ObjectStore
 from vajra.storage.adapters import aget_adapter_objects
 
@@ -100,7 +103,7 @@ class AdapterTiers:
     def __init__(
         self,
         cfg: VajraConfig,
-        pool: LoraPool,
+        slots: AdapterResidency,
         base: BaseModelSpec,
         store: ObjectStore,
         *,
@@ -109,7 +112,7 @@ class AdapterTiers:
     ) -> None:
         a = cfg.adapters
         self.cfg = cfg
-        self.pool = pool
+        self.slots = slots
         self.base = base
         self.store = store
         self._gpu_limiter = gpu_limiter
@@ -124,10 +127,10 @@ class AdapterTiers:
         )
         self.disk = DiskCache(cache_dir, a.disk_cache_bytes, io=self._io, stats=self.stats["disk"])
         self.host = HostSlab(
-            pool.rank_classes,
-            pool.layout.unit_numel,
+            slots.rank_classes,
+            slots.layout.unit_numel,
             a.host_cache_bytes,
-            pool.dtype,
+            slots.dtype,
             stats=self.stats["host"],
         )
         self.gpu: OrderedDict[str, int] = OrderedDict()  # digest -> slot, least recent first
@@ -143,7 +146,7 @@ class AdapterTiers:
     # --- the request path -----------------------------------------------------------------
 
     async def acquire(self, digest: str, object_key: str) -> int:
-        """Make ``digest`` resident on the GPU and hold it there; returns its pool slot.
+        """Make ``digest`` resident on the GPU and hold it there; returns its slot.
 
         Every :meth:`acquire` must be matched by one :meth:`release`. Raises only VajraErrors:
         NotFoundError, UnavailableError, InvalidAdapter for corrupt files, OverloadedError
@@ -217,7 +220,7 @@ class AdapterTiers:
         """Drop an adapter from ``tier`` and every tier above it (a held GPU copy stays)."""
         if tier not in ("gpu", "host", "disk"):
             raise InvalidAdapter(f"cannot demote from tier {tier!r}")
-        if digest in self.gpu and self._idle(digest):
+        if digest in self.gpu and not self._in_use(digest):
             self._evict_gpu(digest)
         if tier in ("host", "disk"):
             self.host.drop(digest)
@@ -297,7 +300,7 @@ class AdapterTiers:
             host = await trio.to_thread.run_sync(
                 self._pack, manifest, tensors, None, limiter=self._io
             )
-            await self._to_gpu(digest, host)  # the pool keeps `host` alive for a CUDA copy
+            await self._to_gpu(digest, host)  # kept alive by the slots until copied
         finally:
             self._staging.release()
 
@@ -338,15 +341,15 @@ class AdapterTiers:
     ) -> HostAdapter:
         """(worker thread) Pack into ``out``, a host slot reserved by the owner, or a new
         unpinned buffer."""
-        layout, dtype = self.pool.layout, self.pool.dtype
+        layout, dtype = self.slots.layout, self.slots.dtype
         return pack_adapter(manifest, tensors, layout, dtype=dtype, pin=False, out=out)
 
     async def _to_gpu(self, digest: str, host: HostAdapter) -> Any:
-        """Copy ``host`` into a free pool slot (evicting an idle adapter if needed) and list it
+        """Copy ``host`` into a free slot (evicting an idle adapter if needed) and list it
         as resident; returns the copy's CUDA event (None on the CPU)."""
         t0 = time.perf_counter()
         async with self._gpu_limiter:
-            while not self.pool.can_load(host.rank):
+            while not self.slots.can_load(host.rank):
                 if not self._evict_lru(host.rank):
                     raise OverloadedError(
                         "every adapter slot on this executor is in use by running requests; retry"
@@ -358,24 +361,18 @@ class AdapterTiers:
         return event
 
     def _copy_in(self, host: HostAdapter) -> tuple[int, Any]:
-        """(worker thread, GPU limiter held) Load into the pool; the slot and its copy event."""
-        slot = self.pool.load(host)
-        return slot, self.pool.copy_event(slot)
+        """(worker thread, GPU limiter held) Load into a slot; the slot and its copy event."""
+        slot = self.slots.load(host)
+        return slot, self.slots.copy_event(slot)
 
-    def _idle(self, digest: str) -> bool:
-        """Neither held by a request nor wanted by an acquire in progress."""
-        return not self.refs.get(digest) and not self._wanted.get(digest)
+    def _in_use(self, digest: str) -> bool:
+        """Held by a request or wanted by an acquire in progress."""
+        return bool(self.refs.get(digest) or self._wanted.get(digest))
 
-    def _evict_lru(self, rank: int = 0) -> bool:
+    def _evict_lru(self, rank: int) -> bool:
         """Evict the least-recently-used idle adapter whose slot fits ``rank``."""
-        victim = next(
-            (
-                d
-                for d, slot in self.gpu.items()
-                if self._idle(d) and self.pool.slot_rank(slot) >= rank
-            ),
-            None,
-        )
+        fitting = ((d, self.slots.slot_rank(slot)) for d, slot in self.gpu.items())
+        victim = slot_victim(fitting, self._in_use, rank)
         if victim is None:
             return False
         self._evict_gpu(victim)
@@ -383,13 +380,13 @@ class AdapterTiers:
 
     def _evict_gpu(self, digest: str) -> None:
         slot = self.gpu.pop(digest)
-        self.pool.free(slot)
+        self.slots.free(slot)
         self.stats["gpu"].evictions += 1
 
     def _trim_to_threshold(self) -> None:
-        limit = int(self.pool.num_slots * self.cfg.adapters.lru_eviction_threshold)
-        while len(self.gpu) > max(1, limit) and self._evict_lru():
-            pass
+        threshold = self.cfg.adapters.lru_eviction_threshold
+        for victim in threshold_victims(self.gpu, self._in_use, self.slots.num_slots, threshold):
+            self._evict_gpu(victim)
 
 
 def _typed(exc: Exception, digest: str) -> VajraError:

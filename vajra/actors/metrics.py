@@ -61,7 +61,7 @@ class ExecutorCollector(Collector):
             "vajra_executor_running", "Rows in the running batch", labels=["executor"]
         )
         if ex.engine is not None:
-            depth.add_metric([eid], ex._queue_depth())
+            depth.add_metric([eid], ex.queue_depth())
             running.add_metric([eid], ex.engine.num_running())
         yield depth
         yield running

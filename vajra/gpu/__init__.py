@@ -1,20 +1,17 @@
 """Model execution: the continuous-batching engine, sampling, and a tiny test model.
 
-Data flows left to right: GenerationRequest -> Engine.step() -> StepOutput.
+Data flows left to right: GenerationRequest -> Engine.step() -> StepOutput. The executor sees an
+engine only through :mod:`vajra.gpu.interface` (the step, and the adapter slots).
 """
 
-from vajra.gpu.engine import (
-    Engine,
-    GenerationRequest,
-    NullEngine,
-    StepOutput,
-    TorchEngine,
-    load_engine,
-)
+from vajra.gpu.engine import TorchEngine, load_engine
+from vajra.gpu.interface import AdapterResidency, Engine, GenerationRequest, StepOutput
+from vajra.gpu.null_engine import NullEngine
 from vajra.gpu.sampling import SamplingParams, sample_next_tokens
 from vajra.gpu.tiny import init_tiny_model
 
 __all__ = [
+    "AdapterResidency",
     "Engine",
     "GenerationRequest",
     "NullEngine",

@@ -1,6 +1,9 @@
-"""The continuous-batching generation engine.
+"""The torch engine: continuous batching over a Hugging Face causal LM, with multi-LoRA rows.
 
-One worker thread calls :meth:`Engine.step` over and over (never concurrently). Each step:
+It implements :class:`~vajra.gpu.interface.Engine`, and its LoRA pool is its
+:class:`~vajra.gpu.interface.AdapterResidency` (``engine.adapters``).
+
+One worker thread calls :meth:`TorchEngine.step` over and over (never concurrently). Each step:
 
 1. tokenizes and queues the admitted requests (a prompt that cannot run gets a finished
    output with an ``InvalidRequest`` at once);
@@ -17,10 +20,7 @@ decode passes. Nothing raises out of ``step()``: a failed forward finishes the r
 with ``finish_reason="error"`` and an ``InternalError``; a row whose logits cannot be sampled
 (NaN or infinity, e.g. from an adapter with corrupt weights) ends alone the same way.
 
-KV cache layout (:class:`_Batch`): a ``transformers.DynamicCache`` whose rows are right-aligned;
-row ``i`` holds its real tokens in its last ``num_cached`` columns, everything before is
-padding. Rows leaving are index-selected away and columns that became padding in every row are
-trimmed; rows joining are left-padded to a common width and concatenated.
+The running rows and their KV cache are a :class:`~vajra.gpu.kv_batch.Batch`.
 """
 
 from __future__ import annotations
@@ -29,192 +29,25 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from vajra.errors import InternalError, InvalidRequest, VajraError
+from vajra.gpu.interface import AdapterResidency, Engine, GenerationRequest, StepOutput
+from vajra.gpu.kv_batch import Batch, Row
 from vajra.gpu.lora import LoraBatchState, LoraPool, inject_lora
 from vajra.gpu.model import load_model
-from vajra.gpu.sampling import BAD_ROW, SamplingParams, make_generator, sample_next_tokens
+from vajra.gpu.null_engine import NullEngine
+from vajra.gpu.sampling import BAD_ROW, make_generator, sample_next_tokens
+from vajra.gpu.text_stream import TextStream
 
 _COMPUTE_STREAMS = 4  # CUDA streams the batches rotate through
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    request_id: str
-    prompt: str
-    params: SamplingParams
-    adapter_slot: int | None = None  # a slot of the engine's lora_pool; None: base model only
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    request_id: str
-    text_delta: str  # new text since the last output for this request (may be "")
-    token_ids: tuple[int, ...]  # new token ids since the last output
-    finished: bool
-    finish_reason: str | None  # "stop" (stop string or EOS), "length", "error", "abort"
-    prompt_tokens: int
-    completion_tokens: int
-    compute_ms: float  # this request's share of model time so far
-    error: VajraError | None = None
-
-
-class Engine(Protocol):
-    model_name: str
-    device: str
-    max_batch_size: int
-    #: True when ``step`` runs the model and so must run off the event loop, in a worker thread.
-    blocking: bool
-
-    def step(self, admit: Sequence[GenerationRequest], abort: Sequence[str]) -> list[StepOutput]:
-        """Admit, abort, run one decode pass; an output for every request that moved or ended
-        (an aborted request it held: one finished output with ``finish_reason="abort"``)."""
-        ...
-
-    def num_running(self) -> int: ...
-
-    def num_waiting(self) -> int: ...
-
-    def has_work(self) -> bool: ...
-
-
-class _TextStream:
-    """Incremental detokenization and stop strings for one request.
-
-    Text is released only once it is final: never half a UTF-8 character (a trailing U+FFFD
-    waits for the next token) and never the start of a possible stop string (the last
-    ``len(longest stop) - 1`` characters wait until the request finishes). A few prompt tokens
-    are decoded along with the completion so that tokenizers which drop a word's leading space
-    at the start of a decode still produce the right spacing.
-    """
-
-    _PROMPT_CONTEXT = 5
-
-    def __init__(self, tokenizer: Any, prompt_ids: list[int], stop: tuple[str, ...]) -> None:
-        self._tokenizer = tokenizer
-        self._ids = prompt_ids[-self._PROMPT_CONTEXT :]
-        self._prefix_offset = 0  # decode window start
-        self._read_offset = len(self._ids)  # ids before this are already in `text`
-        self._stop = stop
-        self._hold = max((len(s) for s in stop), default=1) - 1
-        self.text = ""  # the completion text so far, cut before a stop string once one is found
-        self._released = 0
-        self.stopped = False
-
-    def push(self, token_id: int) -> bool:
-        """Add one generated token; return True once a stop string has appeared."""
-        self._ids.append(token_id)
-        self._decode_new(final=False)
-        return self.stopped
-
-    def flush(self) -> bool:
-        """Finish: add a held-back partial character too; return True if a stop string appeared."""
-        self._decode_new(final=True)
-        return self.stopped
-
-    def release(self, finished: bool) -> str:
-        """The text that became final since the last call (all of it once ``finished``)."""
-        end = len(self.text) if finished else max(self._released, len(self.text) - self._hold)
-        piece = self.text[self._released : end]
-        self._released = end
-        return piece
-
-    def _decode_new(self, *, final: bool) -> None:
-        if self.stopped:
-            return
-        before = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        after = self._decode(self._ids[self._prefix_offset :])
-        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
-            return
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        search_from = max(0, len(self.text) - self._hold)
-        self.text += after[len(before) :]
-        hits = [i for s in self._stop if (i := self.text.find(s, search_from)) >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.stopped = True
-
-    def _decode(self, ids: list[int]) -> str:
-        text: str = self._tokenizer.decode(
-            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
-        return text
-
-
-@dataclass(eq=False)
-class _Sequence:
-    request: GenerationRequest
-    prompt_ids: list[int]
-    text: _TextStream
-    generator: torch.Generator | None
-    num_cached: int = 0  # this row's tokens in the KV cache
-    completion_tokens: int = 0
-    compute_ms: float = 0.0
-
-
-@dataclass(eq=False)
-class _Batch:
-    """Rows that decode together; see the module docstring for the cache layout."""
-
-    seqs: list[_Sequence]
-    cache: DynamicCache
-    mask: torch.Tensor  # [rows, columns] int64: 1 where the cache holds a real token
-    next_ids: torch.Tensor  # [rows] int64: each row's latest token, sampled but not yet cached
-
-    def select(self, rows: list[int]) -> None:
-        """Keep only ``rows`` and trim the leading columns that are padding in all of them."""
-        start = self.mask.shape[1] - max(self.seqs[i].num_cached for i in rows)
-        index = torch.tensor(rows, device=self.mask.device)
-        for layer in _full_layers(self.cache):
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
-        self.mask = self.mask[index, start:]
-        self.next_ids = self.next_ids[index]
-        self.seqs = [self.seqs[i] for i in rows]
-
-    def extend(self, other: _Batch) -> None:
-        """Append ``other``'s rows, left-padding both caches to a common width."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        for mine, theirs in zip(_full_layers(self.cache), _full_layers(other.cache), strict=True):
-            mine.keys = torch.cat(
-                [_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)]
-            )
-            mine.values = torch.cat(
-                [_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)]
-            )
-        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
-        self.next_ids = torch.cat([self.next_ids, other.next_ids])
-        self.seqs += other.seqs
-
-
-def _full_layers(cache: DynamicCache) -> list[Any]:
-    """The cache's layers, each a plain ``DynamicLayer`` with ``keys``/``values`` tensors of
-    shape [rows, kv_heads, columns, head_dim]; other layer kinds (sliding window, linear
-    attention) cannot be re-padded like this."""
-    layers = list(cache.layers)
-    for layer in layers:
-        if type(layer) is not DynamicLayer:
-            raise TypeError(f"unsupported KV cache layer {type(layer).__name__}")
-    return layers
-
-
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """Zero-pad ``t`` on the left of ``dim`` up to ``width``."""
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    return F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [missing, 0])
 
 
 class TorchEngine:
@@ -261,11 +94,12 @@ class TorchEngine:
         self._eos = loaded.eos_token_ids
         pad = self.tokenizer.pad_token_id
         self._pad_id: int = pad if pad is not None else 0
-        self._waiting: dict[str, _Sequence] = {}  # admission order
-        self._batch: _Batch | None = None
+        self._waiting: dict[str, Row] = {}  # admission order
+        self._batch: Batch | None = None
         if lora_pool is None and max_adapters > 0:
             lora_pool = LoraPool.for_model(self._model, max_vram_adapters=max_adapters)
-        self.lora_pool = lora_pool
+        self._lora_pool = lora_pool
+        self.adapters: AdapterResidency | None = lora_pool
         self.lora_state: LoraBatchState | None = None
         if lora_pool is not None:
             self.lora_state = LoraBatchState(lora_pool, max_rows=max_batch_size)
@@ -348,7 +182,7 @@ class TorchEngine:
         self._next_stream = (self._next_stream + 1) % len(self._streams)
         return torch.cuda.stream(stream)
 
-    def _decode(self, batch: _Batch) -> list[StepOutput]:
+    def _decode(self, batch: Batch) -> list[StepOutput]:
         try:
             ones = batch.mask.new_ones((batch.mask.shape[0], 1))
             mask = torch.cat([batch.mask, ones], dim=1)
@@ -387,7 +221,7 @@ class TorchEngine:
         for seq in seqs:
             seq.num_cached = len(seq.prompt_ids)
             seq.compute_ms += ms * seq.num_cached / total
-        joined = _Batch(seqs, cache, mask, next_ids=ids[:, -1])  # next_ids: set by _advance
+        joined = Batch(seqs, cache, mask, next_ids=ids[:, -1])  # next_ids: set by _advance
         outputs, remaining = self._advance(joined, logits)
         if remaining is not None:
             if self._batch is None:
@@ -396,9 +230,7 @@ class TorchEngine:
                 self._batch.extend(remaining)
         return outputs
 
-    def _advance(
-        self, batch: _Batch, logits: torch.Tensor
-    ) -> tuple[list[StepOutput], _Batch | None]:
+    def _advance(self, batch: Batch, logits: torch.Tensor) -> tuple[list[StepOutput], Batch | None]:
         """Sample each row's next token, report it, and drop the rows that finished."""
         params = [seq.request.params for seq in batch.seqs]
         generators = [seq.generator for seq in batch.seqs]
@@ -414,7 +246,7 @@ class TorchEngine:
             batch.select(live)
         return outputs, batch
 
-    def _emit(self, seq: _Sequence, token: int) -> StepOutput:
+    def _emit(self, seq: Row, token: int) -> StepOutput:
         if token == BAD_ROW:
             log.error("request %s: logits cannot be sampled", seq.request.request_id)
             return _ended(
@@ -455,7 +287,7 @@ class TorchEngine:
                 rid, InvalidRequest("request_id is already running", field="request_id")
             )
         slot = request.adapter_slot
-        if slot is not None and (self.lora_pool is None or not self.lora_pool.is_loaded(slot)):
+        if slot is not None and (self._lora_pool is None or not self._lora_pool.is_loaded(slot)):
             message = f"adapter slot {slot} holds no adapter on this engine"
             return _refusal(rid, InvalidRequest(message, field="adapter"))
         ids = self._encode(request.prompt)
@@ -464,9 +296,9 @@ class TorchEngine:
         if len(ids) > self.max_model_len - 1:
             message = f"prompt is {len(ids)} tokens; at most {self.max_model_len - 1} fit"
             return _refusal(rid, InvalidRequest(message, field="prompt"), prompt_tokens=len(ids))
-        stream = _TextStream(self.tokenizer, ids, request.params.stop)
+        stream = TextStream(self.tokenizer, ids, request.params.stop)
         generator = make_generator(request.params, self._device)
-        self._waiting[rid] = _Sequence(request, ids, stream, generator)
+        self._waiting[rid] = Row(request, ids, stream, generator)
         return None
 
     def _encode(self, prompt: str) -> list[int]:
@@ -515,7 +347,7 @@ def _refusal(request_id: str, error: VajraError, *, prompt_tokens: int = 0) -> S
     )
 
 
-def _ended(seq: _Sequence, reason: str, error: VajraError | None = None) -> StepOutput:
+def _ended(seq: Row, reason: str, error: VajraError | None = None) -> StepOutput:
     """The final output of a request that ends without a new token (an abort or an error),
     with what it computed so far."""
     return StepOutput(
@@ -531,58 +363,8 @@ def _ended(seq: _Sequence, reason: str, error: VajraError | None = None) -> Step
     )
 
 
-def _error_output(seq: _Sequence, exc: Exception) -> StepOutput:
+def _error_output(seq: Row, exc: Exception) -> StepOutput:
     return _ended(seq, "error", InternalError(f"model step failed: {type(exc).__name__}: {exc}"))
-
-
-class NullEngine:
-    """No model and no compute: every admitted request finishes at once with a one-token reply.
-
-    Used to benchmark the bus. Prompts count one token per UTF-8 byte; the reply is
-    :attr:`REPLY_TEXT` (token id :attr:`REPLY_TOKEN_ID`), finished for ``"length"`` when
-    ``max_tokens == 1`` and for ``"stop"`` otherwise. Aborts are no-ops: nothing is ever running.
-    """
-
-    REPLY_TEXT = "."
-    REPLY_TOKEN_ID = 0
-
-    def __init__(
-        self,
-        *,
-        device: str | None = None,
-        dtype: str = "auto",
-        max_batch_size: int = 32,
-        max_model_len: int = 2048,
-    ) -> None:
-        self.model_name = "null"
-        self.device = "cpu"
-        self.blocking = False  # no compute: stepping inline is cheaper than a thread hop
-        self.max_batch_size = max_batch_size
-        self.max_model_len = max_model_len
-
-    def step(self, admit: Sequence[GenerationRequest], abort: Sequence[str]) -> list[StepOutput]:
-        return [
-            StepOutput(
-                request_id=request.request_id,
-                text_delta=self.REPLY_TEXT,
-                token_ids=(self.REPLY_TOKEN_ID,),
-                finished=True,
-                finish_reason="length" if request.params.max_tokens == 1 else "stop",
-                prompt_tokens=len(request.prompt.encode()),
-                completion_tokens=1,
-                compute_ms=0.0,
-            )
-            for request in admit
-        ]
-
-    def num_running(self) -> int:
-        return 0
-
-    def num_waiting(self) -> int:
-        return 0
-
-    def has_work(self) -> bool:
-        return False
 
 
 def load_engine(

@@ -17,18 +17,18 @@ engine ends that row alone with an error.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from vajra.errors import InvalidRequest
+from vajra.policies.request_rules import check_sampling
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request is decoded. Raises :class:`InvalidRequest` naming the bad field."""
+    """How one request is decoded. Raises :class:`~vajra.errors.InvalidRequest` naming the bad
+    field: :func:`~vajra.policies.request_rules.check_sampling` with no configured bounds."""
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -37,14 +37,13 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise InvalidRequest("max_tokens must be at least 1", field="max_tokens")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
-            raise InvalidRequest("temperature must be a finite number >= 0", field="temperature")
-        if not (0.0 < self.top_p <= 1.0):
-            raise InvalidRequest("top_p must be in (0, 1]", field="top_p")
-        if any(not s for s in self.stop):
-            raise InvalidRequest("stop strings must not be empty", field="stop")
+        check_sampling(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=self.stop,
+            seed=self.seed,
+        )
 
     @property
     def greedy(self) -> bool:

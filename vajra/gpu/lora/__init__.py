@@ -7,17 +7,15 @@ once per forward) -> MultiLoraLinear (every targeted layer adds its row's adapte
 
 from vajra.gpu.lora.inject import inject_lora, remove_lora
 from vajra.gpu.lora.layer import LoraBatchState, MultiLoraLinear, lora_gather, lora_segment
-from vajra.gpu.lora.pool import (
-    DEFAULT_RANK_CLASSES,
+from vajra.gpu.lora.packing import (
     LLAMA_TARGET_MODULES,
     HostAdapter,
     LoraLayout,
-    LoraPool,
-    PoolFull,
     pack_adapter,
     pack_adapter_dir,
     read_adapter_tensors,
 )
+from vajra.gpu.lora.pool import DEFAULT_RANK_CLASSES, LoraPool, PoolFull
 
 __all__ = [
     "DEFAULT_RANK_CLASSES",

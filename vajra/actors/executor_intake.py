@@ -1,0 +1,213 @@
+"""The executor's work intake: what arrives from the scheduler, and what becomes of it.
+
+Data flows left to right::
+
+    scheduler ─InferWork─▶ intake ─(adapter acquired through the tiers)─▶ step loop
+              ─CancelWork / GatewayHello─▶ intake ─cancel─▶ step loop
+              ─AdapterTierCommand─▶ intake ─promote / demote─▶ tiers
+
+A request is refused at once (a typed error) while the executor drains, when its queue is full
+(``executor.max_queue``: retriable "overloaded") or when it names an adapter that this executor
+cannot serve. A request for an adapter waits in its own task while the tiers make the adapter
+resident and hold its slot; every failure of that load (its deadline passing included)
+becomes that request's typed error.
+
+Ending early: a request cancelled by its caller (``CancelWork``) or sent by an earlier
+incarnation of its gateway (``GatewayHello``: nobody can receive its tokens any more) is
+dropped wherever it is — waiting for its adapter, queued or running — and answers nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import trio
+
+from vajra.actors.adapter_tiers import AdapterTiers
+from vajra.actors.base import now_ms
+from vajra.actors.executor_steps import StepLoop
+from vajra.bus.codec import DecodeError, decode_many
+from vajra.bus.messages import AdapterTierCommand, CancelWork, GatewayHello, InferWork
+from vajra.bus.zsocket import ZSocket
+from vajra.config import VajraConfig
+from vajra.errors import (
+    InternalError,
+    InvalidRequest,
+    OverloadedError,
+    TimeoutError,
+    UnavailableError,
+    VajraError,
+)
+
+log = logging.getLogger("vajra.executor")
+
+
+class Intake:
+    """Takes work off the scheduler's socket and hands it to the step loop (see module doc)."""
+
+    def __init__(
+        self,
+        cfg: VajraConfig,
+        steps: StepLoop,
+        tiers: AdapterTiers | None,
+        counters: Counter[str],
+    ) -> None:
+        self.cfg = cfg
+        self.steps = steps
+        self.tiers = tiers
+        self.counters = counters
+        #: Refuse new work (retriable): the executor is shutting down.
+        self.draining = False
+        self.adapter_waits = 0  # requests waiting for their adapter to load
+        self._waiting_ids: set[str] = set()  # ... by request id
+        self._cancelled_waits: set[str] = set()  # ... of those, the ones cancelled meanwhile
+        self._gateways: dict[str, str] = {}  # gateway id -> its latest incarnation
+
+    def queue_depth(self) -> int:
+        """Requests accepted and not yet running."""
+        return self.steps.queue_depth() + self.adapter_waits
+
+    def is_idle(self) -> bool:
+        """Nothing held: no request waiting for an adapter, queued or running."""
+        return self.steps.is_empty() and not self.adapter_waits
+
+    async def run(self, work_in: ZSocket) -> None:
+        """Receive and dispatch work until cancelled; adapter loads and tier commands run as
+        tasks of this loop's own nursery."""
+        batch_size = self.cfg.bus.recv_batch
+        async with trio.open_nursery() as nursery:
+            while True:
+                for frames in await work_in.recv_batch(batch_size):
+                    self._dispatch(frames, nursery)
+                await self.steps.replies.flush()
+
+    def _dispatch(self, frames: list[bytes], nursery: trio.Nursery) -> None:
+        for env, _ in decode_many(frames, max_body_bytes=self.cfg.bus.max_body_bytes):
+            if isinstance(env, DecodeError):
+                self.counters["malformed_frames"] += 1
+                log.warning("dropped a malformed work frame: %s", env)
+                continue
+            message = env.message
+            if isinstance(message, InferWork):
+                if self._accept(message):
+                    nursery.start_soon(self._accept_with_adapter, message)
+            elif isinstance(message, CancelWork):
+                for rid in message.request_ids:
+                    self._cancel(rid)
+            elif isinstance(message, GatewayHello):
+                self._on_gateway_hello(message)
+            elif isinstance(message, AdapterTierCommand):
+                nursery.start_soon(self._on_tier_command, message)
+            else:
+                self.counters["unexpected_kind"] += 1
+
+    def _accept(self, work: InferWork) -> bool:
+        """Queue ``work`` or answer it; True when its adapter must be loaded first."""
+        steps = self.steps
+        if self._orphaned(work):
+            self.counters["orphaned_dropped"] += 1
+            steps.mark_finished(work.request_id)
+            return False
+        if self.draining:
+            error: VajraError = UnavailableError("the executor is shutting down; retry")
+            steps.answer_error(work.request_id, error)
+            return False
+        if self.queue_depth() >= self.cfg.executor.max_queue:
+            self.counters["overloaded"] += 1
+            error = OverloadedError("executor queue is full; retry later")
+            steps.answer_error(work.request_id, error)
+            return False
+        self.counters["accepted"] += 1
+        if work.adapter_digest is None:
+            steps.queue(work)
+            return False
+        if self.tiers is None:
+            error = InvalidRequest(
+                "this executor serves no adapters (no LoRA pool)", field="adapter"
+            )
+            steps.answer_error(work.request_id, error)
+            return False
+        self.adapter_waits += 1
+        self._waiting_ids.add(work.request_id)
+        return True
+
+    def _orphaned(self, work: InferWork) -> bool:
+        """Sent by an earlier incarnation of its gateway: its answers can reach nobody."""
+        latest = self._gateways.get(work.gateway_id)
+        return latest is not None and work.gateway_incarnation != latest
+
+    def _on_gateway_hello(self, hello: GatewayHello) -> None:
+        if self._gateways.get(hello.gateway_id) == hello.incarnation:
+            return
+        self._gateways[hello.gateway_id] = hello.incarnation
+        for work in self.steps.works():
+            if self._orphaned(work):
+                self.counters["orphaned_cancelled"] += 1
+                self._cancel(work.request_id)
+        # Requests still waiting for their adapter are checked when the load ends.
+
+    def _cancel(self, request_id: str) -> None:
+        """Drop a request, wherever it is; it sends nothing more (see the module docstring)."""
+        if self.steps.cancel(request_id):
+            return
+        if request_id in self._waiting_ids:
+            self._cancelled_waits.add(request_id)
+            return
+        self.counters["cancel_unknown"] += 1
+
+    async def _accept_with_adapter(self, work: InferWork) -> None:
+        """Load the request's adapter through the tiers, hold its slot, then queue the request."""
+        assert self.tiers is not None and work.adapter_digest is not None
+        try:
+            remaining_s = (work.deadline_unix_ms - now_ms()) / 1000.0
+            with trio.fail_after(max(0.001, remaining_s)):
+                slot = await self.tiers.acquire(work.adapter_digest, work.adapter_object_key or "")
+        except trio.TooSlowError:
+            failed: VajraError | None = TimeoutError("deadline passed while loading its adapter")
+        except VajraError as exc:
+            failed = exc
+        except Exception as exc:  # never let one request's adapter take the executor down
+            log.exception("loading adapter %s failed", work.adapter_digest[:12])
+            failed = InternalError(f"the adapter could not be loaded: {type(exc).__name__}")
+        else:
+            failed = None
+        finally:
+            self.adapter_waits -= 1
+            self._waiting_ids.discard(work.request_id)
+        cancelled = work.request_id in self._cancelled_waits or self._orphaned(work)
+        self._cancelled_waits.discard(work.request_id)
+        if cancelled:
+            if failed is None:
+                self.tiers.release(work.adapter_digest)
+            self.steps.mark_finished(work.request_id)
+            self.counters["cancelled_loading"] += 1
+            return
+        if failed is not None:
+            self.steps.answer_error(work.request_id, failed)
+            await self.steps.replies.flush()
+            return
+        self.steps.queue(work, slot)
+
+    async def _on_tier_command(self, cmd: AdapterTierCommand) -> None:
+        """Promote or demote an adapter; failures are counted and logged, never fatal."""
+        if self.tiers is None:
+            self.counters["tier_commands_ignored"] += 1
+            return
+        try:
+            if cmd.action == "promote":
+                with trio.fail_after(self.cfg.bus.rpc_timeout_s * 6):
+                    await self.tiers.promote(cmd.adapter_digest, cmd.adapter_object_key, cmd.tier)
+            elif cmd.action == "demote":
+                self.tiers.demote(cmd.adapter_digest, cmd.tier)
+            else:
+                raise InvalidRequest(f"unknown tier action {cmd.action!r}", field="action")
+        except (VajraError, trio.TooSlowError) as exc:
+            self.counters["tier_commands_failed"] += 1
+            log.warning("tier command %s %s failed: %s", cmd.action, cmd.adapter_digest[:12], exc)
+            return
+        except Exception:  # a bug in the tiers must not take the executor down
+            self.counters["tier_commands_failed"] += 1
+            log.exception("tier command %s %s failed", cmd.action, cmd.adapter_digest[:12])
+            return
+        self.counters[f"tier_{cmd.action}"] += 1

@@ -1,0 +1,111 @@
+"""What the executor sees of an engine: the step interface and the adapter-residency interface.
+
+Data flows left to right: GenerationRequest -> :meth:`Engine.step` -> StepOutput. Any engine
+the executor runs implements :class:`Engine` (the torch engine, the null engine, and the
+paged-KV engine that will replace the torch one); an engine that serves LoRA adapters also
+offers :class:`AdapterResidency` as ``engine.adapters``, which the executor's adapter tiers
+(:mod:`vajra.actors.adapter_tiers`) drive. Neither the executor nor the tiers look past these
+two interfaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from vajra.errors import VajraError
+from vajra.gpu.lora.packing import HostAdapter, LoraLayout
+from vajra.gpu.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt: str
+    params: SamplingParams
+    adapter_slot: int | None = None  # a slot of the engine's ``adapters``; None: base model only
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    request_id: str
+    text_delta: str  # new text since the last output for this request (may be "")
+    token_ids: tuple[int, ...]  # new token ids since the last output
+    finished: bool
+    finish_reason: str | None  # "stop" (stop string or EOS), "length", "error", "abort"
+    prompt_tokens: int
+    completion_tokens: int
+    compute_ms: float  # this request's share of model time so far
+    error: VajraError | None = None
+
+
+class AdapterResidency(Protocol):
+    """The engine's adapter slots in device memory; the adapter tiers decide what sits in them.
+
+    Semantics: slots are ints ``0 .. num_slots - 1``, each of a fixed rank class
+    (:meth:`slot_rank`, one of :attr:`rank_classes`); an adapter packed by
+    :func:`~vajra.gpu.lora.pack_adapter` for :attr:`layout` in :attr:`dtype`, of rank ``r``,
+    fits any free slot of rank ``>= r`` and computes exactly as PEFT would in it.
+
+    * :meth:`load` copies a packed adapter into a free slot that fits and returns the slot;
+      with none free it raises :class:`~vajra.errors.OverloadedError` (ask :meth:`can_load`
+      first). The copy may be asynchronous (a CUDA copy stream): :meth:`copy_event`, asked
+      right after, is the event that completes once the adapter's host buffer is no longer
+      read (None: the copy is done); the implementation keeps the buffer alive until then, and
+      batches that read the slot wait for the copy themselves.
+    * :meth:`free` gives a slot back; the caller guarantees that no batch admitted after it
+      reads the slot. Batches already running finish on what they read.
+    * :meth:`resident` is every loaded slot and the digest of the adapter in it.
+
+    Threads: :meth:`load` and :meth:`copy_event` run in a worker thread while the caller holds
+    the GPU limiter (so no engine step runs meanwhile); the rest is cheap bookkeeping on the
+    caller's own thread. The implementation never chooses what to evict.
+    """
+
+    @property
+    def layout(self) -> LoraLayout: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def rank_classes(self) -> tuple[int, ...]: ...
+
+    @property
+    def num_slots(self) -> int: ...
+
+    def slot_rank(self, slot: int) -> int: ...
+
+    def can_load(self, rank: int) -> bool: ...
+
+    def load(self, adapter: HostAdapter) -> int: ...
+
+    def copy_event(self, slot: int) -> Any: ...
+
+    def free(self, slot: int) -> None: ...
+
+    def resident(self) -> dict[int, str]: ...
+
+
+class Engine(Protocol):
+    model_name: str
+    device: str
+    max_batch_size: int
+    #: True when ``step`` runs the model and so must run off the event loop, in a worker thread.
+    blocking: bool
+    #: The adapter slots; None when the engine serves the base model only.
+    adapters: AdapterResidency | None
+
+    def step(self, admit: Sequence[GenerationRequest], abort: Sequence[str]) -> list[StepOutput]:
+        """Admit, abort, run one decode pass; an output for every request that moved or ended
+        (an aborted request it held: one finished output with ``finish_reason="abort"``)."""
+        ...
+
+    def num_running(self) -> int: ...
+
+    def num_waiting(self) -> int: ...
+
+    def has_work(self) -> bool: ...
