@@ -119,7 +119,9 @@ def test_push_list_versions_and_delete(
                 }
             ],
         }
-        models = {m["id"]: m for m in http.get("/v1/models", headers=h).json()["data"]}
+        listed_models = http.get("/v1/models", headers=h).json()["data"]
+        assert [m["id"] for m in listed_models] == [model_name, "bot", "bot@1", "bot@2", "bot@3"]
+        models = {m["id"]: m for m in listed_models}
         assert set(models) == {model_name, "bot", "bot@1", "bot@2", "bot@3"}
         assert models[model_name]["parent"] is None
         assert all(m["parent"] == model_name for i, m in models.items() if i != model_name)

@@ -10,9 +10,10 @@ own: every call goes through :class:`vajra.client.AsyncClient` (a few shared con
 each request carrying its caller's API key) to the gateway, which authenticates it.
 """
 
-from vajra.http._app import BridgeContext, create_app
+from vajra.http._app import create_app
 from vajra.http._bridge import HttpBridge, base_model_name
 from vajra.http._chat import ChatTemplate
+from vajra.http._context import BridgeContext
 from vajra.http._gateway import GatewayPool
 from vajra.http._metrics import BridgeMetrics
 

@@ -12,8 +12,9 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from vajra.config import VajraConfig
-from vajra.http._app import BridgeContext, create_app
+from vajra.http._app import create_app
 from vajra.http._chat import ChatTemplate
+from vajra.http._context import BridgeContext
 from vajra.http._gateway import GatewayPool
 from vajra.http._metrics import BridgeMetrics
 

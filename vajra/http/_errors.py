@@ -9,17 +9,28 @@ answer OpenAI's ``{"error": {"message", "type", "param", "code"}}``. ``code`` is
 Per-tenant limits are the gateway's: its ``rate_limited`` / ``concurrency_limited`` errors
 become 429 with ``Retry-After`` (whole seconds, at least 1) from the gateway's
 ``retry_after_ms``.
+
+:func:`install_handlers` makes every failure of a route one of these answers: a Vajra error by
+its code, a body that fails validation as 400 naming the field (never FastAPI's 422), a body
+that is not JSON as 400 saying how to send it, anything unexpected as a logged 500.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping
+from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from vajra.errors import ErrorCode, RateLimited, VajraError
+
+log = logging.getLogger("vajra.http")
 
 #: HTTP status for each Vajra error code.
 STATUS_BY_CODE: dict[str, int] = {
@@ -106,3 +117,103 @@ def error_response(err: ApiError, *, openai: bool) -> Response:
 def sse_error(err: ApiError, *, openai: bool) -> bytes:
     """The error event sent when a stream fails after it started (status 200 already sent)."""
     return b"data: " + json.dumps(error_body(err, openai=openai)).encode() + b"\n\n"
+
+
+_OPENAI_EXACT = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
+
+
+def is_openai_path(path: str) -> bool:
+    """OpenAI's routes answer errors in OpenAI's shape; ``/v1/models/{id}`` is one of them."""
+    return path in _OPENAI_EXACT or (path.startswith("/v1/models/") and path.count("/") == 3)
+
+
+def render_error(err: ApiError, path: str) -> Response:
+    """``err`` in the shape of the route at ``path``."""
+    return error_response(err, openai=is_openai_path(path))
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def validation_error(exc: RequestValidationError, content_type: str | None) -> ApiError:
+    """The 400 for a request that failed validation: the first error, naming its field."""
+    first: Mapping[str, Any] = exc.errors()[0] if exc.errors() else {}
+    raw_loc = tuple(first.get("loc", ()))
+    if first.get("type") == "json_invalid":
+        # FastAPI's location is ("body", character offset); report it in the message as a
+        # byte offset (JSON bodies are UTF-8), not as a field.
+        pos = raw_loc[-1] if raw_loc else None
+        if isinstance(exc.body, str) and isinstance(pos, int):
+            pos = len(exc.body[:pos].encode("utf-8", "surrogatepass"))
+        reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+        return ApiError(
+            400, "invalid_request", f"the request body is not valid JSON: {reason} at byte {pos}"
+        )
+    loc = [str(x) for x in raw_loc]
+    if loc == ["body"] and not _is_json(content_type):
+        sent = f"it was sent as {content_type}" if content_type else "it had no Content-Type"
+        return ApiError(
+            400,
+            "invalid_request",
+            f"the request body must be JSON sent with `Content-Type: application/json`; {sent}",
+        )
+    if loc and loc[0] in ("body", "path", "query", "header"):
+        loc = loc[1:]
+    field = ".".join(loc) or None
+    message = f"{field}: {first.get('msg', 'invalid')}" if field else "invalid request body"
+    return ApiError(400, "invalid_request", message, field=field)
+
+
+async def _on_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return render_error(exc, request.url.path)
+
+
+async def _on_vajra_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, VajraError)
+    err = ApiError.from_vajra(exc)
+    if is_openai_path(request.url.path) and err.field == "adapter":
+        err.field = "model"
+    return render_error(err, request.url.path)
+
+
+async def _on_validation(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    err = validation_error(exc, request.headers.get("content-type"))
+    return render_error(err, request.url.path)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+        exc.status_code, "invalid_request" if exc.status_code == 400 else "http_error"
+    )
+    err = ApiError(exc.status_code, code, str(exc.detail), headers=exc.headers)
+    return render_error(err, request.url.path)
+
+
+async def _on_unicode(request: Request, exc: Exception) -> Response:
+    return render_error(
+        ApiError(400, "invalid_request", "text must be valid UTF-8"), request.url.path
+    )
+
+
+async def _on_crash(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return render_error(
+        ApiError(500, "internal", "internal error in the HTTP bridge"), request.url.path
+    )
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Answer every failure of ``app``'s routes in one of the two shapes."""
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(VajraError, _on_vajra_error)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(UnicodeEncodeError, _on_unicode)
+    app.add_exception_handler(Exception, _on_crash)

@@ -11,15 +11,24 @@ What is aggregated where:
 
 Labels are bounded: route templates (not raw paths), status codes, executor ids, and
 ``target`` = ``base`` or ``adapter`` (never the adapter's name).
+
+:class:`RequestMetrics` is the ASGI middleware that counts every HTTP answer.
 """
 
 from __future__ import annotations
 
-import math
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from vajra.client import ExecutorStatus, Usage
+from vajra.policies.billing import billed_gpu_ms
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -28,7 +37,7 @@ _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.
 class BridgeMetrics:
     def __init__(self, *, billing_granularity_ms: int = 10) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.granularity_ms = max(1, billing_granularity_ms)
+        self.granularity_ms = billing_granularity_ms
         r = self.registry
         self.requests = Counter(
             "vajra_http_requests",
@@ -148,8 +157,7 @@ class BridgeMetrics:
         self.generated_tokens.labels(target).inc(usage.completion_tokens)
         gpu_ms = max(0.0, usage.gpu_ms)
         self.gpu_ms.inc(gpu_ms)
-        g = self.granularity_ms
-        self.billed_gpu_ms.inc(math.ceil(gpu_ms / g) * g if gpu_ms > 0 else 0)
+        self.billed_gpu_ms.inc(billed_gpu_ms(gpu_ms, self.granularity_ms))
         n = usage.completion_tokens
         if ttft_s is not None:
             self.ttft_seconds.labels(route).observe(ttft_s)
@@ -169,3 +177,35 @@ class BridgeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestMetrics:
+    """ASGI middleware: count each HTTP answer by route template, method and status."""
+
+    def __init__(
+        self, app: Callable[[Scope, Receive, Send], Awaitable[None]], *, metrics: BridgeMetrics
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_status(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe_request(
+                template, scope.get("method", ""), status, time.perf_counter() - t0
+            )

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import IO
 
-from vajra.client._types import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from vajra.client._adapter_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from vajra.http._errors import ApiError
 
 #: Entries an archive may hold (files and directories together).

@@ -1,0 +1,206 @@
+"""The adapter routes: upload a PEFT adapter (``POST /v1/adapters``), list, delete.
+
+An upload is a multipart form: ``name`` plus the PEFT directory's two files, or one archive
+of it (unpacked in a worker thread by :mod:`vajra.http._uploads`). The gateway validates the
+adapter against the base model before storing anything.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import trio
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from starlette.responses import Response
+
+from vajra.client import AdapterInfo
+from vajra.http._context import ApiKey, Ctx
+from vajra.http._errors import ApiError
+from vajra.http._generation import counting_limits
+from vajra.http._responses import error_docs, json_response
+from vajra.http._uploads import AdapterFiles, check_size, too_large, unpack_archive
+from vajra.http.schemas.adapters import (
+    ADAPTER_NAME_PATTERN,
+    MAX_VERSION,
+    AdapterDeleted,
+    AdapterInfoBody,
+    AdapterListBody,
+)
+from vajra.http.schemas.errors import ErrorBody
+
+router = APIRouter(tags=["adapters"])
+
+#: Multipart fields of ``POST /v1/adapters``: the PEFT directory's two files, or one archive.
+CONFIG_FIELD = "adapter_config.json"
+WEIGHTS_FIELD = "adapter_model.safetensors"
+ARCHIVE_FIELD = "archive"
+_UPLOAD_FIELDS = frozenset({"name", CONFIG_FIELD, WEIGHTS_FIELD, ARCHIVE_FIELD})
+#: The upload route's path: its body limit is ``adapters.max_adapter_bytes`` plus the overhead.
+UPLOAD_PATH = "/v1/adapters"
+#: Room for multipart framing (boundaries, part headers, the name) over the adapter's bytes.
+UPLOAD_OVERHEAD_BYTES = 1 << 20
+
+
+def adapter_body(a: AdapterInfo, parent: str) -> dict[str, object]:
+    return {
+        "name": a.name,
+        "version": a.version,
+        "ref": a.ref,
+        "digest": a.digest,
+        "size_bytes": a.size_bytes,
+        "rank": a.rank,
+        "lora_alpha": a.lora_alpha,
+        "target_modules": list(a.target_modules),
+        "active": a.active,
+        "created_ms": a.created_ms,
+        "parent": parent,
+    }
+
+
+async def _read_upload(upload: UploadFile, field: str, max_bytes: int) -> bytes:
+    if upload.size is not None and upload.size > max_bytes:
+        raise too_large(upload.size, max_bytes, f"the {field} part", field=field)
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise too_large(len(data), max_bytes, f"the {field} part", field=field)
+    return data
+
+
+async def _check_parts(request: Request) -> None:
+    """Refuse pickled weights, parts this route does not take, and a part sent twice."""
+    form = await request.form()
+    for field in form:
+        if field == "adapter_model.bin":
+            raise ApiError(
+                400,
+                "invalid_request",
+                "adapter_model.bin is a pickle; only safetensors is accepted: "
+                "save with safe_serialization=True",
+                field=field,
+            )
+        if field not in _UPLOAD_FIELDS:
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"unexpected part {field!r}: send `name` with `{CONFIG_FIELD}` and "
+                f"`{WEIGHTS_FIELD}`, or with one `{ARCHIVE_FIELD}`",
+                field=field,
+            )
+        if len(form.getlist(field)) > 1:
+            raise ApiError(400, "invalid_request", f"{field} sent twice", field=field)
+
+
+@router.post(
+    UPLOAD_PATH,
+    status_code=201,
+    summary="Upload a PEFT LoRA adapter as the next (active) version of `name`",
+    description=(
+        "Multipart form: `name`, plus either the PEFT directory's two files as parts named"
+        f" `{CONFIG_FIELD}` and `{WEIGHTS_FIELD}`, or one part `{ARCHIVE_FIELD}` holding"
+        " a .tar.gz (or .tar) or .zip of the directory (the two files at its top level or"
+        " one folder down; other files such as README.md are skipped, links and paths"
+        " leaving the archive are refused). Only safetensors weights are accepted. The"
+        " gateway validates the adapter against the base model before storing anything:"
+        " a refused adapter answers 400 naming the problem; one over"
+        " `adapters.max_adapter_bytes` answers 413; one past the tenant's quota"
+        " (`adapters.max_adapters_per_tenant` names, `max_versions_per_adapter` versions"
+        " of a name) answers 403 `quota_exceeded`."
+    ),
+    response_model=AdapterInfoBody,
+    responses=error_docs(ErrorBody, 400, 401, 403, 413, 429, 503, 504),
+)
+async def push_adapter(
+    request: Request,
+    ctx: Ctx,
+    name: Annotated[
+        str,
+        Form(
+            min_length=1,
+            max_length=64,
+            pattern=ADAPTER_NAME_PATTERN,
+            description="The adapter's name; each upload adds a version",
+        ),
+    ],
+    key: ApiKey,
+    config_file: Annotated[
+        UploadFile | None, File(alias=CONFIG_FIELD, description="adapter_config.json")
+    ] = None,
+    weights_file: Annotated[
+        UploadFile | None,
+        File(alias=WEIGHTS_FIELD, description="adapter_model.safetensors"),
+    ] = None,
+    archive: Annotated[
+        UploadFile | None,
+        File(alias=ARCHIVE_FIELD, description="A .tar.gz or .zip of the PEFT directory"),
+    ] = None,
+) -> Response:
+    max_bytes = ctx.cfg.adapters.max_adapter_bytes
+    await _check_parts(request)
+    if archive is not None:
+        if config_file is not None or weights_file is not None:
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"send either `{ARCHIVE_FIELD}` or the two files, not both",
+                field=ARCHIVE_FIELD,
+            )
+        data = await _read_upload(archive, ARCHIVE_FIELD, max_bytes)
+        files = await trio.to_thread.run_sync(lambda: unpack_archive(data, max_bytes=max_bytes))
+    else:
+        for field, part in ((CONFIG_FIELD, config_file), (WEIGHTS_FIELD, weights_file)):
+            if part is None:
+                raise ApiError(
+                    400,
+                    "invalid_request",
+                    f"{field} is missing: send `{CONFIG_FIELD}` and `{WEIGHTS_FIELD}`,"
+                    f" or one `{ARCHIVE_FIELD}`",
+                    field=field,
+                )
+        assert config_file is not None and weights_file is not None
+        files = check_size(
+            AdapterFiles(
+                await _read_upload(config_file, CONFIG_FIELD, max_bytes),
+                await _read_upload(weights_file, WEIGHTS_FIELD, max_bytes),
+            ),
+            max_bytes,
+        )
+    with counting_limits(ctx.metrics), ctx.pool.guard():
+        info = await ctx.pool.client(key).push_adapter_bytes(
+            files.config_json, files.weights, name, timeout_s=ctx.cfg.http.request_timeout_s
+        )
+    return json_response(adapter_body(info, ctx.base_model), 201)
+
+
+@router.get(
+    "/v1/adapters",
+    summary="The caller's adapters, every version, by name then version",
+    response_model=AdapterListBody,
+    responses=error_docs(ErrorBody, 401, 503, 504),
+)
+async def list_adapters(ctx: Ctx, key: ApiKey) -> Response:
+    with ctx.pool.guard():
+        adapters = await ctx.pool.client(key).list_adapters(timeout_s=10.0)
+    data = [adapter_body(a, ctx.base_model) for a in adapters]
+    return json_response({"object": "list", "data": data})
+
+
+@router.delete(
+    "/v1/adapters/{name}",
+    summary="Delete an adapter: every version, or one (NAME@VERSION or ?version=)",
+    description=(
+        "Deleting the active version makes the newest remaining one active; deleting the"
+        " last version deletes the name. Another tenant's adapter: 404, like a name that"
+        " does not exist."
+    ),
+    response_model=AdapterDeleted,
+    responses=error_docs(ErrorBody, 400, 401, 404, 503, 504),
+)
+async def delete_adapter(
+    name: str,
+    ctx: Ctx,
+    key: ApiKey,
+    version: Annotated[int | None, Query(ge=1, le=MAX_VERSION)] = None,
+) -> Response:
+    with ctx.pool.guard():
+        deleted = await ctx.pool.client(key).delete_adapter(name, version, timeout_s=10.0)
+    return json_response({"deleted": [adapter_body(a, ctx.base_model) for a in deleted]})
