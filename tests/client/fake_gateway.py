@@ -1,4 +1,5 @@
-"""A fake gateway for the client tests: a ROUTER that answers by the client protocol.
+"""A fake gateway for the client tests: a ROUTER that answers by the client protocol, served
+in the test's Trio run or (:func:`gateway_in_thread`) in a thread of its own.
 
 What it answers depends on the prompt:
 
@@ -18,12 +19,15 @@ What it answers depends on the prompt:
 
 from __future__ import annotations
 
+import queue
 import random
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import msgpack
 import trio
-import zmq
 
 from vajra.bus.codec import DecodeError, decode, encode
 from vajra.bus.messages import (
@@ -37,7 +41,7 @@ from vajra.bus.messages import (
     StatsRequest,
     TokenChunk,
 )
-from vajra.bus.zsocket import ZSocket, open_socket
+from vajra.bus.zsocket import ROUTER, Context, ZSocket, new_context, open_socket
 from vajra.errors import RETRIABLE_CODES, ErrorCode
 
 ERROR_PROMPTS = {
@@ -58,7 +62,7 @@ def echo_pieces(prompt: str) -> list[str]:
 
 
 class FakeGateway:
-    def __init__(self, ctx: zmq.Context[Any], seed: int = 0) -> None:
+    def __init__(self, ctx: Context[Any], seed: int = 0) -> None:
         self._ctx = ctx
         self._rng = random.Random(seed)
         self.address = ""
@@ -71,7 +75,7 @@ class FakeGateway:
         self.cancel_seen = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        sock = open_socket(self._ctx, zmq.ROUTER)
+        sock = open_socket(self._ctx, ROUTER)
         try:
             self.address = sock.bind("tcp://127.0.0.1:0")
             async with trio.open_nursery() as nursery:
@@ -151,3 +155,33 @@ class FakeGateway:
                 queue_ms=0.5,
             )
         )
+
+
+@contextmanager
+def gateway_in_thread() -> Iterator[tuple[FakeGateway, Callable[[], None]]]:
+    """A fake gateway served by its own ``trio.run`` in a background thread, and a function
+    that stops it (closing its socket, as a killed gateway's would be)."""
+    ctx: Context[Any] = new_context()
+    gw = FakeGateway(ctx)
+    started: queue.Queue[tuple[trio.lowlevel.TrioToken, trio.CancelScope]] = queue.Queue()
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gw.run)
+            started.put((trio.lowlevel.current_trio_token(), nursery.cancel_scope))
+
+    thread = threading.Thread(target=trio.run, args=(serve,), name="fake-gateway", daemon=True)
+    thread.start()
+    token, scope = started.get(timeout=5)
+
+    def stop() -> None:
+        if thread.is_alive():
+            trio.from_thread.run_sync(scope.cancel, trio_token=token)
+            thread.join(timeout=5)
+        assert not thread.is_alive(), "the fake gateway thread did not stop"
+
+    try:
+        yield gw, stop
+    finally:
+        stop()
+        ctx.term()

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-import zmq
 from fake_gateway import FakeGateway, echo_pieces, echo_text
 
+from vajra.bus.zsocket import Context, new_context
 from vajra.client import (
     AsyncClient,
     AuthError,
@@ -256,6 +256,66 @@ async def test_misuse_is_reported_clearly(gateway: FakeGateway) -> None:
             AsyncClient(gateway.address, "k", timeout_s=-1)
 
 
+#: Arguments any gateway refuses, and the field its InvalidRequest names: the client refuses
+#: them itself (vajra.policies.request_rules), before anything is sent.
+BAD_ARGUMENTS = [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"stop": ""}, "stop"),
+    ({"stop": ["ok", ""]}, "stop"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**63}, "seed"),
+    ({"adapter": ""}, "adapter"),
+    ({"adapter": "a" * 129}, "adapter"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "field"), BAD_ARGUMENTS)
+async def test_bad_arguments_fail_before_anything_is_sent(
+    gateway: FakeGateway, kwargs: dict[str, Any], field: str
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with AsyncClient(gateway.address, "k") as c:
+            with pytest.raises(InvalidRequest) as info:
+                await c.infer("hi", **kwargs)
+            assert info.value.field == field
+            with pytest.raises(InvalidRequest) as info:
+                c.stream("hi", **kwargs)  # refused when made, not when entered
+            assert info.value.field == field
+            assert (await c.infer("fine")).text == echo_text("fine")
+    assert [r.prompt for r in gateway.requests] == ["fine"]
+
+
+async def test_a_bad_tenant_fails_before_anything_is_sent(gateway: FakeGateway) -> None:
+    with trio.fail_after(LIMIT_S):
+        for tenant in ("", "t" * 129):
+            async with AsyncClient(gateway.address, "k", tenant=tenant) as c:
+                with pytest.raises(InvalidRequest) as info:
+                    await c.infer("hi")
+                assert info.value.field == "tenant"
+                with pytest.raises(InvalidRequest) as info:
+                    await c.with_api_key("k2", tenant=tenant).list_adapters()
+                assert info.value.field == "tenant"
+                async with c.with_api_key("k2", tenant="acme").stream("a b") as chunks:
+                    assert "".join([ch.text async for ch in chunks]) == echo_text("a b")
+    assert [(r.api_key, r.tenant) for r in gateway.requests] == [("k2", "acme")] * 2
+
+
+async def test_a_bad_address_is_refused_naming_it() -> None:
+    with trio.fail_after(LIMIT_S):
+        c = AsyncClient("nonsense://nowhere", "k")
+        with pytest.raises(InvalidRequest) as info:
+            async with c:
+                pass
+        assert info.value.field == "address"
+        with pytest.raises(UnavailableError):
+            await c.infer("x")
+
+
 async def test_errors_leave_the_client_block_unwrapped(gateway: FakeGateway) -> None:
     with trio.fail_after(LIMIT_S):
         with pytest.raises(AuthError):
@@ -303,7 +363,7 @@ async def test_abandoned_generations_are_cancelled_at_the_gateway(gateway: FakeG
 
 async def test_a_dropped_gateway_fails_outstanding_calls_at_once() -> None:
     """Calls in flight when the gateway dies fail fast and retriably, not at their deadline."""
-    ctx: zmq.Context[Any] = zmq.Context()
+    ctx: Context[Any] = new_context()
     doomed = FakeGateway(ctx)
     errors: list[VajraError] = []
     stop_gateway = trio.CancelScope()

@@ -10,10 +10,10 @@ from __future__ import annotations
 import builtins
 import threading
 import time
+from typing import Any
 
 import pytest
-from conftest import gateway_in_thread
-from fake_gateway import FakeGateway, echo_pieces, echo_text
+from fake_gateway import FakeGateway, echo_pieces, echo_text, gateway_in_thread
 
 from vajra.client import (
     AuthError,
@@ -134,6 +134,38 @@ def test_a_closed_client_refuses_calls(thread_gateway: FakeGateway) -> None:
         c.infer("y")
     with pytest.raises(InvalidRequest):
         c.infer("y", timeout_s=float("nan"))
+
+
+def test_bad_arguments_fail_before_anything_is_sent(thread_gateway: FakeGateway) -> None:
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": 6.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"stop": [""]}, "stop"),
+        ({"seed": -1}, "seed"),
+        ({"adapter": "a" * 129}, "adapter"),
+    ]
+    with Client(thread_gateway.address, "k", timeout_s=TIMEOUT_S) as c:
+        for kwargs, field in bad:
+            with pytest.raises(InvalidRequest) as info:
+                c.infer("hi", **kwargs)
+            assert info.value.field == field, kwargs
+            with pytest.raises(InvalidRequest) as info:
+                c.stream("hi", **kwargs)  # refused when made, not when iterated
+            assert info.value.field == field, kwargs
+        assert c.infer("fine").text == echo_text("fine")
+    with Client(thread_gateway.address, "k", tenant="", timeout_s=TIMEOUT_S) as c:
+        with pytest.raises(InvalidRequest) as info:
+            c.infer("hi")
+        assert info.value.field == "tenant"
+    assert [r.prompt for r in thread_gateway.requests] == ["fine"]
+
+
+def test_a_bad_address_is_refused_naming_it() -> None:
+    with Client("nonsense://nowhere", "k", timeout_s=TIMEOUT_S) as c:
+        with pytest.raises(InvalidRequest) as info:
+            c.infer("hi")
+        assert info.value.field == "address"
 
 
 def test_abandoned_generations_are_cancelled_at_the_gateway(thread_gateway: FakeGateway) -> None:

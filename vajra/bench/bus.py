@@ -7,8 +7,9 @@ the gateway's ZeroMQ socket:
 * throughput: ``concurrency`` requests kept outstanding for ``duration_s``;
 * latency: ``latency_requests`` sent one at a time (p50/p99 of a single outstanding request).
 
-The same load generator then drives a raw pyzmq ROUTER echo server in another process, with
-the same frames, so the result carries its own ceiling measured on the same machine.
+The same load generator then drives a raw pyzmq ROUTER echo server (:mod:`vajra.bus.echo`) in
+another process, with the same frames, so the result carries its own ceiling measured on the
+same machine.
 
 Where the time goes: the CPU time each process of the cluster used during the throughput run,
 divided by the requests answered (``cpu_us_per_request``; ``load_generator`` is this process).
@@ -29,23 +30,16 @@ from typing import Any
 
 import psutil
 import trio
-import zmq
 
 from vajra.actors.supervisor import Supervisor, free_tcp_address
+from vajra.bus.client_socket import BlockingContext
 from vajra.bus.codec import decode, encode
 from vajra.bus.messages import InferRequest, InferResult
 from vajra.config import load_config
 from vajra.state import ClusterState
 
-_ECHO_SERVER = """
-import sys, zmq
-ctx = zmq.Context()
-s = ctx.socket(zmq.ROUTER)
-s.bind(sys.argv[1])
-print("ready", flush=True)
-while True:
-    s.send_multipart(s.recv_multipart())
-"""
+#: How long the load generator waits for any reply before it gives up.
+_REPLY_WAIT_S = 5.0
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -56,20 +50,18 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 class _Load:
-    """A blocking pyzmq load generator (one DEALER, requests pipelined)."""
+    """A blocking load generator (one DEALER, requests pipelined)."""
 
     def __init__(self, address: str, api_key: str, *, check_results: bool) -> None:
-        self.ctx: zmq.Context[Any] = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
+        self.ctx = BlockingContext()
+        self.sock = self.ctx.dealer(address, monitored=False)
         self.api_key = api_key
         self.check_results = check_results
         self.errors = 0
 
     def close(self) -> None:
         self.sock.close()
-        self.ctx.term()
+        self.ctx.close()
 
     def _frames(self, rid: str) -> list[bytes]:
         req = InferRequest(request_id=rid, api_key=self.api_key, prompt="ping", max_tokens=1)
@@ -97,20 +89,18 @@ class _Load:
                     seq += 1
                     rid = f"b{seq}"
                     sent[rid] = time.perf_counter()
-                    self.sock.send_multipart(self._frames(rid))
+                    self.sock.send(self._frames(rid))
             elif not sent:
                 break
-            if not self.sock.poll(5000):
+            frames, _ = self.sock.receive(time.monotonic() + _REPLY_WAIT_S)
+            if frames is None:
                 raise RuntimeError(f"no reply for 5 s with {len(sent)} outstanding")
-            while True:
-                try:
-                    frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            while frames is not None:
                 t0 = sent.pop(self._check(frames), None)
                 if t0 is not None:
                     latencies.append(time.perf_counter() - t0)
                     done += 1
+                frames = self.sock.recv_nowait()
         elapsed = time.perf_counter() - start
         latencies.sort()
         return {
@@ -126,11 +116,12 @@ class _Load:
         for i in range(n):
             rid = f"l{i}"
             t0 = time.perf_counter()
-            self.sock.send_multipart(self._frames(rid))
+            self.sock.send(self._frames(rid))
             while True:
-                if not self.sock.poll(5000):
+                frames, _ = self.sock.receive(time.monotonic() + _REPLY_WAIT_S)
+                if frames is None:
                     raise RuntimeError("no reply for 5 s")
-                if self._check(self.sock.recv_multipart()) == rid:
+                if self._check(frames) == rid:
                     break
             latencies.append(time.perf_counter() - t0)
         latencies.sort()
@@ -215,7 +206,7 @@ def run_bus_bench(
         info = ready["info"]
         try:
             with ClusterState(info["redis_url"]) as state:
-                _, api_key = state.create_tenant(f"bench-{uuid.uuid4().hex[:8]}")
+                _, api_key = state.tenants.create(f"bench-{uuid.uuid4().hex[:8]}")
             load = _Load(info["gateway_address"], api_key, check_results=True)
             try:
                 load.latency(200)  # warm-up: caches, connections
@@ -233,7 +224,7 @@ def run_bus_bench(
 
     address = free_tcp_address()
     echo = subprocess.Popen(
-        [sys.executable, "-c", _ECHO_SERVER, address], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "vajra.bus.echo", address], stdout=subprocess.PIPE, text=True
     )
     try:
         assert echo.stdout is not None

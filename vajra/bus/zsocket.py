@@ -1,4 +1,4 @@
-"""The one Trio adapter over pyzmq sockets; the only code in Vajra that touches raw sockets.
+"""The one Trio adapter over pyzmq sockets for actors (client sockets: :mod:`vajra.bus.client_socket`).
 
 ZeroMQ exposes a single file descriptor per socket that is *edge-triggered*: it becomes
 readable when the socket's event state changes, not while a message is waiting. So every

@@ -16,7 +16,8 @@ Every failure is raised as a :class:`VajraError` subclass; :class:`TimeoutError`
 builtin ``TimeoutError``; ``error.retriable`` says whether sending again may succeed.
 """
 
-from vajra.client._async import AsyncClient, Stream
+from vajra.client._async import AsyncClient
+from vajra.client._stream import Stream
 from vajra.client._sync import Client
 from vajra.client._types import (
     AdapterInfo,

@@ -1,8 +1,9 @@
-"""The blocking client: plain pyzmq with ``poll`` timeouts, one DEALER socket per thread.
+"""The blocking client: one DEALER per thread, waits bounded by each call's deadline.
 
-No ZeroMQ socket is thread-safe, so each thread that calls the client gets its own DEALER
-(kept in a ``threading.local``); all of them share the client's one ``zmq.Context``. A
-thread reads only its own socket, so no locks are held while waiting.
+No ZeroMQ socket is thread-safe, so each thread that calls the client gets its own
+:class:`~vajra.bus.client_socket.BlockingDealer` (kept in a ``threading.local``); all of them
+share the client's one :class:`~vajra.bus.client_socket.BlockingContext`. A thread reads only
+its own socket, so no locks are held while waiting.
 
 One thread may have several calls open at once (an :meth:`Client.infer` inside a loop over
 :meth:`Client.stream`): whichever call is reading parks replies meant for the thread's other
@@ -11,90 +12,51 @@ that timed out, frames that do not decode) are counted in :attr:`Client.ignored_
 logged at debug level and dropped.
 
 As in the Trio client, an abandoned generation (deadline passed, stream closed early) is
-cancelled at the gateway, and a dropped connection to the gateway (reported by a socket
-monitor per thread) fails the thread's open calls at once with a retriable
-:class:`~vajra.errors.UnavailableError`.
+cancelled at the gateway, and a dropped connection to the gateway (reported by the bus's
+connection monitor, per thread) fails the thread's open calls at once with a retriable
+:class:`~vajra.errors.UnavailableError`. What each call sends and returns is built by
+:class:`~vajra.client._calls.Calls`, as for the Trio client.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
+from typing import TypeVar
 
-import zmq
-from zmq.utils.monitor import parse_monitor_message
-
-from vajra.bus.messages import (
-    ErrorReply,
-    InferRequest,
-    PingRequest,
-    PongReply,
-    TenantInfo,
-    WhoAmIRequest,
-)
-from vajra.client._types import (
-    AdapterInfo,
-    InferenceResult,
-    Reply,
-    Request,
-    StreamChunk,
-    StreamProgress,
-    adapter_infos,
-    build_adapter_delete,
-    build_adapter_list,
-    build_adapter_push,
-    build_infer_request,
-    build_stats_request,
-    cancel_frames,
-    check_upload_size,
-    decode_reply,
-    expect,
-    interpret_reply,
-    new_request_id,
-    read_adapter_dir,
-    request_frames,
-    resolve_timeout,
-    single_adapter,
-)
+from vajra.bus.client_socket import BlockingContext, BlockingDealer
+from vajra.bus.messages import ErrorReply, InferRequest
+from vajra.client._adapter_files import read_adapter_dir
+from vajra.client._calls import Call, Calls
+from vajra.client._replies import Reply, StreamProgress, decode_reply, expect, interpret_reply
+from vajra.client._requests import Request, cancel_frames, check_upload_size, request_frames
+from vajra.client._types import AdapterInfo, InferenceResult, StreamChunk
 from vajra.errors import InvalidRequest, TimeoutError, UnavailableError
 
 log = logging.getLogger("vajra.client")
 
-_HIGH_WATER_MARK = 10_000
+T = TypeVar("T")
 
 
 class _ThreadState:
-    """One thread's socket and its connection monitor, and an inbox per open call."""
+    """One thread's socket (with its connection monitor), and an inbox per open call."""
 
-    __slots__ = ("__weakref__", "inbox", "monitor", "poller", "sock")
+    __slots__ = ("__weakref__", "dealer", "inbox")
 
-    def __init__(self, sock: zmq.Socket[bytes], monitor: zmq.Socket[bytes]) -> None:
-        self.sock = sock
-        self.monitor = monitor
-        self.poller = zmq.Poller()
-        self.poller.register(sock, zmq.POLLIN)
-        self.poller.register(monitor, zmq.POLLIN)
+    def __init__(self, dealer: BlockingDealer) -> None:
+        self.dealer = dealer
         self.inbox: dict[str, deque[Reply]] = {}
-
-    def close(self) -> None:
-        self.monitor.close(linger=0)
-        self.sock.close(linger=0)
 
 
 def _timed_out(request_id: str, timeout_s: float) -> TimeoutError:
     return TimeoutError(f"no answer to request {request_id} within {timeout_s:g} s")
-
-
-def _poll_ms(deadline: float) -> int:
-    return max(1, math.ceil((deadline - time.monotonic()) * 1000))
 
 
 class Client:
@@ -110,8 +72,9 @@ class Client:
     Every call runs under one deadline of ``timeout_s`` (the call's, or the client's
     default), which is also sent to the gateway as the request's ``deadline_ms``; when it
     passes the call raises :class:`vajra.errors.TimeoutError` (also a builtin
-    ``TimeoutError``). Gateway errors are raised as the matching
-    :class:`~vajra.errors.VajraError` subclass.
+    ``TimeoutError``). Arguments the gateway would refuse for any cluster raise
+    :class:`~vajra.errors.InvalidRequest` before anything is sent; gateway errors are raised
+    as the matching :class:`~vajra.errors.VajraError` subclass.
 
     :meth:`close` closes every thread's socket; call it once the other threads' calls have
     returned (ZeroMQ sockets cannot be closed under a thread that is using them).
@@ -126,11 +89,9 @@ class Client:
         timeout_s: float = 30.0,
     ) -> None:
         self.address = address
-        self._api_key = api_key
-        self._tenant = tenant
+        self._calls = Calls(api_key, tenant, timeout_s)
         self._max_upload_bytes: int | None = None  # asked of the gateway on the first push
-        self._timeout_s = resolve_timeout(timeout_s, timeout_s)
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._ctx = BlockingContext()
         self._local = threading.local()
         self._lock = threading.Lock()  # guards _states, _ignored and _closed
         self._states: weakref.WeakSet[_ThreadState] = weakref.WeakSet()
@@ -165,8 +126,8 @@ class Client:
             self._closed = True
             states = list(self._states)
         for state in states:
-            state.close()
-        self._ctx.destroy(linger=0)  # also closes any socket a finalizer has not reached yet
+            state.dealer.close()
+        self._ctx.close()  # also closes any socket a finalizer has not reached yet
 
     def _state(self) -> _ThreadState:
         """This thread's socket, connected on first use."""
@@ -178,21 +139,13 @@ class Client:
         with self._lock:
             if self._closed:
                 raise UnavailableError("the client is closed")
-            sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, _HIGH_WATER_MARK)
-            sock.setsockopt(zmq.RCVHWM, _HIGH_WATER_MARK)
             try:
-                sock.connect(self.address)
-            except zmq.ZMQError as exc:
-                sock.close(linger=0)
-                raise InvalidRequest(
-                    f"cannot connect to {self.address!r}: {exc}", field="address"
-                ) from None
-            monitor: zmq.Socket[bytes] = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            state = _ThreadState(sock, monitor)
+                dealer = self._ctx.dealer(self.address)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), field="address") from None
+            state = _ThreadState(dealer)
             # A thread that ends drops its state; its sockets are closed then, not leaked.
-            weakref.finalize(state, _close_sockets, monitor, sock)
+            weakref.finalize(state, dealer.close)
             self._states.add(state)
         self._local.state = state
         return state
@@ -217,15 +170,8 @@ class Client:
         timeout_s: float,
         bulk: Sequence[bytes] = (),
     ) -> None:
-        frames = request_frames(request, bulk)
-        while True:
-            try:
-                state.sock.send_multipart(frames, zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                if time.monotonic() >= deadline:
-                    raise _timed_out(request.request_id, timeout_s) from None
-                state.sock.poll(_poll_ms(deadline), zmq.POLLOUT)
+        if not state.dealer.send(request_frames(request, bulk), deadline):
+            raise _timed_out(request.request_id, timeout_s)
 
     def _next_reply(
         self, state: _ThreadState, request_id: str, deadline: float, timeout_s: float
@@ -237,26 +183,15 @@ class Client:
                 raise UnavailableError("the client was closed before the answer came")
             if time.monotonic() >= deadline:
                 raise _timed_out(request_id, timeout_s)
-            ready = dict(state.poller.poll(_poll_ms(deadline)))
-            if state.monitor in ready:
-                self._on_monitor_event(state)
-            if state.sock not in ready:
-                continue
-            try:
-                frames = state.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                continue
-            self._route(state, frames)
+            frames, dropped = state.dealer.receive(deadline)
+            if dropped:
+                self._on_disconnect(state)
+            if frames is not None:
+                self._route(state, frames)
         return inbox.popleft()
 
-    def _on_monitor_event(self, state: _ThreadState) -> None:
+    def _on_disconnect(self, state: _ThreadState) -> None:
         """A dropped connection fails every open call of the thread (they died with it)."""
-        try:
-            event = parse_monitor_message(state.monitor.recv_multipart(zmq.NOBLOCK))["event"]
-        except (zmq.Again, ValueError, KeyError, IndexError):
-            return
-        if event != zmq.EVENT_DISCONNECTED:
-            return
         with self._lock:
             self.disconnects += 1
         for inbox in state.inbox.values():
@@ -271,12 +206,10 @@ class Client:
         frames = cancel_frames(request)
         if frames is None or self._closed:
             return
-        try:
-            state.sock.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.ZMQError:  # full or closed: the gateway's deadline still ends it
-            return
-        with self._lock:
-            self.cancels_sent += 1
+        # A full or closed socket drops it: the gateway's deadline still ends the request.
+        if state.dealer.try_send(frames):
+            with self._lock:
+                self.cancels_sent += 1
 
     def _route(self, state: _ThreadState, frames: Sequence[bytes]) -> None:
         rid, reply = decode_reply(frames)
@@ -288,14 +221,13 @@ class Client:
             return
         target.append(reply)
 
-    def _single(
-        self, request: Request, timeout_s: float, bulk: Sequence[bytes] = ()
-    ) -> InferenceResult | StreamChunk | dict[str, int] | object:
-        """Send ``request`` (with its ``bulk`` frames) and wait for its one final answer."""
+    def _run(self, call: Call[T]) -> T:
+        """Send ``call``'s request and return its final answer as the call's value."""
+        request, timeout_s = call.request, call.timeout_s
         state = self._state()
         deadline = time.monotonic() + timeout_s
         with self._register(state, request.request_id):
-            self._send(state, request, deadline, timeout_s, bulk)
+            self._send(state, request, deadline, timeout_s, call.bulk)
             answered = False
             try:
                 while True:
@@ -304,7 +236,7 @@ class Client:
                     outcome = interpret_reply(reply)
                     if outcome is not None:
                         answered = True
-                        return outcome
+                        return call.finish(outcome)
             finally:
                 if not answered:
                     self._cancel(state, request)
@@ -323,21 +255,17 @@ class Client:
         timeout_s: float | None = None,
     ) -> InferenceResult:
         """Generate a completion for ``prompt`` and return it whole."""
-        timeout = resolve_timeout(timeout_s, self._timeout_s)
-        request = build_infer_request(
-            api_key=self._api_key,
-            tenant=self._tenant,
-            prompt=prompt,
+        call = self._calls.infer(
+            prompt,
             adapter=adapter,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
             stop=stop,
             seed=seed,
-            stream=False,
-            timeout_s=timeout,
+            timeout_s=timeout_s,
         )
-        return expect(self._single(request, timeout), InferenceResult)
+        return self._run(call)
 
     def stream(
         self,
@@ -349,7 +277,7 @@ class Client:
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
         timeout_s: float | None = None,
-    ) -> Iterator[StreamChunk]:
+    ) -> Generator[StreamChunk, None, None]:
         """A streaming generation, as a generator of :class:`~vajra.client.StreamChunk`.
 
         Arguments are checked at once; the request is sent when iteration starts, and the
@@ -357,23 +285,22 @@ class Client:
         and ``usage`` set. Iterate it in the thread that started it. Stopping early (or
         closing the generator) abandons the request: its remaining chunks are dropped.
         """
-        timeout = resolve_timeout(timeout_s, self._timeout_s)
-        request = build_infer_request(
-            api_key=self._api_key,
-            tenant=self._tenant,
-            prompt=prompt,
+        request, timeout = self._calls.generation(
+            prompt,
             adapter=adapter,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
             stop=stop,
             seed=seed,
+            timeout_s=timeout_s,
             stream=True,
-            timeout_s=timeout,
         )
         return self._stream(request, timeout)
 
-    def _stream(self, request: InferRequest, timeout_s: float) -> Iterator[StreamChunk]:
+    def _stream(
+        self, request: InferRequest, timeout_s: float
+    ) -> Generator[StreamChunk, None, None]:
         state = self._state()
         deadline = time.monotonic() + timeout_s
         progress = StreamProgress()
@@ -393,15 +320,11 @@ class Client:
 
     def stats(self, *, timeout_s: float | None = None) -> dict[str, int]:
         """The gateway's counters (this client's key must be a tenant's or the admin key)."""
-        timeout = resolve_timeout(timeout_s, self._timeout_s)
-        request = build_stats_request(self._api_key)
-        counters: dict[str, int] = expect(self._single(request, timeout), dict)
-        return counters
+        return self._run(self._calls.stats(timeout_s))
 
     def ping(self, *, timeout_s: float | None = None) -> None:
         """Return once the gateway answers (no key needed); TimeoutError if it does not."""
-        timeout = resolve_timeout(timeout_s, self._timeout_s)
-        expect(self._single(PingRequest(request_id=new_request_id()), timeout), PongReply)
+        self._run(self._calls.ping(timeout_s))
 
     # --- adapters ----------------------------------------------------------------------------
 
@@ -421,24 +344,19 @@ class Client:
     ) -> AdapterInfo:
         """Like :meth:`push_adapter`, from the bytes of ``adapter_config.json`` and
         ``adapter_model.safetensors``."""
-        timeout = resolve_timeout(timeout_s, self._timeout_s)
-        check_upload_size(config_json, weights, self._upload_limit(timeout))
-        request = build_adapter_push(api_key=self._api_key, tenant=self._tenant, name=name)
-        return single_adapter(self._single(request, timeout, (config_json, weights)))
+        call = self._calls.push_adapter(config_json, weights, name, timeout_s)
+        check_upload_size(config_json, weights, self._upload_limit(call.timeout_s))
+        return self._run(call)
 
     def _upload_limit(self, timeout_s: float) -> int:
         """The gateway's upload limit (asked once per client; 0 if it does not say)."""
         if self._max_upload_bytes is None:
-            request = WhoAmIRequest(request_id=new_request_id(), api_key=self._api_key)
-            info = expect(self._single(request, timeout_s), TenantInfo)
-            self._max_upload_bytes = info.max_adapter_bytes
+            self._max_upload_bytes = self._run(self._calls.upload_limit(timeout_s))
         return self._max_upload_bytes
 
     def list_adapters(self, *, timeout_s: float | None = None) -> list[AdapterInfo]:
         """Every version of every adapter of this key's tenant, by name then version."""
-        timeout = resolve_timeout(timeout_s, self._timeout_s)
-        request = build_adapter_list(api_key=self._api_key, tenant=self._tenant)
-        return adapter_infos(self._single(request, timeout))
+        return self._run(self._calls.list_adapters(timeout_s))
 
     def delete_adapter(
         self, name: str, version: int | None = None, *, timeout_s: float | None = None
@@ -447,13 +365,4 @@ class Client:
 
         Returns the deleted versions; NotFoundError if there is no such adapter or version.
         """
-        timeout = resolve_timeout(timeout_s, self._timeout_s)
-        request = build_adapter_delete(
-            api_key=self._api_key, tenant=self._tenant, name=name, version=version
-        )
-        return adapter_infos(self._single(request, timeout))
-
-
-def _close_sockets(*socks: zmq.Socket[bytes]) -> None:
-    for sock in socks:
-        sock.close(linger=0)
+        return self._run(self._calls.delete_adapter(name, version, timeout_s))

@@ -1,0 +1,270 @@
+"""Every call of the SDK as data: the request it sends and how its answer becomes its value.
+
+:class:`~vajra.client.AsyncClient` and :class:`~vajra.client.Client` differ only in how they
+move frames and keep time. What each public method sends, and what it returns for the final
+answer, is built here once (a :class:`Call`), so the two clients cannot drift apart::
+
+    call = calls.list_adapters(timeout_s)          # checks arguments, builds the request
+    outcome = <send call.request, wait call.timeout_s for its final answer>
+    return call.finish(outcome)                    # the public value, or ProtocolError
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from vajra.bus.messages import (
+    AdminReply,
+    AdminRequest,
+    ClusterStatusReply,
+    ClusterStatusRequest,
+    InferRequest,
+    PingRequest,
+    PongReply,
+    StatsRequest,
+    TenantInfo,
+    UsageQuery,
+    UsageReply,
+    WhoAmIRequest,
+)
+from vajra.client._replies import adapter_infos, expect, single_adapter
+from vajra.client._requests import (
+    Request,
+    build_adapter_delete,
+    build_adapter_list,
+    build_adapter_push,
+    build_infer_request,
+    new_request_id,
+    resolve_timeout,
+)
+from vajra.client._types import (
+    AdapterInfo,
+    ExecutorStatus,
+    InferenceResult,
+    IssuedKey,
+    Tenant,
+    TenantUsage,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One call: its request (and the raw ``bulk`` frames it carries), the time it may take,
+    and how its final answer (from :func:`~vajra.client._replies.interpret_reply`) becomes
+    what the public method returns."""
+
+    request: Request
+    timeout_s: float
+    finish: Callable[[object], T]
+    bulk: Sequence[bytes] = ()
+
+
+def _stats(outcome: object) -> dict[str, int]:
+    counters: dict[str, int] = expect(outcome, dict)
+    return counters
+
+
+def _pong(outcome: object) -> None:
+    expect(outcome, PongReply)
+
+
+def _upload_limit(outcome: object) -> int:
+    return expect(outcome, TenantInfo).max_adapter_bytes
+
+
+def _tenant(outcome: object) -> Tenant:
+    info = expect(outcome, TenantInfo)
+    return Tenant(info.tenant_id, info.name)
+
+
+def _tenant_usage(outcome: object) -> TenantUsage:
+    u = expect(outcome, UsageReply)
+    return TenantUsage(
+        u.tenant_id, u.name, u.requests, u.gpu_ms, u.prompt_tokens, u.completion_tokens
+    )
+
+
+def _executors(outcome: object) -> list[ExecutorStatus]:
+    reply = expect(outcome, ClusterStatusReply)
+    return [
+        ExecutorStatus(*row)
+        for row in zip(
+            reply.executor_ids,
+            reply.queue_depths,
+            reply.running,
+            reply.resident_adapters,
+            reply.free_memory_bytes,
+            strict=False,
+        )
+    ]
+
+
+def _issued_key(outcome: object) -> IssuedKey:
+    r = expect(outcome, AdminReply)
+    return IssuedKey(r.tenant_id, r.name, r.api_key or "")
+
+
+def _admin_done(outcome: object) -> None:
+    expect(outcome, AdminReply)
+
+
+class Calls:
+    """Builds the calls a client makes with one API key (and tenant) and default timeout.
+
+    Every method checks its arguments at once (InvalidRequest naming the field) and resolves
+    its timeout (``timeout_s``, or the default), before anything is sent.
+    """
+
+    def __init__(self, api_key: str, tenant: str | None, timeout_s: float) -> None:
+        self.api_key = api_key
+        self.tenant = tenant
+        self.default_timeout_s = resolve_timeout(timeout_s, timeout_s)
+
+    def for_key(self, api_key: str, tenant: str | None) -> Calls:
+        """The same calls sent with ``api_key`` and ``tenant`` instead (same default timeout)."""
+        return Calls(api_key, tenant, self.default_timeout_s)
+
+    def timeout(self, timeout_s: float | None) -> float:
+        return resolve_timeout(timeout_s, self.default_timeout_s)
+
+    # --- generation ------------------------------------------------------------------------
+
+    def generation(
+        self,
+        prompt: str,
+        *,
+        adapter: str | None,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: str | Sequence[str] | None,
+        seed: int | None,
+        timeout_s: float | None,
+        stream: bool,
+    ) -> tuple[InferRequest, float]:
+        """A generation's request and its timeout (streams read their replies themselves)."""
+        timeout = self.timeout(timeout_s)
+        request = build_infer_request(
+            api_key=self.api_key,
+            tenant=self.tenant,
+            prompt=prompt,
+            adapter=adapter,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+            stream=stream,
+            timeout_s=timeout,
+        )
+        return request, timeout
+
+    def infer(
+        self,
+        prompt: str,
+        *,
+        adapter: str | None,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: str | Sequence[str] | None,
+        seed: int | None,
+        timeout_s: float | None,
+    ) -> Call[InferenceResult]:
+        request, timeout = self.generation(
+            prompt,
+            adapter=adapter,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+            timeout_s=timeout_s,
+            stream=False,
+        )
+        return Call(request, timeout, lambda outcome: expect(outcome, InferenceResult))
+
+    # --- the gateway and the caller's tenant -----------------------------------------------
+
+    def stats(self, timeout_s: float | None) -> Call[dict[str, int]]:
+        request = StatsRequest(request_id=new_request_id(), api_key=self.api_key)
+        return Call(request, self.timeout(timeout_s), _stats)
+
+    def ping(self, timeout_s: float | None) -> Call[None]:
+        return Call(PingRequest(request_id=new_request_id()), self.timeout(timeout_s), _pong)
+
+    def whoami(self, timeout_s: float | None) -> Call[Tenant]:
+        request = WhoAmIRequest(request_id=new_request_id(), api_key=self.api_key)
+        return Call(request, self.timeout(timeout_s), _tenant)
+
+    def upload_limit(self, timeout_s: float) -> Call[int]:
+        """The gateway's upload limit in bytes (0 when it does not say)."""
+        request = WhoAmIRequest(request_id=new_request_id(), api_key=self.api_key)
+        return Call(request, timeout_s, _upload_limit)
+
+    def usage(self, tenant: str | None, timeout_s: float | None) -> Call[TenantUsage]:
+        request = UsageQuery(request_id=new_request_id(), api_key=self.api_key, tenant=tenant)
+        return Call(request, self.timeout(timeout_s), _tenant_usage)
+
+    def cluster_status(self, timeout_s: float | None) -> Call[list[ExecutorStatus]]:
+        request = ClusterStatusRequest(request_id=new_request_id(), api_key=self.api_key)
+        return Call(request, self.timeout(timeout_s), _executors)
+
+    # --- adapters ----------------------------------------------------------------------------
+
+    def push_adapter(
+        self, config_json: bytes, weights: bytes, name: str, timeout_s: float | None
+    ) -> Call[AdapterInfo]:
+        """The upload (the caller checks its size against :meth:`upload_limit` first)."""
+        request = build_adapter_push(api_key=self.api_key, tenant=self.tenant, name=name)
+        return Call(request, self.timeout(timeout_s), single_adapter, (config_json, weights))
+
+    def list_adapters(self, timeout_s: float | None) -> Call[list[AdapterInfo]]:
+        request = build_adapter_list(api_key=self.api_key, tenant=self.tenant)
+        return Call(request, self.timeout(timeout_s), adapter_infos)
+
+    def delete_adapter(
+        self, name: str, version: int | None, timeout_s: float | None
+    ) -> Call[list[AdapterInfo]]:
+        timeout = self.timeout(timeout_s)
+        request = build_adapter_delete(
+            api_key=self.api_key, tenant=self.tenant, name=name, version=version
+        )
+        return Call(request, timeout, adapter_infos)
+
+    # --- administration (this client's API key must be the cluster's admin key) -------------
+
+    def _admin(
+        self,
+        action: str,
+        finish: Callable[[object], T],
+        *,
+        tenant: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float | None,
+    ) -> Call[T]:
+        timeout = self.timeout(timeout_s)
+        request = AdminRequest(
+            request_id=new_request_id(),
+            admin_key=self.api_key,
+            action=action,
+            tenant=tenant,
+            api_key=api_key,
+        )
+        return Call(request, timeout, finish)
+
+    def create_tenant(self, name: str, timeout_s: float | None) -> Call[IssuedKey]:
+        return self._admin("create_tenant", _issued_key, tenant=name, timeout_s=timeout_s)
+
+    def create_api_key(self, tenant: str, timeout_s: float | None) -> Call[IssuedKey]:
+        return self._admin("create_key", _issued_key, tenant=tenant, timeout_s=timeout_s)
+
+    def revoke_api_key(self, api_key: str, timeout_s: float | None) -> Call[None]:
+        return self._admin("revoke_key", _admin_done, api_key=api_key, timeout_s=timeout_s)
+
+    def delete_tenant(self, tenant: str, timeout_s: float | None) -> Call[None]:
+        return self._admin("delete_tenant", _admin_done, tenant=tenant, timeout_s=timeout_s)
