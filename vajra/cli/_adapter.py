@@ -1,0 +1,77 @@
+"""``vajra adapter``: push, list and delete a tenant's LoRA adapters through the gateway."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING, Any
+
+from vajra.cli._common import api_key, gateway_address, load_args_config, with_config
+
+if TYPE_CHECKING:
+    from vajra.cli._common import Subcommands
+    from vajra.client import AdapterInfo
+
+
+def register(sub: Subcommands) -> None:
+    adapter = with_config(sub.add_parser("adapter", help="push, list and delete LoRA adapters"))
+    asub = adapter.add_subparsers(dest="adapter_cmd", required=True)
+    apush = asub.add_parser("push", help="upload a PEFT adapter directory as a new version")
+    apush.add_argument("dir", help="directory with adapter_config.json + adapter_model.safetensors")
+    apush.add_argument("--name", required=True, help="adapter name (1-64 of [A-Za-z0-9_.-])")
+    asub.add_parser("list", help="every version of your adapters")
+    adel = asub.add_parser("delete", help="delete NAME (every version) or NAME@VERSION")
+    adel.add_argument("ref", metavar="NAME[@VERSION]")
+    for sp in asub.choices.values():
+        sp.add_argument("--key", help="API key (default: $VAJRA_API_KEY)")
+        sp.add_argument(
+            "--gateway",
+            help="gateway address, e.g. tcp://127.0.0.1:5555 (default: the running "
+            "cluster's, from $VAJRA_HOME/cluster.json)",
+        )
+        sp.add_argument(
+            "--timeout", type=float, default=120.0, help="seconds (default: %(default)s)"
+        )
+        sp.add_argument("--json", action="store_true", help="print JSON (default: a table)")
+    adapter.set_defaults(func=cmd_adapter)
+
+
+def cmd_adapter(args: argparse.Namespace) -> int:
+    from vajra.client import Client
+
+    cfg = load_args_config(args)
+    with Client(gateway_address(cfg, args), api_key(args), timeout_s=args.timeout) as client:
+        if args.adapter_cmd == "push":
+            info = client.push_adapter(args.dir, args.name)
+            if args.json:
+                print(json.dumps(_adapter_json(info)))
+            else:
+                print(
+                    f"adapter {info.name} version {info.version} pushed "
+                    f"(rank {info.rank}, {info.size_bytes} bytes, sha256 {info.digest})"
+                )
+        elif args.adapter_cmd == "list":
+            infos = client.list_adapters()
+            if args.json:
+                print(json.dumps([_adapter_json(i) for i in infos]))
+            else:
+                print("NAME\tVERSION\tACTIVE\tRANK\tSIZE_BYTES\tDIGEST")
+                for i in infos:
+                    active = "*" if i.active else ""
+                    print(f"{i.name}\t{i.version}\t{active}\t{i.rank}\t{i.size_bytes}\t{i.digest}")
+        elif args.adapter_cmd == "delete":
+            gone = client.delete_adapter(args.ref)
+            for i in gone:
+                print(f"deleted {i.name}@{i.version}")
+    return 0
+
+
+def _adapter_json(info: AdapterInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "version": info.version,
+        "digest": info.digest,
+        "size_bytes": info.size_bytes,
+        "rank": info.rank,
+        "active": info.active,
+    }
