@@ -1,0 +1,144 @@
+"""`make gpu-check` in its dry mode: the whole plan on the CPU, so it cannot rot between GPU runs.
+
+The dry run installs one hand-made wheel offline (as the GPU run installs the downloaded ones),
+runs the CUDA tests (which skip without a device), and both adapter benchmarks on the tiny
+shape. Speeds are not asserted (tests must pass on a loaded machine); the summary's parts are.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vajra.bench.gpu_check import judge_targets, read_junit
+
+REPO = Path(__file__).resolve().parent.parent.parent
+PROBE = "vajra_gpu_check_probe"
+
+
+def probe_wheel(folder: Path) -> None:
+    """A one-module wheel, so the dry run's offline install has something to install."""
+    folder.mkdir()
+    dist = f"{PROBE}-1.0.dist-info"
+    files = {
+        f"{PROBE}.py": "CARRIED = True\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {PROBE}\nVersion: 1.0\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{dist}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{dist}/RECORD"])
+    with zipfile.ZipFile(folder / f"{PROBE}-1.0-py3-none-any.whl", "w") as wheel:
+        for name, text in files.items():
+            wheel.writestr(name, text)
+
+
+@pytest.mark.timeout(600)  # four Python processes that import torch, on a loaded machine
+def test_dry_run_runs_the_whole_plan_and_writes_every_json(tmp_path: Path) -> None:
+    out, work, wheels = tmp_path / "out", tmp_path / "work", tmp_path / "wheels"
+    probe_wheel(wheels)
+    (tmp_path / "requirements.txt").write_text(f"{PROBE}\n")
+    cmd = [sys.executable, "-m", "vajra.bench.gpu_check", "--dry-run", "--budget-s", "540"]
+    cmd += ["--out", str(out), "--work", str(work), "--wheels", str(wheels)]
+    cmd += ["--requirements", str(tmp_path / "requirements.txt")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=570)
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("vajra gpu-check (dry-run) on cpu: python ")
+    assert lines[1].startswith("dry run on the CPU: CUDA tests skip themselves")
+    assert any(line.startswith("tests (pytest -m gpu tests/gpu): ") for line in lines)
+    assert any(line.startswith("adapters-llama-3.2-1b (tiny, ") for line in lines)
+    assert lines[-1].startswith("result: OK in ")
+
+    names = {"environment", "tests", "adapters-llama-3.2-1b", "adapters-llama-3-8b", "summary"}
+    assert {p.name for p in out.iterdir()} == {f"{name}.json" for name in names}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "dry-run" and summary["ok"] is True
+    assert [s["name"] for s in summary["steps"]] == [
+        "install",
+        "environment",
+        "tests",
+        "adapters-llama-3.2-1b",
+        "adapters-llama-3-8b",
+    ]
+    assert all(s["status"] == "ok" for s in summary["steps"]), summary["steps"]
+    assert summary["wheels"]["installed"] == [PROBE]
+    assert next(work.glob("site-cp*")).joinpath(f"{PROBE}.py").exists()
+
+    environment = json.loads((out / "environment.json").read_text())
+    assert environment["device"] == "cpu" and environment["cuda"] is False
+    assert environment["import_errors"] == {}
+
+    tests = json.loads((out / "tests.json").read_text())
+    assert tests == summary["tests"]
+    assert tests["failed"] == 0 and tests["skipped"] >= 1  # every CUDA test skips on the CPU
+    assert all("CUDA" in problem["skipped"] for problem in tests["problems"])
+
+    assert summary["targets"].startswith("not judged")
+    for name in ("adapters-llama-3.2-1b", "adapters-llama-3-8b"):
+        figures = summary["figures"][name]
+        assert figures["model_shape"] == "tiny" and figures["activation_shape"] == "tiny"
+        assert set(figures["activation_p50_ms"]) == {"pinned", "page_cache"}
+        assert [row["adapters"] for row in figures["by_adapters"]] == [1, 2]
+        for row in figures["by_adapters"]:
+            assert row["vajra_vs_base"] > 0 and row["vajra_vs_peft"] > 0, row
+        bench = json.loads((out / f"{name}.json").read_text())
+        assert bench["device"] == "cpu" and bench["throughput"]["model_shape"] == "tiny"
+
+
+def test_read_junit_counts_passes_failures_and_skips(tmp_path: Path) -> None:
+    report = tmp_path / "junit.xml"
+    report.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.gpu.a" name="test_ok"/>'
+        '<testcase classname="tests.gpu.a" name="test_bad"><failure message="boom"/></testcase>'
+        '<testcase classname="tests.gpu.b" name="test_err"><error message="setup"/></testcase>'
+        '<testcase classname="tests.gpu.b" name="test_cuda">'
+        '<skipped message="needs a CUDA device"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    result = read_junit(report)
+    assert (result["passed"], result["failed"], result["skipped"]) == (1, 2, 1)
+    assert result["problems"] == [
+        {"test": "tests.gpu.a::test_bad", "message": "boom"},
+        {"test": "tests.gpu.b::test_err", "message": "setup"},
+        {"test": "tests.gpu.b::test_cuda", "skipped": "needs a CUDA device"},
+    ]
+    assert read_junit(tmp_path / "missing.xml")["problems"][0]["message"] == "no junit report"
+
+
+def figures(shape: str, ratios: dict[int, float], pinned_ms: float | None) -> dict[str, Any]:
+    tiers = {} if pinned_ms is None else {"pinned": pinned_ms, "page_cache": 9.0}
+    rows = [{"adapters": n, "vajra_vs_base": r} for n, r in ratios.items()]
+    return {
+        "model_shape": shape,
+        "activation_shape": "llama-3-8b",
+        "activation_p50_ms": tiers,
+        "by_adapters": rows,
+    }
+
+
+def test_targets_are_met_missed_or_not_measured() -> None:
+    statuses = [t["status"] for t in judge_targets({})]
+    assert statuses == ["not measured"] * 3
+    run = {"adapters-llama-3.2-1b": figures("llama-3.2-1b", {1: 0.9, 32: 0.8, 128: 0.7}, 1.5)}
+    assert [(t["status"], t["value"]) for t in judge_targets(run)] == [
+        ("met", 0.8),
+        ("missed", 0.7),
+        ("met", 1.5),
+    ]
+    # The first run that measured the 8B adapter's activation counts; a wrong shape is no result.
+    run["adapters-llama-3-8b"] = figures("llama-3-8b", {1: 0.5}, 0.5)
+    assert judge_targets(run)[2]["value"] == 1.5
+    run["adapters-llama-3.2-1b"] = figures("tiny", {32: 0.9, 128: 0.9}, None)
+    run["adapters-llama-3-8b"] = figures("llama-3-8b", {1: 0.5}, 2.5)
+    assert [(t["status"], t["value"]) for t in judge_targets(run)] == [
+        ("not measured", None),
+        ("not measured", None),
+        ("missed", 2.5),
+    ]

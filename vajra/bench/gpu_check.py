@@ -1,0 +1,415 @@
+"""``make gpu-check``: the CUDA tests and the GPU benchmarks as one command for a GPU machine.
+
+One plan, run in order, each step a subprocess with its own time limit inside one budget
+(7.5 minutes by default, so the whole check ends within 8 on one H100 or H200):
+
+1. ``install``: the wheels that ``make gpu-wheels`` put in ``.gpu-wheels/`` (everything Vajra's
+   GPU code, its CUDA tests and the benchmarks need besides torch, transformers, peft and
+   safetensors) are installed offline with ``pip --target`` into a folder of their own, which
+   goes first on every later step's ``PYTHONPATH``. The machine's packages are not touched.
+2. ``environment``: Python, torch, transformers, peft and safetensors versions, the device, and
+   an import of every module the later steps need (a missing wheel shows up here, by name).
+3. ``tests``: ``pytest -m gpu tests/gpu``, every test marked as needing CUDA (the LoRA pool's
+   copy stream from pinned host memory, the engine on CUDA, ...).
+4. ``adapters-llama-3.2-1b`` and ``adapters-llama-3-8b``: ``vajra bench adapters`` (run as
+   ``python -m vajra.bench.adapters``, which needs no CLI install) on those model shapes.
+
+Every step writes its JSON into one folder (``bench-results/gpu/`` by default) and
+``summary.json`` gathers them; a short summary goes to stdout, progress and failing steps' logs
+to stderr. The exit status is 1 when a step fails, a test fails, or a CUDA test is skipped on
+a GPU machine.
+
+``--dry-run`` runs the same plan on the CPU: the CUDA tests skip themselves, the "tiny" model
+shape stands in for both GPU shapes, and the speed targets are not judged; the summary says so.
+``tests/bench/test_gpu_check.py`` runs it, so the check cannot rot between GPU runs.
+
+Standard library only: this module runs before the wheels are installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Modules every step after ``install`` imports; the environment step checks each.
+NEEDED_MODULES = (
+    "vajra.gpu",
+    "vajra.gpu.lora",
+    "vajra.state",
+    "vajra.bench.adapters",
+    "pytest",
+    "pytest_trio",
+    "pytest_timeout",
+    "hypothesis",
+)
+#: pytest plugins named explicitly: autoloading is off, so plugins the machine happens to
+#: have (pytest-benchmark, pytest-cov, ...) cannot break a run.
+PYTEST_PLUGINS = ("pytest_trio.plugin", "pytest_timeout", "_hypothesis_pytestplugin")
+#: The speed targets judged on a GPU run (see docs/benchmarks.md).
+TARGET_MIN_VAJRA_VS_BASE = 0.75  # Llama-3.2-1B shape, at 32 and 128 adapters
+TARGET_MAX_PINNED_ACTIVATION_MS = 2.0  # Llama-3-8B-shaped rank-16 adapter, p50
+
+_ENVIRONMENT = """
+import importlib, json, platform, sys
+out = {"python": platform.python_version()}
+for name in ("torch", "transformers", "peft", "safetensors"):
+    out[name] = importlib.import_module(name).__version__
+import torch
+out["cuda"] = torch.cuda.is_available()
+out["device"] = torch.cuda.get_device_name(0) if out["cuda"] else "cpu"
+errors = {}
+for name in sys.argv[2:]:
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        errors[name] = f"{type(exc).__name__}: {exc}"
+out["import_errors"] = errors
+with open(sys.argv[1], "w") as f:
+    json.dump(out, f, indent=2)
+sys.exit(1 if errors else 0)
+"""
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    args: tuple[str, ...]  # after ``python``
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Options:
+    root: Path  # the repository checkout (holds tests/gpu)
+    out: Path  # every JSON goes here
+    work: Path  # logs, the pip target folder, pytest's junit XML
+    wheels: Path
+    requirements: Path
+    dry_run: bool
+    budget_s: float
+
+
+def adapters_bench_args(shape: str, out: Path, *, dry_run: bool) -> list[str]:
+    """``vajra bench adapters`` for one model shape; the dry run uses the tiny shape, on the
+    CPU, with the smallest settings that still run every part (activation, Vajra, PEFT)."""
+    args = ["-m", "vajra.bench.adapters", "--json", str(out)]
+    if dry_run:
+        settings = "--device cpu --model-shape tiny --activation-shape tiny --counts 1,2"
+        settings += " --batch-size 2 --new-tokens 2 --repeats 1 --activation-repeats 2"
+        return args + settings.split()
+    args += f"--model-shape {shape} --activation-shape llama-3-8b --repeats 2".split()
+    if shape == "llama-3.2-1b":
+        return [*args, "--counts", "1,8,32,128"]
+    # 8B: fewer adapters (the bench builds each, 168 MB in float32, on the CPU first) and no
+    # PEFT comparison, whose 32 adapters would take more of the budget than Vajra's own run.
+    return [*args, "--counts", "1,8,32", "--no-peft"]
+
+
+def plan(opts: Options) -> list[Step]:
+    pytest = ["-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    pytest += ["--junitxml", str(opts.work / "junit.xml")]
+    for plugin in PYTEST_PLUGINS:
+        pytest += ["-p", plugin]
+    probe = ["-c", _ENVIRONMENT, str(opts.out / "environment.json"), *NEEDED_MODULES]
+    steps = [
+        Step("environment", tuple(probe), 120),
+        Step("tests", (*pytest, "-m", "gpu", "tests/gpu"), 180),
+    ]
+    for shape, limit_s in (("llama-3.2-1b", 300), ("llama-3-8b", 240)):
+        json_out = opts.out / f"adapters-{shape}.json"
+        bench = adapters_bench_args(shape, json_out, dry_run=opts.dry_run)
+        steps.append(Step(f"adapters-{shape}", tuple(bench), limit_s))
+    # The engine benchmark goes here: one more Step per shape writing engine-<shape>.json,
+    # and its key figures in _figures() below.
+    return steps
+
+
+def site_dir(work: Path) -> Path:
+    return work / f"site-cp{sys.version_info.major}{sys.version_info.minor}"
+
+
+def install_step(opts: Options) -> Step | None:
+    """Offline install of the downloaded wheels, or None when there are none to install."""
+    if not opts.wheels.is_dir() or not any(opts.wheels.glob("*.whl")):
+        return None
+    args = ["-m", "pip", "install", "--quiet", "--no-index", "--no-compile"]
+    args += ["--find-links", str(opts.wheels), "--target", str(site_dir(opts.work))]
+    args += ["-r", str(opts.requirements)]
+    return Step("install", tuple(args), 180)
+
+
+def run_step(step: Step, opts: Options, env: dict[str, str], deadline: float) -> dict[str, Any]:
+    """Run one step as a subprocess of this Python, its output in ``<work>/<name>.log``."""
+    record: dict[str, Any] = {"name": step.name, "command": ["python", *step.args]}
+    if step.args[:2] == ("-c", _ENVIRONMENT):
+        record["command"] = ["python", "-c", "<environment probe>", *step.args[2:]]
+    # Per-step limits guard a GPU run's budget; a dry run on a loaded CPU gets the whole budget.
+    left = deadline - time.monotonic()
+    timeout = left if opts.dry_run else min(step.timeout_s, left)
+    if timeout < 5:
+        print(f"[gpu-check] {step.name}: skipped, the time budget is spent", file=sys.stderr)
+        return {**record, "status": "skipped", "reason": "time budget spent"}
+    log = opts.work / f"{step.name}.log"
+    print(f"[gpu-check] {step.name}: running (limit {timeout:.0f} s)", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    with log.open("wb") as sink:
+        try:
+            code = subprocess.run(
+                [sys.executable, *step.args],
+                cwd=opts.root,
+                env=env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            ).returncode
+            status = "ok" if code == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            code, status = None, "timed out"
+    record |= {
+        "status": status,
+        "returncode": code,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    print(f"[gpu-check] {step.name}: {status} in {record['seconds']} s", file=sys.stderr)
+    if status != "ok":
+        tail = log.read_text(errors="replace").splitlines()[-40:]
+        record["log_tail"] = tail
+        print("\n".join(f"    {line}" for line in tail), file=sys.stderr, flush=True)
+    return record
+
+
+def read_junit(path: Path) -> dict[str, Any]:
+    """Counts and failures from pytest's junit XML."""
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    problems: list[dict[str, str]] = []
+    if not path.exists():
+        return {**counts, "problems": [{"test": "(pytest)", "message": "no junit report"}]}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        test = f"{case.get('classname', '')}::{case.get('name', '')}"
+        outcome = next(
+            (child for child in case if child.tag in ("failure", "error", "skipped")), None
+        )
+        if outcome is None:
+            counts["passed"] += 1
+        elif outcome.tag == "skipped":
+            counts["skipped"] += 1
+            problems.append({"test": test, "skipped": outcome.get("message", "")})
+        else:
+            counts["failed"] += 1
+            problems.append({"test": test, "message": (outcome.get("message") or "")[:500]})
+    return {**counts, "problems": problems}
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _figures(result: dict[str, Any]) -> dict[str, Any]:
+    """The key figures of one ``vajra bench adapters`` result."""
+    activation = result.get("activation", {})
+    throughput = result.get("throughput", {})
+    return {
+        "device": result.get("device"),
+        "model_shape": throughput.get("model_shape"),
+        "activation_shape": activation.get("shape"),
+        "activation_p50_ms": {
+            tier: figures.get("p50_ms") for tier, figures in activation.get("tiers", {}).items()
+        },
+        "by_adapters": [
+            {
+                key: row.get(key)
+                for key in ("adapters", "rows", "vajra_tok_s", "vajra_vs_base", "vajra_vs_peft")
+            }
+            for row in throughput.get("results", [])
+        ],
+        "seconds": result.get("seconds"),
+    }
+
+
+def _target(text: str, value: float | None, met: bool) -> dict[str, Any]:
+    status = "not measured" if value is None else "met" if met else "missed"
+    return {"target": text, "value": value, "status": status}
+
+
+def judge_targets(figures: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The GPU speed targets, each met, missed, or not measured in this run."""
+    targets = []
+    small = figures.get("adapters-llama-3.2-1b", {})
+    ratios = {row["adapters"]: row.get("vajra_vs_base") for row in small.get("by_adapters", [])}
+    for n in (32, 128):
+        value = ratios.get(n) if small.get("model_shape") == "llama-3.2-1b" else None
+        text = f"Llama-3.2-1B shape, {n} adapters: Vajra >= {TARGET_MIN_VAJRA_VS_BASE} x base"
+        targets.append(_target(text, value, (value or 0.0) >= TARGET_MIN_VAJRA_VS_BASE))
+    pinned = [
+        f["activation_p50_ms"]["pinned"]
+        for f in figures.values()
+        if f.get("activation_shape") == "llama-3-8b" and f["activation_p50_ms"].get("pinned")
+    ]
+    value = pinned[0] if pinned else None  # the first run that measured it
+    text = "Llama-3-8B-shaped rank-16 adapter from pinned memory: p50 <= "
+    text += f"{TARGET_MAX_PINNED_ACTIVATION_MS} ms"
+    targets.append(_target(text, value, (value or 0.0) <= TARGET_MAX_PINNED_ACTIVATION_MS))
+    return targets
+
+
+def run_check(opts: Options) -> tuple[dict[str, Any], list[str]]:
+    """Run the plan; return the summary (also written as ``summary.json``) and its text."""
+    started, deadline = time.monotonic(), time.monotonic() + opts.budget_s
+    opts.out.mkdir(parents=True, exist_ok=True)
+    for stale in opts.out.glob("*.json"):
+        stale.unlink()
+    opts.work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(site_dir(opts.work), ignore_errors=True)
+    (opts.work / "junit.xml").unlink(missing_ok=True)  # a stale report must not count
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONUNBUFFERED": "1"}
+    if opts.dry_run:  # the CPU only, even where a GPU is present
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    paths = [str(site_dir(opts.work)), str(opts.root), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+
+    summary: dict[str, Any] = {"mode": "dry-run" if opts.dry_run else "gpu", "steps": []}
+    install = install_step(opts)
+    if install is None:
+        summary["wheels"] = f"none in {opts.wheels}: the packages already installed are used"
+    else:
+        summary["steps"].append(run_step(install, opts, env, deadline))
+        installed = sorted(p.name.split("-")[0] for p in site_dir(opts.work).glob("*.dist-info"))
+        summary["wheels"] = {"folder": str(opts.wheels), "installed": installed}
+    blocked = install is not None and summary["steps"][-1]["status"] != "ok"
+    for step in plan(opts):
+        if blocked:  # without the packages or the device, later steps can only fail
+            summary["steps"].append(
+                {"name": step.name, "status": "skipped", "reason": "an earlier step failed"}
+            )
+            continue
+        record = run_step(step, opts, env, deadline)
+        summary["steps"].append(record)
+        if step.name == "environment":
+            summary["environment"] = environment = _load(opts.out / "environment.json") or {}
+            if not opts.dry_run and record["status"] == "ok" and not environment.get("cuda"):
+                record |= {
+                    "status": "failed",
+                    "reason": "torch sees no CUDA device; --dry-run runs on a CPU",
+                }
+            blocked = record["status"] != "ok"
+        if step.name == "tests":
+            summary["tests"] = read_junit(opts.work / "junit.xml")
+            (opts.out / "tests.json").write_text(json.dumps(summary["tests"], indent=2) + "\n")
+
+    figures = {
+        record["name"]: _figures(result)
+        for record in summary["steps"]
+        if record["name"].startswith("adapters-")
+        and (result := _load(opts.out / f"{record['name']}.json"))
+    }
+    summary["figures"] = figures
+    summary["targets"] = (
+        "not judged: a dry run on the CPU with tiny shapes"
+        if opts.dry_run
+        else judge_targets(figures)
+    )
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    tests = summary.get("tests", {})
+    summary["ok"] = (
+        all(s["status"] == "ok" for s in summary["steps"])
+        and tests.get("failed", 1) == 0
+        and (opts.dry_run or tests.get("skipped", 1) == 0)
+    )
+    (opts.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary, summary_lines(summary, opts)
+
+
+def summary_lines(summary: dict[str, Any], opts: Options) -> list[str]:
+    env = summary.get("environment", {})
+    lines = [
+        f"vajra gpu-check ({summary['mode']}) on {env.get('device', 'an unknown device')}: "
+        f"python {env.get('python', '?')}, torch {env.get('torch', '?')}, transformers "
+        f"{env.get('transformers', '?')}, peft {env.get('peft', '?')}, safetensors "
+        f"{env.get('safetensors', '?')}"
+    ]
+    if opts.dry_run:
+        lines.append(
+            "dry run on the CPU: CUDA tests skip themselves and the tiny model shape stands in "
+            "for llama-3.2-1b and llama-3-8b; speed targets are not judged"
+        )
+    if env.get("import_errors"):
+        lines.append(f"missing imports (run `make gpu-wheels`): {env['import_errors']}")
+    tests = summary.get("tests")
+    if tests:
+        lines.append(
+            f"tests (pytest -m gpu tests/gpu): {tests['passed']} passed, {tests['failed']} "
+            f"failed, {tests['skipped']} skipped"
+            + (" (no CUDA device)" if opts.dry_run and tests["skipped"] else "")
+        )
+        lines += [f"  {p['test']}: {p.get('message', p.get('skipped'))}" for p in tests["problems"]]
+    for name, fig in summary["figures"].items():
+        tiers = ", ".join(f"{t} {ms} ms" for t, ms in fig["activation_p50_ms"].items())
+        rows = "; ".join(
+            f"{r['adapters']}: {r['vajra_vs_base']} x base"
+            + ("" if r["vajra_vs_peft"] is None else f", {r['vajra_vs_peft']} x PEFT")
+            for r in fig["by_adapters"]
+        )
+        lines.append(
+            f"{name} ({fig['model_shape']}, {fig['seconds']} s): activation p50 of a "
+            f"{fig['activation_shape']} adapter: {tiers}; Vajra by adapters in batch: {rows}"
+        )
+    if isinstance(summary["targets"], list):
+        lines += [f"target {t['status']}: {t['target']} ({t['value']})" for t in summary["targets"]]
+    for step in summary["steps"]:
+        if step["status"] != "ok":
+            reason = f" ({step['reason']})" if "reason" in step else ""
+            lines.append(f"step {step['name']}: {step['status']}{reason}")
+    lines.append(
+        f"JSON: {opts.out}/ ({', '.join(sorted(p.name for p in opts.out.glob('*.json')))})"
+    )
+    lines.append(f"result: {'OK' if summary['ok'] else 'FAILED'} in {summary['seconds']} s")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vajra.bench.gpu_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--dry-run", action="store_true", help="the same plan on the CPU")
+    parser.add_argument("--root", type=Path, default=Path(), help="the repository checkout")
+    parser.add_argument("--out", type=Path, default=Path("bench-results/gpu"))
+    parser.add_argument("--work", type=Path, default=Path("build/gpu-check"))
+    parser.add_argument("--wheels", type=Path, default=Path(".gpu-wheels"))
+    parser.add_argument("--requirements", type=Path, default=Path("requirements-gpu.txt"))
+    parser.add_argument("--budget-s", type=float, default=450.0, help="time for the whole plan")
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    if not (root / "tests" / "gpu").is_dir():
+        parser.error(f"{root} holds no tests/gpu: run from the repository root or pass --root")
+    opts = Options(
+        root=root,
+        out=(root / args.out).resolve(),
+        work=(root / args.work).resolve(),
+        wheels=(root / args.wheels).resolve(),
+        requirements=(root / args.requirements).resolve(),
+        dry_run=args.dry_run,
+        budget_s=args.budget_s,
+    )
+    summary, lines = run_check(opts)
+    print("\n".join(lines), flush=True)
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
