@@ -110,12 +110,12 @@ async def test_usage_reaches_the_ledger_and_events_reach_the_predictor(
         async with AsyncClient(cluster.gateway, api_key, timeout_s=20) as c:
             r = await c.infer("billing check", max_tokens=3)
     with ClusterState(cluster.redis_url) as state:
-        tenant = state.authenticate(api_key)
+        tenant = state.api_keys.authenticate(api_key)
         assert tenant is not None
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            usage = state.get_usage(tenant.tenant_id)
-            events = state.get_adapter_stats("__base__")
+            usage = state.usage.get(tenant.tenant_id)
+            events = state.events.stats("__base__")
             if usage.requests >= 1 and events.requests >= 1:
                 break
             await trio.sleep(0.1)
@@ -165,6 +165,38 @@ async def test_bad_requests_get_typed_errors_naming_the_field(
                 assert info.value.field == field, kwargs
             # The gateway is still serving.
             assert (await c.infer("still alive", max_tokens=2)).tokens
+
+
+def test_the_gateway_checks_requests_itself_not_only_the_sdk(
+    cluster: RunningCluster, api_key: str
+) -> None:
+    """The SDK refuses these before sending; raw frames reach the gateway's own checks."""
+    cases = [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 100_000}, "max_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"stop": [""]}, "stop"),
+        ({"seed": -1}, "seed"),
+        ({"deadline_ms": 0}, "deadline_ms"),
+        ({"adapter": "x" * 200}, "adapter"),
+    ]
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.gateway)
+    try:
+        for i, (fields, field) in enumerate(cases):
+            request = InferRequest(request_id=f"bad{i}", api_key=api_key, prompt="hi", **fields)  # type: ignore[arg-type]
+            sock.send_multipart(encode(request))
+            assert sock.poll(30_000), fields
+            reply = decode(sock.recv_multipart()).message
+            assert isinstance(reply, ErrorReply), fields
+            assert (reply.code, reply.field) == ("invalid_request", field), fields
+    finally:
+        sock.close()
+        ctx.term()
 
 
 def _random_frames(rng: random.Random, i: int) -> list[bytes]:
