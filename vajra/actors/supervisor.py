@@ -34,18 +34,23 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from vajra.actors.actor_processes import (
+    EXECUTOR_PORT_OFFSET,
+    PORT_OFFSETS,
+    ActorProcess,
+    actor_processes,
+)
 from vajra.actors.base import HOME_LOCK_FD_ENV, PARENT_FD_ENV
 from vajra.actors.devices import executor_devices, parse_devices, visible_gpu_count
 from vajra.actors.home import HomeLock, StartupError, check_port_free, tcp_endpoint
 from vajra.actors.valkey_keeper import ValkeyKeeper
 from vajra.config import VajraConfig, dump_toml
-from vajra.state import AsyncClusterState, redact_url
+from vajra.state import ClusterState, OffLoop, redact_url
 from vajra.state.embedded import (
     make_private_dir,
     write_private_file,
@@ -56,25 +61,10 @@ log = logging.getLogger("vajra.supervisor")
 CLUSTER_FILE = "cluster.json"
 LOCK_FILE = "lock"
 VALKEY_PID_FILE = "valkey.pid"
-#: Metrics ports from ``cluster.metrics_port`` (see vajra/actors/metrics.py); exec-N: 10 + N.
-PORT_OFFSETS = {"gateway": 0, "scheduler": 1, "predictor": 2, "ledger": 3}
-EXECUTOR_PORT_OFFSET = 10
 _MIN_BACKOFF_S = 0.25
 _MAX_BACKOFF_S = 5.0
 #: An actor that exits this many times before the cluster is ready fails ``vajra up``.
 _MAX_STARTUP_EXITS = 3
-
-
-@dataclass
-class ActorProcess:
-    """One supervised actor: how to start it, and its current process."""
-
-    name: str
-    argv: list[str]
-    process: trio.Process | None = None
-    restarts: int = 0
-    stopping: bool = False
-    exited: trio.Event = field(default_factory=trio.Event)
 
 
 def free_tcp_address() -> str:
@@ -302,19 +292,20 @@ class Supervisor:
         from vajra.client import AsyncClient, AuthError
         from vajra.errors import VajraError
 
-        state = AsyncClusterState.from_url(cfg.cluster.redis_url)
+        state = ClusterState(cfg.cluster.redis_url)
+        redis = OffLoop()
         want = {f"exec-{i}" for i in range(self.n_executors)}
         try:
             while True:
                 try:
-                    beats = {hb.executor_id for hb in await state.list_heartbeats()}
+                    beats = {hb.executor_id for hb in await redis.run(state.heartbeats.list)}
                 except VajraError:  # Valkey restarting under us
                     beats = set()
                 if want <= beats:
                     break
                 await trio.sleep(0.1)
         finally:
-            await state.aclose()
+            state.close()
         while True:
             try:
                 async with AsyncClient(
@@ -366,39 +357,9 @@ class Supervisor:
                 os.close(fd)
 
 
-def actor_processes(
-    cfg: VajraConfig, config_path: Path, executor_devices: Sequence[str | None]
-) -> list[ActorProcess]:
-    """The actors ``vajra up`` runs for ``cfg``, in start order; executor ``i`` gets
-    ``--device executor_devices[i]`` (none when that is None)."""
-    base = [sys.executable, "-m", "vajra", "actor"]
-    conf = ["--config", str(config_path)]
-
-    def executor(i: int) -> ActorProcess:
-        device = executor_devices[i]
-        argv = [*base, "executor", *conf, "--executor-id", f"exec-{i}"]
-        argv += [*_metrics_arg(cfg, EXECUTOR_PORT_OFFSET + i)]
-        if device is not None:
-            argv += ["--device", device]
-        return ActorProcess(f"executor-{i}", argv)
-
-    actors = [
-        ActorProcess(name, [*base, name, *conf, *_metrics_arg(cfg, PORT_OFFSETS[name])])
-        for name in ("ledger", "scheduler", "predictor")
-    ]
-    actors += [executor(i) for i in range(len(executor_devices))]
-    actors.append(
-        ActorProcess(
-            "gateway", [*base, "gateway", *conf, *_metrics_arg(cfg, PORT_OFFSETS["gateway"])]
-        )
-    )
-    if cfg.http.enabled:
-        actors.append(ActorProcess("http", [*base, "http", *conf]))
-    return actors
-
-
-async def run_supervisor(sup: Supervisor) -> int:
-    """Run until SIGINT/SIGTERM; print the addresses once the cluster is ready.
+async def run_supervisor(sup: Supervisor, *, notes: Sequence[str] = ()) -> int:
+    """Run until SIGINT/SIGTERM; print the addresses (and ``notes``, one ``vajra: ...`` line
+    each) once the cluster is ready.
 
     Returns 0 after a stop, 1 (with one ``vajra: ...`` line on stderr) when the cluster
     could not start. Signals that arrive while it is stopping are taken and ignored until
@@ -418,6 +379,8 @@ async def run_supervisor(sup: Supervisor) -> int:
                         if "http_address" in info:
                             print(f"vajra: http {info['http_address']}", flush=True)
                         print(f"vajra: redis {redact_url(info['redis_url'])}", flush=True)
+                        for note in notes:
+                            print(f"vajra: {note}", flush=True)
                         print("vajra: ready (Ctrl-C to stop)", flush=True)
                 except* StartupError as group:
                     failure = _first_leaf(group)
@@ -442,9 +405,3 @@ async def _take_signals(signals: AsyncIterator[int], serving: trio.CancelScope) 
         else:
             print("vajra: stopping", flush=True)
             serving.cancel()
-
-
-def _metrics_arg(cfg: VajraConfig, offset: int) -> list[str]:
-    """``--metrics-port`` for the actor at ``offset`` from ``cluster.metrics_port`` (if set)."""
-    port = cfg.cluster.metrics_port
-    return ["--metrics-port", str(port + offset)] if port > 0 else []
