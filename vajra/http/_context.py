@@ -19,6 +19,9 @@ from vajra.http._errors import ApiError
 from vajra.http._gateway import GatewayPool
 from vajra.http._metrics import BridgeMetrics
 
+#: How long a query, admin or adapter-listing call through the gateway may take.
+QUERY_TIMEOUT_S = 10.0
+
 
 @dataclass
 class BridgeContext:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from starlette.responses import Response
 
 from vajra.client import AdapterInfo
-from vajra.http._context import ApiKey, Ctx
+from vajra.http._context import QUERY_TIMEOUT_S, ApiKey, Ctx
 from vajra.http._errors import ApiError
 from vajra.http._generation import counting_limits
 from vajra.http._responses import error_docs, json_response
@@ -179,7 +179,7 @@ async def push_adapter(
 )
 async def list_adapters(ctx: Ctx, key: ApiKey) -> Response:
     with ctx.pool.guard():
-        adapters = await ctx.pool.client(key).list_adapters(timeout_s=10.0)
+        adapters = await ctx.pool.client(key).list_adapters(timeout_s=QUERY_TIMEOUT_S)
     data = [adapter_body(a, ctx.base_model) for a in adapters]
     return json_response({"object": "list", "data": data})
 
@@ -202,5 +202,7 @@ async def delete_adapter(
     version: Annotated[int | None, Query(ge=1, le=MAX_VERSION)] = None,
 ) -> Response:
     with ctx.pool.guard():
-        deleted = await ctx.pool.client(key).delete_adapter(name, version, timeout_s=10.0)
+        deleted = await ctx.pool.client(key).delete_adapter(
+            name, version, timeout_s=QUERY_TIMEOUT_S
+        )
     return json_response({"deleted": [adapter_body(a, ctx.base_model) for a in deleted]})

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 from vajra.client import IssuedKey
-from vajra.http._context import ApiKey, Ctx
+from vajra.http._context import QUERY_TIMEOUT_S, ApiKey, Ctx
 from vajra.http._responses import error_docs, json_response
 from vajra.http.schemas.admin import Done, IssuedKeyBody, KeyRevoke, TenantCreate
 from vajra.http.schemas.errors import ErrorBody
@@ -31,7 +31,7 @@ def _issued(issued: IssuedKey) -> Response:
 )
 async def create_tenant(body: TenantCreate, ctx: Ctx, key: ApiKey) -> Response:
     with ctx.pool.guard():
-        issued = await ctx.pool.client(key).create_tenant(body.name, timeout_s=10.0)
+        issued = await ctx.pool.client(key).create_tenant(body.name, timeout_s=QUERY_TIMEOUT_S)
     return _issued(issued)
 
 
@@ -44,7 +44,7 @@ async def create_tenant(body: TenantCreate, ctx: Ctx, key: ApiKey) -> Response:
 )
 async def create_key(tenant: str, ctx: Ctx, key: ApiKey) -> Response:
     with ctx.pool.guard():
-        issued = await ctx.pool.client(key).create_api_key(tenant, timeout_s=10.0)
+        issued = await ctx.pool.client(key).create_api_key(tenant, timeout_s=QUERY_TIMEOUT_S)
     return _issued(issued)
 
 
@@ -56,7 +56,7 @@ async def create_key(tenant: str, ctx: Ctx, key: ApiKey) -> Response:
 )
 async def revoke_key(body: KeyRevoke, ctx: Ctx, key: ApiKey) -> Response:
     with ctx.pool.guard():
-        await ctx.pool.client(key).revoke_api_key(body.api_key, timeout_s=10.0)
+        await ctx.pool.client(key).revoke_api_key(body.api_key, timeout_s=QUERY_TIMEOUT_S)
     return json_response({"ok": True})
 
 
@@ -68,5 +68,5 @@ async def revoke_key(body: KeyRevoke, ctx: Ctx, key: ApiKey) -> Response:
 )
 async def delete_tenant(tenant: str, ctx: Ctx, key: ApiKey) -> Response:
     with ctx.pool.guard():
-        await ctx.pool.client(key).delete_tenant(tenant, timeout_s=10.0)
+        await ctx.pool.client(key).delete_tenant(tenant, timeout_s=QUERY_TIMEOUT_S)
     return json_response({"ok": True})

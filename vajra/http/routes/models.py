@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 from vajra.client import AdapterInfo
-from vajra.http._context import ApiKey, BridgeContext, Ctx
+from vajra.http._context import QUERY_TIMEOUT_S, ApiKey, BridgeContext, Ctx
 from vajra.http._errors import ApiError
 from vajra.http._responses import error_docs, json_response
 from vajra.http.schemas.errors import ErrorBody, OpenAIErrorBody
@@ -50,7 +50,7 @@ def model_cards(adapters: list[AdapterInfo], base: str) -> list[dict[str, object
 
 async def _cards(ctx: BridgeContext, key: str) -> list[dict[str, object]]:
     with ctx.pool.guard():
-        adapters = await ctx.pool.client(key).list_adapters(timeout_s=10.0)
+        adapters = await ctx.pool.client(key).list_adapters(timeout_s=QUERY_TIMEOUT_S)
     return model_cards(adapters, ctx.base_model)
 
 
@@ -113,7 +113,7 @@ async def model(model_id: str, ctx: Ctx, key: ApiKey) -> Response:
 async def versions(model_id: str, ctx: Ctx, key: ApiKey) -> Response:
     base = ctx.base_model
     with ctx.pool.guard():
-        adapters = await ctx.pool.client(key).list_adapters(timeout_s=10.0)
+        adapters = await ctx.pool.client(key).list_adapters(timeout_s=QUERY_TIMEOUT_S)
     if model_id == base:
         one = {
             "version": 1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from vajra.http._context import ApiKey, Ctx
+from vajra.http._context import QUERY_TIMEOUT_S, ApiKey, Ctx
 from vajra.http._responses import error_docs, json_response
 from vajra.http.schemas.errors import ErrorBody
 from vajra.http.schemas.usage import UsageMetrics
@@ -22,7 +22,7 @@ router = APIRouter(tags=["paper"])
 )
 async def usage(tenant_id: str, ctx: Ctx, key: ApiKey) -> Response:
     with ctx.pool.guard():
-        u = await ctx.pool.client(key).usage(tenant_id, timeout_s=10.0)
+        u = await ctx.pool.client(key).usage(tenant_id, timeout_s=QUERY_TIMEOUT_S)
     prices = ctx.cfg.policies
     cost = inference_cost_usd(
         u.gpu_ms,
