@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.null_cluster import NullCluster, null_cluster
 from vajra.gpu.tiny import init_tiny_model
 from vajra.state import EmbeddedValkey
 
@@ -29,6 +30,13 @@ def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small random-weight Llama and trained tokenizer, written as a real model directory."""
     return init_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def null_cluster_running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NullCluster]:
+    """A model-less cluster with the HTTP bridge, in a thread (see :mod:`tests.null_cluster`)."""
+    with null_cluster(tmp_path_factory.mktemp("null-cluster")) as cluster:
+        yield cluster
 
 
 @pytest.fixture

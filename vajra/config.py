@@ -96,8 +96,15 @@ class LedgerConfig:
 class ExecutorConfig:
     device: str = "auto"
     dtype: str = "auto"
+    torch_threads: int = 0  # torch's CPU threads; 0: on the CPU, its cores less one
     max_batch_size: int = 32
     max_model_len: int = 2_048
+    max_batch_tokens: int = 2_048  # tokens in one packed step: decode tokens + prefill chunks
+    kv_cache_bytes: int = (
+        0  # paged KV cache; 0: kv_memory_fraction of free GPU memory / CPU default
+    )
+    kv_memory_fraction: float = 0.9
+    kv_block_size: int = 16  # token positions per KV block
     max_queue: int = 256
     load_report_interval_s: float = 0.1
     heartbeat_interval_s: float = 1.0

@@ -29,6 +29,7 @@ from vajra.bus.messages import (
     ExecutorHello,
     InferResult,
     InferWork,
+    Sampling,
 )
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
@@ -132,11 +133,7 @@ def _work(
         tenant_id=TENANT,
         prompt=prompt,
         adapter="x" if digest else None,
-        max_tokens=n,
-        temperature=0.0,
-        top_p=1.0,
-        stop=[],
-        seed=None,
+        sampling=Sampling(max_tokens=n),
         stream=False,
         deadline_unix_ms=now_ms() + 60_000,
         gateway_id="gw",

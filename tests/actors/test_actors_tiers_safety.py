@@ -51,20 +51,22 @@ def stored(tmp_path: Path, adapter_dirs: list[Path], spec: BaseModelSpec) -> lis
 
 
 @pytest.mark.parametrize(
-    "rank_classes", [(8, 16, 32, 64), (16,)], ids=["spill-to-a-larger-class", "staging-buffer"]
+    "host_ranks", [(8, 16, 32, 64), (16,)], ids=["spill-to-a-larger-class", "staging-buffer"]
 )
 async def test_a_gpu_slot_holds_its_own_weights_while_its_host_slot_is_wanted(
     tmp_path: Path,
     tiny_model_dir: Path,
     spec: BaseModelSpec,
     stored: list[KitAdapter],
-    rank_classes: tuple[int, ...],
+    host_ranks: tuple[int, ...],
 ) -> None:
     """Item 2: X waits for the GPU with its weights in the only host slot of its class; Y,
     packed meanwhile, must not take that slot."""
-    pool = make_pool(spec, rank_classes, [2] * len(rank_classes))
+    pool = make_pool(spec, 2, 16)
     limiter = trio.CapacityLimiter(1)
-    tiers = make_tiers(tmp_path, tiny_model_dir, pool, limiter)  # one host slot per class
+    tiers = make_tiers(  # one host slot per size class
+        tmp_path, tiny_model_dir, pool, limiter, host_rank_classes=host_ranks
+    )
     x, y = stored[0], stored[1]  # ranks 4 and 8: the same, smallest, host class
     step = EngineStep(limiter)
     slots: dict[str, int] = {}
@@ -98,7 +100,7 @@ async def test_acquire_neither_spins_nor_evicts_its_own_load_when_the_rest_is_he
 ) -> None:
     """Item 9: past the eviction threshold with every other adapter held, the new adapter
     stays; with every slot held, a retriable OverloadedError at once; never a load loop."""
-    pool = make_pool(spec, (16,), (4,))
+    pool = make_pool(spec, 4, 16)
     tiers = make_tiers(tmp_path, tiny_model_dir, pool, trio.CapacityLimiter(1), threshold=0.5)
     calls = {"load": 0, "free": 0}
     real_load, real_free = pool.load, pool.free
@@ -134,6 +136,27 @@ async def test_acquire_neither_spins_nor_evicts_its_own_load_when_the_rest_is_he
         assert calls == {"load": 5, "free": 1}
 
 
+async def test_only_an_adapter_whose_eviction_makes_room_is_evicted(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    spec: BaseModelSpec,
+    stored: list[KitAdapter],
+) -> None:
+    """GPU memory is per module kind: the new adapter lacks down_proj pages only, so the
+    least-recently-used idle adapter on q/k/v/o stays and the one holding down_proj goes."""
+    pool = make_pool(spec, 4, 4)  # 16 pages per kind
+    tiers = make_tiers(tmp_path, tiny_model_dir, pool, trio.CapacityLimiter(1))
+    attn, mlp, new = stored[1], stored[2], stored[4]  # r8 q/k/v/o, r6 gate/up/down, r16 q/v/down
+    with trio.fail_after(30):
+        for a in (attn, mlp):  # attn is the least recently used
+            await tiers.acquire(a.digest, a.key)
+            tiers.release(a.digest)
+        slot = await tiers.acquire(new.digest, new.key)
+    assert slot_holds(pool, slot, new, expected_units(new, spec, pool))
+    assert list(tiers.gpu) == [attn.digest, new.digest]
+    assert tiers.stats["gpu"].evictions == 1
+
+
 async def test_concurrent_cold_loads_filling_a_host_class_never_get_invalid_adapter(
     tmp_path: Path,
     tiny_model_dir: Path,
@@ -141,9 +164,11 @@ async def test_concurrent_cold_loads_filling_a_host_class_never_get_invalid_adap
     stored: list[KitAdapter],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Item 9: six cold rank > 32 adapters at once against one host slot of class 64."""
-    pool = make_pool(spec, (8, 16, 32, 64), (1, 1, 1, 6))
-    tiers = make_tiers(tmp_path, tiny_model_dir, pool, trio.CapacityLimiter(1))
+    """Item 9: six cold rank > 32 adapters at once against one host slot (of rank 64)."""
+    pool = make_pool(spec, 9, 64)
+    tiers = make_tiers(
+        tmp_path, tiny_model_dir, pool, trio.CapacityLimiter(1), host_rank_classes=(64,)
+    )
     big = [a for a in stored if a.rank > 32]
     assert len(big) == 6
     real_pack = tiers_mod.pack_adapter
@@ -182,7 +207,7 @@ async def test_a_failing_disk_costs_the_cache_not_the_request(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Item 9: ENOSPC writing the disk cache, then EIO reading it: served from memory, counted."""
-    pool = make_pool(spec, (8, 16, 32, 64), (2, 2, 2, 2))
+    pool = make_pool(spec, 8, 32)
     tiers = make_tiers(tmp_path, tiny_model_dir, pool, trio.CapacityLimiter(1))
     disk = tmp_path / "disk"
     real_write, real_read = Path.write_bytes, Path.read_bytes
@@ -227,8 +252,10 @@ async def test_a_torch_error_while_packing_or_copying_is_a_typed_error(
 ) -> None:
     """Item 9: a RuntimeError in a tensor op reaches every caller as InternalError, and the
     host slot it was packing into or copying from is given back."""
-    pool = make_pool(spec, (16,), (2,))
-    tiers = make_tiers(tmp_path, tiny_model_dir, pool, trio.CapacityLimiter(1))
+    pool = make_pool(spec, 2, 16)
+    tiers = make_tiers(  # one host slot, for A then B
+        tmp_path, tiny_model_dir, pool, trio.CapacityLimiter(1), host_rank_classes=(16,)
+    )
     a, b = stored[0], stored[1]
 
     def broken_pack(*args: Any, **kwargs: Any) -> Any:

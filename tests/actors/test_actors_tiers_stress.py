@@ -1,6 +1,6 @@
 """A randomised concurrency stress of the adapter tiers.
 
-Test rules: a tiny host slab (one slot per rank class), a tiny GPU pool, a disk cache with
+Test rules: a tiny host slab (one slot per size class), a tiny GPU pool short of memory, a disk cache with
 room for six of the sixteen adapters that fails one write in ten (ENOSPC) and one read in
 twenty (EIO), and real PEFT adapters of mixed ranks; many tasks acquire and
 release on a seeded random schedule while another task holds the GPU limiter at random points
@@ -76,7 +76,7 @@ async def _stress(
 ) -> dict[str, int]:
     spec = base_model_spec(model_dir)
     stored = store_adapters(LocalObjectStore(tmp_path / "objects"), adapter_dirs, spec)
-    pool = make_pool(spec, (8, 16, 32, 64), (2, 2, 1, 1))
+    pool = make_pool(spec, 6, 24)  # memory for fewer than six of the larger adapters
     limiter = trio.CapacityLimiter(1)
     disk_bytes = sum(sorted(a.size_bytes for a in stored)[-6:])
     tiers = make_tiers(

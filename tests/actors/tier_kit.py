@@ -54,8 +54,10 @@ def store_adapters(
     return out
 
 
-def make_pool(spec: BaseModelSpec, rank_classes: Sequence[int], slots: Sequence[int]) -> LoraPool:
-    return LoraPool.for_spec(spec, rank_classes=rank_classes, slots_per_class=slots)
+def make_pool(spec: BaseModelSpec, slots: int, mean_rank: int) -> LoraPool:
+    """``slots`` adapters at once, with pages for ``slots`` adapters of rank ``mean_rank`` on
+    every module kind."""
+    return LoraPool.for_spec(spec, max_vram_adapters=slots, max_rank=64, mean_rank=mean_rank)
 
 
 def make_tiers(
@@ -64,9 +66,10 @@ def make_tiers(
     pool: LoraPool,
     limiter: trio.CapacityLimiter,
     *,
-    host_cache_bytes: int = 1,  # one host slot per rank class
+    host_cache_bytes: int = 1,  # one host slot per size class
     disk_cache_bytes: int = 1 << 30,
     threshold: float = 1.0,
+    host_rank_classes: Sequence[int] | None = None,
 ) -> tiers_mod.AdapterTiers:
     cfg = (
         VajraConfig()
@@ -82,7 +85,14 @@ def make_tiers(
         )
     )
     store = LocalObjectStore(cfg.storage.local_dir)
-    return tiers_mod.AdapterTiers(cfg, pool, base_model_spec(model_dir), store, gpu_limiter=limiter)
+    return tiers_mod.AdapterTiers(
+        cfg,
+        pool,
+        base_model_spec(model_dir),
+        store,
+        gpu_limiter=limiter,
+        host_rank_classes=host_rank_classes,
+    )
 
 
 def expected_units(adapter: KitAdapter, spec: BaseModelSpec, pool: LoraPool) -> torch.Tensor:

@@ -37,7 +37,7 @@ def probe_wheel(folder: Path) -> None:
             wheel.writestr(name, text)
 
 
-@pytest.mark.timeout(600)  # four Python processes that import torch, on a loaded machine
+@pytest.mark.timeout(600)  # five Python processes that import torch, on a loaded machine
 def test_dry_run_runs_the_whole_plan_and_writes_every_json(tmp_path: Path) -> None:
     out, work, wheels = tmp_path / "out", tmp_path / "work", tmp_path / "wheels"
     probe_wheel(wheels)
@@ -53,9 +53,11 @@ def test_dry_run_runs_the_whole_plan_and_writes_every_json(tmp_path: Path) -> No
     assert lines[1].startswith("dry run on the CPU: CUDA tests skip themselves")
     assert any(line.startswith("tests (pytest -m gpu tests/gpu): ") for line in lines)
     assert any(line.startswith("adapters-llama-3.2-1b (tiny, ") for line in lines)
+    assert any(line.startswith("engine (tok/s at ") for line in lines)
     assert lines[-1].startswith("result: OK in ")
 
     names = {"environment", "tests", "adapters-llama-3.2-1b", "adapters-llama-3-8b", "summary"}
+    names.add("engine-llama-3.2-1b")
     assert {p.name for p in out.iterdir()} == {f"{name}.json" for name in names}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "dry-run" and summary["ok"] is True
@@ -65,6 +67,7 @@ def test_dry_run_runs_the_whole_plan_and_writes_every_json(tmp_path: Path) -> No
         "tests",
         "adapters-llama-3.2-1b",
         "adapters-llama-3-8b",
+        "engine-llama-3.2-1b",
     ]
     assert all(s["status"] == "ok" for s in summary["steps"]), summary["steps"]
     assert summary["wheels"]["installed"] == [PROBE]

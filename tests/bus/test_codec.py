@@ -18,9 +18,14 @@ from vajra.bus.messages import (
     InferRequest,
     InferResult,
     LoadReport,
+    Sampling,
     StatsReply,
+    Structured,
+    TokenChunk,
+    TokenLogprob,
 )
-from vajra.errors import ErrorCode
+from vajra.errors import ErrorCode, InvalidRequest
+from vajra.policies.decoding import SamplingParams, StructuredOutput
 
 
 def _header(kind: str = "infer", version: int = PROTOCOL_VERSION) -> bytes:
@@ -29,7 +34,18 @@ def _header(kind: str = "infer", version: int = PROTOCOL_VERSION) -> bytes:
 
 def test_round_trip_keeps_every_field_and_header() -> None:
     msg = InferRequest(
-        request_id="r1", api_key="k", prompt="héllo", adapter="a@2", stop=["\n"], seed=7
+        request_id="r1",
+        api_key="k",
+        prompt="héllo",
+        adapter="a@2",
+        sampling=Sampling(
+            stop=("\n",),
+            seed=7,
+            top_k=5,
+            stop_token_ids=(2, 3),
+            logprobs=2,
+            structured=Structured("regex", "[a-z]+"),
+        ),
     )
     env = decode(encode(msg, message_id="m9", reply_to="r0", trace_id="t1"))
     assert env.message == msg
@@ -43,11 +59,86 @@ def test_every_kind_is_registered_once() -> None:
 
 
 def test_optional_fields_take_their_defaults_and_ints_widen_to_float() -> None:
-    body = msgpack.packb({"request_id": "r", "api_key": "k", "prompt": "p", "temperature": 1})
+    body = msgpack.packb(
+        {"request_id": "r", "api_key": "k", "prompt": "p", "sampling": {"temperature": 1}}
+    )
     msg = decode([_header(), body]).message
     assert isinstance(msg, InferRequest)
-    assert msg.max_tokens == 64 and msg.stop == [] and msg.temperature == 1.0
-    assert isinstance(msg.temperature, float)
+    s = msg.sampling
+    assert s.max_tokens == 64 and s.stop == () and s.temperature == 1.0
+    assert isinstance(s.temperature, float)
+    assert s.params() == SamplingParams(temperature=1.0)
+
+
+def test_the_wire_sampling_mirrors_sampling_params_field_for_field() -> None:
+    """One definition: the wire struct has SamplingParams' fields, in order, with its defaults."""
+    import dataclasses
+
+    wire = [(f.name, f.default) for f in msgspec.structs.fields(Sampling)]
+    params = [(f.name, f.default) for f in dataclasses.fields(SamplingParams)]
+    assert wire == params
+    full = SamplingParams(
+        max_tokens=9,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=4,
+        stop=("x",),
+        seed=3,
+        stop_token_ids=(1, 2),
+        min_tokens=2,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.2,
+        ignore_eos=True,
+        logprobs=3,
+        prompt_logprobs=0,
+        structured=StructuredOutput("json_schema", '{"type":"object"}'),
+    )
+    assert decode_as(encode(_infer(Sampling.of(full))), InferRequest)[0].sampling.params() == full
+    # Defaults are not sent at all.
+    assert msgspec.msgpack.encode(Sampling()) == b"\x80"
+
+
+def _infer(sampling: Sampling) -> InferRequest:
+    return InferRequest(request_id="r", api_key="k", prompt="p", sampling=sampling)
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [
+        (Sampling(max_tokens=0), "max_tokens"),
+        (Sampling(temperature=float("nan")), "temperature"),
+        (Sampling(top_k=-1), "top_k"),
+        (Sampling(stop_token_ids=(-1,)), "stop_token_ids"),
+        (Sampling(min_tokens=65), "min_tokens"),
+        (Sampling(presence_penalty=3.0), "presence_penalty"),
+        (Sampling(repetition_penalty=0.0), "repetition_penalty"),
+        (Sampling(logprobs=21), "logprobs"),
+        (Sampling(prompt_logprobs=-1), "prompt_logprobs"),
+        (Sampling(structured=Structured("yaml", "x")), "response_format"),
+        (Sampling(structured=Structured("json_schema", "{")), "response_format"),
+    ],
+)
+def test_bad_decoding_values_decode_and_are_refused_naming_the_field(
+    sampling: Sampling, field: str
+) -> None:
+    """Values of the right type travel; building the engine's parameters refuses them."""
+    msg = decode(encode(_infer(sampling))).message
+    assert isinstance(msg, InferRequest)
+    with pytest.raises(InvalidRequest) as info:
+        msg.sampling.params()
+    assert info.value.field == field
+
+
+def test_logprobs_travel_in_chunks_and_results() -> None:
+    lp = [
+        TokenLogprob(5, "a", -0.5, ((5, "a", -0.5), (6, "b", -1.5))),
+        TokenLogprob(1, "<s>", None),
+    ]
+    chunk = TokenChunk("r", 0, "a", [5], lp[:1], lp[::-1])
+    assert decode(encode(chunk)).message == chunk
+    result = InferResult("r", "a", [5], "stop", 2, 1, 0.0, logprobs=lp[:1], prompt_logprobs=None)
+    assert decode(encode(result)).message == result
 
 
 def test_unknown_extra_fields_are_ignored_for_forward_compatibility() -> None:
@@ -80,7 +171,12 @@ def test_unknown_extra_fields_are_ignored_for_forward_compatibility() -> None:
             [
                 _header(),
                 msgpack.packb(
-                    {"request_id": "r", "api_key": "k", "prompt": "p", "max_tokens": True}
+                    {
+                        "request_id": "r",
+                        "api_key": "k",
+                        "prompt": "p",
+                        "sampling": {"max_tokens": True},
+                    }
                 ),
             ],
             ErrorCode.MALFORMED_FRAME,
@@ -89,7 +185,14 @@ def test_unknown_extra_fields_are_ignored_for_forward_compatibility() -> None:
         (
             [
                 _header(),
-                msgpack.packb({"request_id": "r", "api_key": "k", "prompt": "p", "stop": ["a", 1]}),
+                msgpack.packb(
+                    {
+                        "request_id": "r",
+                        "api_key": "k",
+                        "prompt": "p",
+                        "sampling": {"stop": ["a", 1]},
+                    }
+                ),
             ],
             ErrorCode.MALFORMED_FRAME,
             "stop",

@@ -136,7 +136,7 @@ class FakeGateway:
         pieces = echo_pieces(prompt)
         if message.stream:
             if prompt == "!flood":
-                pieces = ["x"] * (message.max_tokens + 100)
+                pieces = ["x"] * (message.sampling.max_tokens + 100)
             for i, piece in enumerate(pieces):
                 await send(TokenChunk(rid, i, piece, [i]))
                 if i % 2:

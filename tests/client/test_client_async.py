@@ -51,7 +51,8 @@ async def test_infer_returns_the_result_and_sends_the_request_fields(
     (sent,) = gateway.requests
     assert sent.request_id == result.request_id and len(sent.request_id) == 32
     assert (sent.api_key, sent.tenant, sent.adapter) == ("key-1", "acme", "sql@2")
-    assert (sent.max_tokens, sent.stop, sent.seed, sent.stream) == (9, ["\n"], 3, False)
+    s = sent.sampling
+    assert (s.max_tokens, s.stop, s.seed, sent.stream) == (9, ("\n",), 3, False)
     assert sent.deadline_ms == 7500
 
 
@@ -271,6 +272,22 @@ BAD_ARGUMENTS = [
     ({"seed": 2**63}, "seed"),
     ({"adapter": ""}, "adapter"),
     ({"adapter": "a" * 129}, "adapter"),
+    ({"top_k": -1}, "top_k"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"stop_token_ids": 5}, "stop_token_ids"),
+    ({"min_tokens": 65}, "min_tokens"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3.0}, "frequency_penalty"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"ignore_eos": 1}, "ignore_eos"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": 5}}}, "response_format"),
+    ({"n": 0}, "n"),
+    ({"n": 17}, "n"),
+    ({"params": {"max_tokens": 3}}, "params"),
+    ({"unknown_knob": 1}, "unknown_knob"),
 ]
 
 

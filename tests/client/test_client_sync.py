@@ -42,7 +42,8 @@ def test_infer_and_stream(thread_gateway: FakeGateway) -> None:
     assert [ch.text for ch in chunks[:-1]] == echo_pieces("a b c")
     assert chunks[-1].finish_reason == "stop" and chunks[-1].usage is not None
     first, second = thread_gateway.requests
-    assert (first.tenant, first.max_tokens, first.stop, first.stream) == ("acme", 5, ["\n"], False)
+    sent = (first.tenant, first.sampling.max_tokens, first.sampling.stop, first.stream)
+    assert sent == ("acme", 5, ("\n",), False)
     assert second.stream and second.deadline_ms == 5000
 
 

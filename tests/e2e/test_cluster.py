@@ -22,7 +22,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.e2e.harness import RunningCluster
 from tests.reference import transformers_greedy
 from vajra.bus.codec import decode, encode
-from vajra.bus.messages import PROTOCOL_VERSION, ErrorReply, InferRequest, InferResult, LoadReport
+from vajra.bus.messages import (
+    PROTOCOL_VERSION,
+    ErrorReply,
+    InferRequest,
+    InferResult,
+    LoadReport,
+    Sampling,
+    Structured,
+)
 from vajra.client import (
     AsyncClient,
     AuthError,
@@ -171,14 +179,17 @@ def test_the_gateway_checks_requests_itself_not_only_the_sdk(
     cluster: RunningCluster, api_key: str
 ) -> None:
     """The SDK refuses these before sending; raw frames reach the gateway's own checks."""
-    cases = [
-        ({"max_tokens": 0}, "max_tokens"),
-        ({"max_tokens": 100_000}, "max_tokens"),
-        ({"temperature": -1.0}, "temperature"),
-        ({"temperature": float("nan")}, "temperature"),
-        ({"top_p": 0.0}, "top_p"),
-        ({"stop": [""]}, "stop"),
-        ({"seed": -1}, "seed"),
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"sampling": Sampling(max_tokens=0)}, "max_tokens"),
+        ({"sampling": Sampling(max_tokens=100_000)}, "max_tokens"),
+        ({"sampling": Sampling(temperature=-1.0)}, "temperature"),
+        ({"sampling": Sampling(temperature=float("nan"))}, "temperature"),
+        ({"sampling": Sampling(top_p=0.0)}, "top_p"),
+        ({"sampling": Sampling(stop=("",))}, "stop"),
+        ({"sampling": Sampling(seed=-1)}, "seed"),
+        ({"sampling": Sampling(top_k=-2)}, "top_k"),
+        ({"sampling": Sampling(logprobs=99)}, "logprobs"),
+        ({"sampling": Sampling(structured=Structured("json_schema", "[1"))}, "response_format"),
         ({"deadline_ms": 0}, "deadline_ms"),
         ({"adapter": "x" * 200}, "adapter"),
     ]
@@ -245,7 +256,14 @@ def test_a_thousand_malformed_frames_are_each_answered(
         assert after - before == 1000
         # ... and it still serves a valid request, on the very same connection.
         sock.send_multipart(
-            encode(InferRequest(request_id="ok", api_key=api_key, prompt="hello", max_tokens=2))
+            encode(
+                InferRequest(
+                    request_id="ok",
+                    api_key=api_key,
+                    prompt="hello",
+                    sampling=Sampling(max_tokens=2),
+                )
+            )
         )
         assert sock.poll(30_000)
         assert isinstance(decode(sock.recv_multipart()).message, InferResult)

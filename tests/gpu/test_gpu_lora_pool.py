@@ -1,7 +1,8 @@
-"""The adapter pool's slot table and memory, and the batched LoRA math, on small CPU tensors.
+"""The adapter pool's pages, slot table and memory, and the packed form, on small CPU tensors.
 
-Rules: pure invariants are checked with Hypothesis over random load/free orders and random
-row-to-adapter assignments; every expected value is recomputed with a plain per-row loop.
+Rules: pure invariants are checked with Hypothesis over random load/free orders; every
+expected value is recomputed from the adapter's own rows, never read back from where the code
+under test put it.
 """
 
 from __future__ import annotations
@@ -13,299 +14,251 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vajra.adapters import AdapterManifest, BaseModelSpec, InvalidAdapter
-from vajra.gpu.lora import (
-    HostAdapter,
-    LoraBatchState,
-    LoraLayout,
-    LoraPool,
-    PoolFull,
-    lora_gather,
-    lora_segment,
-    pack_adapter,
-)
+from tests.gpu.lora_kit import HIDDEN, INTER, KV, LAYOUT, SPEC, make_adapter, manifest
+from vajra.adapters import InvalidAdapter
+from vajra.gpu.lora import HostAdapter, LoraPool, PoolFull, pack_adapter
+from vajra.gpu.lora.pages import PageRuns, expand
 
-SPEC = BaseModelSpec(
-    model_type="llama",
-    modules={
-        "model.layers.0.self_attn.q_proj": (8, 8),
-        "model.layers.0.self_attn.k_proj": (8, 4),
-        "model.layers.0.mlp.down_proj": (12, 8),
-        "model.layers.0.mlp.other": (8, 8),  # not targeted
-        "lm_head": (8, 30),
-    },
-)
-LAYOUT = LoraLayout.from_spec(SPEC, ("q_proj", "k_proj", "down_proj"))
+KINDS = {name: k for k, name in enumerate(LAYOUT.kinds)}
+ROW = {name: LAYOUT.row_numels[k] for name, k in KINDS.items()}
 
 
-def host(rank: int, fill: float) -> HostAdapter:
-    buffer = torch.full((rank, LAYOUT.unit_numel), fill)
-    return HostAdapter(digest=f"d{fill}", rank=rank, buffer=buffer)
+def host(ranks: dict[str, int], fill: float) -> HostAdapter:
+    per_kind = tuple(ranks.get(kind, 0) for kind in LAYOUT.kinds)
+    return HostAdapter(f"d{fill}", per_kind, torch.full((LAYOUT.packed_numel(per_kind),), fill))
 
 
-def make_pool(counts: tuple[int, ...] = (3, 2, 2, 1)) -> LoraPool:
-    return LoraPool(LAYOUT, rank_classes=(8, 16, 32, 64), slots_per_class=counts)
+def test_layout_rows_per_kind_and_shared_arenas() -> None:
+    assert LAYOUT.kinds == ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+    assert len(LAYOUT.modules) == 10  # five kinds on two layers; "other" and lm_head untargeted
+    assert ROW == {
+        "q_proj": 2 * (HIDDEN + HIDDEN),
+        "k_proj": 2 * (HIDDEN + KV),
+        "v_proj": 2 * (HIDDEN + KV),
+        "o_proj": 2 * (HIDDEN + HIDDEN),
+        "down_proj": 2 * (INTER + HIDDEN),
+    }
+    # q and o, k and v have the same shapes layer by layer: they share an arena
+    assert LAYOUT.kind_arenas == (0, 1, 1, 0, 2) and LAYOUT.num_arenas == 3
+    q1 = LAYOUT.index("model.layers.1.self_attn.q_proj")
+    assert (LAYOUT.a_offsets[q1], LAYOUT.b_offsets[q1]) == (2 * HIDDEN, 3 * HIDDEN)
 
 
-def test_layout_and_capacity() -> None:
-    assert LAYOUT.modules == (
-        "model.layers.0.self_attn.q_proj",
-        "model.layers.0.self_attn.k_proj",
-        "model.layers.0.mlp.down_proj",
+def test_memory_follows_the_targeted_modules_and_the_adapters_own_rank() -> None:
+    pool = LoraPool(LAYOUT, max_vram_adapters=4, max_rank=64, mean_rank=32)
+    element = 4
+    assert pool.capacity_bytes == element * sum(
+        (4 * 32 * n + 1) * ROW[kinds[0]]
+        for kinds, n in ((("q_proj", "o_proj"), 2), (("k_proj", "v_proj"), 2), (("down_proj",), 1))
     )
-    assert LAYOUT.unit_numel == (8 + 8) + (8 + 4) + (12 + 8)
-    pool = make_pool()
-    assert pool.num_slots == 8 and pool.num_free == 8
-    assert pool.capacity_bytes == 4 * LAYOUT.unit_numel * (3 * 8 + 2 * 16 + 2 * 32 + 64)
-    # every adapter paying for rank 64 would need more than twice the memory
-    assert pool.capacity_bytes * 2 < 4 * LAYOUT.unit_numel * 64 * 8
-    assert pool.used_bytes == 0
+    qv = pool.load(host({"q_proj": 16, "v_proj": 16}, 1.0))
+    qv_bytes = pool.used_bytes
+    assert qv_bytes == element * 16 * (ROW["q_proj"] + ROW["v_proj"])
+    everything = pool.load(host(dict.fromkeys(LAYOUT.kinds, 16), 2.0))
+    all_bytes = pool.used_bytes - qv_bytes
+    assert all_bytes == element * 16 * sum(ROW.values())
+    assert qv_bytes < all_bytes / 2
+    pool.free(everything)
+    small = pool.load(host(dict.fromkeys(LAYOUT.kinds, 8), 3.0))
+    # a rank-8 adapter takes 8 rows per kind, whatever ranks came before it
+    assert pool.used_bytes - qv_bytes == element * 8 * sum(ROW.values())
+    assert pool.free_pages() == (2 * 128 - 16 - 2 * 8, 2 * 128 - 16 - 2 * 8, 128 - 8)
+    assert pool.ranks_of(small) == (8, 8, 8, 8, 8) and pool.ranks_of(qv) == (16, 0, 16, 0, 0)
 
 
-def test_default_split_of_max_vram_adapters() -> None:
-    pool = LoraPool(LAYOUT, max_vram_adapters=100)
-    assert pool.slots_per_class == (25, 25, 25, 25)
-    assert pool.rank_classes == (8, 16, 32, 64)
-    odd = LoraPool(LAYOUT, max_vram_adapters=7, rank_classes=(16, 4))
-    assert odd.rank_classes == (4, 16) and odd.slots_per_class == (4, 3)
-
-
-def test_full_pool_spills_then_refuses_and_freed_slots_are_reused() -> None:
-    pool = make_pool((1, 1, 0, 1))
-    a = pool.load(host(4, 1.0))
-    assert pool.slot_rank(a) == 8
-    b = pool.load(host(8, 2.0))  # class 8 is full: spills into 16
-    assert pool.slot_rank(b) == 16
-    c = pool.load(host(3, 3.0))  # then into 64
-    assert pool.slot_rank(c) == 64
-    with pytest.raises(PoolFull, match="full"):
-        pool.load(host(2, 4.0))
-    assert PoolFull("x").retriable
+def test_no_room_is_retriable_no_fit_is_invalid_and_freed_memory_is_reused() -> None:
+    pool = LoraPool(LAYOUT, max_vram_adapters=3, max_rank=64, mean_rank=20)  # 60 pages per kind
+    a = pool.load(host({"down_proj": 40}, 1.0))
+    with pytest.raises(PoolFull, match="down_proj") as full:
+        pool.load(host({"down_proj": 21}, 2.0))  # pages: 20 of down_proj left
+    assert full.value.retriable
+    b = pool.load(host({"q_proj": 64, "o_proj": 56}, 3.0))  # the shared q/o arena: 120 pages
+    assert not pool.can_load(host({"o_proj": 1}, 4.0))
+    c = pool.load(host({"k_proj": 1}, 5.0))
+    with pytest.raises(PoolFull, match="slots"):
+        pool.load(host({"k_proj": 1}, 6.0))  # every slot id taken
     with pytest.raises(InvalidAdapter, match="rank 65"):
-        pool.load(host(65, 5.0))
+        pool.can_load(host({"k_proj": 65}, 7.0))
+    with pytest.raises(ValueError, match="different layout"):
+        pool.load(HostAdapter("x", (1, 0, 0, 0, 0), torch.zeros(3)))
+    assert pool.frees_room_for(a, host({"k_proj": 1}, 8.0))  # any slot id helps
+    pool.free(c)
+    want = host({"down_proj": 30}, 9.0)
+    assert not pool.can_load(want)
+    assert pool.frees_room_for(a, want) and not pool.frees_room_for(b, want)
     pool.free(a)
-    assert not pool.is_loaded(a)
-    again = pool.load(host(8, 6.0))
-    assert again == a
-    assert torch.equal(pool.read_back(again), torch.full((8, LAYOUT.unit_numel), 6.0))
+    again = pool.load(want)
+    assert torch.equal(pool.read_back(again), want.buffer)
     with pytest.raises(KeyError):
         pool.free(99)
 
 
-def test_smaller_adapter_in_a_dirty_slot_sees_zeros_above_its_rank() -> None:
-    pool = make_pool((1, 0, 0, 0))
-    slot = pool.load(host(8, 7.0))
-    pool.free(slot)
-    assert pool.load(host(3, 1.0)) == slot
-    a, bt = pool.module_views(0)[0]
-    assert torch.all(a[0, :3] == 1.0) and torch.all(a[0, 3:] == 0.0)
-    assert torch.all(bt[0, 3:] == 0.0)
+def test_pages_of_one_adapter_may_be_scattered_and_the_tables_follow_them() -> None:
+    pool = LoraPool(LAYOUT, max_vram_adapters=4, max_rank=64, mean_rank=10)  # 40 down pages
+    first = pool.load(host({"down_proj": 16}, 1.0))
+    pool.load(host({"down_proj": 8}, 2.0))
+    third = pool.load(host({"down_proj": 16}, 3.0))
+    pool.free(first)
+    pool.free(third)
+    adapter = make_adapter({"down_proj": 24}, seed=5)
+    slot = pool.load(adapter.host)
+    down = KINDS["down_proj"]
+    assert pool.runs(slot, down) == [(1, 16), (25, 8)]
+    pages = pool.page_table[down, slot].tolist()
+    assert pages == [*range(1, 17), *range(25, 33), *[0] * 40]  # the zero page past rank 24
+    assert pool.rank_table[slot].tolist() == [0, 0, 0, 0, 24]
+    assert torch.equal(pool.read_back(slot), adapter.host.buffer)
+    a, bt = pool.module_views(LAYOUT.index("model.layers.1.mlp.down_proj"))
+    assert torch.equal(a[0], torch.zeros(INTER)) and torch.equal(bt[0], torch.zeros(HIDDEN))
 
 
 def test_copy_event_is_none_on_the_cpu_where_load_copies_synchronously() -> None:
-    pool = make_pool((1, 0, 0, 0))
-    buffer = host(4, 2.0)
+    pool = LoraPool(LAYOUT, max_vram_adapters=1, mean_rank=8)
+    buffer = host({"q_proj": 4}, 2.0)
     slot = pool.load(buffer)
     assert pool.copy_event(slot) is None
+    want = buffer.buffer.clone()
     buffer.buffer.fill_(9.0)  # the host buffer is free to reuse at once
-    assert torch.equal(pool.read_back(slot), torch.full((4, LAYOUT.unit_numel), 2.0))
+    assert torch.equal(pool.read_back(slot), want)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_copy_event_completes_once_the_host_buffer_was_read() -> None:
-    pool = LoraPool(LAYOUT, device="cuda", rank_classes=(8,), slots_per_class=(2,))
-    buffer = torch.full((8, LAYOUT.unit_numel), 3.0).pin_memory()
-    slot = pool.load(HostAdapter(digest="d3", rank=8, buffer=buffer))
+    pool = LoraPool(LAYOUT, device="cuda", max_vram_adapters=2, mean_rank=8)
+    adapter = host({"q_proj": 8, "down_proj": 4}, 3.0)
+    buffer = adapter.buffer.pin_memory()
+    slot = pool.load(HostAdapter("d3", adapter.ranks, buffer))
     event = pool.copy_event(slot)
     assert event is not None
     event.synchronize()
     assert event.query()
     buffer.fill_(9.0)  # reusing the host buffer now cannot change the slot
     pool.wait_ready([slot])
-    assert torch.equal(pool.read_back(slot).cpu(), torch.full((8, LAYOUT.unit_numel), 3.0))
+    assert torch.equal(pool.read_back(slot).cpu(), adapter.buffer)
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
         st.one_of(
-            st.tuples(st.just("load"), st.integers(1, 64)),
+            st.tuples(
+                st.just("load"),
+                st.dictionaries(st.sampled_from(LAYOUT.kinds), st.integers(1, 64), min_size=1),
+            ),
             st.tuples(st.just("free"), st.integers(0, 100)),
         ),
-        max_size=60,
+        max_size=40,
     )
 )
-def test_random_fill_evict_refill_keeps_slots_consistent(ops: list[tuple[str, int]]) -> None:
-    pool = make_pool()
-    storages = [c.storage.data_ptr() for c in pool._classes]
+def test_random_load_and_free_keep_pages_tables_and_bytes_consistent(
+    ops: list[tuple[str, object]],
+) -> None:
+    pool = LoraPool(LAYOUT, max_vram_adapters=6, max_rank=64, mean_rank=24)
+    storages = [a.storage.data_ptr() for a in pool._arenas]
     capacity = pool.capacity_bytes
-    expected: dict[int, tuple[int, float]] = {}  # slot -> (rank, fill)
+    expected: dict[int, HostAdapter] = {}
     for n, (op, arg) in enumerate(ops):
         if op == "free":
-            if not expected:
-                continue
-            slot = sorted(expected)[arg % len(expected)]
-            pool.free(slot)
-            del expected[slot]
+            assert isinstance(arg, int)
+            if expected:
+                slot = sorted(expected)[arg % len(expected)]
+                pool.free(slot)
+                del expected[slot]
             continue
-        fits = [
-            r
-            for r, count, first in zip(
-                pool.rank_classes,
-                pool.slots_per_class,
-                [0, 3, 5, 7],
-                strict=True,
-            )
-            if r >= arg and any(s not in expected for s in range(first, first + count))
-        ]
+        assert isinstance(arg, dict)
+        adapter = host(arg, float(n))
+        free = pool.free_pages()
+        needs = [sum(adapter.ranks[k] for k in pool._arenas[a].kinds) for a in range(3)]
+        fits = len(expected) < pool.num_slots and all(
+            need <= left for need, left in zip(needs, free, strict=True)
+        )
+        assert pool.can_load(adapter) == fits
         if not fits:
             with pytest.raises(PoolFull):
-                pool.load(host(arg, float(n)))
+                pool.load(adapter)
             continue
-        slot = pool.load(host(arg, float(n)))
+        slot = pool.load(adapter)
         assert slot not in expected
-        assert pool.slot_rank(slot) == fits[0]  # the smallest class with room
-        expected[slot] = (arg, float(n))
+        expected[slot] = adapter
     assert pool.capacity_bytes == capacity
-    assert [c.storage.data_ptr() for c in pool._classes] == storages  # nothing reallocated
+    assert [a.storage.data_ptr() for a in pool._arenas] == storages  # nothing reallocated
     assert pool.num_free == pool.num_slots - len(expected)
-    assert pool.used_bytes == sum(4 * LAYOUT.unit_numel * pool.slot_rank(s) for s in expected)
-    for slot, (rank, fill) in expected.items():
-        assert pool.rank_of(slot) == rank
-        assert torch.equal(pool.read_back(slot), torch.full((rank, LAYOUT.unit_numel), fill))
-        c, local = pool.locate(slot)
-        assert torch.all(pool._classes[c].storage[local, rank:] == 0)
-    # everything freed: the pool can be filled again to capacity
-    for slot in list(expected):
-        pool.free(slot)
-    loaded = [pool.load(host(r, 1.0)) for r in (8, 8, 8, 16, 16, 32, 32, 64)]
-    assert sorted(loaded) == list(range(pool.num_slots))
+    assert pool.used_bytes == 4 * sum(a.buffer.numel() for a in expected.values())
+    owner: dict[tuple[int, int], int] = {}  # (arena, page) -> slot
+    for slot, adapter in expected.items():
+        assert pool.ranks_of(slot) == adapter.ranks
+        assert torch.equal(pool.read_back(slot), adapter.buffer)
+        for kind, r in enumerate(adapter.ranks):
+            pages = expand(pool.runs(slot, kind))
+            assert len(pages) == r and 0 not in pages  # the zero page is never handed out
+            assert pool.page_table[kind, slot].tolist() == pages + [0] * (64 - r)
+            for page in pages:
+                assert owner.setdefault((LAYOUT.kind_arenas[kind], page), slot) == slot
+    used = [sum(1 for arena, _ in owner if arena == a) for a in range(3)]
+    totals = [a.storage.shape[0] - 1 for a in pool._arenas]
+    assert [u + f for u, f in zip(used, pool.free_pages(), strict=True)] == totals
+    for a in pool._arenas:
+        assert torch.all(a.storage[0] == 0)
 
 
-def manifest(ranks: dict[str, int], alphas: dict[str, float], rslora: bool) -> AdapterManifest:
-    return AdapterManifest(
-        rank=max(ranks.values()),
-        ranks=ranks,
-        lora_alpha=1.0,
-        alphas=alphas,
-        target_modules=(),
-        modules=tuple(ranks),
-        use_rslora=rslora,
-        dtype="F32",
-        size_bytes=0,
-        digest="x",
-        tensors={m: (f"{m}.A", f"{m}.B") for m in ranks},
-    )
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 12)), max_size=40))
+def test_page_runs_hand_out_each_free_page_once(ops: list[tuple[bool, int]]) -> None:
+    runs = PageRuns(1, 40)
+    held: list[list[tuple[int, int]]] = []
+    for take, n in ops:
+        if take and n <= runs.free:
+            got = runs.take(n)
+            assert sum(length for _, length in got) == n
+            if any(length >= n for _, length in runs.runs + tuple(got)) and len(got) > 1:
+                pytest.fail("a single run fitted but the pages were scattered")
+            held.append(got)
+        elif held:
+            runs.give(held.pop(n % len(held)))
+        taken = sorted(p for h in held for p in expand(h))
+        free = expand(list(runs.runs))
+        assert len(set(taken)) == len(taken)
+        assert sorted(taken + free) == list(range(1, 41))
+        assert runs.free == len(free)
+        gaps = [b[0] - (a[0] + a[1]) for a, b in zip(runs.runs, runs.runs[1:], strict=False)]
+        assert all(gap > 0 for gap in gaps)  # sorted, disjoint, merged
 
 
-def test_pack_places_a_rows_and_scaled_b_columns() -> None:
-    q, down = LAYOUT.modules[0], LAYOUT.modules[2]
+def test_pack_places_each_kinds_rows_with_the_scale_folded_into_b() -> None:
+    q, down = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"
     ranks = {q: 4, down: 2}
     tensors = {
-        f"{q}.A": torch.randn(4, 8),
-        f"{q}.B": torch.randn(8, 4),
-        f"{down}.A": torch.randn(2, 12),
-        f"{down}.B": torch.randn(8, 2),
+        f"{q}.A": torch.randn(4, HIDDEN),
+        f"{q}.B": torch.randn(HIDDEN, 4),
+        f"{down}.A": torch.randn(2, INTER),
+        f"{down}.B": torch.randn(HIDDEN, 2),
     }
-    packed = pack_adapter(manifest(ranks, {q: 8.0, down: 3.0}, True), tensors, LAYOUT, pin=False)
-    assert packed.rank == 4 and packed.buffer.shape == (4, LAYOUT.unit_numel)
-    assert packed.nbytes == 4 * 4 * LAYOUT.unit_numel
-    units = packed.buffer
-    assert torch.equal(units[:, 0:8], tensors[f"{q}.A"])
-    torch.testing.assert_close(units[:, 8:16], tensors[f"{q}.B"].t() * (8 / math.sqrt(4)))
-    assert torch.all(units[:, 16:28] == 0)  # k_proj untargeted
-    down_a = LAYOUT.a_offsets[2]
-    assert torch.equal(units[:2, down_a : down_a + 12], tensors[f"{down}.A"])
-    assert torch.all(units[2:, down_a:] == 0)
+    info = manifest(ranks, {q: 8.0, down: 3.0}, rslora=True)
+    packed = pack_adapter(info, tensors, LAYOUT, pin=False)
+    assert packed.ranks == (4, 0, 0, 0, 2) and packed.rank == 4
+    assert packed.buffer.shape == (4 * ROW["q_proj"] + 2 * ROW["down_proj"],)
+    q_rows = packed.rows(LAYOUT, KINDS["q_proj"])
+    assert torch.equal(q_rows[:, :HIDDEN], tensors[f"{q}.A"])
     torch.testing.assert_close(
-        units[:2, down_a + 12 :], tensors[f"{down}.B"].t() * (3 / math.sqrt(2))
+        q_rows[:, HIDDEN : 2 * HIDDEN], tensors[f"{q}.B"].t() * (8 / math.sqrt(4))
     )
-    out = torch.full((200, LAYOUT.unit_numel), 9.0)
-    into = pack_adapter(manifest(ranks, {q: 8.0, down: 3.0}, True), tensors, LAYOUT, out=out)
+    assert torch.all(q_rows[:, 2 * HIDDEN :] == 0)  # layer 1's q_proj: not targeted
+    down_rows = packed.rows(LAYOUT, KINDS["down_proj"])
+    off = LAYOUT.a_offsets[LAYOUT.index(down)]
+    assert off == INTER + HIDDEN and torch.all(down_rows[:, :off] == 0)
+    assert torch.equal(down_rows[:, off : off + INTER], tensors[f"{down}.A"])
+    torch.testing.assert_close(
+        down_rows[:, off + INTER :], tensors[f"{down}.B"].t() * (3 / math.sqrt(2))
+    )
+    out = torch.full((4000,), 9.0)
+    into = pack_adapter(info, tensors, LAYOUT, out=out)
     assert into.buffer.data_ptr() == out.data_ptr()
-    assert torch.equal(into.buffer, units)
+    assert torch.equal(into.buffer, packed.buffer)
     with pytest.raises(InvalidAdapter, match="not among"):
         pack_adapter(
-            manifest({"lm_head": 2}, {"lm_head": 1.0}, False),
-            {"lm_head.A": torch.zeros(2, 8), "lm_head.B": torch.zeros(30, 2)},
+            manifest({"lm_head": 2}, {"lm_head": 1.0}),
+            {"lm_head.A": torch.zeros(2, HIDDEN), "lm_head.B": torch.zeros(30, 2)},
             LAYOUT,
         )
-
-
-def reference_delta(
-    x: torch.Tensor, slots: list[int | None], a: torch.Tensor, bt: torch.Tensor
-) -> torch.Tensor:
-    out = torch.zeros(x.shape[0], x.shape[1], bt.shape[-1], dtype=torch.float64)
-    for row, slot in enumerate(slots):
-        if slot is not None:
-            out[row] = (x[row].double() @ a[slot].double().t()) @ bt[slot].double()
-    return out
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    st.lists(st.one_of(st.none(), st.integers(0, 5)), min_size=1, max_size=12),
-    st.integers(1, 4),
-)
-def test_gather_and_segment_kernels_match_a_per_row_loop(
-    slots: list[int | None], tokens: int
-) -> None:
-    torch.manual_seed(len(slots) * 10 + tokens)
-    a, bt = torch.randn(6, 5, 7), torch.randn(6, 5, 3)
-    x = torch.randn(len(slots), tokens, 7)
-    want = reference_delta(x, slots, a, bt)
-    rows = [i for i, s in enumerate(slots) if s is not None]
-    gathered = torch.zeros(len(slots), tokens, 3)
-    if rows:
-        lora_gather(
-            x,
-            gathered,
-            torch.tensor(rows),
-            torch.tensor([slots[i] for i in rows]),
-            a,
-            bt,
-        )
-    segmented = torch.zeros(len(slots), tokens, 3)
-    for slot in {s for s in slots if s is not None}:
-        group = [i for i, s in enumerate(slots) if s == slot]
-        lora_segment(x, segmented, torch.tensor(group), 0, 0, a[slot], bt[slot])
-    torch.testing.assert_close(gathered.double(), want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(segmented.double(), want, rtol=1e-5, atol=1e-5)
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    st.lists(st.one_of(st.none(), st.integers(0, 7)), min_size=1, max_size=20),
-    st.sampled_from(["gather", "segmented", "auto"]),
-)
-def test_batch_state_adds_each_rows_adapter(rows: list[int | None], mode: str) -> None:
-    pool = make_pool((3, 2, 2, 1))
-    torch.manual_seed(0)
-    ranks = [1, 8, 3, 9, 16, 20, 32, 64]
-    slots = [pool.load(HostAdapter("d", r, torch.randn(r, LAYOUT.unit_numel))) for r in ranks]
-    slot_of = [None if r is None else slots[r] for r in rows]
-    state = LoraBatchState(pool, max_rows=4, mode=mode)  # type: ignore[arg-type]
-    x = torch.randn(len(rows), 2, 12)  # down_proj: in 12, out 8
-    module = 2
-    with state.rows(slot_of):
-        got = state.apply(module, x, torch.zeros(len(rows), 2, 8))
-    want = torch.zeros(len(rows), 2, 8, dtype=torch.float64)
-    a_off, b_off = LAYOUT.a_offsets[module], LAYOUT.b_offsets[module]
-    for row, slot in enumerate(slot_of):
-        if slot is not None:
-            units = pool.read_back(slot).double()
-            want[row] = (x[row].double() @ units[:, a_off : a_off + 12].t()) @ units[
-                :, b_off : b_off + 8
-            ]
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
-    assert not state.active  # cleared on leaving the block
-    untouched = torch.ones(len(rows), 2, 8)
-    assert torch.equal(state.apply(module, x, untouched.clone()), untouched)
-
-
-def test_batch_state_refuses_an_empty_slot() -> None:
-    pool = make_pool()
-    state = LoraBatchState(pool)
-    with pytest.raises(KeyError, match="slot 3"):
-        state.set_rows([None, 3])
+    assert SPEC.modules["lm_head"] == (HIDDEN, 30)

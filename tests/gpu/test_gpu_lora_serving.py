@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vajra.adapters import BaseModelSpec, base_model_spec
 from vajra.gpu import GenerationRequest, SamplingParams, StepOutput, TorchEngine
-from vajra.gpu.lora import pack_adapter_dir
+from vajra.gpu.lora import LoraBatchState, LoraPool, inject_lora, pack_adapter_dir
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS: dict[str, dict[str, Any]] = {
@@ -99,38 +100,60 @@ def peft_model(model_dir: Path, adapter_dir: Path | None) -> Any:
     return PeftModel.from_pretrained(model, adapter_dir).eval()
 
 
+@dataclass(frozen=True)
+class Wrapped:
+    """A plain transformers model with Vajra's LoRA layers injected, outside any engine."""
+
+    model: Any
+    tokenizer: Any
+    state: LoraBatchState
+
+    @classmethod
+    def load(cls, model_dir: Path, max_adapters: int = 12) -> Wrapped:
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        state = LoraBatchState(LoraPool.for_model(model, max_vram_adapters=max_adapters))
+        inject_lora(model, state)
+        return cls(model, AutoTokenizer.from_pretrained(model_dir), state)
+
+
+@pytest.fixture(scope="module")
+def wrapped(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], spec: BaseModelSpec
+) -> tuple[Wrapped, dict[str, int]]:
+    w = Wrapped.load(tiny_model_dir)
+    pool = w.state.pool
+    slots = {n: pool.load(pack_adapter_dir(p, spec, pool.layout)) for n, p in adapter_dirs.items()}
+    return w, slots
+
+
 def batch_logits(
-    engine: TorchEngine, prompts: Sequence[str], slots: Sequence[int | None]
+    w: Wrapped, prompts: Sequence[str], slots: Sequence[int | None]
 ) -> list[torch.Tensor]:
-    """All positions' logits of every prompt, run as ONE left-padded mixed batch."""
-    ids = [engine.tokenizer(p).input_ids for p in prompts]
+    """All positions' logits of every prompt, run as ONE left-padded mixed batch (row form)."""
+    ids = [w.tokenizer(p).input_ids for p in prompts]
     width = max(map(len, ids))
     input_ids = torch.tensor([[0] * (width - len(i)) + i for i in ids])
     mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    assert engine.lora_state is not None
-    with torch.inference_mode(), engine.lora_state.rows(slots):
-        logits = engine._model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions
-        ).logits
+    with torch.inference_mode(), w.state.rows(slots):
+        logits = w.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
     return [logits[row, width - len(i) :] for row, i in enumerate(ids)]
 
 
 def test_mixed_batch_logits_equal_peft_per_adapter(
     tiny_model_dir: Path,
     adapter_dirs: dict[str, Path],
-    served: tuple[TorchEngine, dict[str, int]],
+    wrapped: tuple[Wrapped, dict[str, int]],
 ) -> None:
-    engine, slots = served
+    w, slots = wrapped
     names: list[str | None] = [*ADAPTERS, None, "r4-qv", None, "r64-all-rslora"]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
-    assert engine.lora_state is not None
     base = peft_model(tiny_model_dir, None)
-    for mode in ("gather", "segmented"):
-        engine.lora_state.mode = mode
-        got = batch_logits(engine, prompts, [None if n is None else slots[n] for n in names])
+    for mode in ("auto", "gather", "segmented"):
+        w.state.mode = mode
+        got = batch_logits(w, prompts, [None if n is None else slots[n] for n in names])
         for row, (name, prompt) in enumerate(zip(names, prompts, strict=True)):
-            ids = engine.tokenizer(prompt, return_tensors="pt").input_ids
+            ids = w.tokenizer(prompt, return_tensors="pt").input_ids
             reference = peft_model(tiny_model_dir, None if name is None else adapter_dirs[name])
             with torch.inference_mode():
                 want = reference(ids).logits[0]
@@ -139,7 +162,46 @@ def test_mixed_batch_logits_equal_peft_per_adapter(
             assert (got[row] - want).abs().max() <= 1e-4 * scale, (mode, row, name)
             if name is not None:  # the adapter matters, so equality above means something
                 assert (want - plain).abs().max() > 0.05 * scale, name
-    engine.lora_state.mode = "auto"
+    w.state.mode = "auto"
+
+
+def test_one_packed_forward_of_many_prompts_equals_peft_per_prompt(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], wrapped: tuple[Wrapped, dict[str, int]]
+) -> None:
+    """The paged engine's forward: every prompt of a step packed into one [1, T] input (a
+    block-diagonal causal mask, positions restarting per prompt), adapters by segment, one
+    prompt a single token (a length-1 segment: the gather path), two prompts of one adapter
+    side by side (one merged segment)."""
+    w, slots = wrapped
+    names: list[str | None] = [None, "r64-all-rslora", "r16-mlp-patterns", "r4-qv", *ADAPTERS]
+    ids = [w.tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids for i in range(len(names))]
+    ids[2] = ids[2][:1]  # one token
+    segments: list[tuple[int, int, int | None]] = []
+    positions: list[int] = []
+    start = 0
+    for name, prompt in zip(names, ids, strict=True):
+        segments.append((start, len(prompt), None if name is None else slots[name]))
+        positions += range(len(prompt))
+        start += len(prompt)
+    mask = torch.zeros(1, 1, start, start, dtype=torch.bool)
+    for first, length, _ in segments:
+        mask[0, 0, first : first + length, first : first + length] = torch.ones(
+            length, length, dtype=torch.bool
+        ).tril()
+    w.state.set_segments(segments, start)
+    with torch.inference_mode():
+        logits = w.model(
+            input_ids=torch.tensor([[t for prompt in ids for t in prompt]]),
+            attention_mask=mask,
+            position_ids=torch.tensor([positions]),
+        ).logits[0]
+    w.state.clear()
+    for (first, length, _), name, prompt in zip(segments, names, ids, strict=True):
+        reference = peft_model(tiny_model_dir, None if name is None else adapter_dirs[name])
+        with torch.inference_mode():
+            want = reference(torch.tensor([prompt])).logits[0]
+        got = logits[first : first + length]
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max(), name
 
 
 def run(engine: TorchEngine, admit: dict[int, list[GenerationRequest]]) -> dict[str, list[int]]:
@@ -238,7 +300,11 @@ def test_adapter_trained_by_peft_is_served_unchanged(
     )
     assert got["tuned"] == want
     assert got["base"] == base
-    logits = batch_logits(engine, [prompt], [slot])[0]
+    alone = Wrapped.load(tiny_model_dir, max_adapters=1)
+    pool = alone.state.pool
+    logits = batch_logits(
+        alone, [prompt], [pool.load(pack_adapter_dir(tmp_path, spec, pool.layout))]
+    )[0]
     with torch.inference_mode():
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         expected = reference(ids).logits[0]

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from vajra.policies.eviction import (
     lru_victim,
     resident_limit,
-    slot_victim,
     threshold_victims,
     victims_to_fit,
 )
@@ -22,15 +21,6 @@ def test_the_least_recent_idle_adapter_leaves() -> None:
     assert lru_victim(lru, {"a"}.__contains__) == "b"
     assert lru_victim(lru, {"a", "b", "c"}.__contains__) is None
     assert lru_victim([], lambda k: False) is None
-
-
-def test_a_slot_victim_must_fit_the_incoming_rank() -> None:
-    lru = [("a", 8), ("b", 16), ("c", 64), ("d", 16)]
-    assert slot_victim(lru, lambda k: False, 0) == "a"
-    assert slot_victim(lru, lambda k: False, 9) == "b"
-    assert slot_victim(lru, {"b"}.__contains__, 16) == "c"
-    assert slot_victim(lru, {"c"}.__contains__, 32) is None
-    assert slot_victim(lru, lambda k: False, 65) is None
 
 
 def test_the_threshold_arithmetic() -> None:
@@ -59,25 +49,6 @@ def test_disk_victims_make_just_enough_room() -> None:
     assert victims_to_fit(lru, 100, 120, 20) == []
     assert victims_to_fit(lru, 100, 100, 100) == ["a", "b", "c"]
     assert victims_to_fit([], 0, 10, 5) == []
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    slots=st.lists(st.sampled_from((8, 16, 32, 64)), max_size=12),
-    busy=st.sets(st.integers(0, 11)),
-    rank=st.integers(0, 70),
-)
-def test_slot_victim_is_the_first_idle_fitting_adapter(
-    slots: list[int], busy: set[int], rank: int
-) -> None:
-    lru = list(enumerate(slots))
-    victim = slot_victim(lru, busy.__contains__, rank)
-    fitting_idle = [k for k, r in lru if r >= rank and k not in busy]
-    if victim is None:
-        assert not fitting_idle
-    else:
-        assert victim == fitting_idle[0]
-        assert victim not in busy and slots[victim] >= rank
 
 
 @settings(max_examples=300, deadline=None)

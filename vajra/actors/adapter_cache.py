@@ -5,8 +5,9 @@ read and written only there. Worker threads get pure work on memory or paths the
 for them (read these files, write those, delete those victims) and never touch the tables, so
 no lock is needed and no two threads can hand out the same slot or count the same bytes.
 
-* :class:`HostSlab` — one buffer allocated at start, cut into fixed slots per rank class. A
-  slot is *reserved* (being packed), *cached* (listed by digest) or free. A cached slot that a
+* :class:`HostSlab` — one buffer allocated at start, cut into fixed slots per size class (a
+  packed adapter's size follows its rank and the module kinds it targets). A slot is
+  *reserved* (being packed), *cached* (listed by digest) or free. A cached slot that a
   copy to the GPU may still read is *busy* (pinned by the loader, or its asynchronous CUDA copy
   has not finished) and is never evicted or handed out again; dropping a busy slot only
   unlists it, and its memory is reused once the copy is done.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,9 +61,9 @@ class HostEntry:
     """One host slot and what it holds."""
 
     digest: str
-    c: int  # rank class
+    c: int  # size class
     local: int  # slot inside the class
-    buffer: torch.Tensor  # the slot's memory, [class_rank * unit_numel]
+    buffer: torch.Tensor  # the slot's memory, [class_numel]
     host: HostAdapter | None = None  # set once packed and cached
     pins: int = 0  # loads that will copy out of the buffer
     copy: Any = None  # torch.cuda.Event of the last copy out of the buffer, until it is done
@@ -74,28 +76,30 @@ class HostEntry:
 
 
 class HostSlab:
-    """Host memory for packed adapters, allocated once and cut into fixed slots per rank class.
+    """Host memory for packed adapters, allocated once and cut into fixed slots per size class.
 
-    A cached adapter takes a slot of the smallest class that fits, free or else holding the
+    ``class_numels`` are the slot sizes in elements (the executor's tiers size them as
+    adapters of a few ranks on every module kind; one on fewer kinds packs smaller). A cached
+    adapter takes a slot of the smallest class that fits, free or else holding the
     least-recently-used idle entry of that class. Nothing is allocated (or pinned) after start.
     """
 
     def __init__(
         self,
-        rank_classes: tuple[int, ...],
-        unit_numel: int,
+        class_numels: Sequence[int],
         capacity_bytes: int,
         dtype: torch.dtype,
         stats: TierStats | None = None,
     ) -> None:
         element = torch.empty((), dtype=dtype).element_size()
-        per_class = capacity_bytes // max(1, len(rank_classes))
-        self.classes: list[tuple[int, torch.Tensor]] = []
+        numels = sorted(set(class_numels))
+        per_class = capacity_bytes // max(1, len(numels))
+        self.classes: list[tuple[int, torch.Tensor]] = []  # (slot numel, [slots, numel])
         pin = torch.cuda.is_available()
-        for rank in rank_classes:
-            slots = max(1, per_class // (rank * unit_numel * element))
-            buf = torch.empty((slots, rank * unit_numel), dtype=dtype, pin_memory=pin)
-            self.classes.append((rank, buf))
+        for numel in numels:
+            slots = max(1, per_class // (numel * element))
+            buf = torch.empty((slots, numel), dtype=dtype, pin_memory=pin)
+            self.classes.append((numel, buf))
         self.entries: OrderedDict[str, HostEntry] = OrderedDict()  # cached, least recent first
         self._free: list[list[int]] = [list(range(buf.shape[0])) for _, buf in self.classes]
         self._retired: list[HostEntry] = []  # unlisted while busy; freed once idle
@@ -108,19 +112,21 @@ class HostSlab:
             self.entries.move_to_end(digest)
         return entry
 
-    def reserve(self, digest: str, rank: int) -> HostEntry | None:
-        """A slot for an adapter of ``rank``, or None while every slot that fits is busy.
+    def reserve(self, digest: str, numel: int) -> HostEntry | None:
+        """A slot for an adapter packed into ``numel`` elements, or None while every slot
+        that fits is busy.
 
         Takes a free slot, else evicts the least-recently-used idle entry of a fitting class.
-        Raises InvalidAdapter only when ``rank`` exceeds every class.
+        Raises InvalidAdapter only when ``numel`` exceeds every class.
         """
-        if rank > self.classes[-1][0]:
+        if numel > self.classes[-1][0]:
             raise InvalidAdapter(
-                f"adapter rank {rank} exceeds the largest host slot class {self.classes[-1][0]}"
+                f"the packed adapter ({numel} elements) exceeds the largest host slot "
+                f"({self.classes[-1][0]})"
             )
         self._sweep()
-        for c, (class_rank, buf) in enumerate(self.classes):
-            if class_rank < rank:
+        for c, (class_numel, buf) in enumerate(self.classes):
+            if class_numel < numel:
                 continue
             if not self._free[c]:
                 of_class = (d for d, e in self.entries.items() if e.c == c)

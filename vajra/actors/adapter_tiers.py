@@ -10,11 +10,14 @@ is refused as corrupt.
 * disk: ``<cache_dir>/<digest>/{adapter_config.json, adapter_model.safetensors}``, bounded in
   bytes (``adapters.disk_cache_bytes``), LRU; found again after a restart.
 * host: one buffer allocated once at start (pinned when CUDA is present: pinning is slow), cut
-  into fixed slots per rank class, so caching never fragments it (``adapters.host_cache_bytes``).
+  into fixed slots per size class (packed adapters of a few ranks on every module kind), so
+  caching never fragments it (``adapters.host_cache_bytes``).
 * GPU: the engine's adapter slots, driven only through
-  :class:`~vajra.gpu.interface.AdapterResidency` (``adapters.max_vram_adapters`` slots); past
-  ``adapters.lru_eviction_threshold`` of its slots in use, idle adapters are evicted down to
-  the threshold. Which adapter leaves a tier is :mod:`vajra.policies.eviction`'s choice.
+  :class:`~vajra.gpu.interface.AdapterResidency` (``adapters.max_vram_adapters`` slots, memory
+  per targeted module kind); to make room, the least-recently-used idle adapter whose eviction
+  gives back what the new one lacks leaves; past ``adapters.lru_eviction_threshold`` of its
+  slots in use, idle adapters are evicted down to the threshold. Which adapter leaves a tier
+  is :mod:`vajra.policies.eviction`'s choice.
 
 Concurrency. The executor's Trio thread owns every tier's tables, the host slab's and the disk
 cache's included (:mod:`vajra.actors.adapter_cache`); worker threads only do pure work: file
@@ -48,6 +51,7 @@ import hashlib
 import logging
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -61,7 +65,7 @@ from vajra.config import VajraConfig
 from vajra.errors import InternalError, OverloadedError, UnavailableError, VajraError
 from vajra.gpu.interface import AdapterResidency
 from vajra.gpu.lora import HostAdapter, pack_adapter, read_adapter_tensors
-from vajra.policies.eviction import slot_victim, threshold_victims
+from vajra.policies.eviction import lru_victim, threshold_victims
 from vajra.storage import ObjectStore
 from vajra.storage.adapters import aget_adapter_objects
 
@@ -97,7 +101,8 @@ class _Flight:
 class AdapterTiers:
     """Moves adapters between tiers for one executor; see the module docstring.
 
-    ``busy_wait_s`` bounds how long a load waits for a staging buffer.
+    ``busy_wait_s`` bounds how long a load waits for a staging buffer; ``host_rank_classes``
+    sizes the host slots (default: the pool's largest rank, its half, quarter and eighth).
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class AdapterTiers:
         *,
         gpu_limiter: trio.CapacityLimiter,
         busy_wait_s: float = 2.0,
+        host_rank_classes: Sequence[int] | None = None,
     ) -> None:
         a = cfg.adapters
         self.cfg = cfg
@@ -126,9 +132,9 @@ class AdapterTiers:
             else cfg.cluster.home_path / "cache" / "adapters"
         )
         self.disk = DiskCache(cache_dir, a.disk_cache_bytes, io=self._io, stats=self.stats["disk"])
+        ranks = host_rank_classes or sorted({max(1, slots.max_rank >> s) for s in range(4)})
         self.host = HostSlab(
-            slots.rank_classes,
-            slots.layout.unit_numel,
+            [slots.layout.packed_numel((r,) * len(slots.layout.kinds)) for r in ranks],
             a.host_cache_bytes,
             slots.dtype,
             stats=self.stats["host"],
@@ -259,7 +265,8 @@ class AdapterTiers:
         manifest, tensors = await trio.to_thread.run_sync(
             self._validate, config, weights, limiter=self._io
         )
-        entry = self.host.reserve(digest, manifest.rank)
+        layout = self.slots.layout
+        entry = self.host.reserve(digest, layout.packed_numel(layout.ranks_of(manifest)))
         if entry is None:  # every slot that fits is busy: stage it, uncached
             if tier != "gpu":
                 raise OverloadedError("every host slot that fits this adapter is busy; retry")
@@ -349,10 +356,10 @@ class AdapterTiers:
         as resident; returns the copy's CUDA event (None on the CPU)."""
         t0 = time.perf_counter()
         async with self._gpu_limiter:
-            while not self.slots.can_load(host.rank):
-                if not self._evict_lru(host.rank):
+            while not self.slots.can_load(host):
+                if not self._evict_lru(host):
                     raise OverloadedError(
-                        "every adapter slot on this executor is in use by running requests; retry"
+                        "no room: the adapters in the way are held by running requests; retry"
                     )
             slot, event = await trio.to_thread.run_sync(self._copy_in, host)
         self.gpu[digest] = slot
@@ -369,10 +376,11 @@ class AdapterTiers:
         """Held by a request or wanted by an acquire in progress."""
         return bool(self.refs.get(digest) or self._wanted.get(digest))
 
-    def _evict_lru(self, rank: int) -> bool:
-        """Evict the least-recently-used idle adapter whose slot fits ``rank``."""
-        fitting = ((d, self.slots.slot_rank(slot)) for d, slot in self.gpu.items())
-        victim = slot_victim(fitting, self._in_use, rank)
+    def _evict_lru(self, host: HostAdapter) -> bool:
+        """Evict the least-recently-used idle adapter whose eviction gives back something
+        ``host`` lacks (a slot, or memory of a kind it targets)."""
+        helping = (d for d, slot in self.gpu.items() if self.slots.frees_room_for(slot, host))
+        victim = lru_victim(helping, self._in_use)
         if victim is None:
             return False
         self._evict_gpu(victim)

@@ -12,8 +12,11 @@ its own module:
 
 * :mod:`vajra.actors.executor_intake` — work in: accept, refuse, cancel, adapter loads, the
   predictor's tier commands;
-* :mod:`vajra.actors.executor_steps` — the requests held and the one task that steps the
-  engine (in a worker thread, one thread limiter per GPU, so the Trio loop never blocks);
+* :mod:`vajra.actors.executor_steps` — the requests held, and the task that feeds the engine
+  and sends what it produced;
+* :mod:`vajra.actors.executor_thread` — the model thread: engine steps back to back in a
+  worker thread (one thread limiter per GPU, so the Trio loop never blocks), never waiting
+  for the event loop between steps;
 * :mod:`vajra.actors.executor_usage` — usage events until the ledger acknowledges them;
 * :mod:`vajra.actors.executor_liveness` — hellos, load reports and heartbeats;
 * :mod:`vajra.actors.adapter_tiers` — adapters from the object store to the engine's slots,
@@ -45,6 +48,7 @@ from vajra.actors.base import wait_until
 from vajra.actors.executor_intake import Intake
 from vajra.actors.executor_liveness import Liveness
 from vajra.actors.executor_steps import StepLoop
+from vajra.actors.executor_thread import set_torch_threads
 from vajra.actors.executor_usage import UsageOutbox
 from vajra.bus.outbox import Outbox
 from vajra.bus.zsocket import ZSocket, open_socket
@@ -164,6 +168,7 @@ class Executor:
     def _load_engine(self) -> Engine:
         e = self.ecfg
         device = None if e.device == "auto" else e.device
+        set_torch_threads(e.torch_threads, device)
         return load_engine(
             self.model or "null",
             device=device,
@@ -171,6 +176,11 @@ class Executor:
             max_batch_size=e.max_batch_size,
             max_model_len=e.max_model_len,
             max_adapters=self.cfg.adapters.max_vram_adapters,
+            max_adapter_rank=self.cfg.adapters.max_rank,
+            kv_cache_bytes=e.kv_cache_bytes or None,
+            kv_memory_fraction=e.kv_memory_fraction,
+            kv_block_size=e.kv_block_size,
+            max_batch_tokens=e.max_batch_tokens,
         )
 
     def _build_tiers(self, engine: Engine) -> AdapterTiers | None:

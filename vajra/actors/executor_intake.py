@@ -7,10 +7,11 @@ Data flows left to right::
               ─AdapterTierCommand─▶ intake ─promote / demote─▶ tiers
 
 A request is refused at once (a typed error) while the executor drains, when its queue is full
-(``executor.max_queue``: retriable "overloaded") or when it names an adapter that this executor
-cannot serve. A request for an adapter waits in its own task while the tiers make the adapter
-resident and hold its slot; every failure of that load (its deadline passing included)
-becomes that request's typed error.
+(``executor.max_queue``: retriable "overloaded"), when its decoding parameters are invalid
+(the engine's :class:`~vajra.policies.decoding.SamplingParams` is built here) or when it names
+an adapter that this executor cannot serve. A request for an adapter waits in its own task
+while the tiers make the adapter resident and hold its slot; every failure of that load (its
+deadline passing included) becomes that request's typed error.
 
 Ending early: a request cancelled by its caller (``CancelWork``) or sent by an earlier
 incarnation of its gateway (``GatewayHello``: nobody can receive its tokens any more) is
@@ -39,6 +40,7 @@ from vajra.errors import (
     UnavailableError,
     VajraError,
 )
+from vajra.policies.decoding import SamplingParams
 
 log = logging.getLogger("vajra.executor")
 
@@ -90,8 +92,8 @@ class Intake:
                 continue
             message = env.message
             if isinstance(message, InferWork):
-                if self._accept(message):
-                    nursery.start_soon(self._accept_with_adapter, message)
+                if (params := self._accept(message)) is not None:
+                    nursery.start_soon(self._accept_with_adapter, message, params)
             elif isinstance(message, CancelWork):
                 for rid in message.request_ids:
                     self._cancel(rid)
@@ -102,35 +104,41 @@ class Intake:
             else:
                 self.counters["unexpected_kind"] += 1
 
-    def _accept(self, work: InferWork) -> bool:
-        """Queue ``work`` or answer it; True when its adapter must be loaded first."""
+    def _accept(self, work: InferWork) -> SamplingParams | None:
+        """Queue ``work`` or answer it; its decoding parameters (built here, for the engine)
+        when its adapter must be loaded first, else None."""
         steps = self.steps
         if self._orphaned(work):
             self.counters["orphaned_dropped"] += 1
             steps.mark_finished(work.request_id)
-            return False
+            return None
         if self.draining:
             error: VajraError = UnavailableError("the executor is shutting down; retry")
             steps.answer_error(work.request_id, error)
-            return False
+            return None
         if self.queue_depth() >= self.cfg.executor.max_queue:
             self.counters["overloaded"] += 1
             error = OverloadedError("executor queue is full; retry later")
             steps.answer_error(work.request_id, error)
-            return False
+            return None
+        try:
+            params = work.sampling.params()
+        except VajraError as exc:  # the gateway checked it too; never trust a peer blindly
+            steps.answer_error(work.request_id, exc)
+            return None
         self.counters["accepted"] += 1
         if work.adapter_digest is None:
-            steps.queue(work)
-            return False
+            steps.queue(work, params=params)
+            return None
         if self.tiers is None:
             error = InvalidRequest(
                 "this executor serves no adapters (no LoRA pool)", field="adapter"
             )
             steps.answer_error(work.request_id, error)
-            return False
+            return None
         self.adapter_waits += 1
         self._waiting_ids.add(work.request_id)
-        return True
+        return params
 
     def _orphaned(self, work: InferWork) -> bool:
         """Sent by an earlier incarnation of its gateway: its answers can reach nobody."""
@@ -156,7 +164,7 @@ class Intake:
             return
         self.counters["cancel_unknown"] += 1
 
-    async def _accept_with_adapter(self, work: InferWork) -> None:
+    async def _accept_with_adapter(self, work: InferWork, params: SamplingParams) -> None:
         """Load the request's adapter through the tiers, hold its slot, then queue the request."""
         assert self.tiers is not None and work.adapter_digest is not None
         try:
@@ -187,7 +195,7 @@ class Intake:
             self.steps.answer_error(work.request_id, failed)
             await self.steps.replies.flush()
             return
-        self.steps.queue(work, slot)
+        self.steps.queue(work, slot, params)
 
     async def _on_tier_command(self, cmd: AdapterTierCommand) -> None:
         """Promote or demote an adapter; failures are counted and logged, never fatal."""

@@ -4,15 +4,19 @@ resolution of ``NAME[@VERSION]`` on the request path.
 Uploads are validated (in a worker thread) before anything is stored; then the files go to the
 object store, then the version is registered in Redis, so a refused upload leaves no trace.
 Resolutions are cached per gateway for ``adapters.resolve_cache_ttl_s`` ("not found" for half
-of it); a push or delete through this gateway clears that name at once.
+of it); a push or delete through this gateway clears that name at once, and a lookup under way
+meanwhile is not cached. Lookups are shared: requests that miss the cache while a lookup of the
+same reference is under way wait for it instead of each asking Redis.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -42,6 +46,20 @@ AdapterOp = AdapterPush | AdapterList | AdapterDelete
 _MODEL_READ = threading.Lock()
 
 
+@dataclass(slots=True)
+class _Lookup:
+    """One resolution under way, shared by the requests that missed the cache meanwhile."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    answered: bool = False
+    resolved: ResolvedAdapter | None = None
+    error: VajraError | None = None
+
+
+def _name(ref: str) -> str:
+    return ref.partition("@")[0]
+
+
 class AdapterDesk:
     """Owns the gateway's registry and object-store work; raises VajraErrors, sends nothing."""
 
@@ -52,6 +70,8 @@ class AdapterDesk:
         self.store = store
         self._resolutions: dict[tuple[str, str], dict[str, tuple[ResolvedAdapter | None, float]]]
         self._resolutions = {}
+        self._lookups: dict[tuple[str, str], _Lookup] = {}  # lookups under way, by reference
+        self._epoch = 0  # bumped by every forget: a lookup that began before one is not cached
         self._resolve_limiter = trio.CapacityLimiter(64)
         self._validate_limiter = trio.CapacityLimiter(max(1, cfg.adapters.max_concurrent_pushes))
         self.pushed = 0
@@ -99,10 +119,16 @@ class AdapterDesk:
 
     def forget(self, tenant_id: str, name: str) -> None:
         """After a push or delete through this gateway, its next lookups see the change."""
+        self._epoch += 1
         self._resolutions.pop((tenant_id, name), None)
+        for key in [k for k in self._lookups if k[0] == tenant_id and _name(k[1]) == name]:
+            del self._lookups[key]  # later requests look again; those waiting keep its answer
 
     def forget_tenant(self, tenant_id: str) -> None:
         """After the tenant was deleted: none of its names resolves from the cache any more."""
+        self._epoch += 1
+        for key in [k for k in self._lookups if k[0] == tenant_id]:
+            del self._lookups[key]
         for key in [k for k in self._resolutions if k[0] == tenant_id]:
             del self._resolutions[key]
 
@@ -110,17 +136,44 @@ class AdapterDesk:
         """Look ``ref`` up in Redis (a cache miss); None when it does not exist for the tenant.
 
         Raises InvalidRequest for a malformed ref, UnavailableError when Redis is unreachable.
+        A lookup of the same ``ref`` already under way is waited for and its answer (or its
+        error) is this one's; one that was cancelled leaves this one to ask.
         """
-        resolved: ResolvedAdapter | None
+        key = (tenant_id, ref)
+        under_way = self._lookups.get(key)
+        if under_way is not None:
+            await under_way.done.wait()
+            if under_way.error is not None:
+                raise copy.copy(under_way.error)
+            if under_way.answered:
+                return under_way.resolved
+        flight = self._lookups[key] = _Lookup()
+        epoch = self._epoch
+        try:
+            flight.resolved = await self._lookup(tenant_id, ref)
+            flight.answered = True
+        except VajraError as exc:
+            flight.error = exc
+            raise
+        finally:
+            if self._lookups.get(key) is flight:
+                del self._lookups[key]
+            flight.done.set()
+        if epoch == self._epoch:  # no push or delete came meanwhile
+            self._cache(tenant_id, ref, flight.resolved)
+        return flight.resolved
+
+    async def _lookup(self, tenant_id: str, ref: str) -> ResolvedAdapter | None:
         try:
             async with self._resolve_limiter:
                 with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-                    resolved = await self.redis.run(self.registry.resolve, tenant_id, ref)
+                    resolved: ResolvedAdapter | None = await self.redis.run(
+                        self.registry.resolve, tenant_id, ref
+                    )
         except NotFoundError:
             resolved = None
         except trio.TooSlowError:
             raise UnavailableError("the adapter registry is unreachable; retry") from None
-        self._cache(tenant_id, ref, resolved)
         return resolved
 
     # --- push, list, delete ---------------------------------------------------------------

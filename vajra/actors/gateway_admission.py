@@ -96,14 +96,7 @@ class Admission:
         if not req.api_key:
             raise AuthError("missing API key")
         check_prompt(req.prompt, self.bounds)
-        check_sampling(
-            max_tokens=req.max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            stop=req.stop,
-            seed=req.seed,
-            bounds=self.bounds,
-        )
+        check_sampling(req.sampling.params(), self.bounds)
         check_deadline(req.deadline_ms, self.bounds)
         if req.adapter is not None:
             check_id(req.adapter, "adapter")
@@ -281,11 +274,7 @@ class Admission:
             tenant_id=tenant.tenant_id,
             prompt=req.prompt,
             adapter=req.adapter,
-            max_tokens=req.max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            stop=req.stop,
-            seed=req.seed,
+            sampling=req.sampling,
             stream=req.stream,
             deadline_unix_ms=received + req.deadline_ms,
             gateway_id=self.gcfg.gateway_id,

@@ -25,6 +25,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
+import msgspec
 import trio
 
 from vajra.actors.base import error_frames
@@ -166,21 +167,11 @@ class ReplyRouter:
         if isinstance(msg, TokenChunk):
             if not p.stream:
                 return
-            out = TokenChunk(p.client_request_id, msg.index, msg.text, msg.token_ids)
+            out = msgspec.structs.replace(msg, request_id=p.client_request_id)
         elif isinstance(msg, InferResult):
             self.forget(msg.request_id)
             self.counters["results"] += 1
-            out = InferResult(
-                p.client_request_id,
-                msg.text,
-                msg.token_ids,
-                msg.finish_reason,
-                msg.prompt_tokens,
-                msg.completion_tokens,
-                msg.gpu_ms,
-                msg.executor_id,
-                msg.queue_ms,
-            )
+            out = msgspec.structs.replace(msg, request_id=p.client_request_id)
         elif isinstance(msg, ErrorReply):
             self.forget(msg.request_id)
             self.counters[f"error_{msg.code}"] += 1

@@ -77,14 +77,17 @@ def measure_activation(
     """Median/p90 time from "adapter in tier X" to "adapter usable in a pool slot"."""
     spec = spec_for(shape)
     layout = LoraLayout.from_spec(spec)
-    pool = LoraPool(layout, device=device, dtype=dtype, rank_classes=(rank,), slots_per_class=(2,))
+    pool = LoraPool(
+        layout, device=device, dtype=dtype, max_vram_adapters=2, max_rank=rank, mean_rank=rank
+    )
     adapter = random_adapter(spec, rank=rank, alpha=2 * rank, seed=0)
+    element = torch.empty((), dtype=dtype).element_size()
     out: dict[str, Any] = {
         "shape": shape,
         "rank": rank,
         "dtype": str(dtype).removeprefix("torch."),
         "safetensors_bytes": len(adapter.weights),
-        "slot_bytes": pool.capacity_bytes // 2,
+        "pool_bytes": layout.packed_numel(layout.ranks_of(adapter.manifest)) * element,
         "tiers": {},
     }
     for name, factory in {**BUILTIN_TIERS, **(tiers or {})}.items():

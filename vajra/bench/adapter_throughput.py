@@ -81,7 +81,7 @@ def measure_throughput(
     adapters = [random_adapter(spec, rank=rank, alpha=2 * rank, seed=i + 1) for i in range(n_max)]
     log(f"built {n_max} adapters of rank {rank}")
 
-    pool = LoraPool.for_model(model, rank_classes=(rank,), slots_per_class=(n_max,))
+    pool = LoraPool.for_model(model, max_vram_adapters=n_max, max_rank=rank, mean_rank=rank)
     state = LoraBatchState(pool, max_rows=max(batch_size, n_max))
     inject_lora(model, state)
     slots = [

@@ -34,7 +34,7 @@ import trio
 from vajra.actors.supervisor import Supervisor, free_tcp_address
 from vajra.bus.client_socket import BlockingContext
 from vajra.bus.codec import decode, encode
-from vajra.bus.messages import InferRequest, InferResult
+from vajra.bus.messages import InferRequest, InferResult, Sampling
 from vajra.config import load_config
 from vajra.state import ClusterState
 
@@ -64,7 +64,9 @@ class _Load:
         self.ctx.close()
 
     def _frames(self, rid: str) -> list[bytes]:
-        req = InferRequest(request_id=rid, api_key=self.api_key, prompt="ping", max_tokens=1)
+        req = InferRequest(
+            request_id=rid, api_key=self.api_key, prompt="ping", sampling=Sampling(max_tokens=1)
+        )
         return encode(req, message_id=rid)
 
     def _check(self, frames: list[bytes]) -> str:
@@ -159,8 +161,9 @@ def _cpu_seconds() -> dict[str, float]:
 
 
 def _run_cluster_in_thread(
-    home: Path,
+    home: Path, *, model: str = "null"
 ) -> tuple[dict[str, Any], trio.lowlevel.TrioToken, threading.Thread]:
+    """A cluster of one executor serving ``model`` under a supervisor in a thread of its own."""
     env = {"VAJRA_HOME": str(home)}
     cfg = (
         load_config(env=env)
@@ -169,7 +172,7 @@ def _run_cluster_in_thread(
         # One tenant drives the whole load: per-tenant limits would measure themselves.
         .replace("gateway", tenant_rate_limit_per_s=0.0, tenant_max_inflight=0)
     )
-    sup = Supervisor(cfg, executors=1, model="null")
+    sup = Supervisor(cfg, executors=1, model=model)
     ready: dict[str, Any] = {}
     started = threading.Event()
     stop = trio.Event()

@@ -13,6 +13,8 @@ One plan, run in order, each step a subprocess with its own time limit inside on
    copy stream from pinned host memory, the engine on CUDA, ...).
 4. ``adapters-llama-3.2-1b`` and ``adapters-llama-3-8b``: ``vajra bench adapters`` (run as
    ``python -m vajra.bench.adapters``, which needs no CLI install) on those model shapes.
+5. ``engine-llama-3.2-1b``: ``vajra bench engine`` on the Llama-3.2-1B shape in bfloat16
+   (bounded: prompts up to 1,024 tokens, 64 out), its JSON kept whole in the summary.
 
 Every step writes its JSON into one folder (``bench-results/gpu/`` by default) and
 ``summary.json`` gathers them; a short summary goes to stdout, progress and failing steps' logs
@@ -25,6 +27,9 @@ shape stands in for both GPU shapes, and the speed targets are not judged; the s
 
 Standard library only: this module runs before the wheels are installed.
 """
+
+# Over 400 lines: the check must be one standard-library module, runnable before any wheel
+# is installed on the GPU machine; plan, run, summary and targets are read together.
 
 from __future__ import annotations
 
@@ -47,6 +52,8 @@ NEEDED_MODULES = (
     "vajra.gpu.lora",
     "vajra.state",
     "vajra.bench.adapters",
+    "vajra.bench.engine",
+    "llguidance",
     "pytest",
     "pytest_trio",
     "pytest_timeout",
@@ -128,9 +135,20 @@ def plan(opts: Options) -> list[Step]:
         json_out = opts.out / f"adapters-{shape}.json"
         bench = adapters_bench_args(shape, json_out, dry_run=opts.dry_run)
         steps.append(Step(f"adapters-{shape}", tuple(bench), limit_s))
-    # The engine benchmark goes here: one more Step per shape writing engine-<shape>.json,
-    # and its key figures in _figures() below.
+    engine_out = opts.out / "engine-llama-3.2-1b.json"
+    steps.append(Step("engine-llama-3.2-1b", tuple(engine_bench_args(engine_out, opts)), 240))
     return steps
+
+
+def engine_bench_args(out: Path, opts: Options) -> list[str]:
+    """``vajra bench engine`` on the Llama-3.2-1B shape in bf16, bounded for the GPU budget;
+    the dry run is its quick form on the tiny shape, on the CPU."""
+    args = ["-m", "vajra.bench.engine", "--json", str(out)]
+    if opts.dry_run:
+        return [*args, "--quick", "--device", "cpu", "--model-shape", "tiny"]
+    settings = "--model-shape llama-3.2-1b --concurrency 1,8,32,128 --max-prompt-tokens 1024"
+    settings += " --max-output-tokens 64 --contexts 128,1024,4096 --adapter-counts 32,128"
+    return args + settings.split()
 
 
 def site_dir(work: Path) -> Path:
@@ -317,6 +335,8 @@ def run_check(opts: Options) -> tuple[dict[str, Any], list[str]]:
         and (result := _load(opts.out / f"{record['name']}.json"))
     }
     summary["figures"] = figures
+    engine = _load(opts.out / "engine-llama-3.2-1b.json") or {}
+    summary["engine"] = {key: engine.get(key) for key in ("b_context", "f_comparison")}
     summary["targets"] = (
         "not judged: a dry run on the CPU with tiny shapes"
         if opts.dry_run
@@ -367,6 +387,10 @@ def summary_lines(summary: dict[str, Any], opts: Options) -> list[str]:
             f"{name} ({fig['model_shape']}, {fig['seconds']} s): activation p50 of a "
             f"{fig['activation_shape']} adapter: {tiers}; Vajra by adapters in batch: {rows}"
         )
+    comparison = (summary.get("engine") or {}).get("f_comparison") or {}
+    if comparison:
+        rates = {k: v.get("output_tok_s") for k, v in comparison.items() if isinstance(v, dict)}
+        lines.append(f"engine (tok/s at {comparison.get('concurrency')} in flight): {rates}")
     if isinstance(summary["targets"], list):
         lines += [f"target {t['status']}: {t['target']} ({t['value']})" for t in summary["targets"]]
     for step in summary["steps"]:

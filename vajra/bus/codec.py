@@ -58,7 +58,9 @@ class Envelope(msgspec.Struct, frozen=True):
     bulk: tuple[bytes, ...] = ()  # the raw frames after the body (``message.BULK_FRAMES``)
 
 
-_FIELD_AT = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)")
+#: The field a validation error is at: the last name of its path (``$.sampling.top_k`` and
+#: ``$.sampling.stop[0]`` name ``top_k`` and ``stop``, as the request's own checks would).
+_FIELD_AT = re.compile(r"at `\$(?:\.[A-Za-z_][A-Za-z0-9_]*|\[[^\]]*\])*\.([A-Za-z_][A-Za-z0-9_]*)")
 _FIELD_MISSING = re.compile(r"missing required field `([A-Za-z_][A-Za-z0-9_]*)`")
 
 #: One typed decoder per message kind: msgspec validates every field's type while decoding.

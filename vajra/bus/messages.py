@@ -33,6 +33,9 @@ from typing import ClassVar, NewType
 import msgspec
 from msgspec import field
 
+from vajra.errors import InvalidRequest
+from vajra.policies.decoding import SamplingParams, StructuredOutput
+
 RequestId = NewType("RequestId", str)
 TenantId = NewType("TenantId", str)
 ExecutorId = NewType("ExecutorId", str)
@@ -52,6 +55,98 @@ class Message(msgspec.Struct, frozen=True):
     BULK_FRAMES: ClassVar[int] = 0
 
 
+# --- decoding parameters and log-probabilities (parts of the generation messages) ---------
+
+
+class Structured(msgspec.Struct, frozen=True):
+    """:class:`~vajra.policies.decoding.StructuredOutput` on the wire: ``kind`` and ``spec``."""
+
+    kind: str
+    spec: str = ""
+
+
+class Sampling(msgspec.Struct, frozen=True, omit_defaults=True):
+    """:class:`~vajra.policies.decoding.SamplingParams` on the wire: the same fields, names and
+    defaults (a test keeps them equal), typed but not range-checked, so a bad value decodes and
+    :meth:`params` refuses it with an InvalidRequest naming the field. Fields left at their
+    defaults are not sent."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    structured: Structured | None = None
+
+    @classmethod
+    def of(cls, p: SamplingParams) -> Sampling:
+        s = p.structured
+        return cls(
+            max_tokens=p.max_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            stop=p.stop,
+            seed=p.seed,
+            stop_token_ids=p.stop_token_ids,
+            min_tokens=p.min_tokens,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty,
+            ignore_eos=p.ignore_eos,
+            logprobs=p.logprobs,
+            prompt_logprobs=p.prompt_logprobs,
+            structured=None if s is None else Structured(s.kind, s.spec),
+        )
+
+    def params(self) -> SamplingParams:
+        """The engine's parameters; raises InvalidRequest naming the first bad field."""
+        s = self.structured
+        try:
+            return SamplingParams(
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                stop=self.stop,
+                seed=self.seed,
+                stop_token_ids=self.stop_token_ids,
+                min_tokens=self.min_tokens,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty,
+                ignore_eos=self.ignore_eos,
+                logprobs=self.logprobs,
+                prompt_logprobs=self.prompt_logprobs,
+                structured=None if s is None else StructuredOutput(s.kind, s.spec),  # type: ignore[arg-type]
+            )
+        except (TypeError, ValueError, RecursionError) as exc:  # never expected: be typed anyway
+            raise InvalidRequest(f"invalid decoding parameters: {exc}", field="sampling") from None
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One token's log-probability and its most likely alternatives (sent as an array).
+
+    ``token`` is the token's own text (a piece of a multi-byte character shows as U+FFFD);
+    ``logprob`` is None only for a prompt's first token; ``top`` holds ``(token_id, token,
+    logprob)`` of the most likely tokens at that position, most likely first.
+    """
+
+    token_id: int
+    token: str
+    logprob: float | None
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
 # --- client <-> gateway -------------------------------------------------------------------
 
 
@@ -63,28 +158,34 @@ class InferRequest(Message, frozen=True):
     api_key: str
     prompt: str
     adapter: str | None = None
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
     stream: bool = False
     deadline_ms: int = 30_000
     tenant: str | None = None
 
 
 class TokenChunk(Message, frozen=True):
-    """Streamed text produced since the previous chunk of the same request."""
+    """Streamed text produced since the previous chunk of the same request.
+
+    ``logprobs``: one entry per token of ``token_ids`` when the request asked for them;
+    ``prompt_logprobs``: every prompt token's entry, on the first chunk, when asked for.
+    """
 
     KIND: ClassVar[str] = "chunk"
     request_id: str
     index: int
     text: str
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class InferResult(Message, frozen=True):
-    """The final answer; for streams it carries no text beyond what the chunks carried."""
+    """The final answer; for streams it carries no text beyond what the chunks carried.
+
+    ``logprobs`` and ``prompt_logprobs`` (when asked for): for a stream, only what no chunk
+    carried (usually nothing); otherwise all of them.
+    """
 
     KIND: ClassVar[str] = "result"
     request_id: str
@@ -96,6 +197,8 @@ class InferResult(Message, frozen=True):
     gpu_ms: float
     executor_id: str = ""
     queue_ms: float = 0.0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class ErrorReply(Message, frozen=True):
@@ -327,11 +430,7 @@ class InferWork(Message, frozen=True):
     tenant_id: str
     prompt: str
     adapter: str | None
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: list[str]
-    seed: int | None
+    sampling: Sampling  # as the client sent it; the gateway checked that it is valid
     stream: bool
     deadline_unix_ms: int
     gateway_id: str

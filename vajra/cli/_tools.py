@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vajra.bench.engine_args import add_engine_arguments
+
 if TYPE_CHECKING:
     from vajra.cli._common import Subcommands
 
@@ -45,6 +47,23 @@ def register(sub: Subcommands) -> None:
         help="sequential requests for p50/p99 (default: %(default)s)",
     )
     bus.set_defaults(func=cmd_bench_bus)
+    serving = bsub.add_parser(
+        "serving",
+        help="tokens/s of 32 concurrent generations through the SDK vs a static transformers "
+        "batch, and the engine alone, on the tiny model",
+    )
+    serving.add_argument("--json", required=True, help="where to write the results")
+    serving.add_argument(
+        "--quick", action="store_true", help="a short run that checks it works (16 tokens, 1 round)"
+    )
+    serving.set_defaults(func=cmd_bench_serving)
+    engine = bsub.add_parser(
+        "engine",
+        help="the engine alone: tokens/s, ITL and TTFT on Azure trace requests, context length, "
+        "prefill interference, KV memory, prefix cache, vs transformers and the old engine",
+    )
+    add_engine_arguments(engine)
+    engine.set_defaults(func=cmd_bench_engine)
     # `vajra bench adapters ARGS` hands ARGS to the benchmark's own parser (see vajra.cli.main).
     bsub.add_parser(
         "adapters",
@@ -73,3 +92,19 @@ def cmd_bench_bus(args: argparse.Namespace) -> int:
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0
+
+
+def cmd_bench_serving(args: argparse.Namespace) -> int:
+    from vajra.bench.serving import run_serving_bench
+
+    result = run_serving_bench(quick=args.quick)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_bench_engine(args: argparse.Namespace) -> int:
+    from vajra.bench.engine import run_from_args
+
+    return run_from_args(args)

@@ -12,15 +12,25 @@
             async for chunk in chunks:
                 print(chunk.text, end="")
 
+Every generation call takes the decoding parameters as keywords (:class:`SamplingOptions`:
+``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``stop``, ``seed``, ``stop_token_ids``,
+``min_tokens``, the penalties, ``ignore_eos``, ``logprobs``, ``prompt_logprobs``,
+``structured`` or ``response_format``), as ``params=SamplingParams(...)``, or both; and
+``n=`` for several choices (``result.choices``; streamed chunks say their ``choice``).
+
 Every failure is raised as a :class:`VajraError` subclass; :class:`TimeoutError` is also the
 builtin ``TimeoutError``; ``error.retriable`` says whether sending again may succeed.
 """
 
+from vajra.bus.messages import TokenLogprob
 from vajra.client._async import AsyncClient
+from vajra.client._decoding import MAX_CHOICES, SamplingOptions
+from vajra.client._fanout_async import FanoutStream
 from vajra.client._stream import Stream
 from vajra.client._sync import Client
 from vajra.client._types import (
     AdapterInfo,
+    Choice,
     ExecutorStatus,
     InferenceResult,
     IssuedKey,
@@ -44,14 +54,18 @@ from vajra.errors import (
     UnavailableError,
     VajraError,
 )
+from vajra.policies.decoding import SamplingParams, StructuredOutput
 
 __all__ = [
+    "MAX_CHOICES",
     "AdapterInfo",
     "AsyncClient",
     "AuthError",
     "Cancelled",
+    "Choice",
     "Client",
     "ExecutorStatus",
+    "FanoutStream",
     "InferenceResult",
     "InternalError",
     "InvalidRequest",
@@ -62,11 +76,15 @@ __all__ = [
     "ProtocolError",
     "QuotaExceeded",
     "RateLimited",
+    "SamplingOptions",
+    "SamplingParams",
     "Stream",
     "StreamChunk",
+    "StructuredOutput",
     "Tenant",
     "TenantUsage",
     "TimeoutError",
+    "TokenLogprob",
     "UnavailableError",
     "Usage",
     "VajraError",

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
 from types import TracebackType
+from typing import Unpack
 
 import trio
 
 from vajra.client._adapter_files import read_adapter_dir
 from vajra.client._calls import Calls
+from vajra.client._choices import read_as_stream
+from vajra.client._decoding import SamplingOptions, sampling_params
+from vajra.client._fanout_async import FanoutStream, infer_all
 from vajra.client._requests import check_upload_size
 from vajra.client._session import Session
 from vajra.client._stream import Stream
@@ -26,6 +29,7 @@ from vajra.client._types import (
     Tenant,
     TenantUsage,
 )
+from vajra.policies.decoding import SamplingParams
 
 
 class AsyncClient:
@@ -112,54 +116,50 @@ class AsyncClient:
         self,
         prompt: str,
         adapter: str | None = None,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
+        *,
+        params: SamplingParams | None = None,
+        n: int = 1,
         timeout_s: float | None = None,
+        **sampling: Unpack[SamplingOptions],
     ) -> InferenceResult:
-        """Generate a completion for ``prompt`` and return it whole."""
-        call = self._calls.infer(
-            prompt,
-            adapter=adapter,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            stop=stop,
-            seed=seed,
-            timeout_s=timeout_s,
+        """Generate a completion for ``prompt`` and return it whole.
+
+        Decoding: ``params`` and/or the keywords of :class:`~vajra.client.SamplingOptions`
+        (``max_tokens=32, temperature=0.7, logprobs=5, ...``; keywords override ``params``).
+        ``n`` (1..16) asks for that many choices, sent together (``result.choices``).
+        """
+        decoding = sampling_params(params, sampling)
+        streamed = read_as_stream(decoding)
+        requests, timeout = self._calls.generation(
+            prompt, adapter=adapter, params=decoding, timeout_s=timeout_s, stream=streamed, n=n
         )
-        return await self._session.run(call)
+        if len(requests) == 1 and not streamed:
+            return await self._session.run(self._calls.infer(requests[0], timeout))
+        return await infer_all(self._session, requests, timeout, streamed=streamed)
 
     def stream(
         self,
         prompt: str,
         adapter: str | None = None,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
+        *,
+        params: SamplingParams | None = None,
+        n: int = 1,
         timeout_s: float | None = None,
-    ) -> Stream:
+        **sampling: Unpack[SamplingOptions],
+    ) -> Stream | FanoutStream:
         """A streaming generation; use as ``async with client.stream(...) as chunks``.
 
-        Arguments are checked at once; nothing is sent until the ``async with`` is entered;
-        see :class:`Stream`.
+        Takes what :meth:`infer` takes. Arguments are checked at once; nothing is sent until
+        the ``async with`` is entered; see :class:`Stream` (``n > 1``: a
+        :class:`~vajra.client.FanoutStream`, whose chunks say their ``choice``).
         """
-        request, timeout = self._calls.generation(
-            prompt,
-            adapter=adapter,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            stop=stop,
-            seed=seed,
-            timeout_s=timeout_s,
-            stream=True,
+        decoding = sampling_params(params, sampling)
+        requests, timeout = self._calls.generation(
+            prompt, adapter=adapter, params=decoding, timeout_s=timeout_s, stream=True, n=n
         )
-        return Stream(self._session, request, timeout)
+        if len(requests) == 1:
+            return Stream(self._session, requests[0], timeout)
+        return FanoutStream(self._session, requests, timeout)
 
     # --- the gateway and this key's tenant ---------------------------------------------------
 

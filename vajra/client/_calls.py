@@ -29,6 +29,8 @@ from vajra.bus.messages import (
     UsageReply,
     WhoAmIRequest,
 )
+from vajra.client._choices import fan_out
+from vajra.client._decoding import check_choices
 from vajra.client._replies import adapter_infos, expect, single_adapter
 from vajra.client._requests import (
     Request,
@@ -47,6 +49,7 @@ from vajra.client._types import (
     Tenant,
     TenantUsage,
 )
+from vajra.policies.decoding import SamplingParams
 
 T = TypeVar("T")
 
@@ -61,6 +64,10 @@ class Call(Generic[T]):
     timeout_s: float
     finish: Callable[[object], T]
     bulk: Sequence[bytes] = ()
+
+
+def _inference_result(outcome: object) -> InferenceResult:
+    return expect(outcome, InferenceResult)
 
 
 def _stats(outcome: object) -> dict[str, int]:
@@ -138,55 +145,30 @@ class Calls:
         prompt: str,
         *,
         adapter: str | None,
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop: str | Sequence[str] | None,
-        seed: int | None,
+        params: SamplingParams,
         timeout_s: float | None,
         stream: bool,
-    ) -> tuple[InferRequest, float]:
-        """A generation's request and its timeout (streams read their replies themselves)."""
+        n: int = 1,
+    ) -> tuple[list[InferRequest], float]:
+        """A generation's requests (one per choice, see :func:`~vajra.client._choices.fan_out`)
+        and their timeout (streams read their replies themselves)."""
+        check_choices(n)
         timeout = self.timeout(timeout_s)
         request = build_infer_request(
             api_key=self.api_key,
             tenant=self.tenant,
             prompt=prompt,
             adapter=adapter,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            stop=stop,
-            seed=seed,
+            params=params,
             stream=stream,
             timeout_s=timeout,
         )
-        return request, timeout
+        return fan_out(request, n), timeout
 
-    def infer(
-        self,
-        prompt: str,
-        *,
-        adapter: str | None,
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop: str | Sequence[str] | None,
-        seed: int | None,
-        timeout_s: float | None,
-    ) -> Call[InferenceResult]:
-        request, timeout = self.generation(
-            prompt,
-            adapter=adapter,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            stop=stop,
-            seed=seed,
-            timeout_s=timeout_s,
-            stream=False,
-        )
-        return Call(request, timeout, lambda outcome: expect(outcome, InferenceResult))
+    @staticmethod
+    def infer(request: InferRequest, timeout_s: float) -> Call[InferenceResult]:
+        """The call that sends one of :meth:`generation`'s requests and returns its result."""
+        return Call(request, timeout_s, _inference_result)
 
     # --- the gateway and the caller's tenant -----------------------------------------------
 

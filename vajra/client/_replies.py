@@ -117,6 +117,8 @@ def _interpret(
                 finish_reason=reply.finish_reason,
                 usage=usage,
                 executor_id=reply.executor_id,
+                logprobs=reply.logprobs,
+                prompt_logprobs=reply.prompt_logprobs,
             )
         # For streams the result repeats the full text; hand back only what is new.
         delivered = stream.text
@@ -130,6 +132,9 @@ def _interpret(
             token_ids=rest_tokens,
             finish_reason=reply.finish_reason,
             usage=usage,
+            logprobs=reply.logprobs,  # for streams: what no chunk carried
+            prompt_logprobs=reply.prompt_logprobs,
+            executor_id=reply.executor_id,
         )
     if isinstance(reply, TokenChunk):
         if stream is None:
@@ -138,7 +143,14 @@ def _interpret(
         stream.chars += len(reply.text)
         stream.tokens += len(reply.token_ids)
         stream.next_index = max(stream.next_index, reply.index + 1)
-        return StreamChunk(reply.request_id, reply.index, reply.text, reply.token_ids)
+        return StreamChunk(
+            reply.request_id,
+            reply.index,
+            reply.text,
+            reply.token_ids,
+            logprobs=reply.logprobs,
+            prompt_logprobs=reply.prompt_logprobs,
+        )
     if isinstance(reply, StatsReply):
         return dict(reply.counters)
     if isinstance(reply, _PLAIN_REPLIES):

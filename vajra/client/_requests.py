@@ -22,12 +22,14 @@ from vajra.bus.messages import (
     ClusterStatusRequest,
     InferRequest,
     PingRequest,
+    Sampling,
     StatsRequest,
     UsageQuery,
     WhoAmIRequest,
 )
 from vajra.errors import InvalidRequest, PayloadTooLarge
-from vajra.policies.request_rules import check_id, check_sampling
+from vajra.policies.decoding import SamplingParams
+from vajra.policies.request_rules import check_id
 
 #: Every request a client sends; each is answered by its ``request_id``.
 Request = (
@@ -75,24 +77,16 @@ def build_infer_request(
     tenant: str | None,
     prompt: str,
     adapter: str | None,
-    max_tokens: int,
-    temperature: float,
-    top_p: float,
-    stop: str | Sequence[str] | None,
-    seed: int | None,
+    params: SamplingParams,
     stream: bool,
     timeout_s: float,
 ) -> InferRequest:
     """The wire request for one generation call; ``deadline_ms`` equals the call's timeout.
 
-    ``stop`` may be one string or a sequence of strings. The decoding parameters, the
-    adapter reference's length and the tenant's are checked here (InvalidRequest naming the
-    field); the cluster's own limits are checked by the gateway.
+    ``params`` is valid by construction; the adapter reference's length and the tenant's
+    are checked here (InvalidRequest naming the field); the cluster's own limits are checked
+    by the gateway.
     """
-    stops = [stop] if isinstance(stop, str) else list(stop or ())
-    check_sampling(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops, seed=seed
-    )
     if adapter is not None:
         check_id(adapter, "adapter")
     _check_tenant(tenant)
@@ -101,11 +95,7 @@ def build_infer_request(
         api_key=api_key,
         prompt=prompt,
         adapter=adapter,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        stop=stops,
-        seed=seed,
+        sampling=Sampling.of(params),
         stream=stream,
         deadline_ms=max(1, round(timeout_s * 1000)),
         tenant=tenant,
@@ -170,5 +160,5 @@ def cancel_frames(request: Request) -> list[bytes] | None:
 def reply_capacity(request: Request) -> int:
     """How many replies ``request`` may receive under the protocol (bounds its reply queue)."""
     if isinstance(request, InferRequest) and request.stream:
-        return max(0, request.max_tokens) + _STREAM_REPLY_SLACK
+        return max(0, request.sampling.max_tokens) + _STREAM_REPLY_SLACK
     return _SINGLE_REPLY_CAPACITY

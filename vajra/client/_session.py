@@ -203,6 +203,26 @@ class Session:
         except trio.EndOfChannel:
             return pending.failure or UnavailableError("the request was abandoned")
 
+    @staticmethod
+    async def next_reply_before(pending: Pending, deadline: float, timeout_s: float) -> Reply:
+        """:meth:`next_reply` under ``deadline`` (Vajra's TimeoutError once it passed).
+
+        A stream reads one reply per chunk, so this is its per-token cost: a reply already
+        waiting is taken after one checkpoint, and a wait runs under one plain cancel scope
+        (``within``'s generator-based context managers cost more than the rest of a chunk).
+        """
+        await trio.lowlevel.checkpoint()
+        if trio.current_time() < deadline:
+            try:
+                return pending.receive.receive_nowait()
+            except trio.WouldBlock:
+                pass
+            except trio.EndOfChannel:
+                return pending.failure or UnavailableError("the request was abandoned")
+            with trio.CancelScope(deadline=deadline):
+                return await Session.next_reply(pending)
+        raise TimeoutError(f"no answer to request {pending.request_id} within {timeout_s:g} s")
+
     def cancel(self, request: Request) -> None:
         """Tell the gateway that ``request`` was abandoned (never blocks, never raises)."""
         frames = cancel_frames(request)

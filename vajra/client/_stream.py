@@ -83,8 +83,9 @@ class Stream:
         if self._progress.finished:
             raise StopAsyncIteration
         try:
-            with within(self._deadline, self.request_id, self._timeout_s):
-                reply = await self._session.next_reply(self._pending)
+            reply = await self._session.next_reply_before(
+                self._pending, self._deadline, self._timeout_s
+            )
         except TimeoutError:
             self._progress.finished = True
             raise

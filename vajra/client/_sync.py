@@ -29,16 +29,20 @@ from collections import deque
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
-from typing import TypeVar
+from typing import TypeVar, Unpack
 
 from vajra.bus.client_socket import BlockingContext, BlockingDealer
 from vajra.bus.messages import ErrorReply, InferRequest
 from vajra.client._adapter_files import read_adapter_dir
 from vajra.client._calls import Call, Calls
+from vajra.client._choices import read_as_stream
+from vajra.client._decoding import SamplingOptions, sampling_params
+from vajra.client._fanout_sync import infer_all, stream_all
 from vajra.client._replies import Reply, StreamProgress, decode_reply, expect, interpret_reply
 from vajra.client._requests import Request, cancel_frames, check_upload_size, request_frames
 from vajra.client._types import AdapterInfo, InferenceResult, StreamChunk
 from vajra.errors import InvalidRequest, TimeoutError, UnavailableError
+from vajra.policies.decoding import SamplingParams
 
 log = logging.getLogger("vajra.client")
 
@@ -247,56 +251,53 @@ class Client:
         self,
         prompt: str,
         adapter: str | None = None,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
+        *,
+        params: SamplingParams | None = None,
+        n: int = 1,
         timeout_s: float | None = None,
+        **sampling: Unpack[SamplingOptions],
     ) -> InferenceResult:
-        """Generate a completion for ``prompt`` and return it whole."""
-        call = self._calls.infer(
-            prompt,
-            adapter=adapter,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            stop=stop,
-            seed=seed,
-            timeout_s=timeout_s,
+        """Generate a completion for ``prompt`` and return it whole.
+
+        Decoding: ``params`` and/or the keywords of :class:`~vajra.client.SamplingOptions`
+        (``max_tokens=32, temperature=0.7, logprobs=5, ...``; keywords override ``params``).
+        ``n`` (1..16) asks for that many choices, sent together (``result.choices``).
+        """
+        decoding = sampling_params(params, sampling)
+        streamed = read_as_stream(decoding)
+        requests, timeout = self._calls.generation(
+            prompt, adapter=adapter, params=decoding, timeout_s=timeout_s, stream=streamed, n=n
         )
-        return self._run(call)
+        if len(requests) == 1 and not streamed:
+            return self._run(self._calls.infer(requests[0], timeout))
+        return infer_all(self, requests, timeout, streamed=streamed)
 
     def stream(
         self,
         prompt: str,
         adapter: str | None = None,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
+        *,
+        params: SamplingParams | None = None,
+        n: int = 1,
         timeout_s: float | None = None,
+        **sampling: Unpack[SamplingOptions],
     ) -> Generator[StreamChunk, None, None]:
         """A streaming generation, as a generator of :class:`~vajra.client.StreamChunk`.
 
-        Arguments are checked at once; the request is sent when iteration starts, and the
-        whole stream runs under one deadline from then. The last chunk has ``finish_reason``
-        and ``usage`` set. Iterate it in the thread that started it. Stopping early (or
-        closing the generator) abandons the request: its remaining chunks are dropped.
+        Takes what :meth:`infer` takes. Arguments are checked at once; the request is sent
+        when iteration starts, and the whole stream runs under one deadline from then. The
+        last chunk has ``finish_reason`` and ``usage`` set (``n > 1``: each choice's last
+        chunk, ``chunk.choice`` saying whose). Iterate it in the thread that started it.
+        Stopping early (or closing the generator) abandons the request: its remaining chunks
+        are dropped.
         """
-        request, timeout = self._calls.generation(
-            prompt,
-            adapter=adapter,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            stop=stop,
-            seed=seed,
-            timeout_s=timeout_s,
-            stream=True,
+        decoding = sampling_params(params, sampling)
+        requests, timeout = self._calls.generation(
+            prompt, adapter=adapter, params=decoding, timeout_s=timeout_s, stream=True, n=n
         )
-        return self._stream(request, timeout)
+        if len(requests) == 1:
+            return self._stream(requests[0], timeout)
+        return stream_all(self, requests, timeout)
 
     def _stream(
         self, request: InferRequest, timeout_s: float

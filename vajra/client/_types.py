@@ -1,11 +1,14 @@
 """The values the client SDK hands back: results, stream chunks, usage, tenants, adapters.
 
-Plain frozen dataclasses, built from the gateway's replies by :mod:`vajra.client._replies`.
+Plain frozen dataclasses, built from the gateway's replies by :mod:`vajra.client._replies`;
+log-probabilities are the wire's own :class:`~vajra.bus.messages.TokenLogprob` values.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from vajra.bus.messages import TokenLogprob
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +64,27 @@ class ExecutorStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class Choice:
+    """One of the ``n`` completions of a call (``index`` 0..n-1), each its own request."""
+
+    index: int
+    request_id: str
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    usage: Usage
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
 class InferenceResult:
-    """The answer to :meth:`~vajra.client.Client.infer`."""
+    """The answer to :meth:`~vajra.client.Client.infer`.
+
+    ``logprobs``: one entry per token of ``tokens`` when the call asked for ``logprobs``;
+    ``prompt_logprobs``: one per prompt token when it asked for ``prompt_logprobs``.
+    With ``n > 1`` the fields are choice 0's, except ``usage``, the total over the choices
+    (the prompt counted once), and :attr:`choices` holds every choice.
+    """
 
     request_id: str
     text: str
@@ -70,6 +92,27 @@ class InferenceResult:
     finish_reason: str
     usage: Usage
     executor_id: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
+    #: Every choice of an ``n > 1`` call, by index; empty otherwise (see :attr:`choices`).
+    fanout: tuple[Choice, ...] = ()
+
+    @property
+    def choices(self) -> tuple[Choice, ...]:
+        """Every choice, by index: this result alone when the call asked for one."""
+        if self.fanout:
+            return self.fanout
+        return (
+            Choice(
+                0,
+                self.request_id,
+                self.text,
+                self.tokens,
+                self.finish_reason,
+                self.usage,
+                self.logprobs,
+            ),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +120,11 @@ class StreamChunk:
     """One piece of a streamed answer: the text and tokens produced since the previous chunk.
 
     The last chunk of a stream has ``finish_reason`` and ``usage`` set; its ``text`` holds
-    whatever the final result carried beyond the earlier chunks (usually nothing).
+    whatever the final result carried beyond the earlier chunks (usually nothing). With
+    ``n > 1`` the choices' chunks interleave: ``choice`` says whose it is (``index`` counts
+    that choice's chunks), and each choice ends with a final chunk of its own.
+    ``logprobs``: one entry per token of ``token_ids`` when asked for; ``prompt_logprobs``:
+    on the first chunk that carries them, when asked for.
     """
 
     request_id: str
@@ -86,6 +133,10 @@ class StreamChunk:
     token_ids: list[int]
     finish_reason: str | None = None
     usage: Usage | None = None
+    choice: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
+    executor_id: str = ""  # the final chunk's: the executor that served the request
 
     @property
     def is_final(self) -> bool:

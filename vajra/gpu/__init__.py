@@ -7,7 +7,7 @@ engine only through :mod:`vajra.gpu.interface` (the step, and the adapter slots)
 from vajra.gpu.engine import TorchEngine, load_engine
 from vajra.gpu.interface import AdapterResidency, Engine, GenerationRequest, StepOutput
 from vajra.gpu.null_engine import NullEngine
-from vajra.gpu.sampling import SamplingParams, sample_next_tokens
+from vajra.gpu.sampling import Sampler, SamplingParams
 from vajra.gpu.tiny import init_tiny_model
 
 __all__ = [
@@ -15,10 +15,10 @@ __all__ = [
     "Engine",
     "GenerationRequest",
     "NullEngine",
+    "Sampler",
     "SamplingParams",
     "StepOutput",
     "TorchEngine",
     "init_tiny_model",
     "load_engine",
-    "sample_next_tokens",
 ]

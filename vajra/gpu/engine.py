@@ -1,63 +1,78 @@
-"""The torch engine: continuous batching over a Hugging Face causal LM, with multi-LoRA rows.
+"""The torch engine: continuous batching over a paged KV cache with packed, chunked steps.
 
-It implements :class:`~vajra.gpu.interface.Engine`, and its LoRA pool is its
+It implements :class:`~vajra.gpu.interface.Engine`; its LoRA pool is its
 :class:`~vajra.gpu.interface.AdapterResidency` (``engine.adapters``).
 
 One worker thread calls :meth:`TorchEngine.step` over and over (never concurrently). Each step:
 
-1. tokenizes and queues the admitted requests (a prompt that cannot run gets a finished
-   output with an ``InvalidRequest`` at once);
-2. drops aborted requests, queued or running (those admitted in the same step included): each
-   gets one finished output with ``finish_reason="abort"`` carrying its token counts and model
-   time so far, so what it computed can be billed; an id the engine does not hold gets none;
-3. runs ONE decode forward for every running row together: rows of different lengths share
-   the pass through left padding, a 2-D attention mask and per-row position ids;
-4. prefills waiting requests into the free slots (up to ``max_batch_size`` rows), samples
-   their first token and appends them to the running batch for the next step's decode.
+1. tokenizes and queues the admitted requests (one that cannot run gets a finished output
+   with an ``InvalidRequest`` at once: a prompt too long, an unknown adapter slot, a grammar
+   the structured-output library refuses);
+2. drops aborted requests, queued or running: each gets one finished output with
+   ``finish_reason="abort"`` carrying its token counts and model time so far;
+3. plans the step (:mod:`vajra.gpu.step_planner`): one decode token per running request,
+   then prefill chunks of new requests under the ``max_batch_tokens`` budget; KV-aware
+   admission, prefix reuse, preemption of the newest request when blocks run short;
+4. runs ONE forward over the packed tokens (no padding): the model is transformers' own,
+   with attention switched to :mod:`vajra.gpu.paged_attention` (which writes only the step's
+   positions into the block-paged cache) and its LoRA layers told each token's adapter;
+5. samples every request whose chunk reached its last token (:mod:`vajra.gpu.sampling`,
+   vectorised; the one device synchronisation of the step is reading those tokens), and
+   emits text (:mod:`vajra.gpu.text_stream`, incremental).
 
-So every live request gets exactly one new token per step, and rows join and leave between
-decode passes. Nothing raises out of ``step()``: a failed forward finishes the rows it carried
-with ``finish_reason="error"`` and an ``InternalError``; a row whose logits cannot be sampled
-(NaN or infinity, e.g. from an adapter with corrupt weights) ends alone the same way.
+Nothing raises out of ``step()``: a failed forward finishes the requests it carried with
+``finish_reason="error"`` (their blocks released); a request whose logits cannot be sampled
+ends alone the same way.
 
-The running rows and their KV cache are a :class:`~vajra.gpu.kv_batch.Batch`.
+Model time is attributed to the requests of a step in proportion to the tokens each had in
+it. KV memory is allocated once: ``kv_cache_bytes``, or on CUDA ``kv_memory_fraction`` of the
+device memory free after the model loaded, or on the CPU enough for ``max_batch_size``
+requests of ``max_model_len`` tokens (at most 1 GiB).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Sequence
-from itertools import islice
+from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from vajra.errors import InternalError, InvalidRequest, VajraError
 from vajra.gpu.interface import AdapterResidency, Engine, GenerationRequest, StepOutput
-from vajra.gpu.kv_batch import Batch, Row
+from vajra.gpu.kv_blocks import BlockManager
 from vajra.gpu.lora import LoraBatchState, LoraPool, inject_lora
 from vajra.gpu.model import load_model
 from vajra.gpu.null_engine import NullEngine
-from vajra.gpu.sampling import BAD_ROW, make_generator, sample_next_tokens
+from vajra.gpu.paged_attention import (
+    KvCache,
+    KvShape,
+    kv_blocks_for_budget,
+    running_step,
+    use_paged_attention,
+)
+from vajra.gpu.sampling import BAD_ROW, Sampler, SamplingParams
+from vajra.gpu.step_buffers import PackedStep, StepBuffers
+from vajra.gpu.step_outputs import ended, error_output, refusal
+from vajra.gpu.step_planner import Sequence, StepPlan, StepPlanner, is_decode
 from vajra.gpu.text_stream import TextStream
 
-_COMPUTE_STREAMS = 4  # CUDA streams the batches rotate through
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_MAX_BATCH_TOKENS = 2048
 
 log = logging.getLogger(__name__)
 
 
 class TorchEngine:
-    """Continuous batching over a Hugging Face causal LM with its KV cache (see module docstring).
+    """Continuous batching over a Hugging Face causal LM (see the module docstring).
 
-    ``max_model_len`` bounds prompt plus completion tokens (and is capped by the model's
-    ``max_position_embeddings``); a prompt longer than ``max_model_len - 1`` is refused.
-    Prompts are encoded with the tokenizer's special tokens (Llama-style tokenizers put BOS in
-    front) unless the prompt already starts with the BOS text, e.g. from a chat template; an
-    empty prompt becomes the BOS token alone.
+    ``max_model_len`` bounds prompt plus completion tokens (capped by the model's
+    ``max_position_embeddings``); a longer prompt is refused. Prompts are encoded with the
+    tokenizer's special tokens (BOS in front for Llama-style tokenizers) unless the prompt
+    already starts with the BOS text, e.g. from a chat template; an empty prompt becomes the
+    BOS token alone.
     """
 
     def __init__(
@@ -70,10 +85,12 @@ class TorchEngine:
         max_model_len: int = 2048,
         lora_pool: LoraPool | None = None,
         max_adapters: int = 0,
+        max_adapter_rank: int = 64,
+        kv_cache_bytes: int | None = None,
+        kv_memory_fraction: float = 0.9,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     ) -> None:
-        """``lora_pool`` (or, without one, ``max_adapters > 0``: a default pool of that many
-        slots for the model's device and dtype) wraps the model's targeted linear layers so that
-        each row runs with its request's ``adapter_slot``."""
         loaded = load_model(Path(model_dir), device=device, dtype=dtype)
         self.blocking = True
         self.model_name = Path(model_dir).name
@@ -83,38 +100,112 @@ class TorchEngine:
         self.tokenizer: Any = loaded.tokenizer
         self._model: Any = loaded.model
         self._device = loaded.device
-        # On CUDA each batch's forward runs on the next stream of a small pool; adapter copies
-        # run on the pool's copy stream, and the batch's stream waits on their events.
-        self._streams = (
-            [torch.cuda.Stream(self._device) for _ in range(_COMPUTE_STREAMS)]  # type: ignore[no-untyped-call]
-            if self._device.type == "cuda"
-            else []
-        )
-        self._next_stream = 0
         self._eos = loaded.eos_token_ids
-        pad = self.tokenizer.pad_token_id
-        self._pad_id: int = pad if pad is not None else 0
-        self._waiting: dict[str, Row] = {}  # admission order
-        self._batch: Batch | None = None
+        use_paged_attention(self._model)
+
+        shape = KvShape.of_model(self._model)
+        num_blocks = kv_blocks_for_budget(
+            shape,
+            loaded.device,
+            block_size,
+            kv_cache_bytes,
+            kv_memory_fraction,
+            max_batch_size * (self.max_model_len + block_size),
+        )
+        if num_blocks < -(-self.max_model_len // block_size) + 1:
+            raise ValueError(
+                f"the KV cache ({num_blocks} blocks of {block_size}) cannot hold one request "
+                f"of max_model_len={self.max_model_len}; raise kv_cache_bytes"
+            )
+        self.kv = KvCache(shape, num_blocks, block_size, loaded.device)
+        self._planner = StepPlanner(
+            BlockManager(num_blocks, block_size),
+            max_rows=max_batch_size,
+            max_batch_tokens=max(max_batch_tokens, max_batch_size),
+        )
+        self._buffers = StepBuffers(
+            loaded.device,
+            max_tokens=self._planner.max_batch_tokens,
+            max_rows=max_batch_size,
+            max_blocks=-(-self.max_model_len // block_size) + 1,
+        )
+        vocab = int(self._model.config.vocab_size)
+        self._sampler = Sampler(
+            vocab_size=vocab,
+            device=loaded.device,
+            eos_token_ids=sorted(self._eos),
+            tokenizer=self.tokenizer,
+            max_rows=max_batch_size,
+        )
+
         if lora_pool is None and max_adapters > 0:
-            lora_pool = LoraPool.for_model(self._model, max_vram_adapters=max_adapters)
+            lora_pool = LoraPool.for_model(
+                self._model, max_vram_adapters=max_adapters, max_rank=max_adapter_rank
+            )
         self._lora_pool = lora_pool
         self.adapters: AdapterResidency | None = lora_pool
         self.lora_state: LoraBatchState | None = None
         if lora_pool is not None:
-            self.lora_state = LoraBatchState(lora_pool, max_rows=max_batch_size)
+            self.lora_state = LoraBatchState(lora_pool, max_tokens=self._planner.max_batch_tokens)
             inject_lora(self._model, self.lora_state)
 
+    # ------------------------------------------------------------------ Engine protocol
+
     def num_running(self) -> int:
-        return 0 if self._batch is None else len(self._batch.seqs)
+        return len(self._planner.running)
 
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._planner.waiting)
 
     def has_work(self) -> bool:
-        return self._batch is not None or bool(self._waiting)
+        return bool(self._planner.running or self._planner.waiting)
 
-    def step(self, admit: Sequence[GenerationRequest], abort: Sequence[str]) -> list[StepOutput]:
+    def kv_stats(self) -> dict[str, float]:
+        """KV memory and prefix-cache figures (for benchmarks and metrics)."""
+        live = sum(s.num_computed for s in self._planner.running)
+        return {
+            "allocated_bytes": self.kv.nbytes,
+            "live_tokens": live,
+            **self._planner.blocks.report(),
+        }
+
+    def packed_logits(
+        self, prompts: Seq[Seq[int]], slots: Seq[int | None] | None = None
+    ) -> list[torch.Tensor]:
+        """Every position's logits of each token list, from ONE packed forward of them all
+        (each with its adapter slot, or the base model): what a step computes, for scoring
+        and tests. Uses free KV blocks for the duration of the call; raises ``ValueError``
+        when they do not fit, or when called between steps of requests still running."""
+        slots = list(slots) if slots is not None else [None] * len(prompts)
+        planner = self._planner
+        seqs = [
+            Sequence(
+                request=GenerationRequest(f"score-{i}", "", SamplingParams(), slot),
+                prompt_len=len(ids),
+                tokens=list(ids),
+                namespace="",
+                sampler=None,
+                text=None,
+                want_prompt_logprobs=True,
+            )
+            for i, (ids, slot) in enumerate(zip(prompts, slots, strict=True))
+        ]
+        held: list[int] = []
+        try:
+            for seq in seqs:
+                blocks = planner.blocks.allocate(planner.blocks.blocks_for(len(seq.tokens)))
+                if blocks is None:
+                    raise ValueError("the prompts do not fit in the free KV blocks")
+                seq.blocks = blocks
+                held += blocks
+            step = self._buffers.fill([(s, len(s.tokens)) for s in seqs], self.kv.block_size)
+            with torch.inference_mode():
+                logits = self._forward(step)
+        finally:
+            planner.blocks.release(held)
+        return [logits[first : first + n].clone() for first, n, _ in step.prompt_rows.values()]
+
+    def step(self, admit: Seq[GenerationRequest], abort: Seq[str]) -> list[StepOutput]:
         outputs: list[StepOutput] = []
         try:
             with torch.inference_mode():
@@ -123,182 +214,166 @@ class TorchEngine:
                     if refused is not None:
                         outputs.append(refused)
                 for request_id in abort:
-                    aborted = self._abort(request_id)
-                    if aborted is not None:
-                        outputs.append(aborted)
-                if self._batch is not None:
-                    outputs += self._decode(self._batch)
-                if self._waiting and self.num_running() < self.max_batch_size:
-                    outputs += self._prefill()
+                    seq = self._planner.find(request_id)
+                    if seq is not None:
+                        self._planner.remove(seq)
+                        outputs.append(ended(seq, "abort"))
+                plan = self._planner.plan()
+                if plan.chunks:
+                    outputs += self._run(plan)
         except Exception as exc:  # a bug, not an input: end what is held, keep the engine usable
             log.exception("engine step failed; finishing every request it held")
-            ended = {out.request_id for out in outputs if out.finished}
-            held = [*self._waiting.values(), *(self._batch.seqs if self._batch else [])]
-            self._waiting, self._batch = {}, None
+            done = {out.request_id for out in outputs if out.finished}
+            held = [*self._planner.running, *self._planner.waiting]
+            for seq in held:
+                self._planner.remove(seq)
             outputs = [o for o in outputs if o.finished] + [
-                _error_output(seq, exc) for seq in held if seq.request.request_id not in ended
+                error_output(seq, exc) for seq in held if seq.request_id not in done
             ]
         return outputs
 
-    def _forward(
-        self,
-        input_ids: torch.Tensor,  # [rows, new_tokens]
-        attention_mask: torch.Tensor,  # [rows, cached + new_tokens]
-        position_ids: torch.Tensor,  # [rows, new_tokens]
-        cache: DynamicCache,
-        adapter_slots: Sequence[int | None] | None = None,  # [rows]: each row's pool slot
-    ) -> tuple[torch.Tensor, float]:
-        """The one model call: the logits at each row's last position [rows, vocab], and ms.
+    # ------------------------------------------------------------------ one forward
 
-        On CUDA it runs on a stream from the engine's pool and ends with a device
-        synchronisation (which also times it), so the next batch may use any stream.
-        """
+    def _run(self, plan: StepPlan) -> list[StepOutput]:
+        # Decode tokens first, shortest context first (they attend in groups of like length).
+        chunks = sorted(
+            plan.chunks, key=lambda c: (0, c[0].num_computed) if is_decode(*c) else (1, 0)
+        )
         start = time.perf_counter()
-        with self._compute_stream():
-            if self.lora_state is not None and any(s is not None for s in adapter_slots or ()):
-                self.lora_state.set_rows(adapter_slots or ())  # waits for the slots' copies
-            try:
+        try:
+            step = self._buffers.fill(chunks, self.kv.block_size)
+            logits = self._forward(step)
+            sampled = [seq for seq, _ in step.sampled]
+            rows = logits.index_select(0, step.sample_rows) if sampled else logits[:0]
+            result = self._sampler.sample(rows.float(), [seq.sampler for seq in sampled])
+            host = result.to_host()  # the step's one synchronisation
+        except Exception as exc:
+            log.exception("model step failed; finishing its %d requests", len(chunks))
+            for seq, _ in chunks:
+                self._planner.remove(seq)
+            return [error_output(seq, exc) for seq, _ in chunks]
+        ms = (time.perf_counter() - start) * 1000.0
+        total = step.layout.num_tokens
+        for seq, n in chunks:
+            seq.compute_ms += ms * n / total
+            self._planner.computed(seq, n)
+        for seq, (first, count, pos) in step.prompt_rows.items():
+            self._collect_prompt_logprobs(seq, logits[first : first + count], pos)
+        outputs: list[StepOutput] = []
+        for (seq, _), token, lp in zip(step.sampled, host.tokens, host.logprobs, strict=True):
+            outputs.append(self._emit(seq, token, lp))
+        return outputs
+
+    def _forward(self, step: PackedStep) -> torch.Tensor:
+        """The one model call of a step: logits at the kept positions, [kept, vocab]."""
+        if self.lora_state is not None:
+            self.lora_state.set_segments(step.adapter_segments, step.layout.num_tokens)
+        try:
+            with running_step(self.kv, step.layout):
                 out = self._model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
+                    input_ids=step.input_ids,
+                    position_ids=step.position_ids,
+                    use_cache=False,
+                    logits_to_keep=step.keep,
                 )
-            finally:
-                if self.lora_state is not None:
-                    self.lora_state.clear()
-        logits: torch.Tensor = out.logits[:, -1, :]
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
-        return logits, (time.perf_counter() - start) * 1000.0
+        finally:
+            if self.lora_state is not None:
+                self.lora_state.clear()
+        logits: torch.Tensor = out.logits[0]
+        return logits
 
-    def _compute_stream(self) -> contextlib.AbstractContextManager[Any]:
-        """The next stream of the pool on CUDA; nothing on the CPU."""
-        if not self._streams:
-            return contextlib.nullcontext()
-        stream = self._streams[self._next_stream]
-        self._next_stream = (self._next_stream + 1) % len(self._streams)
-        return torch.cuda.stream(stream)
+    def _collect_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, pos: int) -> None:
+        """Prompt logprobs from one chunk's logits (rows predict positions ``pos + 1 ..``),
+        collected on the first pass over the prompt only: a recomputation after a preemption
+        starts again at 0 and is skipped until it reaches what is still missing."""
+        have = len(seq.prompt_logprobs)
+        if (pos > 0 or have) and pos != have - 1:
+            return
+        end = min(pos + logits.shape[0] + 1, seq.prompt_len)
+        ids = seq.tokens[pos:end]
+        k = seq.request.params.prompt_logprobs or 0
+        entries = self._sampler.prompt_logprobs(logits[: len(ids) - 1].float(), ids, k)
+        seq.prompt_logprobs.extend(entries if pos == 0 else entries[1:])
+        if len(seq.prompt_logprobs) >= seq.prompt_len:
+            seq.want_prompt_logprobs = False
 
-    def _decode(self, batch: Batch) -> list[StepOutput]:
-        try:
-            ones = batch.mask.new_ones((batch.mask.shape[0], 1))
-            mask = torch.cat([batch.mask, ones], dim=1)
-            positions = batch.mask.sum(dim=1, keepdim=True)
-            slots = [seq.request.adapter_slot for seq in batch.seqs]
-            logits, ms = self._forward(batch.next_ids[:, None], mask, positions, batch.cache, slots)
-        except Exception as exc:
-            log.exception("decode step failed; finishing its %d rows", len(batch.seqs))
-            self._batch = None
-            return [_error_output(seq, exc) for seq in batch.seqs]
-        batch.mask = mask
-        share = ms / len(batch.seqs)
-        for seq in batch.seqs:
-            seq.num_cached += 1
-            seq.compute_ms += share
-        outputs, self._batch = self._advance(batch, logits)
-        return outputs
-
-    def _prefill(self) -> list[StepOutput]:
-        free = self.max_batch_size - self.num_running()
-        seqs = [self._waiting.pop(rid) for rid in list(islice(self._waiting, free))]
-        try:
-            width = max(len(seq.prompt_ids) for seq in seqs)
-            rows = [[self._pad_id] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs]
-            flags = [[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs]
-            ids = torch.tensor(rows, dtype=torch.long, device=self._device)
-            mask = torch.tensor(flags, dtype=torch.long, device=self._device)
-            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            cache = DynamicCache()
-            slots = [seq.request.adapter_slot for seq in seqs]
-            logits, ms = self._forward(ids, mask, positions, cache, slots)
-        except Exception as exc:
-            log.exception("prefill failed; finishing its %d rows", len(seqs))
-            return [_error_output(seq, exc) for seq in seqs]
-        total = sum(len(seq.prompt_ids) for seq in seqs)
-        for seq in seqs:
-            seq.num_cached = len(seq.prompt_ids)
-            seq.compute_ms += ms * seq.num_cached / total
-        joined = Batch(seqs, cache, mask, next_ids=ids[:, -1])  # next_ids: set by _advance
-        outputs, remaining = self._advance(joined, logits)
-        if remaining is not None:
-            if self._batch is None:
-                self._batch = remaining
-            else:
-                self._batch.extend(remaining)
-        return outputs
-
-    def _advance(self, batch: Batch, logits: torch.Tensor) -> tuple[list[StepOutput], Batch | None]:
-        """Sample each row's next token, report it, and drop the rows that finished."""
-        params = [seq.request.params for seq in batch.seqs]
-        generators = [seq.generator for seq in batch.seqs]
-        batch.next_ids = sample_next_tokens(logits, params, generators)
-        outputs = [
-            self._emit(seq, token)
-            for seq, token in zip(batch.seqs, batch.next_ids.tolist(), strict=True)
-        ]
-        live = [i for i, out in enumerate(outputs) if not out.finished]
-        if not live:
-            return outputs, None
-        if len(live) < len(batch.seqs):
-            batch.select(live)
-        return outputs, batch
-
-    def _emit(self, seq: Row, token: int) -> StepOutput:
+    def _emit(self, seq: Sequence, token: int, logprob: Any) -> StepOutput:
         if token == BAD_ROW:
-            log.error("request %s: logits cannot be sampled", seq.request.request_id)
-            return _ended(
-                seq,
-                "error",
-                InternalError(
-                    "the model produced logits that cannot be sampled (NaN or infinity) for "
-                    "this request; its adapter's weights may be corrupt"
-                ),
+            log.error("request %s: logits cannot be sampled", seq.request_id)
+            self._planner.remove(seq)
+            why = seq.sampler.error or (
+                "the model produced logits that cannot be sampled (NaN or infinity) for this "
+                "request; its adapter's weights may be corrupt"
             )
+            return ended(seq, "error", InternalError(why))
+        params = seq.request.params
+        seq.tokens.append(token)
         seq.completion_tokens += 1
+        grammar_done = seq.sampler.accept(token)
+        ends = (token in self._eos and not params.ignore_eos) or token in params.stop_token_ids
         reason: str | None = None
-        if token in self._eos or seq.text.push(token):  # EOS adds no text
+        if ends or seq.text.push(token) or grammar_done:  # an ending token adds no text
             reason = "stop"
-        elif (
-            seq.completion_tokens >= seq.request.params.max_tokens
-            or len(seq.prompt_ids) + seq.completion_tokens >= self.max_model_len
-        ):
+        elif seq.completion_tokens >= params.max_tokens or len(seq.tokens) >= self.max_model_len:
             reason = "length"
         if reason is not None and seq.text.flush():
             reason = "stop"
+        first = seq.completion_tokens == 1
+        prompt_lp = (
+            tuple(seq.prompt_logprobs) if first and params.prompt_logprobs is not None else None
+        )
+        if reason is not None:
+            self._planner.remove(seq)
         return StepOutput(
-            request_id=seq.request.request_id,
+            request_id=seq.request_id,
             text_delta=seq.text.release(finished=reason is not None),
             token_ids=(token,),
             finished=reason is not None,
             finish_reason=reason,
-            prompt_tokens=len(seq.prompt_ids),
+            prompt_tokens=seq.prompt_len,
             completion_tokens=seq.completion_tokens,
             compute_ms=seq.compute_ms,
+            logprobs=(logprob,) if logprob is not None else (),
+            prompt_logprobs=prompt_lp,
         )
+
+    # ------------------------------------------------------------------ admission
 
     def _admit(self, request: GenerationRequest) -> StepOutput | None:
         """Queue ``request``; return a finished error output instead if it cannot run."""
         rid = request.request_id
-        if rid in self._waiting or self._row_of(rid) is not None:
-            return _refusal(
-                rid, InvalidRequest("request_id is already running", field="request_id")
-            )
+        if self._planner.find(rid) is not None:
+            return refusal(rid, InvalidRequest("request_id is already running", field="request_id"))
         slot = request.adapter_slot
-        if slot is not None and (self._lora_pool is None or not self._lora_pool.is_loaded(slot)):
-            message = f"adapter slot {slot} holds no adapter on this engine"
-            return _refusal(rid, InvalidRequest(message, field="adapter"))
+        namespace = ""
+        if slot is not None:
+            digest = None if self._lora_pool is None else self._lora_pool.resident().get(slot)
+            if digest is None:
+                message = f"adapter slot {slot} holds no adapter on this engine"
+                return refusal(rid, InvalidRequest(message, field="adapter"))
+            namespace = digest
         ids = self._encode(request.prompt)
         if not ids:
-            return _refusal(rid, InvalidRequest("empty prompt and no BOS token", field="prompt"))
+            return refusal(rid, InvalidRequest("empty prompt and no BOS token", field="prompt"))
         if len(ids) > self.max_model_len - 1:
             message = f"prompt is {len(ids)} tokens; at most {self.max_model_len - 1} fit"
-            return _refusal(rid, InvalidRequest(message, field="prompt"), prompt_tokens=len(ids))
-        stream = TextStream(self.tokenizer, ids, request.params.stop)
-        generator = make_generator(request.params, self._device)
-        self._waiting[rid] = Row(request, ids, stream, generator)
+            return refusal(rid, InvalidRequest(message, field="prompt"), prompt_tokens=len(ids))
+        params = request.params
+        try:
+            sampler = self._sampler.new_row(params, ids)
+        except VajraError as exc:
+            return refusal(rid, exc, prompt_tokens=len(ids))
+        self._planner.add(
+            Sequence(
+                request=request,
+                prompt_len=len(ids),
+                tokens=list(ids),
+                namespace=namespace,
+                sampler=sampler,
+                text=TextStream(self.tokenizer, ids, params.stop),
+                want_prompt_logprobs=params.prompt_logprobs is not None,
+            )
+        )
         return None
 
     def _encode(self, prompt: str) -> list[int]:
@@ -309,63 +384,6 @@ class TorchEngine:
             ids = [self.tokenizer.bos_token_id]
         return ids
 
-    def _abort(self, request_id: str) -> StepOutput | None:
-        """Drop a queued or running request; its final "abort" output (None: not held)."""
-        seq = self._waiting.pop(request_id, None)
-        if seq is not None:
-            return _ended(seq, "abort")
-        row = self._row_of(request_id)
-        if row is None or self._batch is None:
-            return None
-        seq = self._batch.seqs[row]
-        live = [i for i in range(len(self._batch.seqs)) if i != row]
-        if live:
-            self._batch.select(live)
-        else:
-            self._batch = None
-        return _ended(seq, "abort")
-
-    def _row_of(self, request_id: str) -> int | None:
-        if self._batch is not None:
-            for i, seq in enumerate(self._batch.seqs):
-                if seq.request.request_id == request_id:
-                    return i
-        return None
-
-
-def _refusal(request_id: str, error: VajraError, *, prompt_tokens: int = 0) -> StepOutput:
-    return StepOutput(
-        request_id=request_id,
-        text_delta="",
-        token_ids=(),
-        finished=True,
-        finish_reason="error",
-        prompt_tokens=prompt_tokens,
-        completion_tokens=0,
-        compute_ms=0.0,
-        error=error,
-    )
-
-
-def _ended(seq: Row, reason: str, error: VajraError | None = None) -> StepOutput:
-    """The final output of a request that ends without a new token (an abort or an error),
-    with what it computed so far."""
-    return StepOutput(
-        request_id=seq.request.request_id,
-        text_delta="",
-        token_ids=(),
-        finished=True,
-        finish_reason=reason,
-        prompt_tokens=len(seq.prompt_ids),
-        completion_tokens=seq.completion_tokens,
-        compute_ms=seq.compute_ms,
-        error=error,
-    )
-
-
-def _error_output(seq: Row, exc: Exception) -> StepOutput:
-    return _ended(seq, "error", InternalError(f"model step failed: {type(exc).__name__}: {exc}"))
-
 
 def load_engine(
     model: str,
@@ -375,6 +393,11 @@ def load_engine(
     max_batch_size: int = 32,
     max_model_len: int = 2048,
     max_adapters: int = 0,
+    max_adapter_rank: int = 64,
+    kv_cache_bytes: int | None = None,
+    kv_memory_fraction: float = 0.9,
+    kv_block_size: int = DEFAULT_BLOCK_SIZE,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
 ) -> Engine:
     """``"null"`` gives a :class:`NullEngine`; anything else is a model directory for TorchEngine
     (with a LoRA pool of ``max_adapters`` slots when that is above zero)."""
@@ -389,4 +412,9 @@ def load_engine(
         max_batch_size=max_batch_size,
         max_model_len=max_model_len,
         max_adapters=max_adapters,
+        max_adapter_rank=max_adapter_rank,
+        kv_cache_bytes=kv_cache_bytes,
+        kv_memory_fraction=kv_memory_fraction,
+        block_size=kv_block_size,
+        max_batch_tokens=max_batch_tokens,
     )

@@ -29,6 +29,22 @@ class GenerationRequest:
     adapter_slot: int | None = None  # a slot of the engine's ``adapters``; None: base model only
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One token's log-probability and its most likely alternatives (OpenAI ``logprobs``).
+
+    ``token`` is the token's own text (a piece of a multi-byte character shows as U+FFFD);
+    ``logprob`` is None only for a prompt's first token, which nothing precedes; ``top``
+    holds ``(token_id, token, logprob)`` of the most likely tokens at that position, most
+    likely first (as many as the request's ``logprobs`` / ``prompt_logprobs`` asked for).
+    """
+
+    token_id: int
+    token: str
+    logprob: float | None
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
 @dataclass(frozen=True)
 class StepOutput:
     request_id: str
@@ -40,22 +56,33 @@ class StepOutput:
     completion_tokens: int
     compute_ms: float  # this request's share of model time so far
     error: VajraError | None = None
+    # One entry per token of ``token_ids`` when the request asked for ``logprobs``.
+    logprobs: tuple[TokenLogprob, ...] = ()
+    # Every prompt token's entry, on the request's first output, when it asked for
+    # ``prompt_logprobs`` (None otherwise).
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 class AdapterResidency(Protocol):
     """The engine's adapter slots in device memory; the adapter tiers decide what sits in them.
 
-    Semantics: slots are ints ``0 .. num_slots - 1``, each of a fixed rank class
-    (:meth:`slot_rank`, one of :attr:`rank_classes`); an adapter packed by
-    :func:`~vajra.gpu.lora.pack_adapter` for :attr:`layout` in :attr:`dtype`, of rank ``r``,
-    fits any free slot of rank ``>= r`` and computes exactly as PEFT would in it.
+    Semantics: slots are ints ``0 .. num_slots - 1``, one per resident adapter; device memory
+    is held per slot for exactly the module kinds the adapter targets, at its own rank per
+    kind (pages, :mod:`vajra.gpu.lora.pool`). An adapter packed by
+    :func:`~vajra.gpu.lora.pack_adapter` for :attr:`layout` in :attr:`dtype`, of rank at most
+    :attr:`max_rank`, fits once a slot and enough memory are free, and computes exactly as
+    PEFT would.
 
-    * :meth:`load` copies a packed adapter into a free slot that fits and returns the slot;
-      with none free it raises :class:`~vajra.errors.OverloadedError` (ask :meth:`can_load`
-      first). The copy may be asynchronous (a CUDA copy stream): :meth:`copy_event`, asked
-      right after, is the event that completes once the adapter's host buffer is no longer
-      read (None: the copy is done); the implementation keeps the buffer alive until then, and
-      batches that read the slot wait for the copy themselves.
+    * :meth:`can_load` says whether :meth:`load` would succeed now (it raises InvalidAdapter
+      for an adapter that could never fit); :meth:`frees_room_for` whether freeing a given
+      slot gives back something that adapter lacks (a slot, or memory of a kind it needs),
+      so the caller evicts only adapters whose eviction helps.
+    * :meth:`load` copies a packed adapter into a free slot and free memory and returns the
+      slot; without room it raises :class:`~vajra.errors.OverloadedError` (ask
+      :meth:`can_load` first). The copy may be asynchronous (a CUDA copy stream):
+      :meth:`copy_event`, asked right after, is the event that completes once the adapter's
+      host buffer is no longer read (None: the copy is done); the implementation keeps the
+      buffer alive until then, and batches that read the slot wait for the copy themselves.
     * :meth:`free` gives a slot back; the caller guarantees that no batch admitted after it
       reads the slot. Batches already running finish on what they read.
     * :meth:`resident` is every loaded slot and the digest of the adapter in it.
@@ -72,14 +99,14 @@ class AdapterResidency(Protocol):
     def dtype(self) -> torch.dtype: ...
 
     @property
-    def rank_classes(self) -> tuple[int, ...]: ...
+    def max_rank(self) -> int: ...
 
     @property
     def num_slots(self) -> int: ...
 
-    def slot_rank(self, slot: int) -> int: ...
+    def can_load(self, adapter: HostAdapter) -> bool: ...
 
-    def can_load(self, rank: int) -> bool: ...
+    def frees_room_for(self, slot: int, adapter: HostAdapter) -> bool: ...
 
     def load(self, adapter: HostAdapter) -> int: ...
 

@@ -31,12 +31,15 @@ def default_device() -> str:
 def load_model(model_dir: Path, *, device: str | None = None, dtype: str = "auto") -> LoadedModel:
     """Load ``model_dir`` onto ``device`` (CUDA when available if ``None``).
 
-    ``dtype`` is ``"auto"`` (the checkpoint's dtype on CUDA, float32 on the CPU), ``"float32"``,
-    ``"float16"`` or ``"bfloat16"``.
+    ``dtype`` is ``"auto"`` (bfloat16 on CUDA, float16 on a GPU without bfloat16, float32 on
+    the CPU), ``"float32"``, ``"float16"`` or ``"bfloat16"``.
     """
     target = torch.device(device or default_device())
     if dtype == "auto":
-        torch_dtype: torch.dtype | str = "auto" if target.type == "cuda" else torch.float32
+        torch_dtype: torch.dtype = torch.float32
+        if target.type == "cuda":
+            bf16 = torch.cuda.is_bf16_supported()  # type: ignore[no-untyped-call]
+            torch_dtype = torch.bfloat16 if bf16 else torch.float16
     elif dtype in _DTYPES:
         torch_dtype = _DTYPES[dtype]
     else:

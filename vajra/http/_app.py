@@ -19,7 +19,16 @@ from vajra.http._context import BridgeContext
 from vajra.http._errors import install_handlers, render_error
 from vajra.http._limits import BodySizeLimit
 from vajra.http._metrics import RequestMetrics
-from vajra.http.routes import adapters, admin, completions, infer, models, operations, usage
+from vajra.http.routes import (
+    adapters,
+    admin,
+    chat,
+    completions,
+    infer,
+    models,
+    operations,
+    usage,
+)
 
 _DESCRIPTION = (
     "Serverless multi-tenant LoRA serving. The paper's API (`/v1/models/{model_id}/infer`,"
@@ -34,7 +43,7 @@ def create_app(ctx: BridgeContext) -> FastAPI:
     app = FastAPI(title="Vajra HTTP bridge", version="1.0", description=_DESCRIPTION)
     app.state.ctx = ctx
     install_handlers(app)
-    for module in (infer, usage, completions, models, adapters, admin, operations):
+    for module in (infer, usage, completions, chat, models, adapters, admin, operations):
         app.include_router(module.router)
 
     def openapi() -> dict[str, Any]:

@@ -4,8 +4,8 @@ Every tier lists its adapters least recently used first, and every choice here w
 order. An adapter that is *in use* — held by a running request, wanted by a load in progress,
 or pinned while a copy reads it — is never chosen; the caller says which are in use.
 
-* GPU slots: :func:`slot_victim` makes room for an adapter of a given rank (only a slot of
-  that rank class or larger can take it); after a load, :func:`threshold_victims` names the
+* GPU memory: :func:`lru_victim` among the idle adapters whose eviction frees pages the
+  incoming adapter lacks (the caller's predicate says which do); after a load, :func:`threshold_victims` names the
   idle adapters to evict once more than ``adapters.lru_eviction_threshold`` of the slots are
   resident (:func:`resident_limit`).
 * Host slots: :func:`lru_victim` among the entries of one rank class.
@@ -26,14 +26,6 @@ K = TypeVar("K")
 def lru_victim(lru: Iterable[K], in_use: Callable[[K], bool]) -> K | None:
     """The least-recently-used key of ``lru`` that is not in use, or None."""
     return next((key for key in lru if not in_use(key)), None)
-
-
-def slot_victim(lru: Iterable[tuple[K, int]], in_use: Callable[[K], bool], rank: int) -> K | None:
-    """The least-recently-used idle adapter whose slot fits an adapter of ``rank``.
-
-    ``lru`` yields (adapter, rank of the slot's class), least recently used first.
-    """
-    return lru_victim((key for key, slot_rank in lru if slot_rank >= rank), in_use)
 
 
 def resident_limit(num_slots: int, threshold: float) -> int:

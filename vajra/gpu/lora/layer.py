@@ -1,164 +1,165 @@
 """The multi-LoRA linear layer and the per-forward batch state every wrapped layer reads.
 
-Semantics: ``y[i] = base(x[i]) + (x[i] @ A[s_i]^T) @ Bt[s_i]`` for every row ``i`` whose slot
-``s_i`` is not None (``Bt = scale * B^T``, folded in when packing), and ``y[i] = base(x[i])``
-for rows without an adapter. ``x`` is ``[rows, tokens, in]``; a row is one sequence.
+Semantics: ``y[t] += (x[t] @ A[s(t)]^T) @ Bt[s(t)]`` for each token t in a segment of slot s(t).
 
-Two ways to compute the same thing, chosen per forward by :class:`LoraBatchState`:
+Here ``y = base(x)`` to start with; ``A[s]`` [r, in] and ``Bt[s]`` [r, out] are adapter
+``s``'s rank rows for the layer's module (``Bt = scale * B^T``, folded in when packing; ``r``
+is the adapter's rank for the module's kind, 0 for a kind it does not target), and a token in
+no segment, or in one whose slot is None, gets no delta. The torch path and the Triton path
+compute exactly this.
 
-* **gather**: per rank class, gather each row's ``A``/``Bt`` ([n, rank_c, in] / [n, rank_c,
-  out]) and do two batched matmuls; the work is independent of how many distinct adapters the
-  batch holds.
-* **segmented**: group rows by slot, one pair of plain matmuls per adapter on views of the
-  pool (no gather); cheapest when few adapters serve many rows (prefill, one hot adapter).
+A forward's input is ``[1, T, in]`` (or ``[T, in]``): a step's decode tokens and prefill
+chunks packed with no padding. :meth:`LoraBatchState.set_segments`, called once before the
+forward, says which tokens use which slot (:mod:`vajra.gpu.lora.segments`); :meth:`clear`
+after it. Each segment is computed one of two ways:
 
-``mode="auto"`` picks segmented when there are at most ``segment_max_groups`` (2) distinct
-adapters, gather otherwise. Measured on the CPU (2 cores, "small" random Llama, rank 16, 32
-rows, 16 new tokens; ``python -m vajra.bench.adapters --kernels --no-peft --counts
-1,2,3,4,8,32,128``), tokens/s gather vs segmented: 1 adapter 1916 vs 2058, 2: 1719 vs 1764,
-3: 1719 vs 1713, 4: 1976 vs 1686, 8: 1694 vs 1320, 32: 1687 vs 903, 128 (128 rows): 2401 vs
-1079. Segmented's per-adapter Python loop loses as soon as adapters outnumber a couple.
+* **gather** (BGMV-like), segments of at most ``gather_max_tokens`` tokens (a decode token):
+  each token with its own adapter's rows, read through the pool's page table. The torch path
+  groups these tokens by rank bucket, so no token computes more rows than the power of two
+  above its own rank.
+* **segmented** (SGMV-like), longer segments (a prefill chunk): one matmul pair per segment
+  on the adapter's rows, a view of the pool when its pages are one run (else a gather of its
+  ``r`` rows): never a per-token gather of ``A``. Adjacent segments of one adapter merge.
+
+With at most ``segment_max_groups`` (2) distinct adapters among the gather tokens, the torch
+path computes them as one matmul pair per adapter on its tokens instead (no weight gather).
+The row layer this replaced measured why, on the CPU (2 cores, "small" random Llama, rank 16,
+32 rows, 16 new tokens), tokens/s gathered vs per adapter: 1 adapter 1916 vs 2058, 2: 1719 vs
+1764, 3: 1719 vs 1713, 4: 1976 vs 1686, 8: 1694 vs 1320, 32: 1687 vs 903.
+
+Backends: the torch path (:mod:`vajra.gpu.lora.torch_kernels`) on the CPU and wherever triton
+is missing; the Triton kernels (:mod:`vajra.gpu.lora.triton_kernels`), by default when the
+pool is on CUDA and triton imports, with one shrink and one expand launch per step kind
+(decode, prefill) per wrapped module for every adapter of the batch.
+
+Per step, the index data is built as host lists and copied in one transfer into a
+preallocated device buffer (grown only when a batch is larger than any before); the adapters'
+page and rank tables already live on the device (:mod:`vajra.gpu.lora.pool`).
+
+:meth:`LoraBatchState.set_rows` is the row form, for callers that run padded ``[rows,
+tokens, in]`` batches through ``transformers``' ``generate`` (the adapter benchmark, the torch
+engine): row ``i`` is one segment of ``tokens`` tokens, laid out when the first wrapped layer
+sees the shape.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
 from vajra.gpu.lora.pool import LoraPool
+from vajra.gpu.lora.segments import (
+    GatherToken,
+    LongSegment,
+    Segment,
+    gather_buckets,
+    rank_bucket,
+    row_segments,
+    segment_blocks,
+    split_segments,
+)
+from vajra.gpu.lora.torch_kernels import adapter_rows, lora_bgmv, lora_sgmv, lora_tokens
 
 Mode = Literal["auto", "gather", "segmented"]
+Backend = Literal["auto", "torch", "triton"]
 
 
-def lora_gather(
-    x: torch.Tensor,  # [rows, tokens, in]
-    y: torch.Tensor,  # [rows, tokens, out], updated in place
-    rows: torch.Tensor,  # [n] int64: rows of x that use this rank class
-    slots: torch.Tensor,  # [n] int64: each of those rows' slot inside the class
-    a: torch.Tensor,  # [slots_c, rank_c, in]
-    bt: torch.Tensor,  # [slots_c, rank_c, out]
-    *,
-    all_rows: bool = False,  # rows is exactly 0..rows-1: skip the row gather/scatter
-) -> None:
-    """``y[rows[k]] += (x[rows[k]] @ a[slots[k]]^T) @ bt[slots[k]]``, batched."""
-    xs = x if all_rows else x.index_select(0, rows)
-    xa = torch.bmm(xs, a.index_select(0, slots).transpose(1, 2))  # [n, tokens, rank_c]
-    delta = torch.bmm(xa, bt.index_select(0, slots))  # [n, tokens, out]
-    if all_rows:
-        y.add_(delta)
-    else:
-        y.index_add_(0, rows, delta)
+@dataclass(eq=False)
+class _KindWork:
+    """What the torch path computes this step for the modules of one kind."""
+
+    # per rank bucket: (tokens [n], their adapters' pages [n, width])
+    gathers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # per adapter, with few adapters: (its gather tokens [n], its pages: a slice or an index [r])
+    groups: list[tuple[torch.Tensor, slice | torch.Tensor]] = field(default_factory=list)
+    # per long segment: (first token, end, the adapter's pages: a slice or an index [r])
+    segments: list[tuple[int, int, slice | torch.Tensor]] = field(default_factory=list)
 
 
-def lora_segment(
-    x: torch.Tensor,  # [rows, tokens, in]
-    y: torch.Tensor,  # [rows, tokens, out], updated in place
-    rows: torch.Tensor | None,  # [n] int64 rows using this adapter; None: rows start..end
-    start: int,
-    end: int,
-    a: torch.Tensor,  # [rank, in]: one adapter's A (a view into the pool)
-    bt: torch.Tensor,  # [rank, out]
-) -> None:
-    """``y[r] += (x[r] @ a^T) @ bt`` for the rows ``r`` of one adapter."""
-    if rows is None:
-        xs = x[start:end]
-        y[start:end] += (xs @ a.t()) @ bt
-    else:
-        xs = x.index_select(0, rows)
-        y.index_add_(0, rows, (xs @ a.t()) @ bt)
+@dataclass(eq=False)
+class _TritonWork:
+    """What the Triton path launches this step (the same for every kind)."""
 
-
-@dataclass(frozen=True)
-class _Group:
-    """Rows of one forward that share one adapter (segmented) or one rank class (gather)."""
-
-    cls: int  # rank class index
-    local: int  # slot inside the class (segmented only; -1 for a gather group)
-    rank: int  # units to use
-    start: int  # offsets into the index buffer
-    end: int
-    contiguous: bool  # the rows are start_row..start_row+n-1 of x, in order
-    first_row: int
+    decode: tuple[torch.Tensor, torch.Tensor] | None  # tokens [n], slots [n]
+    blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # starts, counts, slots
+    widths: list[int]  # per kind: scratch width; 0: no adapter of the batch targets the kind
 
 
 class LoraBatchState:
-    """Which pool slot each row of the current forward uses; shared by every wrapped layer.
+    """Which pool slot each token of the current forward uses; shared by every wrapped layer.
 
-    :meth:`set_rows` is called once before each forward with one entry per row (a slot id or
-    None). The mapping is computed on the host as plain lists and copied in one transfer into a
-    preallocated index buffer (grown only if a batch is larger than any before); layers then
-    read views of it. :meth:`clear` (or leaving :meth:`rows`) resets to "no adapters", so a
-    forward that sets nothing runs the base model alone.
+    ``mode`` picks the computation per segment: "auto" (gather up to ``gather_max_tokens``
+    tokens, segmented above), or "gather" / "segmented" for every segment (for tests and
+    the benchmark). In "auto" the torch path computes the gather tokens of at most
+    ``segment_max_groups`` distinct adapters as one matmul pair per adapter (module
+    docstring). ``backend``: "auto" (Triton on CUDA when it imports), "torch", "triton".
+    ``max_tokens`` (or ``max_rows``, the row form's batch size) sizes the index buffer.
     """
 
     def __init__(
         self,
         pool: LoraPool,
         *,
-        max_rows: int = 64,
+        max_tokens: int = 512,
+        max_rows: int | None = None,
         mode: Mode = "auto",
+        backend: Backend = "auto",
+        gather_max_tokens: int = 1,
         segment_max_groups: int = 2,
     ) -> None:
         self.pool = pool
         self.mode: Mode = mode
+        self.gather_max_tokens = gather_max_tokens
         self.segment_max_groups = segment_max_groups
-        self._index = torch.zeros(2 * max_rows, dtype=torch.int64, device=pool.device)
-        self._groups: list[_Group] = []
-        self._segmented = False
+        self.backend: Literal["torch", "triton"] = _choose_backend(backend, pool.device)
+        capacity = 4 * max(max_tokens, max_rows or 0, 1)
+        self._index = torch.zeros(capacity, dtype=torch.int32, device=pool.device)
+        self._scratch = torch.zeros(0, dtype=torch.float32, device=pool.device)
         self.active = False
+        self._rows: list[int | None] | None = None
+        self._num_tokens = -1
+        self._kinds: list[_KindWork] = []
+        self._triton: _TritonWork | None = None
+
+    # ------------------------------------------------------------------ per step
+
+    def set_segments(self, segments: Sequence[Segment], num_tokens: int) -> None:
+        """Map the next forward's ``num_tokens`` packed tokens to slots: each segment
+        ``(start, length, slot)`` covers tokens ``start .. start + length - 1``, in order,
+        without overlap; slot None (or no segment) means the base model alone.
+
+        Raises KeyError for a slot that holds no adapter, ValueError for bad segments. Orders
+        the current stream after the copies into the batch's slots (``pool.wait_ready``).
+        """
+        self.clear()
+        self._plan(segments, num_tokens)
 
     def set_rows(self, slots: Sequence[int | None]) -> None:
-        """Map row ``i`` of the next forward to ``slots[i]`` (None: base model only)."""
-        by_slot: dict[int, list[int]] = {}
-        for row, slot in enumerate(slots):
-            if slot is not None:
-                if not self.pool.is_loaded(slot):
-                    raise KeyError(f"row {row}: slot {slot} holds no adapter")
-                by_slot.setdefault(slot, []).append(row)
-        self._groups = []
-        self.active = bool(by_slot)
-        if not by_slot:
-            return
-        self.pool.wait_ready(by_slot)
-        segmented = self.mode == "segmented" or (
-            self.mode == "auto" and len(by_slot) <= self.segment_max_groups
-        )
-        flat: list[int] = []
-        if segmented:
-            for slot in sorted(by_slot):
-                rows = by_slot[slot]
-                c, local = self.pool.locate(slot)
-                self._groups.append(_group(c, local, self.pool.rank_of(slot), len(flat), rows))
-                flat += rows
-        else:
-            per_class: dict[int, tuple[list[int], list[int]]] = {}
-            for slot in sorted(by_slot):
-                c, local = self.pool.locate(slot)
-                rows, locals_ = per_class.setdefault(c, ([], []))
-                rows += by_slot[slot]
-                locals_ += [local] * len(by_slot[slot])
-            for c, (rows, locals_) in sorted(per_class.items()):
-                order = sorted(range(len(rows)), key=rows.__getitem__)
-                rows = [rows[k] for k in order]
-                locals_ = [locals_[k] for k in order]
-                group = _group(c, -1, self.pool.rank_classes[c], len(flat), rows)
-                self._groups.append(group)
-                flat += rows + locals_
-        if len(flat) > self._index.numel():
-            self._index = torch.zeros(2 * len(flat), dtype=torch.int64, device=self.pool.device)
-        host = torch.tensor(flat, dtype=torch.int64)
-        self._index[: len(flat)].copy_(host, non_blocking=True)
-        self._segmented = segmented
-        self._num_rows = len(slots)
+        """Row form: row ``i`` of the next forwards' ``[rows, tokens, in]`` inputs uses
+        ``slots[i]`` (None: base model only), until :meth:`clear`."""
+        self.clear()
+        used = sorted({s for s in slots if s is not None})
+        for slot in used:
+            if not self.pool.is_loaded(slot):
+                raise KeyError(f"slot {slot} holds no adapter")
+        if used:
+            self.pool.wait_ready(used)
+            self._rows = list(slots)
+            self.active = True
 
     def clear(self) -> None:
-        self._groups = []
+        """Back to "no adapters": a forward runs the base model alone."""
         self.active = False
+        self._rows = None
+        self._num_tokens = -1
+        self._kinds = []
+        self._triton = None
 
     @contextmanager
     def rows(self, slots: Sequence[int | None] | None) -> Iterator[None]:
@@ -173,41 +174,188 @@ class LoraBatchState:
         finally:
             self.clear()
 
+    def _plan(self, segments: Sequence[Segment], num_tokens: int) -> None:
+        limit = {"auto": self.gather_max_tokens, "gather": num_tokens, "segmented": 0}[self.mode]
+        gather, long = split_segments(segments, num_tokens, gather_max_tokens=limit)
+        slots = sorted({s for _, s in gather} | {s for _, _, s in long})
+        for slot in slots:
+            if not self.pool.is_loaded(slot):
+                raise KeyError(f"slot {slot} holds no adapter")
+        if not slots:
+            return
+        self.pool.wait_ready(slots)
+        ranks = {s: self.pool.ranks_of(s) for s in slots}
+        if self.backend == "triton":
+            self._plan_triton(gather, long, ranks, num_tokens)
+        else:
+            self._plan_torch(gather, long, ranks)
+        self._num_tokens = num_tokens
+        self.active = True
+
+    def _plan_torch(
+        self,
+        gather: list[GatherToken],
+        long: list[LongSegment],
+        ranks: dict[int, tuple[int, ...]],
+    ) -> None:
+        flat: list[int] = []
+        by_slot: dict[int, list[int]] = {}
+        for token, slot in gather:
+            by_slot.setdefault(slot, []).append(token)
+        groups: list[tuple[int, int, int]] = []  # (slot, offset, n)
+        if self.mode == "auto" and len(by_slot) <= self.segment_max_groups:
+            for slot, slot_tokens in by_slot.items():
+                groups.append((slot, len(flat), len(slot_tokens)))
+                flat += slot_tokens
+            gather = []
+        laid_out: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}
+        wanted: list[tuple[int, int, int, int]] = []  # (kind, width, offset, n)
+        self._kinds = [_KindWork() for _ in self.pool.layout.kinds]
+        for kind, work in enumerate(self._kinds):
+            key = tuple(rank_bucket(r[kind]) if r[kind] else 0 for r in ranks.values())
+            buckets = laid_out.get(key)
+            if buckets is None:  # kinds whose adapters have equal buckets share index data
+                buckets = laid_out[key] = []
+                rank_of = {s: r[kind] for s, r in ranks.items()}
+                for width, bucket_tokens, bucket_slots in gather_buckets(gather, rank_of):
+                    buckets.append((width, len(flat), len(bucket_tokens)))
+                    flat += bucket_tokens + bucket_slots
+            wanted += [(kind, width, offset, n) for width, offset, n in buckets]
+            for start, length, slot in long:
+                if ranks[slot][kind]:
+                    pages = self._pages(slot, kind, ranks[slot][kind])
+                    work.segments.append((start, start + length, pages))
+        index = self._upload(flat)
+        for slot, offset, n in groups:
+            for kind, work in enumerate(self._kinds):
+                if ranks[slot][kind]:
+                    pages = self._pages(slot, kind, ranks[slot][kind])
+                    work.groups.append((index[offset : offset + n], pages))
+        for kind, width, offset, n in wanted:
+            tokens, slots = index[offset : offset + n], index[offset + n : offset + 2 * n]
+            pages = self.pool.page_table[kind].index_select(0, slots)[:, :width]
+            self._kinds[kind].gathers.append((tokens, pages))
+
+    def _pages(self, slot: int, kind: int, rank: int) -> slice | torch.Tensor:
+        """The adapter's pages of ``kind``: a slice when they are one run, else its page
+        table row (on the device)."""
+        runs = self.pool.runs(slot, kind)
+        if len(runs) == 1:
+            return slice(runs[0][0], runs[0][0] + rank)
+        return self.pool.page_table[kind, slot, :rank]
+
+    def _plan_triton(
+        self,
+        gather: list[GatherToken],
+        long: list[LongSegment],
+        ranks: dict[int, tuple[int, ...]],
+        num_tokens: int,
+    ) -> None:
+        from vajra.gpu.lora.triton_kernels import SGMV_BLOCK_M
+
+        blocks = segment_blocks(long, SGMV_BLOCK_M)
+        n, m = len(gather), len(blocks)
+        flat = [t for t, _ in gather] + [s for _, s in gather]
+        for column in range(3):
+            flat += [block[column] for block in blocks]
+        index = self._upload(flat)
+        widths = []
+        for kind in range(len(self.pool.layout.kinds)):
+            top = max(r[kind] for r in ranks.values())
+            widths.append(max(16, rank_bucket(top)) if top else 0)
+        self._triton = _TritonWork(
+            decode=(index[:n], index[n : 2 * n]) if n else None,
+            blocks=(
+                (index[2 * n : 2 * n + m], index[2 * n + m : 2 * n + 2 * m], index[2 * n + 2 * m :])
+                if m
+                else None
+            ),
+            widths=widths,
+        )
+        need = num_tokens * max(widths)
+        if need > self._scratch.numel():
+            self._scratch = torch.zeros(2 * need, dtype=torch.float32, device=self.pool.device)
+
+    def _upload(self, flat: list[int]) -> torch.Tensor:
+        """``flat`` in the device index buffer, one copy; grown only past every earlier size."""
+        if len(flat) > self._index.numel():
+            self._index = torch.zeros(2 * len(flat), dtype=torch.int32, device=self.pool.device)
+        index = self._index[: len(flat)]
+        if flat:
+            index.copy_(torch.tensor(flat, dtype=torch.int32), non_blocking=True)
+        return index
+
+    # ------------------------------------------------------------------ per layer
+
     def apply(self, module_index: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Add this forward's LoRA deltas for one module to ``y`` (see module Semantics)."""
+        """Add this forward's LoRA deltas for one module to ``y`` (module Semantics)."""
         if not self.active:
             return y
-        views = self.pool.module_views(module_index)
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-        y3 = y.view(y.shape[0], -1, y.shape[-1])
-        index = self._index
-        if self._segmented:
-            for g in self._groups:
-                a, bt = views[g.cls]
-                rows = None if g.contiguous else index[g.start : g.end]
-                first = g.first_row
-                n = g.end - g.start
-                lora_segment(
-                    x3, y3, rows, first, first + n, a[g.local, : g.rank], bt[g.local, : g.rank]
+        if not y.is_contiguous():
+            y = y.contiguous()
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = y.view(-1, y.shape[-1])
+        tokens = x2.shape[0]
+        if tokens != self._num_tokens:
+            if self._rows is None:
+                raise ValueError(
+                    f"the batch has {tokens} tokens; the segments described {self._num_tokens}"
                 )
-        else:
-            for g in self._groups:
-                a, bt = views[g.cls]
-                n = g.end - g.start
-                rows = index[g.start : g.end]
-                slots = index[g.end : g.end + n]
-                all_rows = g.contiguous and g.first_row == 0 and n == self._num_rows
-                lora_gather(x3, y3, rows, slots, a, bt, all_rows=all_rows)
+            per_row, rest = divmod(tokens, len(self._rows))
+            if rest:
+                raise ValueError(f"{tokens} tokens do not make {len(self._rows)} equal rows")
+            self._plan(row_segments(self._rows, per_row), tokens)
+        kind = self.pool.layout.module_kinds[module_index]
+        a, bt = self.pool.module_views(module_index)
+        if self._triton is not None:
+            _apply_triton(self._triton, self.pool, kind, x2, y2, self._scratch, a, bt)
+            return y
+        work = self._kinds[kind]
+        for token_index, pages in work.gathers:
+            lora_bgmv(x2, y2, token_index, pages, a, bt)
+        for token_index, rows in work.groups:
+            lora_tokens(x2, y2, token_index, adapter_rows(a, rows), adapter_rows(bt, rows))
+        for start, end, rows in work.segments:
+            lora_sgmv(x2, y2, start, end, adapter_rows(a, rows), adapter_rows(bt, rows))
         return y
 
 
-def _group(cls: int, local: int, rank: int, start: int, rows: list[int]) -> _Group:
-    contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-    return _Group(cls, local, rank, start, start + len(rows), contiguous, rows[0])
+def _apply_triton(
+    work: _TritonWork,
+    pool: LoraPool,
+    kind: int,
+    x: torch.Tensor,  # [tokens, in]
+    y: torch.Tensor,  # [tokens, out]
+    scratch: torch.Tensor,  # float32, at least tokens * widths[kind]
+    a: torch.Tensor,
+    bt: torch.Tensor,
+) -> None:
+    """One module's deltas by the Triton kernels: BGMV for decode tokens, SGMV for blocks."""
+    from vajra.gpu.lora import triton_kernels
+
+    width = work.widths[kind]
+    if not width:
+        return
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    xa = scratch[: x.shape[0] * width].view(x.shape[0], width)
+    pages, ranks = pool.page_table[kind], pool.rank_table[:, kind]
+    if work.decode is not None:
+        triton_kernels.bgmv(x, y, xa, *work.decode, pages, ranks, a, bt)
+    if work.blocks is not None:
+        triton_kernels.sgmv(x, y, xa, *work.blocks, pages, ranks, a, bt)
+
+
+def _choose_backend(backend: Backend, device: torch.device) -> Literal["torch", "triton"]:
+    if backend != "auto":
+        return backend
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "torch"
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus, per row, that row's adapter from the pool.
+    """A frozen ``nn.Linear`` plus, per token, that token's adapter from the pool.
 
     ``base_layer`` is the original module, untouched (PEFT's naming). The adapter weights are
     not parameters of this module: they live in the pool and are read through the shared

@@ -1,14 +1,23 @@
-"""The packed form of a LoRA adapter: one contiguous host buffer, ready for one copy.
+"""The packed form of a LoRA adapter: per targeted module kind, its rank rows, in one buffer.
 
-A *rank unit* is one row of every targeted module's ``A`` and one row of its ``scale * B^T``,
-side by side::
+A *module kind* is the last name of a targeted module path (``q_proj``, ``down_proj``, ...).
+A *rank row* of kind ``k`` holds row ``j`` of ``A`` and of ``Bt = scale * B^T`` for every
+module of that kind, layer after layer::
 
-    unit = [A_m0[j, :in_0] | Bt_m0[j, :out_0] | A_m1[j, :in_1] | Bt_m1[j, :out_1] | ...]   # [unit_numel]
+    row_k[j] = [A_l0[j, :in] | Bt_l0[j, :out] | A_l1[j, :in] | Bt_l1[j, :out] | ...]   # [row_numel_k]
 
-:class:`LoraLayout` says where each module's rows sit inside a unit. An adapter of rank ``r``
-(its largest rank over modules; smaller modules are zero-padded) is ``r`` units, packed
-host-side into ONE contiguous ``[r, unit_numel]`` buffer (:class:`HostAdapter`), so that
-moving it into the pool (:mod:`vajra.gpu.lora.pool`) is one copy.
+:class:`LoraLayout` says where each module's ``A`` and ``Bt`` sit inside its kind's row. An
+adapter whose modules of kind ``k`` have rank ``r_k`` (the largest over those modules; layers
+with a smaller rank or not targeted are zero-padded) is ``r_k`` rows of kind ``k``, and
+nothing at all for a kind it does not target. :class:`HostAdapter` holds those rows kind after
+kind, in layout order, in ONE contiguous host buffer, so packing allocates once and moving it
+into the pool (:mod:`vajra.gpu.lora.pool`) is one copy per targeted kind::
+
+    buffer = [r_0 rows of kind 0 | r_1 rows of kind 1 | ...]    # [sum_k r_k * row_numel_k]
+
+Kinds whose modules have the same shapes layer by layer (on Llama: ``q_proj`` and ``o_proj``;
+``k_proj`` and ``v_proj``; ``gate_proj`` and ``up_proj``) have rows of the same layout, so
+they share one *arena* of the pool (:attr:`LoraLayout.kind_arenas`).
 
 The LoRA scale (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA) is folded into ``B`` when
 packing, so the forward is ``y += (x @ A^T) @ Bt`` with nothing per adapter to look up.
@@ -30,13 +39,16 @@ LLAMA_TARGET_MODULES = SERVABLE_MODULES
 
 @dataclass(frozen=True)
 class LoraLayout:
-    """Where each targeted module's A row and Bt row sit inside one rank unit."""
+    """The targeted modules, their kinds, and where each sits inside its kind's rank row."""
 
-    modules: tuple[str, ...]  # full module paths, in unit order
+    modules: tuple[str, ...]  # full module paths, in model order
     shapes: tuple[tuple[int, int], ...]  # (in_features, out_features) per module
-    a_offsets: tuple[int, ...]  # element offset of A's row inside a unit
-    b_offsets: tuple[int, ...]  # element offset of Bt's row inside a unit
-    unit_numel: int
+    kinds: tuple[str, ...]  # module kinds (last path names), in order of first appearance
+    module_kinds: tuple[int, ...]  # kind index per module
+    a_offsets: tuple[int, ...]  # per module: offset of its A row inside its kind's rank row
+    b_offsets: tuple[int, ...]  # per module: offset of its Bt row inside its kind's rank row
+    row_numels: tuple[int, ...]  # per kind: elements of one rank row
+    kind_arenas: tuple[int, ...]  # per kind: its arena (kinds of equal row layout share one)
     _index: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -48,22 +60,38 @@ class LoraLayout:
         modules = [m for m in spec.modules if m.rsplit(".", 1)[-1] in wanted]
         if not modules:
             raise ValueError(f"the base model has no module named any of {sorted(wanted)}")
-        shapes, a_offsets, b_offsets = [], [], []
-        offset = 0
+        kinds: list[str] = []
+        kind_shapes: list[list[tuple[int, int]]] = []
+        module_kinds, a_offsets, b_offsets = [], [], []
         for m in modules:
+            name = m.rsplit(".", 1)[-1]
+            if name not in kinds:
+                kinds.append(name)
+                kind_shapes.append([])
+            k = kinds.index(name)
             in_f, out_f = spec.modules[m]
-            shapes.append((in_f, out_f))
+            offset = sum(i + o for i, o in kind_shapes[k])
+            module_kinds.append(k)
             a_offsets.append(offset)
             b_offsets.append(offset + in_f)
-            offset += in_f + out_f
+            kind_shapes[k].append((in_f, out_f))
+        arena_of: dict[tuple[tuple[int, int], ...], int] = {}
+        kind_arenas = [arena_of.setdefault(tuple(s), len(arena_of)) for s in kind_shapes]
         return cls(
-            tuple(modules),
-            tuple(shapes),
-            tuple(a_offsets),
-            tuple(b_offsets),
-            offset,
-            {m: i for i, m in enumerate(modules)},
+            modules=tuple(modules),
+            shapes=tuple(spec.modules[m] for m in modules),
+            kinds=tuple(kinds),
+            module_kinds=tuple(module_kinds),
+            a_offsets=tuple(a_offsets),
+            b_offsets=tuple(b_offsets),
+            row_numels=tuple(sum(i + o for i, o in s) for s in kind_shapes),
+            kind_arenas=tuple(kind_arenas),
+            _index={m: i for i, m in enumerate(modules)},
         )
+
+    @property
+    def num_arenas(self) -> int:
+        return max(self.kind_arenas) + 1
 
     def index(self, module: str) -> int:
         return self._index[module]
@@ -71,18 +99,54 @@ class LoraLayout:
     def __contains__(self, module: object) -> bool:
         return module in self._index
 
+    def ranks_of(self, manifest: AdapterManifest) -> tuple[int, ...]:
+        """The adapter's rank rows per kind (0 for a kind it does not target).
+
+        Raises InvalidAdapter for a module the layout does not serve.
+        """
+        ranks = [0] * len(self.kinds)
+        for module in manifest.tensors:
+            if module not in self._index:
+                raise InvalidAdapter(f"module {module!r} is not among the modules this pool serves")
+            k = self.module_kinds[self._index[module]]
+            ranks[k] = max(ranks[k], manifest.ranks[module])
+        return tuple(ranks)
+
+    def packed_numel(self, ranks: Iterable[int]) -> int:
+        """Elements of a packed adapter with ``ranks`` rows per kind."""
+        return sum(r * n for r, n in zip(ranks, self.row_numels, strict=True))
+
+    def kind_offsets(self, ranks: Iterable[int]) -> tuple[int, ...]:
+        """Where each kind's rows start inside a packed buffer with ``ranks`` rows per kind."""
+        offsets, offset = [], 0
+        for r, n in zip(ranks, self.row_numels, strict=True):
+            offsets.append(offset)
+            offset += r * n
+        return tuple(offsets)
+
 
 @dataclass(frozen=True, eq=False)
 class HostAdapter:
     """An adapter packed for the pool: one contiguous buffer, pinned when CUDA is available."""
 
     digest: str
-    rank: int  # units held: the adapter's largest rank
-    buffer: torch.Tensor  # [rank, unit_numel], contiguous, in the pool's dtype
+    ranks: tuple[int, ...]  # rank rows per kind of the layout (0: kind not targeted)
+    buffer: torch.Tensor  # [sum_k ranks[k] * row_numels[k]], contiguous, in the pool's dtype
+
+    @property
+    def rank(self) -> int:
+        """The adapter's largest rank over kinds."""
+        return max(self.ranks, default=0)
 
     @property
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
+
+    def rows(self, layout: LoraLayout, kind: int) -> torch.Tensor:
+        """The rank rows of ``kind``: a view [ranks[kind], row_numels[kind]] of the buffer."""
+        start = layout.kind_offsets(self.ranks)[kind]
+        n = layout.row_numels[kind]
+        return self.buffer[start : start + self.ranks[kind] * n].view(self.ranks[kind], n)
 
 
 def pack_adapter(
@@ -94,16 +158,17 @@ def pack_adapter(
     pin: bool | None = None,
     out: torch.Tensor | None = None,
 ) -> HostAdapter:
-    """Pack a validated adapter into one ``[rank, unit_numel]`` buffer laid out for ``layout``.
+    """Pack a validated adapter into one buffer laid out for ``layout`` (module docstring).
 
     ``tensors`` maps the safetensors keys of ``manifest.tensors`` to tensors (e.g.
     ``safetensors.torch.load(weights)``). The scale is folded into B here. ``out`` lets a
     caller pack into memory it owns (a pinned host pool): a contiguous tensor of at least
-    ``rank * unit_numel`` elements of ``dtype``. Otherwise a new buffer is allocated, pinned
-    when ``pin`` (default: when CUDA is available). All per-tensor work happens here, once.
+    ``layout.packed_numel(layout.ranks_of(manifest))`` elements of ``dtype``. Otherwise a new
+    buffer is allocated, pinned when ``pin`` (default: when CUDA is available). All
+    per-tensor work happens here, once.
     """
-    rank = manifest.rank
-    numel = rank * layout.unit_numel
+    ranks = layout.ranks_of(manifest)
+    numel = layout.packed_numel(ranks)
     if out is None:
         pin = torch.cuda.is_available() if pin is None else pin
         buffer = torch.zeros(numel, dtype=dtype, pin_memory=pin)
@@ -112,21 +177,20 @@ def pack_adapter(
             raise ValueError(f"out must be a contiguous {dtype} tensor of >= {numel} elements")
         buffer = out.view(-1)[:numel]
         buffer.zero_()
-    units = buffer.view(rank, layout.unit_numel)
+    packed = HostAdapter(digest=manifest.digest, ranks=ranks, buffer=buffer)
     for module, (key_a, key_b) in manifest.tensors.items():
-        if module not in layout:
-            raise InvalidAdapter(f"module {module!r} is not among the modules this pool serves")
         i = layout.index(module)
         in_f, out_f = layout.shapes[i]
         r = manifest.ranks[module]
         a, b = tensors[key_a], tensors[key_b]
         if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
             raise InvalidAdapter(f"module {module!r}: tensors do not match the manifest")
+        rows = packed.rows(layout, layout.module_kinds[i])
         a_off, b_off = layout.a_offsets[i], layout.b_offsets[i]
-        units[:r, a_off : a_off + in_f].copy_(a)
+        rows[:r, a_off : a_off + in_f].copy_(a)
         scaled = b.to(torch.float32).t() * manifest.scale(module)
-        units[:r, b_off : b_off + out_f].copy_(scaled)
-    return HostAdapter(digest=manifest.digest, rank=rank, buffer=units)
+        rows[:r, b_off : b_off + out_f].copy_(scaled)
+    return packed
 
 
 def read_adapter_tensors(weights: bytes) -> dict[str, torch.Tensor]:

@@ -1,29 +1,51 @@
-"""The GPU adapter pool: LoRA weights of many adapters in memory allocated once.
+"""The GPU adapter pool: LoRA weights of many adapters in memory allocated once, in pages.
 
 Layout (the choice, and why)
 ----------------------------
-Adapters arrive packed (:mod:`vajra.gpu.lora.packing`): an adapter of rank ``r`` is ``r``
-*rank units* of ``unit_numel`` elements in one contiguous buffer.
+Adapters arrive packed (:mod:`vajra.gpu.lora.packing`): for each module kind an adapter
+targets, ``r_k`` *rank rows* (row ``j`` of ``A`` and of ``Bt`` of every layer's module of that
+kind), and nothing for the kinds it does not target.
 
-The pool is a few *rank classes* (default 8, 16, 32, 64): class ``c`` is one tensor
-``[slots_c, rank_c, unit_numel]`` allocated at start and never resized. An adapter of rank
-``r`` takes a slot in the smallest class with ``rank_c >= r`` that has one free (spilling to a
-larger class when its own is full); it is copied into the slot's first ``r`` units and the
-units above ``r`` that an earlier, larger occupant dirtied are zeroed (a second, small op).
-Because every slot of a class has the same size and no slot ever moves, loading and evicting in
-any order can never fragment memory, and because classes differ in rank a rank-8 adapter pays
-for 8 units, not 64. The price is that the split of ``max_vram_adapters`` between classes is
-fixed at start (``slots_per_class``; default an even split); spill keeps the pool usable when
-the mix differs. Rows of a slot past the adapter's rank are zero, so computing with the whole
-class rank gives exactly the adapter's result.
+The pool is one *arena* per row layout, a tensor ``[pages, row_numel]`` allocated at start and
+never resized, in which a *page* is one rank row. Kinds whose modules have equal shapes layer
+by layer share an arena (on Llama four arenas: q/o, k/v, gate/up, down). An adapter takes
+exactly ``r_k`` pages of kind ``k``'s arena for each kind it targets: a rank-8 adapter on
+``q_proj`` and ``v_proj`` holds 8 pages for q and 8 for v and nothing else; a rank-64 adapter
+on every module 64 pages for each of the seven kinds. Memory thus follows each adapter's own
+targets and own rank: nothing is padded to a larger rank, and there are no rank classes whose
+split of memory is fixed at start. Any free page of an arena serves any adapter, so loading and
+evicting in any order never strands memory (S-LoRA's unified paging, with one page size per
+module shape rather than one per hidden size).
 
-Each wrapped layer reads its own module's ``A`` and ``Bt`` as strided views of the class tensor
-(:meth:`LoraPool.module_views`): ``[slots_c, rank_c, in]`` and ``[slots_c, rank_c, out]``,
-row stride ``unit_numel``; no copy.
+Pages need not be contiguous. :mod:`vajra.gpu.lora.pages` hands out the best-fitting single
+run when one exists, so usually a kind's rows are one run: one copy per targeted kind at load,
+and a prefill segment reads the adapter through plain slices. Otherwise the rows come from a
+few runs and a kernel reads them through the page table. Page 0 of every arena is zeros and is
+never handed out: page-table entries past an adapter's rank point at it, so computing with
+more rows than an adapter has adds exactly nothing.
 
-On CUDA a load runs on a dedicated copy stream and records an event; :meth:`LoraPool.wait_ready`
-makes the compute stream wait for it before a batch reads the slot. On the CPU the copy is
-synchronous and nothing waits.
+Why not rank classes per module kind (one ``[slots, rank_c, row]`` tensor per kind and rank)?
+They fix at start how memory is split between kinds x classes (28 partitions on Llama), pad
+every adapter to its class's rank, and make a rank-8 adapter take a rank-64 slot once its own
+class is full. Pages cost one indirection instead: the page table, which the Triton kernels
+follow in their loads and the torch path follows with one small gather of an adapter's rows.
+
+Capacity: ``max_vram_adapters`` adapters at once (slot ids ``0 .. max_vram_adapters - 1``),
+and per kind ``max_vram_adapters * mean_rank`` pages (an arena shared by two kinds has twice
+that): room for ``max_vram_adapters`` adapters of rank ``mean_rank`` on every module, and for
+more of them when they have lower ranks or fewer modules.
+
+Tables for the kernels, on the pool's device and written at load: :attr:`LoraPool.page_table`
+``[kinds, slots, max_rank]`` int32 (page of each rank row; the zero page past the adapter's
+rank) and :attr:`LoraPool.rank_table` ``[slots, kinds]`` int32. A batch then only says which
+slot each token uses. Each wrapped layer reads its module's ``A`` and ``Bt`` as strided views
+of its arena (:meth:`LoraPool.module_views`): ``[pages, in]`` and ``[pages, out]``, row stride
+``row_numel``; no copy.
+
+On CUDA a load runs on a dedicated copy stream, after the batches that may still read the
+pages freed before it, and records an event; :meth:`LoraPool.wait_ready` makes the compute
+stream wait for it before a batch reads the slot. On the CPU the copy is synchronous and
+nothing waits.
 
 :class:`LoraPool` is the torch engine's :class:`~vajra.gpu.interface.AdapterResidency`: the
 executor's adapter tiers drive it through that interface only.
@@ -32,7 +54,7 @@ executor's adapter tiers drive it through that interface only.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,43 +63,36 @@ import torch
 from vajra.adapters.format import BaseModelSpec, InvalidAdapter
 from vajra.errors import OverloadedError
 from vajra.gpu.lora.packing import LLAMA_TARGET_MODULES, HostAdapter, LoraLayout
+from vajra.gpu.lora.pages import PageRuns, Run, expand
 
-DEFAULT_RANK_CLASSES = (8, 16, 32, 64)
+DEFAULT_MAX_RANK = 64
+DEFAULT_MEAN_RANK = 32
 
 
 class PoolFull(OverloadedError):
-    """No free slot of a large enough rank class; evict an adapter and retry."""
+    """No free slot, or too few free pages; evict an adapter and retry."""
 
 
 @dataclass(eq=False)
-class _RankClass:
-    rank: int
-    first_slot: int  # global id of this class's slot 0
-    storage: torch.Tensor  # [slots, rank, unit_numel]
-    free: list[int]  # heap of free local indices
-
-    @property
-    def num_slots(self) -> int:
-        return int(self.storage.shape[0])
-
-    @property
-    def slot_bytes(self) -> int:
-        return int(self.storage[0].numel()) * self.storage.element_size()
+class _Arena:
+    kinds: tuple[int, ...]  # the module kinds whose rows live here
+    storage: torch.Tensor  # [pages, row_numel]; page 0 is the zero page
+    free: PageRuns
 
 
 @dataclass(eq=False)
 class _Resident:
     digest: str
-    rank: int
+    ranks: tuple[int, ...]  # rank rows per kind
+    runs: tuple[list[Run], ...]  # per kind: its pages, in row order
     ready: Any = None  # torch.cuda.Event on CUDA: the copy into the slot finished
     host: HostAdapter | None = None  # kept alive until the async copy is done
 
 
 class LoraPool:
-    """Fixed slots for adapters' A and B on one device; see the module docstring.
+    """Adapters' A and Bt in paged arenas on one device; see the module docstring.
 
-    Slot ids are ints ``0 .. num_slots - 1``, classes in ascending rank. Not thread-safe: the
-    engine's worker thread owns it.
+    Not thread-safe: the engine's worker thread owns it.
     """
 
     def __init__(
@@ -87,38 +102,36 @@ class LoraPool:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         max_vram_adapters: int = 100,
-        rank_classes: Sequence[int] = DEFAULT_RANK_CLASSES,
-        slots_per_class: Sequence[int] | None = None,
+        max_rank: int = DEFAULT_MAX_RANK,
+        mean_rank: int = DEFAULT_MEAN_RANK,
     ) -> None:
-        ranks = sorted(set(rank_classes))
-        if not ranks or ranks[0] <= 0:
-            raise ValueError(f"rank_classes must be positive, got {rank_classes!r}")
-        if slots_per_class is None:
-            if max_vram_adapters < 1:
-                raise ValueError("max_vram_adapters must be at least 1")
-            base, extra = divmod(max_vram_adapters, len(ranks))
-            counts = [base + (1 if i < extra else 0) for i in range(len(ranks))]
-        else:
-            counts = list(slots_per_class)
-            if len(counts) != len(ranks) or any(n < 0 for n in counts) or sum(counts) < 1:
-                raise ValueError("slots_per_class needs one count >= 0 per rank class")
+        if max_vram_adapters < 1 or max_rank < 1 or mean_rank < 1:
+            raise ValueError("max_vram_adapters, max_rank and mean_rank must be at least 1")
         self.layout = layout
         self.device = torch.device(device)
         self.dtype = dtype
-        self._classes: list[_RankClass] = []
-        first = 0
-        for rank, n in zip(ranks, counts, strict=True):
-            storage = torch.zeros(n, rank, layout.unit_numel, dtype=dtype, device=self.device)
-            self._classes.append(_RankClass(rank, first, storage, list(range(n))))
-            first += n
-        self.num_slots = first
-        self._slot_class = [c for c, cls in enumerate(self._classes) for _ in range(cls.num_slots)]
+        self.num_slots = max_vram_adapters
+        self.max_rank = max_rank
+        self.pages_per_kind = max_vram_adapters * mean_rank
+        self._arenas: list[_Arena] = []
+        for a in range(layout.num_arenas):
+            kinds = tuple(k for k, arena in enumerate(layout.kind_arenas) if arena == a)
+            pages = self.pages_per_kind * len(kinds)
+            row = layout.row_numels[kinds[0]]
+            storage = torch.zeros(pages + 1, row, dtype=dtype, device=self.device)
+            self._arenas.append(_Arena(kinds, storage, PageRuns(1, pages)))
+        n_kinds = len(layout.kinds)
+        table_shape = (n_kinds, max_vram_adapters, max_rank)
+        self.page_table = torch.zeros(table_shape, dtype=torch.int32, device=self.device)
+        self.rank_table = torch.zeros(
+            (max_vram_adapters, n_kinds), dtype=torch.int32, device=self.device
+        )
+        self._free_slots = list(range(max_vram_adapters))  # a heap
         self._resident: dict[int, _Resident] = {}
-        self._dirty_rank = [0] * first  # units of each slot that may hold non-zero data
-        self._views: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         cuda = self.device.type == "cuda"
         self._copy_stream: Any = torch.cuda.Stream(self.device) if cuda else None  # type: ignore[no-untyped-call]
-        self._free_events: dict[int, Any] = {}
+        self._freed: Any = None  # CUDA event: batches that may read freed pages are done
 
     @classmethod
     def for_spec(
@@ -155,26 +168,27 @@ class LoraPool:
     # ------------------------------------------------------------------ accounting
 
     @property
-    def rank_classes(self) -> tuple[int, ...]:
-        return tuple(c.rank for c in self._classes)
-
-    @property
-    def slots_per_class(self) -> tuple[int, ...]:
-        return tuple(c.num_slots for c in self._classes)
-
-    @property
     def capacity_bytes(self) -> int:
-        """Everything the pool allocated, fixed for its lifetime."""
-        return sum(c.slot_bytes * c.num_slots for c in self._classes)
+        """Everything the arenas allocated, fixed for the pool's lifetime."""
+        return sum(a.storage.numel() * a.storage.element_size() for a in self._arenas)
 
     @property
     def used_bytes(self) -> int:
-        """Bytes of the slots that hold an adapter."""
-        return sum(self._classes[self._slot_class[s]].slot_bytes for s in self._resident)
+        """Bytes of the pages that hold an adapter."""
+        element = self._arenas[0].storage.element_size()
+        rows = self.layout.row_numels
+        return element * sum(
+            r * n for res in self._resident.values() for r, n in zip(res.ranks, rows, strict=True)
+        )
 
     @property
     def num_free(self) -> int:
-        return self.num_slots - len(self._resident)
+        """Free slot ids (each adapter needs one, and pages)."""
+        return len(self._free_slots)
+
+    def free_pages(self) -> tuple[int, ...]:
+        """Free pages per arena."""
+        return tuple(a.free.free for a in self._arenas)
 
     def is_loaded(self, slot: int) -> bool:
         return slot in self._resident
@@ -182,83 +196,131 @@ class LoraPool:
     def digest_of(self, slot: int) -> str:
         return self._resident[slot].digest
 
-    def rank_of(self, slot: int) -> int:
-        """The adapter's own rank (units that matter); the slot may be larger."""
-        return self._resident[slot].rank
+    def ranks_of(self, slot: int) -> tuple[int, ...]:
+        """The adapter's rank rows per kind (0: kind not targeted)."""
+        return self._resident[slot].ranks
 
-    def slot_rank(self, slot: int) -> int:
-        """The rank of the slot's class."""
-        return self._classes[self._slot_class[slot]].rank
-
-    def locate(self, slot: int) -> tuple[int, int]:
-        """(class index, index inside the class)."""
-        c = self._slot_class[slot]
-        return c, slot - self._classes[c].first_slot
-
-    def can_load(self, rank: int) -> bool:
-        return any(c.rank >= rank and c.free for c in self._classes)
+    def runs(self, slot: int, kind: int) -> list[Run]:
+        """The pages holding the slot's rows of ``kind``, as (first page, count) runs."""
+        return self._resident[slot].runs[kind]
 
     def resident(self) -> dict[int, str]:
         return {s: r.digest for s, r in self._resident.items()}
 
+    def _arena(self, kind: int) -> _Arena:
+        return self._arenas[self.layout.kind_arenas[kind]]
+
+    def _needs(self, adapter: HostAdapter) -> list[int]:
+        """Pages per arena that ``adapter`` takes; raises if it can never fit this pool."""
+        layout = self.layout
+        if (
+            len(adapter.ranks) != len(layout.kinds)
+            or adapter.buffer.dim() != 1
+            or adapter.buffer.numel() != layout.packed_numel(adapter.ranks)
+        ):
+            raise ValueError("host adapter was packed for a different layout")
+        if adapter.rank > self.max_rank:
+            raise InvalidAdapter(
+                f"adapter rank {adapter.rank} exceeds the pool's largest rank {self.max_rank}"
+            )
+        needs = [0] * len(self._arenas)
+        for kind, r in enumerate(adapter.ranks):
+            needs[layout.kind_arenas[kind]] += r
+        for arena, n in zip(self._arenas, needs, strict=True):
+            if n > arena.storage.shape[0] - 1:
+                raise InvalidAdapter(f"adapter needs {n} pages of an arena of fewer")
+        return needs
+
+    def can_load(self, adapter: HostAdapter) -> bool:
+        """Whether :meth:`load` would find a slot and pages for ``adapter`` now. Raises
+        InvalidAdapter when it could never fit this pool (ValueError: wrong layout)."""
+        needs = self._needs(adapter)
+        if not self._free_slots:
+            return False
+        return all(n <= a.free.free for a, n in zip(self._arenas, needs, strict=True))
+
+    def frees_room_for(self, slot: int, adapter: HostAdapter) -> bool:
+        """Whether freeing ``slot`` gives back something ``adapter`` lacks: a slot id when
+        none is free, or pages of an arena that has too few."""
+        resident = self._resident.get(slot)
+        if resident is None:
+            return False
+        if not self._free_slots:
+            return True
+        needs = self._needs(adapter)
+        return any(
+            n > arena.free.free and any(resident.ranks[k] for k in arena.kinds)
+            for arena, n in zip(self._arenas, needs, strict=True)
+        )
+
     # ------------------------------------------------------------------ load / free
 
     def load(self, host: HostAdapter) -> int:
-        """Copy ``host`` into a free slot and return the slot id; raise :class:`PoolFull`.
+        """Copy ``host`` into free pages under a free slot id and return the slot; raise
+        :class:`PoolFull` when there is no room now, InvalidAdapter when there never is.
 
-        One copy of the packed buffer, plus one zero-fill if an earlier occupant of the slot
-        had a larger rank. On CUDA both run on the copy stream; see :meth:`wait_ready`.
+        One copy per run of pages (usually one per targeted kind) and a few small writes to
+        the page and rank tables; on CUDA all on the copy stream, see :meth:`wait_ready`.
         """
-        if host.buffer.shape[-1] != self.layout.unit_numel or host.buffer.dim() != 2:
-            raise ValueError("host adapter was packed for a different layout")
-        candidates = [c for c in self._classes if c.rank >= host.rank]
-        if not candidates:
-            raise InvalidAdapter(
-                f"adapter rank {host.rank} exceeds the largest pool rank class "
-                f"{self._classes[-1].rank}"
-            )
-        cls = next((c for c in candidates if c.free), None)
-        if cls is None:
-            raise PoolFull(
-                f"adapter pool full: no free slot of rank >= {host.rank} "
-                f"({self.num_slots} slots, {self.num_free} free)"
-            )
-        local = heapq.heappop(cls.free)
-        slot = cls.first_slot + local
-        target = cls.storage[local]  # [rank_c, unit_numel]
-        dirty = self._dirty_rank[slot]
-        resident = _Resident(host.digest, host.rank)
+        needs = self._needs(host)
+        if not self._free_slots:
+            raise PoolFull(f"adapter pool full: all {self.num_slots} slots hold adapters")
+        for arena, n in zip(self._arenas, needs, strict=True):
+            if n > arena.free.free:
+                names = "/".join(self.layout.kinds[k] for k in arena.kinds)
+                raise PoolFull(
+                    f"adapter pool full: {n} pages of {names} needed, {arena.free.free} free"
+                )
+        slot = heapq.heappop(self._free_slots)
+        runs = tuple(self._arena(k).free.take(r) for k, r in enumerate(host.ranks))
+        resident = _Resident(host.digest, host.ranks, runs)
         if self._copy_stream is not None:
             stream = self._copy_stream
-            freed = self._free_events.pop(slot, None)
-            if freed is not None:
-                stream.wait_event(freed)  # batches that read the old occupant are done
+            if self._freed is not None:
+                stream.wait_event(self._freed)  # batches that read freed pages are done
+                self._freed = None
             with torch.cuda.stream(stream):
-                target[: host.rank].copy_(host.buffer, non_blocking=True)
-                if dirty > host.rank:
-                    target[host.rank : dirty].zero_()
+                self._write(slot, host, runs, non_blocking=True)
                 event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 event.record(stream)
             resident.ready, resident.host = event, host
         else:
-            target[: host.rank].copy_(host.buffer)
-            if dirty > host.rank:
-                target[host.rank : dirty].zero_()
-        self._dirty_rank[slot] = host.rank
+            self._write(slot, host, runs, non_blocking=False)
         self._resident[slot] = resident
         return slot
 
+    def _write(
+        self, slot: int, host: HostAdapter, runs: tuple[list[Run], ...], *, non_blocking: bool
+    ) -> None:
+        """Copy the rows into their pages; point the slot's tables at them. Device-side only:
+        the tables are filled by kernels with scalar arguments, not copied from the host."""
+        self.page_table[:, slot].zero_()
+        for kind, r in enumerate(host.ranks):
+            self.rank_table[slot, kind].fill_(r)
+            if not r:
+                continue
+            storage = self._arena(kind).storage
+            rows = host.rows(self.layout, kind)
+            row = 0
+            for first, n in runs[kind]:
+                storage[first : first + n].copy_(rows[row : row + n], non_blocking=non_blocking)
+                pages = torch.arange(first, first + n, dtype=torch.int32, device=self.device)
+                self.page_table[kind, slot, row : row + n].copy_(pages)
+                row += n
+
     def free(self, slot: int) -> None:
-        """Return ``slot`` to its class; the caller guarantees no new batch will read it."""
-        if slot not in self._resident:
+        """Give ``slot`` and its pages back; the caller guarantees no new batch will read it."""
+        resident = self._resident.pop(slot, None)
+        if resident is None:
             raise KeyError(f"slot {slot} holds no adapter")
-        del self._resident[slot]
-        c, local = self.locate(slot)
-        heapq.heappush(self._classes[c].free, local)
+        for kind, r in enumerate(resident.ranks):
+            if r:
+                self._arena(kind).free.give(resident.runs[kind])
+        heapq.heappush(self._free_slots, slot)
         if self._copy_stream is not None:
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(torch.cuda.current_stream(self.device))
-            self._free_events[slot] = event
+            self._freed = event  # later than any earlier one on the same stream
 
     def copy_event(self, slot: int) -> Any:
         """The CUDA event that completes once the copy into ``slot`` (so every read of the
@@ -287,22 +349,28 @@ class LoraPool:
 
     # ------------------------------------------------------------------ views for layers
 
-    def module_views(self, module_index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per rank class, this module's ``A`` [slots_c, rank_c, in] and ``Bt`` [slots_c,
-        rank_c, out]: strided views into the class storage (no copy)."""
+    def module_views(self, module_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This module's ``A`` [pages, in] and ``Bt`` [pages, out]: strided views into its
+        arena (no copy); row ``p`` is page ``p``."""
         views = self._views.get(module_index)
         if views is None:
-            in_f, out_f = self.layout.shapes[module_index]
-            a_off = self.layout.a_offsets[module_index]
-            b_off = self.layout.b_offsets[module_index]
-            views = [
-                (c.storage[:, :, a_off : a_off + in_f], c.storage[:, :, b_off : b_off + out_f])
-                for c in self._classes
-            ]
+            layout = self.layout
+            in_f, out_f = layout.shapes[module_index]
+            a_off, b_off = layout.a_offsets[module_index], layout.b_offsets[module_index]
+            storage = self._arena(layout.module_kinds[module_index]).storage
+            views = (storage[:, a_off : a_off + in_f], storage[:, b_off : b_off + out_f])
             self._views[module_index] = views
         return views
 
     def read_back(self, slot: int) -> torch.Tensor:
-        """A copy of the slot's adapter units [rank, unit_numel] (for tests and debugging)."""
-        c, local = self.locate(slot)
-        return self._classes[c].storage[local, : self.rank_of(slot)].clone()
+        """A copy of the slot's rows in packed form (as :class:`HostAdapter.buffer`), on the
+        pool's device (for tests and debugging)."""
+        resident = self._resident[slot]
+        parts = [
+            self._arena(k).storage[expand(resident.runs[k])].reshape(-1)
+            for k, r in enumerate(resident.ranks)
+            if r
+        ]
+        if not parts:
+            return torch.zeros(0, dtype=self.dtype, device=self.device)
+        return torch.cat(parts)

@@ -1,7 +1,10 @@
 """Bodies of OpenAI's generation routes, ``/v1/completions`` and ``/v1/chat/completions``.
 
 Requests allow fields this bridge does not know (OpenAI adds them often); fields it knows but
-does not support (``n`` > 1, ``echo``, ``logprobs``, ``suffix``) are refused by the routes.
+does not support (``suffix``, ``best_of`` other than ``n``) are refused by the routes. Beyond
+OpenAI's own fields both take vLLM's extensions (:class:`~vajra.http.schemas.decoding.
+DecodingFields`: ``top_k``, ``min_tokens``, ``stop_token_ids``, ``repetition_penalty``,
+``ignore_eos``, ``guided_json``, ``guided_regex``, ``guided_grammar``).
 """
 
 from __future__ import annotations
@@ -10,6 +13,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vajra.http.schemas.decoding import (
+    ChatLogprobs,
+    CompletionLogprobs,
+    DecodingFields,
+)
+from vajra.policies.decoding import TOP_LOGPROBS_MAX
 from vajra.policies.request_rules import MAX_TOKENS_BOUND, SEED_MAX, TEMPERATURE_MAX
 
 
@@ -17,7 +26,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class OpenAISampling(BaseModel):
+class OpenAISampling(DecodingFields):
     """What both generation requests take: the model and its sampling parameters."""
 
     model_config = ConfigDict(extra="allow")
@@ -28,7 +37,6 @@ class OpenAISampling(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
-    n: int | None = Field(None, ge=1, le=128, description="Only 1 is supported")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -42,8 +50,16 @@ class CompletionRequest(OpenAISampling):
         },
     )
     prompt: str | list[str] = Field(description="One prompt (a list must hold exactly one)")
-    echo: bool | None = None
-    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = Field(
+        None, description="Prepend the prompt to each choice (with its logprobs, if asked)"
+    )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=TOP_LOGPROBS_MAX,
+        description="Per token: its logprob and this many likeliest alternatives",
+    )
+    best_of: int | None = Field(None, ge=1, description="Only equal to n is supported")
     suffix: str | None = None
 
 
@@ -69,7 +85,13 @@ class ChatCompletionRequest(OpenAISampling):
     )
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_BOUND)
-    logprobs: bool | None = None
+    logprobs: bool | None = Field(None, description="Each output token's logprob")
+    top_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=TOP_LOGPROBS_MAX,
+        description="With logprobs: this many likeliest alternatives per token",
+    )
 
 
 class CompletionUsage(BaseModel):
@@ -81,7 +103,7 @@ class CompletionUsage(BaseModel):
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -119,7 +141,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vajra.http.schemas.decoding import DecodingFields, NativeLogprob
+from vajra.policies.decoding import TOP_LOGPROBS_MAX
 from vajra.policies.request_rules import (
     MAX_TOKENS_BOUND,
     SEED_MAX,
@@ -12,7 +14,10 @@ from vajra.policies.request_rules import (
 )
 
 
-class InferParameters(BaseModel):
+class InferParameters(DecodingFields):
+    """How to decode; every field maps to the SamplingParams field of its name (``n``: that
+    many choices; ``response_format`` and ``guided_*``: ``structured``)."""
+
     temperature: float = Field(0.0, ge=0.0, le=TEMPERATURE_MAX, description="0 is greedy")
     max_tokens: int = Field(64, ge=1, le=MAX_TOKENS_BOUND)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -20,6 +25,15 @@ class InferParameters(BaseModel):
         None, description=f"Up to {STOP_STRINGS_BOUND} stop strings"
     )
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=TOP_LOGPROBS_MAX,
+        description="Per output token: its logprob and this many likeliest alternatives",
+    )
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=TOP_LOGPROBS_MAX, description="The same for every prompt token"
+    )
 
 
 class InferBody(BaseModel):
@@ -40,7 +54,10 @@ class InferBody(BaseModel):
     )
     parameters: InferParameters = Field(default_factory=lambda: InferParameters.model_validate({}))
     stream: bool = Field(
-        False, description="Server-sent events: text chunks, a final chunk, then [DONE]"
+        False,
+        description="Server-sent events: text chunks, a final chunk, then [DONE]; with n > 1 "
+        "the choices' events interleave, each saying its `choice`, and each choice ends with "
+        "a final event carrying its own usage",
     )
 
 
@@ -49,6 +66,13 @@ class InferUsage(BaseModel):
     completion_tokens: int
     total_tokens: int
     gpu_ms: float
+
+
+class InferChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: list[NativeLogprob] | None = None
 
 
 class InferResponse(BaseModel):
@@ -74,6 +98,9 @@ class InferResponse(BaseModel):
     id: str
     model: str
     adapter_id: str | None
-    text: str
+    text: str = Field(description="Choice 0's text")
     finish_reason: str
-    usage: InferUsage
+    usage: InferUsage = Field(description="Every choice's, the prompt counted once")
+    logprobs: list[NativeLogprob] | None = Field(None, description="Choice 0's, when asked")
+    prompt_logprobs: list[NativeLogprob] | None = None
+    choices: list[InferChoice] = Field(default_factory=list, description="Every choice")

@@ -1,4 +1,4 @@
-"""The running rows of the torch engine and their KV cache, padded so rows can join and leave.
+"""The running rows of the baseline engine and their KV cache, padded so rows can join and leave.
 
 Layout: a ``transformers.DynamicCache`` whose rows are right-aligned; row ``i`` holds its real
 tokens in its last ``num_cached`` columns, everything before is padding. Rows leaving are
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from vajra.bench.baseline_engine.text_stream import TextStream
 from vajra.gpu.interface import GenerationRequest
-from vajra.gpu.text_stream import TextStream
 
 
 @dataclass(eq=False)

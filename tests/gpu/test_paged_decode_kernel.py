@@ -1,0 +1,208 @@
+"""The paged decode attention kernel against its gather + SDPA reference.
+
+Rules: the interpreter must be switched on before triton is first imported, so the kernel's
+check runs in a fresh process (``TRITON_INTERPRET=1``, this module run with ``-m``) on CPU
+tensors: rows of lengths 1, block_size - 1, block_size and a few blocks, each with its own
+shuffled blocks and arbitrary valid ids past its length; GQA, MHA and an uneven group; head
+sizes 16, 64 and one that is not a power of two; a strided query as the attention function
+passes it; float32 to 1e-4, float16 and bfloat16 loosely. Its seven launches take about a
+second each in the interpreter, the process's imports a few more. The reference itself is checked here, in-process, against a per-row softmax. The
+CUDA test is marked ``gpu`` and skipped without a device.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from vajra.gpu.paged_decode_kernel import (
+    available,
+    paged_decode_attention,
+    paged_decode_attention_reference,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+Args = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]
+LENS = (1, 15, 16, 37, 50)  # with block size 16: 1, size - 1, size, a few blocks
+
+
+@dataclass(frozen=True)
+class Shape:
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class Case:
+    q: torch.Tensor  # [D, heads, head_dim], strided like query[0].transpose(0, 1)
+    k_blocks: torch.Tensor  # [num_blocks, block_size, kv_heads, head_dim]
+    v_blocks: torch.Tensor
+    tables: torch.Tensor  # [D, W] int64
+    lens: torch.Tensor  # [D] int64
+    scale: float
+
+    def args(self) -> Args:
+        return self.q, self.k_blocks, self.v_blocks, self.tables, self.lens, self.scale
+
+    def to(self, dtype: torch.dtype) -> Case:
+        return Case(
+            self.q.to(dtype), self.k_blocks.to(dtype), self.v_blocks.to(dtype),
+            self.tables, self.lens, self.scale,
+        )  # fmt: skip
+
+
+def make_case(
+    lens: tuple[int, ...],
+    shape: Shape,
+    *,
+    block_size: int = 16,
+    spare_blocks: int = 3,
+    seed: int = 0,
+    device: str = "cpu",
+) -> Case:
+    """Rows with disjoint, shuffled blocks; table entries past a row's blocks are random
+    valid ids (the kernel must not read them); a few blocks belong to no row."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_row = [-(-n // block_size) for n in lens]
+    width = max(blocks_per_row, default=0) + 1
+    num_blocks = sum(blocks_per_row) + spare_blocks
+    order = torch.randperm(num_blocks, generator=gen)
+    tables = torch.randint(0, num_blocks, (len(lens), width), generator=gen)
+    used = 0
+    for row, count in enumerate(blocks_per_row):
+        tables[row, :count] = order[used : used + count]
+        used += count
+    dims = (num_blocks, block_size, shape.kv_heads, shape.head_dim)
+    k_blocks = torch.randn(dims, generator=gen)
+    v_blocks = torch.randn(dims, generator=gen)
+    # the step's packed queries, decode rows first, seen as [D, heads, head_dim]
+    packed = torch.randn(shape.heads, len(lens) + 2, shape.head_dim, generator=gen)
+    q = packed.transpose(0, 1)[: len(lens)]
+    return Case(
+        q.to(device), k_blocks.to(device), v_blocks.to(device), tables.to(device),
+        torch.tensor(lens, dtype=torch.int64, device=device), shape.head_dim**-0.5,
+    )  # fmt: skip
+
+
+def per_row_attention(case: Case) -> torch.Tensor:
+    """Softmax written out row by row and head by head, in float64."""
+    q, k_blocks, v_blocks, tables, lens, scale = case.args()
+    size, kv_heads = k_blocks.shape[1], k_blocks.shape[2]
+    group = q.shape[1] // kv_heads
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for d in range(q.shape[0]):
+        n = int(lens[d])
+        positions = torch.arange(n)
+        blocks = tables[d, positions // size]
+        for h in range(q.shape[1]):
+            k = k_blocks[blocks, positions % size, h // group].double()  # [n, head_dim]
+            v = v_blocks[blocks, positions % size, h // group].double()
+            weights = torch.softmax(k @ q[d, h].double() * scale, dim=0)
+            out[d, h] = weights @ v
+    return out
+
+
+SHAPES = (
+    Shape(heads=4, kv_heads=2, head_dim=16),  # GQA
+    Shape(heads=4, kv_heads=2, head_dim=64),
+    Shape(heads=2, kv_heads=2, head_dim=16),  # MHA
+    Shape(heads=2, kv_heads=2, head_dim=64),
+    Shape(heads=6, kv_heads=2, head_dim=24),  # group of 3, head size not a power of two
+)
+
+
+def interpreter_check() -> None:
+    """Run in a process started with ``TRITON_INTERPRET=1``: the kernel on CPU tensors against
+    the reference, float32 for every shape, float16 and bfloat16 for the first."""
+    for i, shape in enumerate(SHAPES):
+        case = make_case(LENS, shape, seed=i)
+        got = paged_decode_attention(*case.args())
+        want = paged_decode_attention_reference(*case.args())
+        error = (got - want).abs().max().item()
+        assert got.shape == want.shape and got.dtype == torch.float32, shape
+        assert error <= 1e-4, (shape, error)
+    case = make_case(LENS, SHAPES[0])
+    for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
+        low = case.to(dtype)
+        got = paged_decode_attention(*low.args())
+        want = paged_decode_attention_reference(*low.to(torch.float32).args())
+        error = (got.float() - want).abs().max().item()
+        assert got.dtype == dtype and error <= tol, (dtype, error)
+    print("paged decode interpreter: ok")
+
+
+def test_kernel_in_the_interpreter_equals_the_reference() -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.gpu.test_paged_decode_kernel"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "paged decode interpreter: ok" in done.stdout
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_equals_a_per_row_softmax(shape: Shape) -> None:
+    case = make_case(LENS, shape)
+    got = paged_decode_attention_reference(*case.args())
+    assert (got.double() - per_row_attention(case)).abs().max().item() <= 1e-5
+
+
+def test_available_only_on_cuda() -> None:
+    assert not available("cpu")
+    assert not available(torch.device("cpu"))
+
+
+def test_no_rows_launch_nothing() -> None:
+    pytest.importorskip("triton")
+    case = make_case((), SHAPES[0])
+    assert paged_decode_attention(*case.args()).shape == (0, 4, 16)
+
+
+def test_inconsistent_inputs_are_refused() -> None:
+    case = make_case(LENS, SHAPES[0])
+    q, k, v, tables, lens, scale = case.args()
+    bad = [
+        (q[:, :3], k, v, tables, lens),  # heads not a multiple of kv_heads
+        (q[..., :8], k, v, tables, lens),  # head_dim differs
+        (q, k, v[:, :8], tables, lens),  # value blocks of another shape
+        (q, k, v, tables[:2], lens),  # a table per row
+        (q, k, v, tables.int(), lens),  # int64 ids
+        (q, k, v.double(), tables, lens),  # one dtype
+    ]
+    for args in bad:
+        with pytest.raises(ValueError):
+            paged_decode_attention_reference(*args, scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.bfloat16, 2e-2), (torch.float16, 2e-3), (torch.float32, 1e-4)]
+)
+def test_kernel_on_the_gpu_equals_the_reference(dtype: torch.dtype, tol: float) -> None:
+    assert available("cuda")
+    lens = (1, 15, 16, 17, 100, 511, 1000, 2048)
+    for shape in (Shape(heads=8, kv_heads=2, head_dim=128), Shape(4, 4, 64)):
+        case = make_case(lens, shape, device="cuda").to(dtype)
+        got = paged_decode_attention(*case.args())
+        want = paged_decode_attention_reference(*case.to(torch.float32).args())
+        error = (got.float() - want).abs().max().item()
+        assert got.dtype == dtype and error <= tol, (shape, dtype, error)
+
+
+if __name__ == "__main__":
+    interpreter_check()
