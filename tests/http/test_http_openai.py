@@ -127,3 +127,60 @@ def test_paper_infer_route_plain_and_streamed(
         assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
         r = http.post(f"/v1/models/{model_name}/infer", content=b"{not json")
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 10},
+        "rank": {"type": "integer", "minimum": 1, "maximum": 9},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["city", "rank", "ok"],
+    "additionalProperties": False,
+}
+
+
+def test_real_engine_json_schema_logprobs_and_n_through_the_client(
+    oai: openai.OpenAI, model_name: str
+) -> None:
+    """The tiny model behind the bridge, not the null engine: the grammar holds its random
+    output to the schema, logprobs come back per token, and n > 1 gives that many choices."""
+    import json
+
+    import jsonschema
+
+    done = oai.chat.completions.create(
+        model=model_name,
+        messages=[{"role": "user", "content": "Give me a city as JSON."}],
+        max_tokens=60,  # the test cluster's limit is 64
+        temperature=1.0,
+        seed=5,
+        n=3,
+        logprobs=True,
+        top_logprobs=2,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "city", "schema": SCHEMA, "strict": True},
+        },
+    )
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    for choice in done.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content or ""), SCHEMA)
+        assert choice.logprobs is not None and choice.logprobs.content
+        for entry in choice.logprobs.content:
+            assert entry.logprob <= 0.0 and len(entry.top_logprobs) == 2
+    assert done.usage is not None and done.usage.completion_tokens >= 3
+    echoed = oai.completions.create(
+        model=model_name,
+        prompt="The river town",
+        max_tokens=3,
+        temperature=0,
+        echo=True,
+        logprobs=1,
+    )
+    lp = echoed.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.tokens is not None
+    assert echoed.choices[0].text.startswith("The river town")
+    assert lp.token_logprobs[0] is None and len(lp.tokens) > 3
