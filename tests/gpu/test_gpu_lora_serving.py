@@ -19,29 +19,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.gpu.peft_adapters import ADAPTERS
 from vajra.adapters import BaseModelSpec, base_model_spec
 from vajra.gpu import GenerationRequest, SamplingParams, StepOutput, TorchEngine
 from vajra.gpu.lora import LoraBatchState, LoraPool, inject_lora, pack_adapter_dir
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ADAPTERS: dict[str, dict[str, Any]] = {
-    "r4-qv": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-    "r64-all-rslora": {"r": 64, "lora_alpha": 16, "use_rslora": True, "target_modules": ALL},
-    "r16-mlp-patterns": {
-        "r": 16,
-        "lora_alpha": 32,
-        "target_modules": ["gate_proj", "up_proj", "down_proj"],
-        "rank_pattern": {"up_proj": 8},
-        "alpha_pattern": {"down_proj": 5},
-    },
-    "r32-attn-layer1": {
-        "r": 32,
-        "lora_alpha": 64,
-        "target_modules": ["q_proj", "k_proj", "o_proj"],
-        "layers_to_transform": [1],
-    },
-    "r8-all": {"r": 8, "lora_alpha": 4, "target_modules": ALL},
-}
 PROMPTS = [
     "The river town woke slowly on the first cold morning of autumn.",
     "Hi",
@@ -51,27 +33,6 @@ PROMPTS = [
     "zzqx wvv",
     "He answered every letter, sometimes correctly, and always with a drawing.",
 ]
-
-
-def make_adapter(model_dir: Path, out: Path, seed: int, **lora: Any) -> Path:
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
-    with torch.no_grad():  # PEFT's own random init is small next to the tiny model's weights
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(4.0)
-    peft_model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adapters")
-    return {
-        name: make_adapter(tiny_model_dir, root / name, seed, **lora)
-        for seed, (name, lora) in enumerate(ADAPTERS.items(), start=1)
-    }
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vajra.gpu.engine import TorchEngine
 from vajra.gpu.interface import GenerationRequest, StepOutput
@@ -63,13 +62,6 @@ def prompt_of(tokenizer: Any, num_tokens: int, seed: int) -> str:
     ids = tokenizer(words).input_ids[:num_tokens]
     text: str = tokenizer.decode(ids, skip_special_tokens=True)
     return text
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path) -> tuple[Any, Any]:
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def greedy(reference: tuple[Any, Any], prompt: str, max_new_tokens: int) -> list[int]:

@@ -18,22 +18,13 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tests.gpu.test_gpu_lora_serving import ADAPTERS, make_adapter
+from tests.gpu.peft_adapters import ADAPTERS, make_adapter
 from tests.gpu.test_paged_engine import prompt_of
 from vajra.adapters.format import base_model_spec
 from vajra.gpu.engine import TorchEngine
 from vajra.gpu.interface import GenerationRequest, StepOutput
 from vajra.gpu.lora import pack_adapter_dir
 from vajra.policies.decoding import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("paged-adapters")
-    return {
-        name: make_adapter(tiny_model_dir, root / name, seed, **lora)
-        for seed, (name, lora) in enumerate(ADAPTERS.items(), start=1)
-    }
 
 
 @pytest.fixture(scope="module")
