@@ -5,6 +5,8 @@ Test rules: loopback/inproc only, every test under ``fail_after``.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -216,3 +218,33 @@ async def test_send_each_yields_even_when_the_socket_has_room(
     finally:
         router.close()
         dealer.close()
+
+
+_CYCLE = """
+import gc
+import zmq
+from vajra.bus.zsocket import new_context, open_socket
+
+class Actor:  # never run, so never closed: it, its context and its socket form a cycle
+    pass
+
+def abandon():
+    a = Actor()
+    a.ctx = new_context()
+    a.sock = open_socket(a.ctx, zmq.DEALER)
+    a.sock.connect("tcp://127.0.0.1:9")
+    a.me = a
+
+abandon()
+gc.collect()
+print("collected")
+"""
+
+
+def test_collecting_an_abandoned_context_with_open_sockets_does_not_block() -> None:
+    """pyzmq's finaliser terminates a context whose weakly held sockets the collector already
+    forgot, which blocks forever (it hung the test process at random); ours closes them first."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CYCLE], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "collected", done.stderr

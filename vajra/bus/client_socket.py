@@ -26,7 +26,7 @@ import trio
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from vajra.bus.zsocket import ZSocket, open_socket
+from vajra.bus.zsocket import ZSocket, new_context, open_socket
 
 #: Messages either way a client's socket queues before sends wait (and receives drop).
 HIGH_WATER_MARK = 10_000
@@ -105,7 +105,7 @@ class DealerConnection:
 
 def connect_dealer(address: str) -> DealerConnection:
     """A :class:`DealerConnection` to ``address`` (ValueError when it cannot be connected to)."""
-    ctx: zmq.Context[Any] = zmq.Context()
+    ctx: zmq.Context[Any] = new_context()
     sock = open_socket(ctx, zmq.DEALER, high_water_mark=HIGH_WATER_MARK)
     try:
         sock.connect(address)
@@ -216,7 +216,7 @@ class BlockingContext:
     """
 
     def __init__(self) -> None:
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = new_context()
 
     def dealer(self, address: str, *, monitored: bool = True) -> BlockingDealer:
         """A :class:`BlockingDealer` connected to ``address`` (ValueError if it cannot be)."""

@@ -12,10 +12,12 @@ from typing import Any
 
 import zmq
 
+from vajra.bus.zsocket import new_context
+
 
 def serve_echo(address: str) -> None:
     """Bind a ROUTER to ``address``, say ``ready`` on stdout, then echo forever."""
-    ctx: zmq.Context[Any] = zmq.Context()
+    ctx: zmq.Context[Any] = new_context()
     sock = ctx.socket(zmq.ROUTER)
     sock.bind(address)
     print("ready", flush=True)

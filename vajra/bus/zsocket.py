@@ -21,7 +21,7 @@ fully sent/received or not at all (ZeroMQ messages are atomic).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import trio
@@ -44,9 +44,43 @@ SUB = int(zmq.SUB)
 Context = zmq.Context
 
 
-def new_context() -> zmq.Context[Any]:
-    """One ZeroMQ context per actor process, with one I/O thread."""
-    return zmq.Context(io_threads=1)
+class ActorContext(zmq.Context[Any]):
+    """A context that the garbage collector can finalise without blocking the process.
+
+    pyzmq's ``Context.__del__`` closes the sockets it still knows and then terminates the
+    context, which blocks until every socket is closed. It knows its sockets by weak reference,
+    and the collector clears those before finalising a reference cycle, so a context collected
+    together with its open sockets (an actor or a client that was never closed, or whose test
+    failed) waits forever, on whatever thread happened to trigger the collection. This context
+    holds every socket made on it (monitors included) and closes them before it terminates.
+    Every context in Vajra is one of these.
+    """
+
+    # pyzmq routes attribute writes to socket options unless the class declares the name.
+    _vajra_sockets: list[zmq.Socket[Any]] | None = None
+
+    def socket(
+        self,
+        socket_type: int,
+        socket_class: Callable[[ActorContext, int], Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        sock = super().socket(socket_type, socket_class, **kwargs)
+        # Kept until this context goes away; sockets already closed are dropped here.
+        self._vajra_sockets = [s for s in self._vajra_sockets or () if not s.closed] + [sock]
+        return sock
+
+    def __del__(self) -> None:
+        for sock in self._vajra_sockets or ():
+            if not sock.closed:
+                sock.close(linger=0)
+        self._vajra_sockets = None
+        super().__del__()
+
+
+def new_context(io_threads: int = 1) -> zmq.Context[Any]:
+    """A ZeroMQ context (one per actor process, one per client connection), one I/O thread."""
+    return ActorContext(io_threads=io_threads)
 
 
 class ZSocket:
