@@ -13,6 +13,7 @@ def inprocess_config(run_dir: Path, redis_url: str, *, model: str = "null") -> V
     run_dir.mkdir(parents=True, exist_ok=True)
     return VajraConfig().replace(
         "cluster",
+        home=str(run_dir / "home"),  # executors' usage journals stay with the test
         redis_url=redis_url,
         model=model,
         gateway_address="tcp://127.0.0.1:0",

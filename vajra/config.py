@@ -79,17 +79,25 @@ class GatewayConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     executor_timeout_s: float = 1.5
+    affinity_window: int = 16  # a tenant's recent placements that placement's affinity reads
+    affinity_ttl_ms: int = 60_000  # ... and how long one counts
+    no_capacity_wait_ms: int = 2_000  # a request no executor has room for waits this long
 
 
 @dataclass(frozen=True)
 class PredictorConfig:
     history_per_adapter: int = 256
     flush_interval_s: float = 1.0
+    kind: str = "histogram"  # histogram | ewma | lstm | keepalive | lru
+    keepalive_ms: int = 600_000  # keepalive; the histogram's fallback
+    plan_interval_s: float = 0.25  # how often tier commands are planned
+    lstm_bin_ms: int = 1_000
 
 
 @dataclass(frozen=True)
 class LedgerConfig:
     flush_timeout_s: float = 3.0
+    usage_stream_maxlen: int = 1_000_000  # usage stream entries kept (trimmed, approximately)
 
 
 @dataclass(frozen=True)
@@ -111,7 +119,9 @@ class ExecutorConfig:
     heartbeat_ttl_s: float = 5.0
     drain_timeout_s: float = 5.0
     usage_resend_s: float = 2.0
-    max_usage_outbox: int = 100_000
+    max_usage_outbox: int = 100_000  # unacknowledged usage events; beyond: refuse new work
+    usage_journal_dir: str = ""  # empty: <cluster.home>/usage (one directory per executor id)
+    keep_usage_journals: bool = False  # keep finished journal segments (*.jsonl.done)
 
 
 @dataclass(frozen=True)
@@ -124,6 +134,7 @@ class AdaptersConfig:
     max_adapters_per_tenant: int = 1_000  # adapter names a tenant may hold (0: no limit)
     max_versions_per_adapter: int = 1_000  # versions one name may hold (0: no limit)
     resolve_cache_ttl_s: float = 1.0  # gateway's NAME[@VERSION] -> version cache
+    swap_warm_timeout_s: float = 10.0  # hot swap: wait this long for executors to warm
     cache_dir: str = ""  # executor's disk tier; empty: <cluster.home>/cache/adapters
     disk_cache_bytes: int = 10 * 2**30
     host_cache_bytes: int = 1 * 2**30  # allocated (pinned, on CUDA) once at executor start
@@ -164,6 +175,31 @@ class PoliciesConfig:
 
 
 @dataclass(frozen=True)
+class TrainingConfig:
+    """Fine-tuning jobs (issue 12): what the gateway accepts, how executors run them."""
+
+    max_dataset_bytes: int = 16_777_216  # one dataset (JSON Lines), uploaded or in S3
+    max_examples: int = 100_000  # lines of one dataset
+    max_jobs_per_tenant: int = 4  # queued + running at once (0: no limit)
+    max_jobs_per_executor: int = 1  # jobs one executor trains at once
+    max_jobs_listed: int = 1_000  # jobs kept in a tenant's index (oldest finished dropped)
+    lease_ms: int = 30_000  # an executor renews its claim on a job within this
+    expire_interval_s: float = 2.0  # how often the gateway fails jobs whose lease passed
+    checkpoint_every: int = 50  # optimizer steps between checkpoints, when a job names none
+    inference_ratio: int = 10  # inference steps per training micro-step when both wait
+    progress_poll_s: float = 0.5  # how often a followed job's record is read
+    max_follow_s: float = 86_400.0  # a progress stream ends after this long
+    max_concurrent_submits: int = 2  # datasets parsed/tokenized at once per gateway
+    max_epochs: int = 100
+    max_steps: int = 100_000
+    max_batch_size: int = 64
+    max_grad_accum_steps: int = 64
+    max_micro_tokens: int = 8_192
+    max_learning_rate: float = 0.01
+    max_target_modules: int = 16
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     """The HTTP bridge (``vajra actor http``; ``vajra up`` starts it when ``enabled``)."""
 
@@ -196,6 +232,7 @@ class VajraConfig:
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     policies: PoliciesConfig = field(default_factory=PoliciesConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
 
     def replace(self, section: str, **values: Any) -> VajraConfig:

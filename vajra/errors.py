@@ -28,6 +28,7 @@ class ErrorCode(StrEnum):
     CONCURRENCY_LIMITED = "concurrency_limited"
     CANCELLED = "cancelled"
     INTERNAL = "internal"
+    NO_CAPACITY = "no_capacity"
 
 
 RETRIABLE_CODES = frozenset(
@@ -37,6 +38,7 @@ RETRIABLE_CODES = frozenset(
         ErrorCode.UNAVAILABLE,
         ErrorCode.RATE_LIMITED,
         ErrorCode.CONCURRENCY_LIMITED,
+        ErrorCode.NO_CAPACITY,
     }
 )
 
@@ -146,6 +148,13 @@ class InternalError(VajraError):
     code = ErrorCode.INTERNAL
 
 
+class NoCapacityError(VajraError):
+    """No executor of the request's base model had room for it within the provisioning wait
+    (``scheduler.no_capacity_wait_ms``); retriable."""
+
+    code = ErrorCode.NO_CAPACITY
+
+
 _BY_CODE: dict[ErrorCode, type[VajraError]] = {
     ErrorCode.INVALID_REQUEST: InvalidRequest,
     ErrorCode.AUTH_FAILED: AuthError,
@@ -157,6 +166,7 @@ _BY_CODE: dict[ErrorCode, type[VajraError]] = {
     ErrorCode.QUOTA_EXCEEDED: QuotaExceeded,
     ErrorCode.CANCELLED: Cancelled,
     ErrorCode.INTERNAL: InternalError,
+    ErrorCode.NO_CAPACITY: NoCapacityError,
 }
 
 

@@ -85,6 +85,7 @@ def _work(rid: str, tenant: str = "t_1", deadline_ms: int = 60_000) -> InferWork
 async def test_scheduler_fails_requests_of_a_silent_executor_and_of_a_restart(
     cfg: VajraConfig,
 ) -> None:
+    cfg = cfg.replace("scheduler", no_capacity_wait_ms=0)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
@@ -107,22 +108,28 @@ async def test_scheduler_fails_requests_of_a_silent_executor_and_of_a_restart(
                 await gw.send(encode(_work(f"r{i + 1}")))
             got = [(await ex_in.next()) for _ in range(3)]
             assert [w.request_id for w in got if isinstance(w, InferWork)] == ["r1", "r2", "r3"]
-            # It reports itself full (batch 2 + queue 1): the next request is refused.
+            # It reports itself full (batch 2 + queue 1): the next request waits for room
+            # (scheduler.no_capacity_wait_ms, 0 here), then is refused as no_capacity.
             await ex.send(encode(LoadReport("exec-9", "inc-1", 1, 2, finished_ids=["r1"])))
             await trio.sleep(0.05)
             await gw.send(encode(_work("r4")))
             reply = await gw_in.next()
-            assert isinstance(reply, ErrorReply) and reply.code == "overloaded"
-            # Then the executor restarts with a new incarnation: r2, r3 fail.
+            assert isinstance(reply, ErrorReply) and reply.code == "no_capacity"
+            assert reply.retriable
+            # Then the executor restarts with a new incarnation: r2, r3 (not streaming) are
+            # dispatched again, once, to the new incarnation.
             await ex.send(encode(ExecutorHello("exec-9", "inc-2", "m", 2, 1)))
-            failed = {(await gw_in.next()).request_id for _ in range(2)}  # type: ignore[attr-defined]
-            assert failed == {"r2", "r3"}
-            # New work goes to the new incarnation; then the executor falls silent.
+            again = {(await ex_in.next()).request_id for _ in range(2)}  # type: ignore[attr-defined]
+            assert again == {"r2", "r3"}
+            # New work goes to the new incarnation; then the executor falls silent: with no
+            # executor left, everything it held fails (r2, r3 had their one re-dispatch).
             await gw.send(encode(_work("r5")))
             assert (await ex_in.next()).request_id == "r5"  # type: ignore[attr-defined]
-            reply = await gw_in.next()
-            assert isinstance(reply, ErrorReply) and reply.request_id == "r5"
-            assert reply.code == "unavailable" and "stopped responding" in reply.message
+            replies = [await gw_in.next() for _ in range(3)]
+            assert {r.request_id for r in replies} == {"r2", "r3", "r5"}  # type: ignore[attr-defined]
+            for reply in replies:
+                assert isinstance(reply, ErrorReply)
+                assert reply.code == "unavailable" and "stopped responding" in reply.message
             assert sched.executors == {}
             nursery.cancel_scope.cancel()
     ctx.destroy(linger=0)

@@ -123,7 +123,8 @@ async def test_usage_reaches_the_ledger_and_events_reach_the_predictor(
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             usage = state.usage.get(tenant.tenant_id)
-            events = state.events.stats("__base__")
+            # The predictor keys counts by tenant and adapter digest ("{tenant}/__base__").
+            events = state.events.stats(f"{tenant.tenant_id}/__base__")
             if usage.requests >= 1 and events.requests >= 1:
                 break
             await trio.sleep(0.1)

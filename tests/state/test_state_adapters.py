@@ -304,3 +304,162 @@ async def test_async_registry_and_unreachable_redis(valkey_url: str, raw: redis.
     dead = ClusterState("redis://127.0.0.1:1", socket_connect_timeout_s=0.5, retries=0)
     with dead, pytest.raises(UnavailableError):
         dead.adapters.resolve("t_a", "n")
+
+
+# --- staging, the active pointer's compare-and-set, versions and metadata -------------------
+
+
+def _stage(reg: AdapterRecords, tenant: str, name: str, seed: str, **kw: object) -> int:
+    d = _digest(seed)
+    return reg.register(
+        tenant,
+        name,
+        digest=d,
+        object_key=f"adapters/{tenant}/{d}",
+        rank=8,
+        lora_alpha=16.0,
+        target_modules=["q_proj"],
+        size_bytes=10,
+        base_model="tiny-llama",
+        activate=False,
+        **kw,  # type: ignore[arg-type]
+    ).version
+
+
+def test_staged_versions_answer_by_version_only_until_activated(reg: AdapterRecords) -> None:
+    assert _stage(reg, "t_a", "chat", "one") == 1
+    with pytest.raises(NotFoundError):  # nothing active yet
+        reg.resolve("t_a", "chat")
+    assert reg.resolve("t_a", "chat@1").digest == _digest("one")
+    [v1] = reg.versions("t_a", "chat")
+    assert (v1.staged, v1.active, v1.parent_version) == (True, False, None)
+    on = reg.activate("t_a", "chat", 1, expect_active=0)
+    assert (on.active, on.staged) == (True, False)
+    v2 = _stage(
+        reg,
+        "t_a",
+        "chat",
+        "two",
+        dataset_digest="sha256:abc",
+        hyperparams={"lr": 1e-4, "epochs": 2, "targets": ["q_proj"]},
+        metrics={"final_loss": 0.25},
+        source="train",
+    )
+    assert reg.resolve("t_a", "chat").version == 1  # staging does not move the pointer
+    rows = reg.versions("t_a", "chat")
+    assert [(r.version, r.active, r.staged, r.parent_version) for r in rows] == [
+        (1, True, False, None),
+        (2, False, True, 1),  # the parent defaults to the version active at registration
+    ]
+    assert rows[1].metrics == {"final_loss": 0.25} and rows[1].source == "train"
+    assert rows[1].hyperparams == {"epochs": 2, "lr": 1e-4, "targets": ["q_proj"]}
+    assert rows[1].dataset_digest == "sha256:abc"
+    assert reg.activate("t_a", "chat", v2, expect_active=1).version == 2
+    assert reg.resolve("t_a", "chat").version == 2
+    # Rollback is activation of an older version; its records are unchanged.
+    assert reg.activate("t_a", "chat", 1, expect_active=2).active
+    assert reg.resolve("t_a", "chat").digest == _digest("one")
+    assert [r.staged for r in reg.versions("t_a", "chat")] == [False, False]
+
+
+def test_activate_is_a_compare_and_set(reg: AdapterRecords) -> None:
+    _push(reg, "t_a", "chat", "one")
+    _stage(reg, "t_a", "chat", "two")
+    _stage(reg, "t_a", "chat", "three")
+    reg.activate("t_a", "chat", 2, expect_active=1)
+    with pytest.raises(InvalidRequest) as err:  # a concurrent swap moved the pointer first
+        reg.activate("t_a", "chat", 3, expect_active=1)
+    assert err.value.field == "version"
+    assert reg.resolve("t_a", "chat").version == 2
+    with pytest.raises(InvalidRequest):
+        reg.activate("t_a", "chat", 3, expect_active=0)  # "none active" is not true either
+    assert reg.activate("t_a", "chat", 3).version == 3  # no expectation: no check
+    with pytest.raises(NotFoundError):
+        reg.activate("t_a", "chat", 9, expect_active=3)
+    for bad in (0, -1, True, "2", 2**60):
+        with pytest.raises(InvalidRequest):
+            reg.activate("t_a", "chat", bad)  # type: ignore[arg-type]
+    with pytest.raises(NotFoundError):
+        reg.activate("t_a", "no such/name", 1)
+
+
+def test_activate_races_let_exactly_one_swap_win(reg: AdapterRecords) -> None:
+    _push(reg, "t_a", "chat", "one")
+    staged = [_stage(reg, "t_a", "chat", f"s{i}") for i in range(8)]
+    wins = []
+    for v in staged:  # every swap saw version 1 active; only the first flip may land
+        try:
+            wins.append(reg.activate("t_a", "chat", v, expect_active=1).version)
+        except InvalidRequest:
+            pass
+    assert wins == [staged[0]] and reg.resolve("t_a", "chat").version == staged[0]
+
+
+def test_deleting_staged_and_active_versions(reg: AdapterRecords) -> None:
+    _push(reg, "t_a", "chat", "one")
+    _push(reg, "t_a", "chat", "two")
+    _stage(reg, "t_a", "chat", "three")
+    # A staged version that never went active deletes cleanly; its object is freed.
+    gone = reg.delete("t_a", "chat", 3)
+    assert gone.freed_object_keys == (f"adapters/t_a/{_digest('three')}",)
+    assert reg.resolve("t_a", "chat").version == 2
+    # Deleting the active version: the newest remaining one that was ever active takes over,
+    # not a staged one (a swap in progress).
+    _stage(reg, "t_a", "chat", "four")
+    reg.delete("t_a", "chat", 2)
+    assert reg.resolve("t_a", "chat").version == 1
+    assert [(r.version, r.staged) for r in reg.versions("t_a", "chat")] == [(1, False), (4, True)]
+    # With only staged versions left, the newest becomes active.
+    reg.delete("t_a", "chat", 1)
+    active = reg.resolve("t_a", "chat")
+    assert active.version == 4 and not reg.get("t_a", "chat").staged
+    # A name with only staged versions: deleting one activates nothing.
+    _stage(reg, "t_a", "other", "x")
+    _stage(reg, "t_a", "other", "y")
+    reg.delete("t_a", "other", 2)
+    with pytest.raises(NotFoundError):
+        reg.resolve("t_a", "other")
+    reg.delete("t_a", "other")
+    with pytest.raises(NotFoundError):
+        reg.versions("t_a", "other")
+
+
+def test_versions_and_activate_are_per_tenant(reg: AdapterRecords) -> None:
+    _push(reg, "t_a", "chat", "one")
+    _stage(reg, "t_a", "chat", "two")
+    for call in (
+        lambda: reg.versions("t_b", "chat"),
+        lambda: reg.activate("t_b", "chat", 2),
+        lambda: reg.activate("t_b", "chat", 1, expect_active=1),
+    ):
+        with pytest.raises(NotFoundError) as err:
+            call()
+        assert err.value.field == "adapter"
+    assert reg.resolve("t_a", "chat").version == 1
+    with pytest.raises(NotFoundError):
+        reg.versions("t_a", "../chat")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("hyperparams", {"lr": float("nan")}),
+        ("hyperparams", {1: 2}),
+        ("hyperparams", ["not", "an", "object"]),
+        ("hyperparams", {"big": "x" * 20_000}),
+        ("metrics", {"f": object()}),
+        ("metrics", "0.5"),
+        ("dataset_digest", "has spaces"),
+        ("dataset_digest", "x" * 129),
+        ("source", "pickle"),
+        ("parent_version", 0),
+        ("parent_version", True),
+    ],
+)
+def test_bad_metadata_is_refused_before_anything_is_written(
+    reg: AdapterRecords, raw: redis.Redis[str], field: str, value: object
+) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        _stage(reg, "t_a", "chat", "one", **{field: value})
+    assert err.value.field == field
+    assert raw.keys("*") == []

@@ -14,7 +14,8 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vajra.errors import InvalidRequest
+from vajra.errors import InternalError, InvalidRequest
+from vajra.policies.billing import UsageRow
 from vajra.state import ClusterState, UsageRecord, UsageTotals, keys
 
 
@@ -56,6 +57,11 @@ def test_repeated_event_counted_once(state: ClusterState, raw: redis.Redis[str])
         "prompt_tokens": "10",
         "completion_tokens": "20",
         "ts_ms": "1700000000000",
+        "adapter": "",
+        "adapter_version": "0",
+        "kind": "inference",
+        "gradients": "0",
+        "billed_ms": "0",
     }
     assert raw.ttl(keys.usage_event("ev-1")) > 0
 
@@ -89,6 +95,15 @@ def test_stream_trimmed_when_capped(valkey_url: str, raw: redis.Redis[str]) -> N
         ({"prompt_tokens": -1}, "prompt_tokens"),
         ({"completion_tokens": 1.5}, "completion_tokens"),
         ({"ts_ms": -5}, "ts_ms"),
+        ({"adapter": "a|b"}, "adapter"),
+        ({"adapter": "x" * 129}, "adapter"),
+        ({"adapter_version": -1}, "adapter_version"),
+        ({"kind": "mining"}, "kind"),
+        ({"kind": ""}, "kind"),
+        ({"gradients": -3}, "gradients"),
+        ({"gradients": 2**60}, "gradients"),
+        ({"billed_ms": 1.5}, "billed_ms"),
+        ({"billed_ms": True}, "billed_ms"),
     ],
 )
 def test_invalid_usage_rejected(
@@ -194,3 +209,96 @@ def test_batches_count_each_distinct_event_once(
             assert totals.gpu_ms == pytest.approx(
                 sum(r.gpu_ms for r in counted), rel=1e-9, abs=1e-9
             )
+
+
+# --- buckets: per day, adapter, version and kind -------------------------------------------
+
+DAY_MS = 86_400_000
+DAY0 = 1_700_000_000_000 // DAY_MS  # 2023-11-14
+
+
+def test_buckets_by_day_adapter_version_and_kind(state: ClusterState) -> None:
+    t0 = DAY0 * DAY_MS
+    records = [
+        _rec(
+            event_id="a", ts_ms=t0 + 1, gpu_ms=1.25, billed_ms=10, adapter="chat", adapter_version=1
+        ),
+        _rec(
+            event_id="b", ts_ms=t0 + 2, gpu_ms=2.5, billed_ms=10, adapter="chat", adapter_version=1
+        ),
+        _rec(event_id="c", ts_ms=t0 + 3, adapter="chat", adapter_version=2, billed_ms=20),
+        _rec(event_id="d", ts_ms=t0 + DAY_MS, billed_ms=20),  # the next day, base model
+        _rec(
+            event_id="e",
+            ts_ms=t0 + 5,
+            kind="training",
+            adapter="chat",
+            adapter_version=2,
+            gradients=1_000,
+            gpu_ms=7.0,
+            prompt_tokens=64,
+            completion_tokens=0,
+        ),
+    ]
+    assert state.usage.record_many(records) == [True] * 5
+    assert state.usage.record_many(records) == [False] * 5  # resent: nothing counted twice
+    rows = state.usage.rows("t_1")
+    assert rows == [
+        UsageRow(DAY0, "chat", 1, "inference", 2, 3750, 20, 20, 40, 0),
+        UsageRow(DAY0, "chat", 2, "inference", 1, 12500, 20, 10, 20, 0),
+        UsageRow(DAY0, "chat", 2, "training", 1, 7000, 0, 64, 0, 1000),
+        UsageRow(DAY0 + 1, "", 0, "inference", 1, 12500, 20, 10, 20, 0),
+    ]
+    totals = state.usage.get("t_1")
+    assert (totals.requests, totals.billed_ms, totals.gradients) == (5, 60, 1000)
+    assert totals.prompt_tokens == sum(r.prompt_tokens for r in rows)
+
+
+def test_rows_answer_ranges_of_utc_days(state: ClusterState) -> None:
+    for d in range(5):
+        state.usage.record(_rec(event_id=f"d{d}", ts_ms=(DAY0 + d) * DAY_MS + 5, billed_ms=10))
+
+    def days(**kw: int) -> list[int]:
+        return [r.day - DAY0 for r in state.usage.rows("t_1", **kw)]
+
+    assert days() == [0, 1, 2, 3, 4]
+    assert days(start_ms=(DAY0 + 1) * DAY_MS) == [1, 2, 3, 4]
+    assert days(start_ms=(DAY0 + 1) * DAY_MS + 1) == [1, 2, 3, 4]  # any overlap counts
+    assert days(end_ms=(DAY0 + 2) * DAY_MS) == [0, 1]  # end excluded
+    assert days(end_ms=(DAY0 + 2) * DAY_MS + 1) == [0, 1, 2]
+    assert days(start_ms=(DAY0 + 1) * DAY_MS, end_ms=(DAY0 + 3) * DAY_MS) == [1, 2]
+    assert days(start_ms=(DAY0 + 9) * DAY_MS) == []
+    assert days(end_ms=0) == []
+    assert state.usage.rows("t_other") == []
+
+
+def test_buckets_are_per_tenant_and_gone_with_the_tenant(state: ClusterState) -> None:
+    record, _ = state.tenants.create("acme")
+    t = record.tenant_id
+    state.usage.record(_rec(event_id="x1", tenant_id=t, billed_ms=10))
+    state.usage.record(_rec(event_id="x2", tenant_id="t_other", billed_ms=10))
+    assert len(state.usage.rows(t)) == 1
+    state.tenants.delete(t)
+    assert state.usage.rows(t) == []
+    # Late usage of the deleted tenant stays in the stream but recreates no bucket.
+    assert state.usage.record(_rec(event_id="x3", tenant_id=t, billed_ms=10))
+    assert state.usage.rows(t) == [] and state.usage.get(t).requests == 0
+    assert len(state.usage.rows("t_other")) == 1
+
+
+def test_malformed_bucket_is_an_internal_error(state: ClusterState, raw: redis.Redis[str]) -> None:
+    raw.hset(keys.usage("t_1"), "b|notaday|x|1|inference|n", "3")
+    with pytest.raises(InternalError):
+        state.usage.rows("t_1")
+
+
+def test_stream_is_trimmed_after_aggregation(valkey_url: str, raw: redis.Redis[str]) -> None:
+    with ClusterState(valkey_url) as cs:
+        capped = cs.usage.with_stream_maxlen(50)
+        for i in range(0, 1000, 100):
+            capped.record_many([_rec(event_id=f"s{j}", billed_ms=10) for j in range(i, i + 100)])
+        assert raw.xlen(keys.usage_events()) < 1000
+        rows = capped.rows("t_1")
+        assert sum(r.events for r in rows) == 1000 and sum(r.billed_ms for r in rows) == 10_000
+        with pytest.raises(InvalidRequest):
+            cs.usage.with_stream_maxlen(0)

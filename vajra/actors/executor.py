@@ -20,7 +20,10 @@ its own module:
 * :mod:`vajra.actors.executor_usage` — usage events until the ledger acknowledges them;
 * :mod:`vajra.actors.executor_liveness` — hellos, load reports and heartbeats;
 * :mod:`vajra.actors.adapter_tiers` — adapters from the object store to the engine's slots,
-  when the engine serves adapters (``engine.adapters``).
+  when the engine serves adapters (``engine.adapters``);
+* :mod:`vajra.actors.executor_jobs` — training jobs claimed from Redis, their micro-steps
+  interleaved with inference on the model thread (with a cluster state and an engine that
+  trains).
 
 Ending early: a request cancelled by its caller (``CancelWork``), sent by an earlier
 incarnation of its gateway (``GatewayHello``: nobody can receive its tokens any more), past its
@@ -46,10 +49,12 @@ from vajra import bus
 from vajra.actors.adapter_tiers import AdapterTiers
 from vajra.actors.base import wait_until
 from vajra.actors.executor_intake import Intake
+from vajra.actors.executor_jobs import JobRunner
 from vajra.actors.executor_liveness import Liveness
 from vajra.actors.executor_steps import StepLoop
 from vajra.actors.executor_thread import set_torch_threads
 from vajra.actors.executor_usage import UsageOutbox
+from vajra.bus.messages import AdapterSwap, AdapterSwapDone
 from vajra.bus.outbox import Outbox
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
@@ -109,6 +114,7 @@ class Executor:
         self.steps: StepLoop | None = None
         self.intake: Intake | None = None
         self.liveness: Liveness | None = None
+        self.jobs: JobRunner | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -137,7 +143,10 @@ class Executor:
                 executor_id=self.executor_id,
                 gpu=self._gpu,
             )
-            intake = self.intake = Intake(self.cfg, steps, tiers, self.counters)
+            intake = self.intake = Intake(
+                self.cfg, steps, tiers, self.counters, executor_id=self.executor_id
+            )
+            self.jobs = self._build_jobs(steps, intake)
             liveness = self.liveness = Liveness(
                 self.cfg,
                 self.work_in,
@@ -156,6 +165,8 @@ class Executor:
                 nursery.start_soon(self.usage.resend)
                 if self.state is not None:
                     nursery.start_soon(liveness.heartbeat, self.state, self.redis)
+                if self.jobs is not None:
+                    nursery.start_soon(self.jobs.run)
                 await liveness.hello()
                 task_status.started(self.executor_id)
         finally:
@@ -198,6 +209,32 @@ class Executor:
             gpu_limiter=self._gpu,
         )
 
+    def _build_jobs(self, steps: StepLoop, intake: Intake) -> JobRunner | None:
+        """The training-job runner, when this executor can train (a cluster state, an engine
+        with a model and a tokenizer, ``training.max_jobs_per_executor`` > 0)."""
+        from vajra.actors.executor_jobs import SWAP_TIMEOUT_S, interleave_rule
+        from vajra.storage import open_store
+
+        steps.model.turns = interleave_rule(self.cfg)
+        engine = steps.engine
+        trains = hasattr(engine, "model") and hasattr(engine, "tokenizer")
+        if self.state is None or not trains or self.cfg.training.max_jobs_per_executor <= 0:
+            return None
+        send = self.work_in.send
+
+        async def swap(msg: AdapterSwap) -> AdapterSwapDone:
+            return await intake.swaps.request(send, msg, SWAP_TIMEOUT_S)
+
+        return JobRunner(
+            self.cfg,
+            self.state,
+            open_store(self.cfg),
+            steps.model,
+            self.usage,
+            executor_id=self.executor_id,
+            swap=swap,
+        )
+
     def queue_depth(self) -> int:
         """Requests accepted and not yet running (0 before the engine is loaded)."""
         return 0 if self.intake is None else self.intake.queue_depth()
@@ -207,6 +244,8 @@ class Executor:
         assert self.intake is not None and self.steps is not None and self.liveness is not None
         intake, steps = self.intake, self.steps
         intake.draining = True
+        if self.jobs is not None:
+            self.jobs.draining = True
         await self.liveness.send_load_report()
         with trio.move_on_after(self.ecfg.drain_timeout_s):
             await wait_until(intake.is_idle)

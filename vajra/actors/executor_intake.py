@@ -5,17 +5,29 @@ Data flows left to right::
     scheduler ─InferWork─▶ intake ─(adapter acquired through the tiers)─▶ step loop
               ─CancelWork / GatewayHello─▶ intake ─cancel─▶ step loop
               ─AdapterTierCommand─▶ intake ─promote / demote─▶ tiers
+              ─AdapterWarm─▶ intake ─promote into the old version's tier─▶ tiers
+    intake ─AdapterWarmed─▶ scheduler      (the hot swap: vajra.actors.scheduler_swaps)
 
 A request is refused at once (a typed error) while the executor drains, when its queue is full
-(``executor.max_queue``: retriable "overloaded"), when its decoding parameters are invalid
-(the engine's :class:`~vajra.policies.decoding.SamplingParams` is built here) or when it names
-an adapter that this executor cannot serve. A request for an adapter waits in its own task
-while the tiers make the adapter resident and hold its slot; every failure of that load (its
-deadline passing included) becomes that request's typed error.
+(``executor.max_queue``: retriable "overloaded") or its usage outbox is (the ledger is
+behind), when its decoding parameters are invalid (the engine's
+:class:`~vajra.policies.decoding.SamplingParams` is built here) or when it names an adapter
+that this executor cannot serve. A request for an adapter waits in its own task while the
+tiers make the adapter resident and hold its slot; every failure of that load (its deadline
+passing included) becomes that request's typed error.
 
 Ending early: a request cancelled by its caller (``CancelWork``) or sent by an earlier
 incarnation of its gateway (``GatewayHello``: nobody can receive its tokens any more) is
 dropped wherever it is — waiting for its adapter, queued or running — and answers nothing.
+
+Hot swap: an ``AdapterWarm`` makes an executor that holds the old version (GPU memory, else
+host memory) load the new one into that tier before the pointer flips, through the tiers'
+promotion path (a free slot, or an idle adapter's; never one running requests hold), bounded
+by the warm's deadline; the answer says whether it held the old one and loaded the new one,
+or why not. Failures are answered, never fatal. ``AdapterSwapDone`` answers this executor's
+own swaps (a finished training job): :attr:`Intake.swaps`. Every request with an adapter is
+counted ``adapter_requests_warm`` (resident in GPU memory when it arrived) or
+``adapter_requests_cold`` (it had to be loaded): what shows a swap was warm.
 """
 
 from __future__ import annotations
@@ -28,8 +40,17 @@ import trio
 from vajra.actors.adapter_tiers import AdapterTiers
 from vajra.actors.base import now_ms
 from vajra.actors.executor_steps import StepLoop
-from vajra.bus.codec import DecodeError, decode_many
-from vajra.bus.messages import AdapterTierCommand, CancelWork, GatewayHello, InferWork
+from vajra.actors.scheduler_swaps import SwapWaiters
+from vajra.bus.codec import DecodeError, decode_many, encode
+from vajra.bus.messages import (
+    AdapterSwapDone,
+    AdapterTierCommand,
+    AdapterWarm,
+    AdapterWarmed,
+    CancelWork,
+    GatewayHello,
+    InferWork,
+)
 from vajra.bus.zsocket import ZSocket
 from vajra.config import VajraConfig
 from vajra.errors import (
@@ -54,8 +75,13 @@ class Intake:
         steps: StepLoop,
         tiers: AdapterTiers | None,
         counters: Counter[str],
+        *,
+        executor_id: str = "",
     ) -> None:
         self.cfg = cfg
+        self.executor_id = executor_id
+        self.swaps = SwapWaiters()  # this executor's own swaps (see the module docstring)
+        self._work_in: ZSocket | None = None
         self.steps = steps
         self.tiers = tiers
         self.counters = counters
@@ -78,6 +104,7 @@ class Intake:
         """Receive and dispatch work until cancelled; adapter loads and tier commands run as
         tasks of this loop's own nursery."""
         batch_size = self.cfg.bus.recv_batch
+        self._work_in = work_in
         async with trio.open_nursery() as nursery:
             while True:
                 for frames in await work_in.recv_batch(batch_size):
@@ -101,6 +128,11 @@ class Intake:
                 self._on_gateway_hello(message)
             elif isinstance(message, AdapterTierCommand):
                 nursery.start_soon(self._on_tier_command, message)
+            elif isinstance(message, AdapterWarm):
+                nursery.start_soon(self._on_warm, message)
+            elif isinstance(message, AdapterSwapDone):
+                if not self.swaps.deliver(message):
+                    self.counters["swap_replies_dropped"] += 1
             else:
                 self.counters["unexpected_kind"] += 1
 
@@ -119,6 +151,11 @@ class Intake:
         if self.queue_depth() >= self.cfg.executor.max_queue:
             self.counters["overloaded"] += 1
             error = OverloadedError("executor queue is full; retry later")
+            steps.answer_error(work.request_id, error)
+            return None
+        if steps.usage.backlogged():  # the ledger is behind: never drop usage, shed work
+            self.counters["overloaded_usage"] += 1
+            error = OverloadedError("usage not yet acknowledged by the ledger; retry later")
             steps.answer_error(work.request_id, error)
             return None
         try:
@@ -167,6 +204,8 @@ class Intake:
     async def _accept_with_adapter(self, work: InferWork, params: SamplingParams) -> None:
         """Load the request's adapter through the tiers, hold its slot, then queue the request."""
         assert self.tiers is not None and work.adapter_digest is not None
+        warm = work.adapter_digest in self.tiers.gpu
+        self.counters["adapter_requests_warm" if warm else "adapter_requests_cold"] += 1
         try:
             remaining_s = (work.deadline_unix_ms - now_ms()) / 1000.0
             with trio.fail_after(max(0.001, remaining_s)):
@@ -219,3 +258,32 @@ class Intake:
             log.exception("tier command %s %s failed", cmd.action, cmd.adapter_digest[:12])
             return
         self.counters[f"tier_{cmd.action}"] += 1
+
+    async def _on_warm(self, warm: AdapterWarm) -> None:
+        """Load the new version where the old one is held, then answer (module docstring)."""
+        held, loaded, error = "", False, ""
+        tiers = self.tiers
+        if tiers is not None and warm.from_digest:
+            if warm.from_digest in tiers.gpu:
+                held = "gpu"
+            elif warm.from_digest in tiers.host.entries:
+                held = "host"
+        if tiers is not None and held:
+            try:
+                with trio.fail_after(max(0.001, (warm.deadline_unix_ms - now_ms()) / 1000.0)):
+                    await tiers.promote(warm.to_digest, warm.to_object_key, held)
+                loaded = True
+            except trio.TooSlowError:
+                error = "the warm's deadline passed while loading"
+            except VajraError as exc:
+                error = str(exc)
+            except Exception as exc:  # a bug in the tiers must not take the executor down
+                log.exception("warming adapter %s failed", warm.to_digest[:12])
+                error = f"internal error: {type(exc).__name__}"
+        self.counters["swap_warms_loaded" if loaded else "swap_warms_skipped"] += 1
+        if error:
+            self.counters["swap_warms_failed"] += 1
+            log.warning("warming adapter %s failed: %s", warm.to_digest[:12], error)
+        reply = AdapterWarmed(warm.swap_id, self.executor_id, bool(held), loaded, held, error)
+        if self._work_in is not None:
+            await self._work_in.send(encode(reply))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from typing import Any
 
 import trio
 
@@ -80,6 +81,7 @@ class Liveness:
             finished_ids=self.intake.steps.take_finished(),
             resident_adapters=self.tiers.resident() if self.tiers else [],
             draining=self.intake.draining,
+            **(tier_report(self.tiers) if self.tiers else {}),
         )
         await self.work_in.send(encode(report))
 
@@ -117,6 +119,32 @@ class Liveness:
             except (VajraError, trio.TooSlowError) as exc:
                 log.warning("heartbeat not written: %s", exc)
             await trio.sleep(self.ecfg.heartbeat_interval_s)
+
+
+def tier_report(tiers: AdapterTiers) -> dict[str, Any]:
+    """The LoadReport fields placement and prefetch read: residency per tier (digests), slots,
+    and the mean measured load time into each tier (see :class:`LoadReport`)."""
+    slots = tiers.slots.num_slots
+
+    def mean(name: str) -> float | None:
+        s = tiers.stats[name]
+        n = sum(s.load_ms.values())
+        return s.load_ms_sum / n if n else None
+
+    # Into host memory: validate and pack, plus the disk read when one was timed (a cold load
+    # reads from the store instead, timed as the load into the disk).
+    host, disk_read = mean("host"), mean("disk")
+    if host is not None and disk_read is not None:
+        host += disk_read
+    load_ms = {"gpu": mean("gpu"), "host": host, "disk": mean("store")}
+    return {
+        "host_adapters": [d for d, e in tiers.host.entries.items() if e.host is not None],
+        "disk_adapters": list(tiers.disk.entries),
+        "active_adapters": len(tiers.refs),
+        "gpu_slots": slots,
+        "gpu_slots_free": max(0, slots - len(tiers.gpu)),
+        "tier_load_ms": {k: round(v, 3) for k, v in load_ms.items() if v is not None},
+    }
 
 
 def _free_memory_bytes(device: str) -> int:

@@ -24,6 +24,19 @@ resumes once the loop took them.
 An engine that does not block (``engine.blocking`` False: no compute) is stepped inline by the
 loop itself (:meth:`ModelThread.step_inline`): a thread hop would cost more than its step.
 
+Training (:meth:`ModelThread.attach`): fine-tuning jobs' micro-steps run on this same thread,
+between engine steps, on the same frozen model; :class:`~vajra.policies.training.InterleaveRule`
+decides which runs next. With preemption (``policies.training_preemption_enabled``) every
+pending inference step runs before a micro-step, except that after ``inference_ratio``
+(``training.inference_ratio``) inference steps in a row one micro-step runs, so a busy
+executor still trains; without it, inference steps and micro-steps alternate. A micro-step is bounded in tokens
+(``max_micro_tokens``), so a request or an adapter copy waits at most one micro-step: the
+hand-off ends after it like after an engine step. A micro-step that raises fails its job
+alone (:attr:`Training.error`); the executor goes on. Each micro-step's report is left for
+the loop and wakes it (``Training.on_report``, called on the event loop). Attaching and
+detaching happen on the event loop while it holds the GPU's limiter (:meth:`exclusive`),
+so no hand-off is running meanwhile.
+
 Threads: :meth:`run`, :meth:`submit`, :meth:`take_outputs` and the rest are called on the
 event loop; only the worker thread calls ``engine.step``. Inbox and outbox are lists swapped
 under one lock, held for a few list operations at a time.
@@ -42,11 +55,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import torch
 import trio
 
 from vajra.gpu.interface import Engine, GenerationRequest, StepOutput
+from vajra.policies.training import InterleaveRule
 
 log = logging.getLogger("vajra.executor")
 
@@ -56,6 +72,36 @@ DEFAULT_MAX_RUN_S = 0.05
 DEFAULT_MAX_STEPS_AHEAD = 64
 #: Steps that moved only quiet requests (:attr:`ModelThread.quiet`) before the loop is woken.
 DEFAULT_QUIET_STEPS = 8
+R = TypeVar("R")
+
+
+class MicroStepper(Protocol):
+    """What the model thread trains: one bounded micro-step at a time."""
+
+    @property
+    def finished(self) -> bool: ...
+
+    def micro_step(self) -> Any:
+        """Run one micro-step; its report (None: nothing to report)."""
+        ...
+
+
+@dataclass(eq=False)
+class Training:
+    """One job attached to the model thread. ``reports`` and ``error`` are written by the
+    worker thread under the model thread's lock; take them with :meth:`ModelThread.take_reports`."""
+
+    job_id: str
+    trainer: MicroStepper
+    on_report: Callable[[], None]  # called on the event loop when reports (or an error) wait
+    reports: list[Any] = field(default_factory=list)
+    error: Exception | None = None
+    notified: bool = False
+    micro_steps: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.error is None and not self.trainer.finished
 
 
 class ModelThread:
@@ -70,6 +116,7 @@ class ModelThread:
         *,
         max_run_s: float = DEFAULT_MAX_RUN_S,
         max_steps_ahead: int = DEFAULT_MAX_STEPS_AHEAD,
+        turns: InterleaveRule | None = None,
     ) -> None:
         self.engine = engine
         self._gpu = gpu
@@ -92,6 +139,11 @@ class ModelThread:
         #: Engine steps run, and hand-offs to the worker thread that ran them.
         self.steps = 0
         self.handoffs = 0
+        #: Jobs attached (changed only under the GPU's limiter, see :meth:`exclusive`).
+        self.turns = turns or InterleaveRule()
+        self._training: list[Training] = []
+        self._next_job = 0  # round robin over the jobs attached
+        self.micro_steps = 0
 
     # --- the event loop's side ---------------------------------------------------------------
 
@@ -121,10 +173,57 @@ class ModelThread:
         return taken
 
     def runnable(self) -> bool:
-        """Is there anything for a step to do, with room for its outputs?"""
+        """Is there anything for a step or a micro-step to do (a step: with room for its
+        outputs)?"""
+        return self._inference_ready() or self._training_ready()
+
+    def _inference_ready(self) -> bool:
         return bool(self._admit or self._abort or self.engine.has_work()) and (
             len(self._outputs) < self.max_steps_ahead
         )
+
+    def _training_ready(self) -> bool:
+        return any(t.ready for t in self._training)
+
+    # --- training jobs (event loop) -------------------------------------------------------
+
+    async def exclusive(self, fn: Callable[[], R]) -> R:
+        """``fn()`` in a worker thread while holding the GPU's limiter: no engine step or
+        micro-step runs meanwhile (the hand-off in progress ends after its current step).
+
+        For attaching and detaching jobs and for everything that touches a trainer outside
+        its micro-steps (building it, checkpoints, the final weights). On cancellation the
+        call in flight finishes first (it is not abandoned); its exception propagates.
+        """
+        self.hand_back()
+        return await trio.to_thread.run_sync(fn, limiter=self._gpu)
+
+    async def attach(self, training: Training) -> None:
+        """Start running ``training``'s micro-steps, interleaved with inference."""
+
+        def add() -> None:
+            self._training.append(training)
+
+        await self.exclusive(add)
+        self._work.set()
+
+    async def detach(self, job_id: str) -> None:
+        """Stop running the job's micro-steps; once this returns none runs any more."""
+
+        def remove() -> None:
+            self._training[:] = [t for t in self._training if t.job_id != job_id]
+
+        await self.exclusive(remove)
+
+    def training_jobs(self) -> list[str]:
+        return [t.job_id for t in self._training]
+
+    def take_reports(self, training: Training) -> list[Any]:
+        """The job's micro-step reports not taken yet, oldest first."""
+        with self._lock:
+            taken, training.reports = training.reports, []
+            training.notified = False
+        return taken
 
     def hand_back(self) -> None:
         """Ask the worker thread to end its hand-off after the step it is running."""
@@ -155,8 +254,50 @@ class ModelThread:
     def _run_steps(self) -> None:
         self._hand_back = False  # asked while this hand-off waited for the limiter: it has it now
         until = time.monotonic() + self.max_run_s
-        while self._step(inline=False) and time.monotonic() < until and not self._hand_back:
-            pass
+        if not self._training:
+            while self._step(inline=False) and time.monotonic() < until and not self._hand_back:
+                pass
+            return
+        while time.monotonic() < until and not self._hand_back:
+            turn = self.turns.next(
+                inference_pending=self._inference_ready(),
+                training_pending=self._training_ready(),
+            )
+            if turn == "idle":
+                return
+            if turn == "inference":
+                self._step(inline=False)
+            else:
+                self._micro_step()
+
+    def _micro_step(self) -> None:
+        """One micro-step of the next ready job (round robin); its report or its error is left
+        for the loop, which is woken once until it takes them."""
+        ready = [t for t in self._training if t.ready]
+        if not ready:
+            return
+        self._next_job = (self._next_job + 1) % len(ready)
+        job = ready[self._next_job]
+        try:
+            report = job.trainer.micro_step()
+            error: Exception | None = None
+        except Exception as exc:  # one job's failure must not end the executor's model thread
+            log.exception("training job %s failed in a micro-step", job.job_id)
+            report, error = None, exc
+        with self._lock:
+            job.micro_steps += 1
+            self.micro_steps += 1
+            if report is not None:
+                job.reports.append(report)
+            if error is not None:
+                job.error = error
+            notify = not job.notified and (
+                report is not None or error is not None or job.trainer.finished
+            )
+            job.notified = job.notified or notify
+        if notify:
+            assert self._token is not None
+            self._token.run_sync_soon(job.on_report)
 
     def _urgent(self, outputs: list[StepOutput], ahead: int) -> bool:
         """Must the loop see these outputs now? Yes for a stream's tokens and for any request

@@ -15,7 +15,8 @@ the one that owns its kind:
 - :mod:`~vajra.actors.gateway_replies`: generations in flight, their internal ids, deadlines
   and cancels, and the routing of executors' replies back to clients;
 - :mod:`~vajra.actors.gateway_operations`: tenant queries and administration
-  (:mod:`~vajra.actors.gateway_queries`) and adapter uploads (:mod:`~vajra.actors.gateway_adapters`).
+  (:mod:`~vajra.actors.gateway_queries`) and adapter uploads (:mod:`~vajra.actors.gateway_adapters`);
+- :mod:`~vajra.actors.gateway_jobs`: training jobs (submit, read, cancel, resume, progress).
 
 Every request gets an internal id ``<gateway_id>.<incarnation>-<seq>``, where the incarnation
 is random per gateway process: ids never repeat across gateways or restarts, so a client can
@@ -46,10 +47,12 @@ from vajra.actors.base import wait_until
 from vajra.actors.gateway_adapters import AdapterDesk, AdapterOp
 from vajra.actors.gateway_admission import Admission
 from vajra.actors.gateway_auth import AuthCache
+from vajra.actors.gateway_jobs import JobDesk, JobOp
 from vajra.actors.gateway_operations import Operations
 from vajra.actors.gateway_protocol import ClientProtocol
 from vajra.actors.gateway_queries import Query, QueryDesk
 from vajra.actors.gateway_replies import ReplyRouter
+from vajra.actors.scheduler_swaps import SwapClient
 from vajra.bus.codec import Envelope, encode
 from vajra.bus.messages import CancelRequest, GatewayHello, InferRequest, PingRequest, PongReply
 from vajra.bus.outbox import Outbox
@@ -122,7 +125,8 @@ class Gateway:
         # The adapter registry and object store (adapter push/list/delete, name resolution).
         self._owns_store = store is None
         self.store: ObjectStore = store if store is not None else open_store(cfg)
-        self.adapters = AdapterDesk(cfg, state.adapters, self.store)
+        swaps = SwapClient(self._ctx, cfg.cluster.scheduler_address, g.gateway_id)
+        self.adapters = AdapterDesk(cfg, state.adapters, self.store, swaps=swaps)
         self.replies = ReplyRouter(
             cfg,
             id_prefix=f"{g.gateway_id}.{self.incarnation}-",
@@ -153,6 +157,16 @@ class Gateway:
             store=self.store,
             counters=self.counters,
             stats=self.snapshot,
+            spawn=self._spawn,
+        )
+        self.jobs = JobDesk(
+            cfg,
+            state,
+            self.store,
+            clients=self.protocol,
+            queries=self.queries,
+            counters=self.counters,
+            accepting=self._accepting,
             spawn=self._spawn,
         )
         self.operations = Operations(
@@ -189,6 +203,8 @@ class Gateway:
                 nursery.start_soon(self.replies.expire_deadlines)
                 nursery.start_soon(self._announce)
                 nursery.start_soon(self.adapters.warm_up, _WARM_UP_LIMIT_S)
+                nursery.start_soon(self.adapters.serve_swaps)
+                nursery.start_soon(self.jobs.expire_leases)
                 nursery.start_soon(self.protocol.serve, self._on_client_message, self._end_pass)
                 task_status.started(self.address)
         finally:
@@ -225,11 +241,14 @@ class Gateway:
             self.counters["requests"] += 1
             await self.admission.on_infer(identity, msg)
         elif isinstance(msg, CancelRequest):
-            self.replies.cancel(identity, msg)
+            if not self.jobs.cancel_watch(identity, msg):
+                self.replies.cancel(identity, msg)
         elif isinstance(msg, PingRequest):
             await self.protocol.send(identity, PongReply(msg.request_id))
         elif isinstance(msg, Query):
             await self.operations.on_query(identity, msg)
+        elif isinstance(msg, JobOp):
+            await self.jobs.on_message(identity, msg, env.bulk)
         else:
             await self.protocol.refuse_kind(identity, msg)
 

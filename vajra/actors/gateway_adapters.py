@@ -1,8 +1,11 @@
-"""The gateway's adapter desk: push, list and delete of a tenant's adapters, and the
+"""The gateway's adapter desk: push, list, delete and rollback of a tenant's adapters, and the
 resolution of ``NAME[@VERSION]`` on the request path.
 
 Uploads are validated (in a worker thread) before anything is stored; then the files go to the
 object store, then the version is registered in Redis, so a refused upload leaves no trace.
+
+Every push (unless it asks to stay staged) and every rollback is a warm hot swap: stage, warm
+the executors holding the active version, flip (:mod:`vajra.actors.gateway_swaps`).
 Resolutions are cached per gateway for ``adapters.resolve_cache_ttl_s`` ("not found" for half
 of it); a push or delete through this gateway clears that name at once, and a lookup under way
 meanwhile is not cached. Lookups are shared: requests that miss the cache while a lookup of the
@@ -21,6 +24,8 @@ from pathlib import Path
 
 import trio
 
+from vajra.actors.gateway_swaps import Swapper
+from vajra.actors.scheduler_swaps import SwapClient
 from vajra.adapters.format import (
     AdapterManifest,
     BaseModelSpec,
@@ -28,8 +33,20 @@ from vajra.adapters.format import (
     base_model_spec,
     validate_adapter,
 )
-from vajra.adapters.versions import AdapterVersion, ResolvedAdapter, check_adapter_name
-from vajra.bus.messages import AdapterDelete, AdapterEntry, AdapterList, AdapterPush, AdapterReply
+from vajra.adapters.versions import (
+    AdapterVersion,
+    ResolvedAdapter,
+    check_adapter_name,
+    check_metadata,
+)
+from vajra.bus.messages import (
+    AdapterDelete,
+    AdapterEntry,
+    AdapterList,
+    AdapterPush,
+    AdapterReply,
+    AdapterRollback,
+)
 from vajra.config import VajraConfig
 from vajra.errors import InternalError, InvalidRequest, NotFoundError, UnavailableError, VajraError
 from vajra.state import OffLoop, TenantRecord
@@ -39,7 +56,8 @@ from vajra.storage.adapters import adelete_adapter_objects, aput_adapter_objects
 
 log = logging.getLogger("vajra.gateway")
 
-AdapterOp = AdapterPush | AdapterList | AdapterDelete
+AdapterOp = AdapterPush | AdapterList | AdapterDelete | AdapterRollback
+
 
 #: One read of the base model at a time in this process: the first imports transformers,
 #: whose lazy module fails ("cannot import name") when two threads import it at once.
@@ -63,8 +81,18 @@ def _name(ref: str) -> str:
 class AdapterDesk:
     """Owns the gateway's registry and object-store work; raises VajraErrors, sends nothing."""
 
-    def __init__(self, cfg: VajraConfig, registry: AdapterRecords, store: ObjectStore) -> None:
+    def __init__(
+        self,
+        cfg: VajraConfig,
+        registry: AdapterRecords,
+        store: ObjectStore,
+        *,
+        swaps: SwapClient | None = None,
+    ) -> None:
+        """``swaps``: the link to the scheduler for warm swaps (run :meth:`serve_swaps`);
+        None flips pointers without warming (tests that have no scheduler)."""
         self.cfg = cfg
+        self.swapper = Swapper(cfg, registry, swaps, forget=self.forget)
         self.registry = registry
         self.redis = OffLoop()  # registry calls, off the event loop
         self.store = store
@@ -183,11 +211,38 @@ class AdapterDesk:
     ) -> AdapterReply:
         if isinstance(msg, AdapterList):
             with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-                versions = await self.redis.run(self.registry.list, tenant.tenant_id)
+                if msg.name is None:
+                    versions = await self.redis.run(self.registry.list, tenant.tenant_id)
+                else:
+                    versions = await self.redis.run(
+                        self.registry.versions, tenant.tenant_id, msg.name
+                    )
             return AdapterReply(msg.request_id, [_entry(v) for v in versions])
         if isinstance(msg, AdapterDelete):
             return await self._delete(tenant, msg)
+        if isinstance(msg, AdapterRollback):
+            check_adapter_name(msg.name)
+            with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+                target = await self.redis.run(
+                    self.registry.get, tenant.tenant_id, msg.name, msg.version
+                )
+            active = await self.swap_to(tenant.tenant_id, target)
+            log.info(
+                "tenant %s rolled %s back to version %d", tenant.tenant_id, msg.name, msg.version
+            )
+            return AdapterReply(msg.request_id, [_entry(active)])
         return await self._push(tenant, msg, bulk)
+
+    # --- the warm hot swap ----------------------------------------------------------------
+
+    async def serve_swaps(self) -> None:
+        """Run the link to the scheduler for warm swaps until cancelled (if there is one)."""
+        if self.swapper.swaps is not None:
+            await self.swapper.swaps.serve()
+
+    async def swap_to(self, tenant_id: str, target: AdapterVersion) -> AdapterVersion:
+        """Make ``target`` the active version the warm way (:mod:`vajra.actors.gateway_swaps`)."""
+        return await self.swapper.swap_to(tenant_id, target)
 
     async def _delete(self, tenant: TenantRecord, msg: AdapterDelete) -> AdapterReply:
         with trio.fail_after(self.cfg.bus.rpc_timeout_s):
@@ -213,6 +268,9 @@ class AdapterDesk:
         same bytes pushed again reuse them).
         """
         check_adapter_name(msg.name)
+        check_metadata(
+            dataset_digest=msg.dataset_digest, hyperparams=msg.hyperparams, metrics=msg.metrics
+        )
         if len(bulk) != 2:  # the codec checks this already; a push without both files is no push
             raise InvalidRequest("an adapter push carries adapter_config.json and the weights")
         config_json, weights = bulk
@@ -249,13 +307,18 @@ class AdapterDesk:
                 base_model=Path(model).name,
                 max_names=limits[0],
                 max_versions=limits[1],
+                activate=False,
+                dataset_digest=msg.dataset_digest,
+                hyperparams=msg.hyperparams,
+                metrics=msg.metrics,
             )
         # A concurrent delete of the last version holding the same bytes may have removed the
         # files between our put and our registration: put them back if so.
         if not await self.store.aexists(adapter_object_keys(object_key)[1]):
             await aput_adapter_objects(self.store, object_key, config_json, weights)
-        self.forget(tenant.tenant_id, msg.name)
         self.pushed += 1
+        if msg.activate:
+            version = await self.swap_to(tenant.tenant_id, version)
         log.info(
             "tenant %s pushed adapter %s version %d (%s, %d bytes)",
             tenant.tenant_id,
@@ -278,6 +341,12 @@ def _entry(v: AdapterVersion) -> AdapterEntry:
         lora_alpha=v.lora_alpha,
         target_modules=list(v.target_modules),
         created_ms=v.created_ms,
+        parent_version=v.parent_version,
+        dataset_digest=v.dataset_digest,
+        hyperparams=v.hyperparams,
+        metrics=v.metrics,
+        source=v.source,
+        staged=v.staged,
     )
 
 

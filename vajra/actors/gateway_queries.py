@@ -9,6 +9,7 @@ here have ended (bounded by the longest deadline).
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import time
@@ -32,10 +33,12 @@ from vajra.bus.messages import (
     TenantInfo,
     UsageQuery,
     UsageReply,
+    UsageRowWire,
     WhoAmIRequest,
 )
 from vajra.config import VajraConfig
 from vajra.errors import AuthError, InvalidRequest, NotFoundError, VajraError
+from vajra.policies.billing import GROUP_BY
 from vajra.policies.limits import TenantLimits
 from vajra.state import ClusterState, OffLoop, TenantRecord
 from vajra.storage import ObjectStore, adelete_tenant_objects
@@ -105,20 +108,7 @@ class QueryDesk:
                 msg.request_id, t.tenant_id, t.name, self.cfg.adapters.max_adapter_bytes
             )
         if isinstance(msg, UsageQuery):
-            t = await self.tenant_of(msg.api_key)
-            if msg.tenant is not None and msg.tenant not in (t.tenant_id, t.name):
-                # Same answer whether or not the named tenant exists: ids must not leak.
-                raise NotFoundError(f"no tenant {msg.tenant!r}", field="tenant_id")
-            u = await self.redis.run(self.state.usage.get, t.tenant_id)
-            return UsageReply(
-                msg.request_id,
-                t.tenant_id,
-                t.name,
-                u.requests,
-                u.gpu_ms,
-                u.prompt_tokens,
-                u.completion_tokens,
-            )
+            return await self._usage(msg)
         if isinstance(msg, ClusterStatusRequest):
             await self._check_operator(msg.api_key)
             beats = await self.redis.run(self.state.heartbeats.list)
@@ -131,6 +121,45 @@ class QueryDesk:
                 [hb.free_memory_bytes for hb in beats],
             )
         return await self._admin(msg)
+
+    async def _usage(self, msg: UsageQuery) -> UsageReply:
+        """A tenant's usage totals and the day buckets in ``[start, end)``.
+
+        A tenant's key sees only its own tenant (naming any other: ``not_found``, whether or
+        not it exists); the admin key (``http.admin_key``) must name the tenant, by id or name.
+        """
+        _check_usage_query(msg)
+        admin = self.cfg.http.admin_key
+        if admin and hmac.compare_digest(msg.api_key.encode(), admin.encode()):
+            ref = msg.tenant or ""
+            if not ref:
+                raise InvalidRequest("the admin key must name a tenant", field="tenant")
+            t = await self.redis.run(self.state.tenants.get_by_name, ref)
+            t = t or await self.redis.run(self.state.tenants.get, ref)
+            if t is None:
+                raise NotFoundError(f"no tenant {ref!r}", field="tenant_id")
+        else:
+            t = await self.tenant_of(msg.api_key)
+            if msg.tenant is not None and msg.tenant not in (t.tenant_id, t.name):
+                # Same answer whether or not the named tenant exists: ids must not leak.
+                raise NotFoundError(f"no tenant {msg.tenant!r}", field="tenant_id")
+        u = await self.redis.run(self.state.usage.get, t.tenant_id)
+        rows = await self.redis.run(
+            self.state.usage.rows, t.tenant_id, start_ms=msg.start_unix_ms, end_ms=msg.end_unix_ms
+        )
+        return UsageReply(
+            msg.request_id,
+            t.tenant_id,
+            t.name,
+            u.requests,
+            u.gpu_ms,
+            u.prompt_tokens,
+            u.completion_tokens,
+            billed_ms=u.billed_ms,
+            gradients=u.gradients,
+            rows=[UsageRowWire(**dataclasses.asdict(r)) for r in rows],
+            group_by=msg.group_by,
+        )
 
     async def _admin(self, msg: AdminRequest) -> AdminReply:
         """Tenant and key administration under the admin key (``http.admin_key``).
@@ -188,3 +217,16 @@ class QueryDesk:
             log.error("deleting tenant %s's adapter files failed: %s", tenant_id, exc)
             return
         log.info("tenant %s deleted: %d adapter files removed", tenant_id, removed)
+
+
+def _check_usage_query(msg: UsageQuery) -> None:
+    """InvalidRequest for a range or grouping no usage query can have."""
+    for name in ("start_unix_ms", "end_unix_ms"):
+        value = getattr(msg, name)
+        if value is not None and (isinstance(value, bool) or value < 0):
+            raise InvalidRequest(f"{name} must be a non-negative integer", field=name)
+    start, end = msg.start_unix_ms, msg.end_unix_ms
+    if start is not None and end is not None and end <= start:
+        raise InvalidRequest("end_unix_ms must be after start_unix_ms", field="end_unix_ms")
+    if msg.group_by is not None and msg.group_by not in GROUP_BY:
+        raise InvalidRequest(f"group_by must be one of {', '.join(GROUP_BY)}", field="group_by")

@@ -7,7 +7,14 @@ Data flows left to right::
 
 An event is acknowledged only once it is recorded, so a sender that hears nothing resends,
 and a resent event is recognised by its id and not counted twice. Redis runs with an
-append-only file, so an acknowledged event survives a restart.
+append-only file, so an acknowledged event survives a restart. The ledger prices nothing
+itself: each inference event's billed milliseconds come from
+:func:`vajra.policies.billing.billed_gpu_ms` (rounded per request, before summing), and the
+aggregates in :mod:`vajra.state.usage` are what invoices are priced from. A kill -9 of the
+ledger loses nothing: what it had not recorded was not acknowledged, and is sent again.
+
+``billing`` counts what was freshly recorded (``billed_ms_{kind}``, ``gradients``,
+``events_{kind}``) for the ledger's Prometheus endpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from vajra.bus.messages import StatsRequest, UsageAck, UsageBatch, UsageEvent
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
 from vajra.errors import InvalidRequest, VajraError
+from vajra.policies.billing import billed_gpu_ms
 from vajra.state import ClusterState, OffLoop, UsageRecord
 
 log = logging.getLogger("vajra.ledger")
@@ -37,6 +45,8 @@ class Ledger:
         self.state = state
         self.redis = OffLoop()  # Redis calls, off the event loop
         self.counters: Counter[str] = Counter()
+        self.billing: Counter[str] = Counter()
+        self.usage = state.usage.with_stream_maxlen(cfg.ledger.usage_stream_maxlen)
         self._ctx = bus.new_context()
         self.sock: ZSocket = open_socket(
             self._ctx, bus.ROUTER, high_water_mark=cfg.bus.high_water_mark, handover=True
@@ -92,6 +102,7 @@ class Ledger:
 
     async def _record(self, events: list[tuple[bytes, UsageEvent]]) -> dict[bytes, list[str]]:
         """Record a batch in one round trip; returns the acknowledgements to send."""
+        granularity = self.cfg.policies.billing_granularity_ms
         records = [
             UsageRecord(
                 event_id=e.event_id,
@@ -102,19 +113,24 @@ class Ledger:
                 prompt_tokens=e.prompt_tokens,
                 completion_tokens=e.completion_tokens,
                 ts_ms=e.ts_unix_ms,
+                adapter=e.adapter,
+                adapter_version=e.adapter_version,
+                kind=e.kind,
+                gradients=e.gradients,
+                billed_ms=billed_gpu_ms(e.gpu_ms, granularity) if e.kind == "inference" else 0,
             )
             for _, e in events
         ]
         try:
             with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-                fresh = await self.redis.run(self.state.usage.record_many, records)
+                fresh = await self.redis.run(self.usage.record_many, records)
         except InvalidRequest as exc:
             # One bad event must not block the others: record them one by one.
             log.warning("usage batch refused (%s); recording one by one", exc)
             fresh = []
             for rec in records:
                 try:
-                    fresh.append(await self.redis.run(self.state.usage.record, rec))
+                    fresh.append(await self.redis.run(self.usage.record, rec))
                 except InvalidRequest as bad:
                     self.counters["events_invalid"] += 1
                     log.error("usage event %s refused for good: %s", rec.event_id, bad)
@@ -128,7 +144,11 @@ class Ledger:
             log.warning("%d usage events not recorded yet: %s", len(records), exc)
             return {}
         acks: dict[bytes, list[str]] = {}
-        for (sender, event), is_new in zip(events, fresh, strict=False):
+        for (sender, event), rec, is_new in zip(events, records, fresh, strict=False):
             self.counters["events_recorded" if is_new else "events_duplicate"] += 1
+            if is_new:
+                self.billing[f"events_{rec.kind}"] += 1
+                self.billing[f"billed_ms_{rec.kind}"] += rec.billed_ms
+                self.billing["gradients"] += rec.gradients
             acks.setdefault(sender, []).append(event.event_id)
         return acks

@@ -4,7 +4,9 @@
 ``cluster.metrics_port`` > 0 gives each actor its port: gateway +0, scheduler +1, predictor +2,
 ledger +3, executor ``exec-N`` +10+N (the HTTP bridge has its own ``/metrics``). Every actor
 exports its counters as ``vajra_actor_events_total{actor, event}``; the executor adds its
-queue, batch and adapter tiers. The server is prometheus_client's own, in a daemon thread, so
+queue, batch and adapter tiers; the ledger what it billed (``vajra_billed_gpu_ms_total{kind}``,
+``vajra_billed_gradients_total``, ``vajra_billed_events_total{kind}``: fresh events only,
+since the ledger started). The server is prometheus_client's own, in a daemon thread, so
 scrapes never touch the Trio loop.
 """
 
@@ -27,6 +29,7 @@ from vajra.actors.adapter_tiers import LOAD_MS_BUCKETS, TIERS
 if TYPE_CHECKING:
     from vajra.actors.base import Actor
     from vajra.actors.executor import Executor
+    from vajra.actors.ledger import Ledger
 
 
 class CountersCollector(Collector):
@@ -116,13 +119,44 @@ class ExecutorCollector(Collector):
         yield load
 
 
+class LedgerCollector(Collector):
+    """What the ledger billed: GPU milliseconds and events by kind, gradients."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def collect(self) -> Iterator[Metric]:
+        billing = dict(self.ledger.billing)
+        billed = CounterMetricFamily(
+            "vajra_billed_gpu_ms",
+            "GPU milliseconds billed (rounded up per request to the billing granularity)",
+            labels=["kind"],
+        )
+        events = CounterMetricFamily(
+            "vajra_billed_events", "Usage events recorded (each once)", labels=["kind"]
+        )
+        for kind in ("inference", "training"):
+            billed.add_metric([kind], billing.get(f"billed_ms_{kind}", 0))
+            events.add_metric([kind], billing.get(f"events_{kind}", 0))
+        yield billed
+        yield events
+        yield CounterMetricFamily(
+            "vajra_billed_gradients",
+            "Gradients billed (trainable parameters x optimizer steps)",
+            value=billing.get("gradients", 0),
+        )
+
+
 def serve_actor_metrics(actor: Actor, port: int) -> CollectorRegistry:
     """Start ``actor``'s endpoint on 127.0.0.1:``port`` (a daemon thread); returns its registry."""
     from vajra.actors.executor import Executor
+    from vajra.actors.ledger import Ledger
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CountersCollector(actor))
     if isinstance(actor, Executor):
         registry.register(ExecutorCollector(actor))
+    if isinstance(actor, Ledger):
+        registry.register(LedgerCollector(actor))
     start_http_server(port, addr="127.0.0.1", registry=registry)
     return registry

@@ -1,12 +1,29 @@
-"""The prefetch predictor: learns each adapter's request pattern from the request events.
+"""The prefetch predictor: learns each adapter's request pattern and moves it between tiers.
 
 Data flows left to right::
 
     scheduler ═RequestEvents═▶ predictor ─▶ Redis (per-adapter request counts, last seen)
+    predictor ─AdapterTierCommand─▶ scheduler ─▶ the executor placement would pick
 
-For now it records: a bounded in-memory history of arrival times per adapter (what the
-forecast of Algorithm 1 will read) and per-adapter totals flushed to Redis once a second.
-Telling executors which tier each adapter belongs in comes with the adapter tiers.
+Every request event is keyed by (tenant, adapter digest) — never by adapter name — and feeds:
+
+* a bounded in-memory history of arrival times per key and per-key totals flushed to Redis
+  once a second (``"{tenant}/{digest}"``; base-model requests: ``"{tenant}/__base__"``);
+* the configured arrival predictor (``predictor.kind``: histogram, ewma, lstm, keepalive or
+  lru; see :mod:`vajra.policies.predictors` and :mod:`vajra.forecast.lstm`) and the
+  :class:`~vajra.policies.prefetch.Prefetcher` (Algorithm 1), which plans every
+  ``predictor.plan_interval_s`` with ``policies.prefetch_lookahead_ms`` and the executors'
+  measured load times (carried on the request events).
+
+Tier commands go to the scheduler with no executor named: it sends a promote where placement
+would send the tenant's next request for that adapter, and a demote to every executor holding
+the adapter above the target tier. The predictor's residency view is its own bookkeeping: an
+adapter just requested is in GPU memory, one just commanded sits where it was sent; an LRU
+eviction it did not order is not seen (the adapter then is simply reloaded on demand).
+
+Errors: a malformed event is counted and dropped; a Redis failure keeps the counts for the
+next flush; a full scheduler socket drops that plan's commands (counted) — prefetch is advice.
+On cancellation the flush in :meth:`drain` is bounded by ``ledger.flush_timeout_s``.
 """
 
 from __future__ import annotations
@@ -17,16 +34,64 @@ from collections import Counter, deque
 import trio
 
 from vajra import bus
-from vajra.bus.codec import DecodeError, decode
-from vajra.bus.messages import RequestEvent, RequestEvents
+from vajra.actors.base import now_ms
+from vajra.bus.codec import DecodeError, decode, encode
+from vajra.bus.messages import AdapterTierCommand, RequestEvent, RequestEvents
 from vajra.bus.zsocket import ZSocket, open_socket
-from vajra.config import VajraConfig
+from vajra.config import ConfigError, VajraConfig
 from vajra.errors import VajraError
+from vajra.policies.placement import AdapterKey, Tier
+from vajra.policies.predictors import (
+    ArrivalPredictor,
+    EwmaPredictor,
+    HistogramPredictor,
+    KeepAlivePredictor,
+    LruReactive,
+)
+from vajra.policies.prefetch import Prefetcher, TierCommand
 from vajra.state import ClusterState, OffLoop
 
 log = logging.getLogger("vajra.predictor")
 
 BASE_MODEL_KEY = "__base__"
+PREDICTORS = ("histogram", "ewma", "lstm", "keepalive", "lru")
+_TIER_NAME = {Tier.GPU: "gpu", Tier.HOST: "host", Tier.DISK: "disk"}
+_NAME_TIER = {v: k for k, v in _TIER_NAME.items()}
+_ASSUMED_BYTES = 16 << 20  # load times are planned per adapter; sizes are not reported
+
+
+def make_predictor(cfg: VajraConfig) -> ArrivalPredictor:
+    """The arrival predictor ``predictor.kind`` names; ConfigError for an unknown kind."""
+    p = cfg.predictor
+    if p.kind == "histogram":
+        return HistogramPredictor(fallback_keepalive_ms=p.keepalive_ms)
+    if p.kind == "ewma":
+        return EwmaPredictor()
+    if p.kind == "keepalive":
+        return KeepAlivePredictor(keepalive_ms=p.keepalive_ms)
+    if p.kind == "lru":
+        return LruReactive()
+    if p.kind == "lstm":
+        from vajra.forecast.lstm import LstmPredictor
+
+        return LstmPredictor(bin_ms=p.lstm_bin_ms)
+    raise ConfigError(f"predictor.kind must be one of {', '.join(PREDICTORS)}, not {p.kind!r}")
+
+
+def command_for(cmd: TierCommand, object_key: str) -> AdapterTierCommand:
+    """The wire command for a plan's decision (a demote to the disk drops host and GPU)."""
+    if cmd.action == "promote":
+        tier = _TIER_NAME[cmd.target]
+    else:
+        tier = _TIER_NAME[Tier(max(Tier.GPU, cmd.target - 1))]
+    return AdapterTierCommand(
+        executor_id=cmd.executor_id or "",
+        adapter_digest=cmd.key[1],
+        adapter_object_key=object_key,
+        tier=tier,
+        action=cmd.action,
+        tenant_id=cmd.key[0],
+    )
 
 
 class Predictor:
@@ -37,24 +102,35 @@ class Predictor:
         self.state = state
         self.redis = OffLoop()  # Redis calls, off the event loop
         self.counters: Counter[str] = Counter()
-        self.history: dict[str, deque[int]] = {}
+        self.history: dict[AdapterKey, deque[int]] = {}
         self._unflushed: Counter[str] = Counter()
         self._latest: dict[str, int] = {}
-        self._ctx = bus.new_context()
-        self.events: ZSocket = open_socket(
-            self._ctx, bus.SUB, high_water_mark=cfg.bus.high_water_mark
+        self.predictor = make_predictor(cfg)
+        self.prefetcher = Prefetcher(
+            self.predictor,
+            lookahead_ms=cfg.policies.prefetch_lookahead_ms,
+            default_size_bytes=_ASSUMED_BYTES,
         )
+        self.residency: dict[AdapterKey, Tier] = {}
+        self.object_keys: dict[AdapterKey, str] = {}
+        self._ctx = bus.new_context()
+        hwm = cfg.bus.high_water_mark
+        self.events: ZSocket = open_socket(self._ctx, bus.SUB, high_water_mark=hwm)
+        self.scheduler: ZSocket = open_socket(self._ctx, bus.DEALER, high_water_mark=hwm)
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             self.events.subscribe(b"")
             self.events.connect(self.cfg.cluster.events_address)
+            self.scheduler.connect(self.cfg.cluster.scheduler_address)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._receive)
                 nursery.start_soon(self._flush_loop)
+                nursery.start_soon(self._plan_loop)
                 task_status.started(self.cfg.cluster.events_address)
         finally:
             self.events.close()
+            self.scheduler.close()
             self._ctx.term()
 
     async def drain(self) -> None:
@@ -62,14 +138,45 @@ class Predictor:
             await self._flush()
 
     def record(self, event: RequestEvent) -> None:
-        key = event.adapter or BASE_MODEL_KEY
+        digest = event.adapter_digest or ""
+        key = (event.tenant_id, digest)
         hist = self.history.get(key)
         if hist is None:
             hist = self.history[key] = deque(maxlen=self.cfg.predictor.history_per_adapter)
         hist.append(event.ts_unix_ms)
-        self._unflushed[key] += 1
-        self._latest[key] = max(self._latest.get(key, 0), event.ts_unix_ms)
+        name = f"{event.tenant_id}/{digest or BASE_MODEL_KEY}"
+        self._unflushed[name] += 1
+        self._latest[name] = max(self._latest.get(name, 0), event.ts_unix_ms)
         self.counters["events"] += 1
+        if digest and event.adapter_object_key:
+            self.object_keys[key] = event.adapter_object_key
+            self.prefetcher.on_arrival(key, float(event.ts_unix_ms))
+            self.residency[key] = Tier.GPU  # the request loads it
+
+    def observe_load_times(self, tier_load_ms: dict[str, float]) -> None:
+        for name, ms in tier_load_ms.items():
+            tier = _NAME_TIER.get(name)
+            if tier is not None:
+                self.prefetcher.load.observe_load(tier, _ASSUMED_BYTES, ms)
+
+    def plan(self, now: float) -> list[AdapterTierCommand]:
+        """This interval's tier commands (the residency view moves with them)."""
+        out = []
+        for cmd in self.prefetcher.plan(now, self.residency):
+            object_key = self.object_keys.get(cmd.key)
+            if object_key is None:
+                continue
+            out.append(command_for(cmd, object_key))
+            self.residency[cmd.key] = cmd.target
+            self.counters[f"tier_{cmd.action}"] += 1
+        return out
+
+    async def _plan_loop(self) -> None:
+        while True:
+            await trio.sleep(self.cfg.predictor.plan_interval_s)
+            for msg in self.plan(float(now_ms())):
+                if not self.scheduler.send_nowait(encode(msg)):
+                    self.counters["tier_commands_dropped"] += 1
 
     async def _receive(self) -> None:
         while True:
@@ -80,6 +187,7 @@ class Predictor:
                     self.counters["malformed_events"] += 1
                     continue
                 if isinstance(env.message, RequestEvents):
+                    self.observe_load_times(env.message.tier_load_ms)
                     for event in env.message.events:
                         self.record(event)
 

@@ -5,14 +5,21 @@ Data flows left to right::
     gateways ─ROUTER(frontend)─▶ scheduler ─ROUTER(dispatch)─▶ executors
     executors ─ExecutorHello / LoadReport─▶ scheduler
     scheduler ═RequestEvents═▶ predictor (PUB, one message per batch of placements)
+    predictor ─AdapterTierCommand─▶ scheduler ─▶ the executor(s) placement names
     scheduler ─ErrorReply─▶ gateway   (no executor can take it; its executor was lost)
     gateway ─CancelWork─▶ scheduler ─CancelWork─▶ the executor holding each request
     gateway ─GatewayHello─▶ scheduler ─GatewayHello─▶ every executor
+    gateway|executor ─AdapterSwap─▶ scheduler ─AdapterWarm─▶ executors (see scheduler_swaps)
+
+Placement is Algorithm 2 over what the executors report (load, adapters per tier): see
+:mod:`vajra.actors.scheduler_placement`, which also holds requests no executor has room for
+(bounded, then ``no_capacity``) and routes the predictor's tier commands.
 
 The request body is forwarded to the executor byte for byte (decoded once, never re-encoded).
 The scheduler remembers which requests each executor holds until a LoadReport lists them as
 finished; when an executor stops reporting for ``executor_timeout_s``, or comes back with a
-new incarnation, every request it held is answered with a retriable ``UnavailableError``.
+new incarnation, its non-streaming requests are dispatched again, once, to another executor
+and every other request it held is answered with a retriable ``UnavailableError``.
 """
 
 from __future__ import annotations
@@ -22,13 +29,18 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 import trio
 
 from vajra import bus
 from vajra.actors.base import error_frames, now_ms, stats_frames
+from vajra.actors.scheduler_placement import LivePlacement
+from vajra.actors.scheduler_swaps import SwapCoordinator
 from vajra.bus.codec import DecodeError, decode_many, encode
 from vajra.bus.messages import (
+    AdapterSwap,
     AdapterTierCommand,
+    AdapterWarmed,
     CancelWork,
     ExecutorHello,
     GatewayHello,
@@ -41,8 +53,8 @@ from vajra.bus.messages import (
 from vajra.bus.outbox import Outbox
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
-from vajra.errors import OverloadedError, UnavailableError
-from vajra.policies.placement import ExecutorLoad, choose_executor
+from vajra.errors import UnavailableError
+from vajra.policies.placement import ExecutorLoad
 
 log = logging.getLogger("vajra.scheduler")
 
@@ -89,6 +101,11 @@ class Scheduler:
         # What one pass produced, sent per peer at its end (see vajra.bus.outbox).
         self._to_executors = Outbox(self.dispatch)
         self._to_gateways = Outbox(self.frontend)
+        # Algorithm 2 over the executors' reports; see vajra.actors.scheduler_placement.
+        self.placement = LivePlacement(cfg, self.counters)
+        self.swaps = SwapCoordinator(
+            self.counters, lambda: list(self.executors), self._to_executors, self._flush
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         c = self.cfg.cluster
@@ -100,11 +117,16 @@ class Scheduler:
                 nursery.start_soon(self._serve_gateways)
                 nursery.start_soon(self._serve_executors)
                 nursery.start_soon(self._watch_liveness)
+                nursery.start_soon(self.swaps.run)
                 task_status.started(address)
         finally:
             for s in (self.frontend, self.dispatch, self.events):
                 s.close()
             self._ctx.term()
+
+    async def _flush(self) -> None:
+        await self._to_executors.flush()
+        await self._to_gateways.flush()
 
     async def drain(self) -> None:
         """Nothing to finish: requests already dispatched are answered by their executors."""
@@ -119,7 +141,8 @@ class Scheduler:
             await self._to_executors.flush()
             await self._to_gateways.flush()
             if self._events:
-                self.events.send_nowait(encode(RequestEvents(self._events)))
+                loads = self.placement.tier_load_ms()
+                self.events.send_nowait(encode(RequestEvents(self._events, tier_load_ms=loads)))
                 self._events = []
 
     def _on_gateway_frames(self, frames: list[bytes]) -> None:
@@ -140,11 +163,14 @@ class Scheduler:
                 for executor_id in self.executors:
                     self._to_executors.add(own, executor_id.encode())
             elif isinstance(msg, AdapterTierCommand):
-                if msg.executor_id in self.executors:
-                    self._to_executors.add(own, msg.executor_id.encode())
-                    self.counters["tier_commands"] += 1
-                else:
-                    self.counters["tier_commands_unknown_executor"] += 1
+                targets = self.placement.route_tier_command(msg, now_ms())
+                if not msg.executor_id and targets:
+                    own = encode(msgspec.structs.replace(msg, executor_id=targets[0]))
+                for executor_id in targets:
+                    self._to_executors.add(own, executor_id.encode())
+                self.counters["tier_commands" if targets else "tier_commands_no_executor"] += 1
+            elif isinstance(msg, AdapterSwap):
+                self.swaps.start(msg, self._to_gateways, gateway)
             elif isinstance(msg, StatsRequest):
                 self.counters["executors"] = len(self.executors)
                 self._to_gateways.add(
@@ -153,38 +179,78 @@ class Scheduler:
             else:
                 self.counters["unexpected_kind"] += 1
 
-    def _place(self, gateway: bytes, work: InferWork, body: Sequence[bytes]) -> None:
-        self.counters["requests"] += 1
-        choice = choose_executor(v.load() for v in self.executors.values())
-        if choice is None:
-            exc = (
-                OverloadedError("every executor is full; retry later")
-                if self.executors
-                else UnavailableError("no executor is serving yet; retry")
-            )
-            self.counters[f"rejected_{exc.code.value}"] += 1
-            self._to_gateways.add(error_frames(work.request_id, exc), gateway)
-            return
-        view = self.executors[choice.executor_id]
-        remaining_s = max(0.0, (work.deadline_unix_ms - now_ms()) / 1000.0)
+    def _place(
+        self,
+        gateway: bytes,
+        work: InferWork,
+        body: Sequence[bytes],
+        *,
+        held: bool = False,
+        new: bool = True,
+    ) -> bool:
+        """Dispatch ``work`` where placement says, or hold it for room (True when placed or
+        answered; False when ``held`` and it should stay held)."""
+        if new and not held:
+            self.counters["requests"] += 1
+        now = now_ms()
+        choice = self.placement.choose(work, now)
+        view = self.executors.get(choice) if choice is not None else None
+        if view is None:
+            if held:
+                return False
+            exc = self.placement.hold(gateway, work, body, now, work.deadline_unix_ms)
+            if exc is not None:
+                self.counters[f"rejected_{exc.code.value}"] += 1
+                self._to_gateways.add(error_frames(work.request_id, exc), gateway)
+            return True
+        remaining_s = max(0.0, (work.deadline_unix_ms - now) / 1000.0)
         view.inflight[work.request_id] = (gateway, trio.current_time() + remaining_s + 5.0)
         self._to_executors.add(body, view.executor_id.encode())
+        self.placement.placed(work, view.executor_id, body, now)
+        self.placement.load_changed(
+            view.executor_id,
+            dispatched=len(view.inflight),
+            max_batch_size=view.max_batch_size,
+            max_queue=view.max_queue,
+        )
         self._events.append(
             RequestEvent(
                 request_id=work.request_id,
                 tenant_id=work.tenant_id,
                 adapter=work.adapter,
                 executor_id=view.executor_id,
-                ts_unix_ms=now_ms(),
+                ts_unix_ms=int(now),
                 prompt_chars=len(work.prompt),
+                adapter_digest=work.adapter_digest,
+                adapter_object_key=work.adapter_object_key,
             )
         )
+        return True
+
+    def _retry_held(self) -> None:
+        """Place the requests held for room that now fit; answer those whose wait is over."""
+        if not self.placement.waiting:
+            return
+        now = now_ms()
+        for w in self.placement.take_waiting():
+            if self._place(w.gateway, w.work, w.body, held=True):
+                continue
+            if now >= w.until_ms:
+                exc = self.placement.expired_error()
+                self.counters[f"rejected_{exc.code.value}"] += 1
+                self._to_gateways.add(error_frames(w.work.request_id, exc), w.gateway)
+            else:
+                self.placement.waiting.append(w)
 
     def _route_cancels(self, msg: CancelWork) -> None:
         """Send each cancelled request's id to the executor holding it (unknown ids: dropped,
         the request already finished)."""
         by_executor: dict[str, list[str]] = {}
+        held = self.placement.cancel_held(msg.request_ids)
+        self.counters["cancels_held"] += len(held)
         for rid in msg.request_ids:
+            if rid in held:
+                continue
             holder = next((v for v in self.executors.values() if rid in v.inflight), None)
             if holder is None:
                 self.counters["cancels_unknown"] += 1
@@ -210,18 +276,26 @@ class Scheduler:
                         self._on_hello(msg)
                     elif isinstance(msg, LoadReport):
                         self._on_load(msg)
+                    elif isinstance(msg, AdapterWarmed):
+                        self.swaps.on_warmed(msg)
+                    elif isinstance(msg, AdapterSwap):
+                        self.swaps.start(msg, self._to_executors, frames[0])
                     else:
                         self.counters["unexpected_executor_kind"] += 1
-            await self._to_gateways.flush()
+            await self._flush()
 
     def _on_hello(self, hello: ExecutorHello) -> None:
         view = self.executors.get(hello.executor_id)
         if view is not None and view.incarnation == hello.incarnation:
             view.last_seen = trio.current_time()
             view.max_batch_size, view.max_queue = hello.max_batch_size, hello.max_queue
+            self.placement.load_changed(
+                view.executor_id,
+                dispatched=len(view.inflight),
+                max_batch_size=view.max_batch_size,
+                max_queue=view.max_queue,
+            )
             return
-        if view is not None:
-            self._fail_inflight(view, "its executor restarted")
         log.info("executor %s joined (incarnation %s)", hello.executor_id, hello.incarnation)
         self.executors[hello.executor_id] = _ExecutorView(
             hello.executor_id,
@@ -230,6 +304,11 @@ class Scheduler:
             hello.max_queue,
             trio.current_time(),
         )
+        self.placement.joined(hello.executor_id, hello.max_batch_size, hello.max_queue)
+        if view is not None:
+            self._redispatch(view)
+            self._fail_inflight(view, "its executor restarted")
+        self._retry_held()
 
     def _on_load(self, report: LoadReport) -> None:
         view = self.executors.get(report.executor_id)
@@ -241,6 +320,9 @@ class Scheduler:
         view.reported_load = report.queue_depth + report.running
         for rid in report.finished_ids:
             view.inflight.pop(rid, None)
+        self.placement.finished(report.finished_ids)
+        self.placement.reported(report, len(view.inflight))
+        self._retry_held()
 
     async def _watch_liveness(self) -> None:
         timeout = self.cfg.scheduler.executor_timeout_s
@@ -254,12 +336,32 @@ class Scheduler:
                     )
                     self.counters["executors_lost"] += 1
                     del self.executors[view.executor_id]
+                    self.placement.removed(view.executor_id)
+                    self._redispatch(view)
                     self._fail_inflight(view, "its executor stopped responding")
+                    self.swaps.executor_lost(view.executor_id)
                     continue
                 expired = [rid for rid, (_, dl) in view.inflight.items() if dl < now]
                 for rid in expired:
                     del view.inflight[rid]
-            await self._to_gateways.flush()
+                self.placement.finished(expired)
+            self._retry_held()
+            await self._flush()
+
+    def _redispatch(self, lost: _ExecutorView) -> None:
+        """Place again, once, the non-streaming requests a lost executor held (the caller
+        flushes; the rest stay in ``lost.inflight`` for :meth:`_fail_inflight`). With no
+        executor left there is nowhere to send them: they fail as lost."""
+        if not self.executors:
+            self.placement.finished(list(lost.inflight))
+            return
+        for rid in list(lost.inflight):
+            kept = self.placement.take_redispatch(rid)
+            if kept is None:
+                continue
+            gateway, _ = lost.inflight.pop(rid)
+            self.counters["requests_redispatched"] += 1
+            self._place(gateway, kept.work, kept.body, new=False)
 
     def _fail_inflight(self, view: _ExecutorView, why: str) -> None:
         """Answer every request the executor held with a retriable error (the caller flushes)."""

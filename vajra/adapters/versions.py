@@ -8,18 +8,24 @@ Pure code: no I/O.
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from vajra.errors import InvalidRequest, NotFoundError
 
 __all__ = [
     "ADAPTER_NAME_RE",
+    "MAX_METADATA_BYTES",
     "MAX_VERSION",
+    "SOURCES",
     "AdapterVersion",
     "Deletion",
     "ResolvedAdapter",
     "check_adapter_name",
+    "check_metadata",
     "not_found",
     "parse_adapter_ref",
 ]
@@ -29,6 +35,14 @@ ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 MAX_VERSION = 2**53
 """The largest version number a reference may name."""
+
+SOURCES = ("push", "train", "merge")
+"""Where a version came from: an upload, a fine-tuning job, a merge of two versions."""
+
+MAX_METADATA_BYTES = 16_384
+"""The most JSON bytes each of a version's ``hyperparams`` and ``metrics`` may take."""
+
+_DATASET_DIGEST_RE = re.compile(r"[A-Za-z0-9:._-]{0,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +72,14 @@ class AdapterVersion:
     base_model: str
     created_ms: int
     active: bool = False
+    # Version metadata (docs/hot-swap.md): the version it continues from (by default the one
+    # active when it was registered), what it was trained on and with, how it ended.
+    parent_version: int | None = None
+    dataset_digest: str = ""
+    hyperparams: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    source: str = "push"  # one of SOURCES
+    staged: bool = False  # registered but never active yet (a swap in progress, or kept aside)
 
     def resolved(self) -> ResolvedAdapter:
         return ResolvedAdapter(
@@ -97,3 +119,48 @@ def parse_adapter_ref(ref: object) -> tuple[str, int | None]:
             "adapter version must be a positive integer: NAME@VERSION", field="adapter"
         )
     return name, int(version)
+
+
+def check_metadata(
+    *,
+    parent_version: object = None,
+    dataset_digest: object = "",
+    hyperparams: object = None,
+    metrics: object = None,
+    source: object = "push",
+) -> tuple[str, str]:
+    """Check a version's metadata; returns ``(hyperparams, metrics)`` as compact JSON.
+
+    Raises InvalidRequest naming the field: a parent that is not a positive version number, a
+    dataset digest outside ``[A-Za-z0-9:._-]{0,128}``, hyperparams or metrics that are not a
+    JSON object with string keys (finite numbers only) or exceed :data:`MAX_METADATA_BYTES`,
+    an unknown source.
+    """
+    if parent_version is not None and (
+        isinstance(parent_version, bool)
+        or not isinstance(parent_version, int)
+        or not 1 <= parent_version <= MAX_VERSION
+    ):
+        raise InvalidRequest("parent_version must be a positive integer", field="parent_version")
+    if not isinstance(dataset_digest, str) or not _DATASET_DIGEST_RE.fullmatch(dataset_digest):
+        raise InvalidRequest(
+            "dataset_digest must be up to 128 characters of [A-Za-z0-9:._-]",
+            field="dataset_digest",
+        )
+    if source not in SOURCES:
+        raise InvalidRequest(f"source must be one of {', '.join(SOURCES)}", field="source")
+    return _json_object(hyperparams, "hyperparams"), _json_object(metrics, "metrics")
+
+
+def _json_object(value: object, name: str) -> str:
+    if value is None:
+        return "{}"
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise InvalidRequest(f"{name} must be a JSON object with string keys", field=name)
+    try:
+        text = json.dumps(dict(value), separators=(",", ":"), allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(f"{name} is not plain JSON: {exc}", field=name) from None
+    if len(text.encode()) > MAX_METADATA_BYTES:
+        raise InvalidRequest(f"{name} takes over {MAX_METADATA_BYTES} bytes as JSON", field=name)
+    return text

@@ -19,6 +19,10 @@ Data flows left to right::
     client ──CancelRequest──▶ gateway ──CancelWork──▶ scheduler ──CancelWork──▶ executor
     gateway ──GatewayHello──▶ scheduler ──GatewayHello──▶ every executor
     client ──AdapterPush (+2 bulk frames) / AdapterList / AdapterDelete──▶ gateway ──AdapterReply──▶ client
+    client ──TrainSubmit (+1 bulk frame) / JobGet / JobList / JobCancel / JobResume──▶ gateway ──JobReply──▶ client
+    client ──JobWatch──▶ gateway ──JobProgress…, JobReply──▶ client
+    gateway|executor ──AdapterSwap──▶ scheduler ──AdapterWarm──▶ executors ──AdapterWarmed──▶ scheduler
+    scheduler ──AdapterSwapDone──▶ gateway|executor (which then flips the active pointer)
     executor ──ExecutorHello / LoadReport──▶ scheduler ──ErrorReply (executor lost)──▶ gateway
     executor ──UsageEvent──▶ ledger ──UsageAck──▶ executor
     scheduler ══RequestEvent══▶ predictor (PUB/SUB)
@@ -28,7 +32,7 @@ Data flows left to right::
 
 from __future__ import annotations
 
-from typing import ClassVar, NewType
+from typing import Any, ClassVar, NewType
 
 import msgspec
 from msgspec import field
@@ -287,12 +291,36 @@ class TenantInfo(Message, frozen=True):
 
 class UsageQuery(Message, frozen=True):
     """The caller's own usage totals. ``tenant`` (an id or a name), when given, must be the
-    caller's own tenant; any other value is answered ``not_found``, whether or not it exists."""
+    caller's own tenant; any other value is answered ``not_found``, whether or not it exists.
+    The admin key (``http.admin_key``) may name any tenant (and must name one).
+
+    ``start_unix_ms`` / ``end_unix_ms`` (None: open) select the UTC days of usage in the
+    reply's ``rows`` (a day is in when any of it is in ``[start, end)``); ``group_by``
+    (``adapter``, ``kind``, ``day`` or None) is how the caller will group them.
+    """
 
     KIND: ClassVar[str] = "usage-query"
     request_id: str
     api_key: str
     tenant: str | None = None
+    start_unix_ms: int | None = None
+    end_unix_ms: int | None = None
+    group_by: str | None = None
+
+
+class UsageRowWire(msgspec.Struct, frozen=True):
+    """One (UTC day, adapter, version, kind) bucket of a tenant's usage (in :class:`UsageReply`)."""
+
+    day: int  # days since the Unix epoch (UTC)
+    adapter: str  # "" : the base model
+    adapter_version: int
+    kind: str  # "inference" | "training"
+    events: int
+    gpu_us: int
+    billed_ms: int
+    prompt_tokens: int
+    completion_tokens: int
+    gradients: int
 
 
 class UsageReply(Message, frozen=True):
@@ -304,6 +332,10 @@ class UsageReply(Message, frozen=True):
     gpu_ms: float
     prompt_tokens: int
     completion_tokens: int
+    billed_ms: int = 0
+    gradients: int = 0
+    rows: list[UsageRowWire] = field(default_factory=list)
+    group_by: str | None = None
 
 
 class AdminRequest(Message, frozen=True):
@@ -372,14 +404,34 @@ class AdapterPush(Message, frozen=True):
     api_key: str
     name: str
     tenant: str | None = None
+    # Version metadata (see docs/hot-swap.md); a push stages, warms, then activates the
+    # version unless ``activate`` is False (then it stays staged: ``NAME@VERSION`` only).
+    activate: bool = True
+    dataset_digest: str = ""
+    hyperparams: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 class AdapterList(Message, frozen=True):
-    """List the caller's adapters, every version (answered :class:`AdapterReply`)."""
+    """List the caller's adapters, every version (answered :class:`AdapterReply`); with
+    ``name``, only that adapter's versions (NotFoundError when it has none)."""
 
     KIND: ClassVar[str] = "adapter-list"
     request_id: str
     api_key: str
+    tenant: str | None = None
+    name: str | None = None
+
+
+class AdapterRollback(Message, frozen=True):
+    """Make ``version`` of ``name`` active again the warm way (answered :class:`AdapterReply`
+    holding that version)."""
+
+    KIND: ClassVar[str] = "adapter-rollback"
+    request_id: str
+    api_key: str
+    name: str
+    version: int
     tenant: str | None = None
 
 
@@ -406,6 +458,12 @@ class AdapterEntry(msgspec.Struct, frozen=True):
     lora_alpha: float = 0.0
     target_modules: list[str] = field(default_factory=list)
     created_ms: int = 0
+    parent_version: int | None = None
+    dataset_digest: str = ""
+    hyperparams: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    source: str = "push"  # "push", "train", "merge"
+    staged: bool = False  # registered, never active yet
 
 
 class AdapterReply(Message, frozen=True):
@@ -414,6 +472,129 @@ class AdapterReply(Message, frozen=True):
     KIND: ClassVar[str] = "adapter-reply"
     request_id: str
     adapters: list[AdapterEntry] = field(default_factory=list)
+
+
+# --- client <-> gateway: training jobs (docs/training-jobs.md) ------------------------------
+
+
+class TrainSubmit(Message, frozen=True):
+    """Queue a fine-tuning job of adapter ``adapter`` (answered :class:`JobReply`, one job).
+
+    One bulk frame follows the body: the dataset (JSON Lines) as raw bytes, or an empty frame
+    when ``dataset_uri`` names ``s3://<the cluster's bucket>/datasets/<tenant_id>/...``.
+    ``params``: :meth:`vajra.policies.training.TrainParams.to_dict` keys (missing ones take
+    their defaults). The job starts from ``from_version`` (None: the active version) of an
+    existing adapter, or, with ``fresh``, from a new adapter of ``params`` rank and modules.
+    """
+
+    KIND: ClassVar[str] = "train-submit"
+    BULK_FRAMES: ClassVar[int] = 1
+    request_id: str
+    api_key: str
+    adapter: str
+    params: dict[str, Any] = field(default_factory=dict)
+    dataset_uri: str = ""
+    from_version: int | None = None
+    fresh: bool = False
+    tenant: str | None = None
+
+
+class JobInfo(msgspec.Struct, frozen=True):
+    """One training job as a tenant sees it (an item of :class:`JobReply`)."""
+
+    job_id: str
+    adapter: str
+    status: str  # queued, running, succeeded, failed, cancelled
+    base_model: str = ""
+    from_version: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    dataset_digest: str = ""
+    created_ms: int = 0
+    started_ms: int = 0
+    finished_ms: int = 0
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    loss: float = 0.0
+    tokens: int = 0
+    gradients: int = 0
+    cost_usd: float = 0.0
+    checkpoint_step: int = 0
+    result_version: int | None = None
+    error: str = ""
+    attempt: int = 1
+    cancel_requested: bool = False
+
+
+class JobGet(Message, frozen=True):
+    """One of the caller's jobs (answered :class:`JobReply`); another tenant's: not found."""
+
+    KIND: ClassVar[str] = "job-get"
+    request_id: str
+    api_key: str
+    job_id: str
+    tenant: str | None = None
+
+
+class JobList(Message, frozen=True):
+    """The caller's newest ``limit`` jobs, newest first (answered :class:`JobReply`)."""
+
+    KIND: ClassVar[str] = "job-list"
+    request_id: str
+    api_key: str
+    limit: int = 100
+    tenant: str | None = None
+
+
+class JobCancel(Message, frozen=True):
+    """Cancel a job: a queued one at once, a running one at its executor's next lease renewal
+    (answered :class:`JobReply` with the job as it stands)."""
+
+    KIND: ClassVar[str] = "job-cancel"
+    request_id: str
+    api_key: str
+    job_id: str
+    tenant: str | None = None
+
+
+class JobResume(Message, frozen=True):
+    """Queue a failed or cancelled job again from its last checkpoint (answered
+    :class:`JobReply`)."""
+
+    KIND: ClassVar[str] = "job-resume"
+    request_id: str
+    api_key: str
+    job_id: str
+    tenant: str | None = None
+
+
+class JobWatch(Message, frozen=True):
+    """Follow a job: :class:`JobProgress` each time it changes, then :class:`JobReply` once it
+    is finished (or after ``training.max_follow_s``). A ``CancelRequest`` with the same
+    ``request_id`` ends the stream (answered ``cancelled``)."""
+
+    KIND: ClassVar[str] = "job-watch"
+    request_id: str
+    api_key: str
+    job_id: str
+    tenant: str | None = None
+
+
+class JobProgress(Message, frozen=True):
+    """One change of a followed job; ``index`` counts the chunks of the stream from 0."""
+
+    KIND: ClassVar[str] = "job-progress"
+    request_id: str
+    index: int
+    job: JobInfo
+
+
+class JobReply(Message, frozen=True):
+    """The submitted, read, listed, cancelled or resumed jobs; a follow's last message."""
+
+    KIND: ClassVar[str] = "job-reply"
+    request_id: str
+    jobs: list[JobInfo] = field(default_factory=list)
 
 
 # --- gateway -> scheduler -> executor ----------------------------------------------------
@@ -489,8 +670,17 @@ class LoadReport(Message, frozen=True):
     queue_depth: int
     running: int
     finished_ids: list[str] = field(default_factory=list)
-    resident_adapters: list[str] = field(default_factory=list)
+    resident_adapters: list[str] = field(default_factory=list)  # digests in GPU memory
     draining: bool = False
+    # Placement (Algorithm 2) and prefetch (Algorithm 1) read these; digests per tier.
+    host_adapters: list[str] = field(default_factory=list)
+    disk_adapters: list[str] = field(default_factory=list)
+    active_adapters: int = 0  # adapters held by running requests (not evictable)
+    gpu_slots: int = 0  # GPU adapter slots in all (0: unknown)
+    gpu_slots_free: int = 0
+    # Mean measured time of a load into each tier ("gpu": from host memory, "host": from
+    # disk, "disk": from the object store) since the executor started; absent: none yet.
+    tier_load_ms: dict[str, float] = field(default_factory=dict)
 
 
 class AdapterTierCommand(Message, frozen=True):
@@ -502,18 +692,87 @@ class AdapterTierCommand(Message, frozen=True):
     """
 
     KIND: ClassVar[str] = "adapter-tier"
-    executor_id: str
+    executor_id: str  # "": the scheduler picks — placement's choice for a promote, every
+    # executor holding the adapter above ``tier`` for a demote
     adapter_digest: str
     adapter_object_key: str
     tier: str
     action: str
+    tenant_id: str = ""
+
+
+# --- warm hot swap: requester (gateway, executor) <-> scheduler <-> executors ----------------
+
+
+class AdapterSwap(Message, frozen=True):
+    """Warm ``to_digest`` wherever ``from_digest`` is held, before a pointer flip (answered
+    :class:`AdapterSwapDone`; see :mod:`vajra.actors.scheduler_swaps`).
+
+    Sent to the scheduler by a gateway (its frontend) or an executor (its dispatch socket);
+    the requester flips the registry's pointer itself once answered. ``wait_ms`` bounds the
+    scheduler's wait for the executors' replies.
+    """
+
+    KIND: ClassVar[str] = "adapter-swap"
+    swap_id: str
+    tenant_id: str
+    name: str
+    from_digest: str
+    to_version: int
+    to_digest: str
+    to_object_key: str
+    wait_ms: int = 10_000
+
+
+class AdapterWarm(Message, frozen=True):
+    """Scheduler -> every live executor: if you hold ``from_digest`` (GPU or host memory),
+    load ``to_digest`` into the same tier, then answer :class:`AdapterWarmed`."""
+
+    KIND: ClassVar[str] = "adapter-warm"
+    swap_id: str
+    from_digest: str
+    to_digest: str
+    to_object_key: str
+    deadline_unix_ms: int
+
+
+class AdapterWarmed(Message, frozen=True):
+    """Executor -> scheduler: what :class:`AdapterWarm` did here. ``held_old``: it held the
+    old version; ``loaded``: the new one is now in the same tier; ``error`` why not."""
+
+    KIND: ClassVar[str] = "adapter-warmed"
+    swap_id: str
+    executor_id: str
+    held_old: bool
+    loaded: bool
+    tier: str = ""  # "gpu" or "host" when held_old
+    error: str = ""
+
+
+class AdapterSwapDone(Message, frozen=True):
+    """Scheduler -> requester: the warm phase ended. ``ok``: every executor that held the old
+    version loaded the new one in time (``not_warmed`` lists those that did not: no reply in
+    ``wait_ms``, an error, or lost meanwhile)."""
+
+    KIND: ClassVar[str] = "adapter-swap-done"
+    swap_id: str
+    ok: bool
+    warmed: list[str] = field(default_factory=list)
+    not_warmed: list[str] = field(default_factory=list)
+    error: str = ""
 
 
 # --- executor <-> ledger ------------------------------------------------------------------
 
 
 class UsageEvent(msgspec.Struct, frozen=True):
-    """Measured usage of one request (an item of :class:`UsageBatch`)."""
+    """Measured usage of one request or one training step (an item of :class:`UsageBatch`).
+
+    ``event_id`` makes it idempotent (the ledger counts an id once); ``adapter`` is the
+    adapter's name ("" for the base model) and ``adapter_version`` the version that ran (0:
+    none); ``kind`` is ``inference`` or ``training``; ``gradients`` (training) is trainable
+    parameters x optimizer steps (:func:`vajra.policies.billing.gradients_per_step`).
+    """
 
     event_id: str
     tenant_id: str
@@ -523,6 +782,10 @@ class UsageEvent(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int
     ts_unix_ms: int
+    adapter: str = ""
+    adapter_version: int = 0
+    kind: str = "inference"
+    gradients: int = 0
 
 
 class UsageBatch(Message, frozen=True):
@@ -549,6 +812,8 @@ class RequestEvent(msgspec.Struct, frozen=True):
     executor_id: str
     ts_unix_ms: int
     prompt_chars: int = 0
+    adapter_digest: str | None = None  # the resolved version's digest (None: base model)
+    adapter_object_key: str | None = None
 
 
 class RequestEvents(Message, frozen=True):
@@ -556,6 +821,9 @@ class RequestEvents(Message, frozen=True):
 
     KIND: ClassVar[str] = "request-events"
     events: list[RequestEvent]
+    # Mean measured load time into each tier across the executors' last reports (see
+    # LoadReport.tier_load_ms): what prefetch plans with.
+    tier_load_ms: dict[str, float] = field(default_factory=dict)
 
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
@@ -574,6 +842,10 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     ExecutorHello,
     LoadReport,
     AdapterTierCommand,
+    AdapterSwap,
+    AdapterWarm,
+    AdapterWarmed,
+    AdapterSwapDone,
     UsageBatch,
     UsageAck,
     RequestEvents,
@@ -589,4 +861,13 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     AdapterList,
     AdapterDelete,
     AdapterReply,
+    AdapterRollback,
+    TrainSubmit,
+    JobGet,
+    JobList,
+    JobCancel,
+    JobResume,
+    JobWatch,
+    JobProgress,
+    JobReply,
 )

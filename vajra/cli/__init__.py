@@ -8,7 +8,10 @@ own module and adds its subcommands to the parser built here:
 - :mod:`~vajra.cli._tenant`: ``tenant``
 - :mod:`~vajra.cli._infer`: ``infer``
 - :mod:`~vajra.cli._adapter`: ``adapter``
+- :mod:`~vajra.cli._train`: ``train``; :mod:`~vajra.cli._job`: ``job`` (training jobs)
 - :mod:`~vajra.cli._status`: ``status``
+- :mod:`~vajra.cli._usage`: ``usage`` (an invoice)
+- :mod:`~vajra.cli._replay`: ``replay`` (drive the cluster with a trace)
 - :mod:`~vajra.cli._config`: ``config show``
 - :mod:`~vajra.cli._tools`: ``model init-tiny``, ``bench``
 """
@@ -20,7 +23,19 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from vajra.cli import _adapter, _cluster, _config, _infer, _status, _tenant, _tools
+from vajra.cli import (
+    _adapter,
+    _cluster,
+    _config,
+    _infer,
+    _job,
+    _replay,
+    _status,
+    _tenant,
+    _tools,
+    _train,
+    _usage,
+)
 from vajra.cli._cluster import actor_config as _actor_config  # kept for existing importers
 from vajra.config import ConfigError
 from vajra.errors import VajraError
@@ -42,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"vajra {version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for group in (_cluster, _tenant, _infer, _adapter, _status, _config, _tools):
+    groups = (_cluster, _tenant, _infer, _adapter, _status, _usage, _replay, _config, _tools)
+    for group in (*groups, _train, _job):
         group.register(sub)
     return p
 

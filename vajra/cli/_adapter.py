@@ -1,4 +1,5 @@
-"""``vajra adapter``: push, list and delete a tenant's LoRA adapters through the gateway."""
+"""``vajra adapter``: push, list, delete and roll back a tenant's LoRA adapters through the
+gateway; ``versions NAME`` shows a name's versions with their metadata (docs/hot-swap.md)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ def register(sub: Subcommands) -> None:
     asub.add_parser("list", help="every version of your adapters")
     adel = asub.add_parser("delete", help="delete NAME (every version) or NAME@VERSION")
     adel.add_argument("ref", metavar="NAME[@VERSION]")
+    aver = asub.add_parser("versions", help="NAME's versions: digest, parent, created, metrics")
+    aver.add_argument("name", metavar="NAME")
+    aroll = asub.add_parser("rollback", help="make VERSION of NAME active again (warm swap)")
+    aroll.add_argument("name", metavar="NAME")
+    aroll.add_argument("version", metavar="VERSION", type=int)
     for sp in asub.choices.values():
         sp.add_argument("--key", help="API key (default: $VAJRA_API_KEY)")
         sp.add_argument(
@@ -63,6 +69,25 @@ def cmd_adapter(args: argparse.Namespace) -> int:
             gone = client.delete_adapter(args.ref)
             for i in gone:
                 print(f"deleted {i.name}@{i.version}")
+        elif args.adapter_cmd == "versions":
+            infos = client.versions(args.name)
+            if args.json:
+                print(json.dumps([_adapter_json(i) for i in infos]))
+            else:
+                print("VERSION\tACTIVE\tPARENT\tSOURCE\tCREATED_MS\tDIGEST\tMETRICS")
+                for i in infos:
+                    state = "*" if i.active else ("staged" if i.staged else "")
+                    parent = "" if i.parent_version is None else str(i.parent_version)
+                    print(
+                        f"{i.version}\t{state}\t{parent}\t{i.source}\t{i.created_ms}\t"
+                        f"{i.digest}\t{json.dumps(dict(i.metrics), sort_keys=True)}"
+                    )
+        elif args.adapter_cmd == "rollback":
+            info = client.rollback(args.name, args.version)
+            if args.json:
+                print(json.dumps(_adapter_json(info)))
+            else:
+                print(f"adapter {info.name} now answers with version {info.version}")
     return 0
 
 
@@ -74,4 +99,11 @@ def _adapter_json(info: AdapterInfo) -> dict[str, Any]:
         "size_bytes": info.size_bytes,
         "rank": info.rank,
         "active": info.active,
+        "parent_version": info.parent_version,
+        "created_ms": info.created_ms,
+        "source": info.source,
+        "staged": info.staged,
+        "dataset_digest": info.dataset_digest,
+        "hyperparams": dict(info.hyperparams),
+        "metrics": dict(info.metrics),
     }

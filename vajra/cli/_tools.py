@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vajra.bench.engine_args import add_engine_arguments
+from vajra.bench.train_args import add_train_arguments
 
 if TYPE_CHECKING:
     from vajra.cli._common import Subcommands
@@ -64,6 +66,28 @@ def register(sub: Subcommands) -> None:
     )
     add_engine_arguments(engine)
     engine.set_defaults(func=cmd_bench_engine)
+    placement = bsub.add_parser(
+        "placement",
+        help="placement decision time (Algorithm 2's index) at 10 to 10,000 executors",
+    )
+    placement.add_argument("--json", required=True, help="where to write the results")
+    placement.add_argument(
+        "--decisions", type=int, default=20_000, help="per size (default: %(default)s)"
+    )
+    placement.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    placement.add_argument(
+        "--sizes",
+        default="10,100,1000,10000",
+        help="executor counts, comma-separated (default: %(default)s)",
+    )
+    placement.set_defaults(func=cmd_bench_placement)
+    train = bsub.add_parser(
+        "train",
+        help="LoRA training tokens/s vs PEFT, and inference TTFT/ITL with a job running, "
+        "preemption on and off",
+    )
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_bench_train)
     # `vajra bench adapters ARGS` hands ARGS to the benchmark's own parser (see vajra.cli.main).
     bsub.add_parser(
         "adapters",
@@ -102,6 +126,27 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0
+
+
+def cmd_bench_placement(args: argparse.Namespace) -> int:
+    from vajra.bench.placement import run_placement_bench
+
+    try:
+        sizes = tuple(int(x) for x in args.sizes.split(","))
+        result = run_placement_bench(sizes=sizes, decisions=args.decisions, seed=args.seed)
+    except ValueError as exc:
+        print(f"vajra bench placement: {exc}", file=sys.stderr)
+        return 2
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from vajra.bench.train import run_from_args
+
+    return run_from_args(args)
 
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:

@@ -20,12 +20,18 @@ Every generation call takes the decoding parameters as keywords (:class:`Samplin
 
 Every failure is raised as a :class:`VajraError` subclass; :class:`TimeoutError` is also the
 builtin ``TimeoutError``; ``error.retriable`` says whether sending again may succeed.
+
+Fine-tuning: ``client.train(adapter, dataset, epochs=..., ...)`` queues a training job and
+returns its handle (:class:`TrainingJob` / :class:`AsyncTrainingJob`: ``status()``,
+``follow()``, ``wait()``, ``cancel()``, ``resume()``); ``client.job(id)``, ``client.jobs()``.
 """
 
 from vajra.bus.messages import TokenLogprob
 from vajra.client._async import AsyncClient
 from vajra.client._decoding import MAX_CHOICES, SamplingOptions
 from vajra.client._fanout_async import FanoutStream
+from vajra.client._jobs import JobInfo, TrainingJob
+from vajra.client._jobs_async import AsyncTrainingJob, JobFollow
 from vajra.client._stream import Stream
 from vajra.client._sync import Client
 from vajra.client._types import (
@@ -39,6 +45,7 @@ from vajra.client._types import (
     TenantUsage,
     Usage,
 )
+from vajra.client._usage import UsageReport
 from vajra.errors import (
     AuthError,
     Cancelled,
@@ -60,6 +67,7 @@ __all__ = [
     "MAX_CHOICES",
     "AdapterInfo",
     "AsyncClient",
+    "AsyncTrainingJob",
     "AuthError",
     "Cancelled",
     "Choice",
@@ -70,6 +78,8 @@ __all__ = [
     "InternalError",
     "InvalidRequest",
     "IssuedKey",
+    "JobFollow",
+    "JobInfo",
     "NotFoundError",
     "OverloadedError",
     "PayloadTooLarge",
@@ -85,7 +95,9 @@ __all__ = [
     "TenantUsage",
     "TimeoutError",
     "TokenLogprob",
+    "TrainingJob",
     "UnavailableError",
     "Usage",
+    "UsageReport",
     "VajraError",
 ]

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from types import TracebackType
-from typing import Unpack
+from typing import Any, Unpack
 
 import trio
 
-from vajra.client._adapter_files import read_adapter_dir
-from vajra.client._calls import Calls
+from vajra.client._adapter_files import adapter_bytes_from_tensors, read_adapter_dir
+from vajra.client._calls import AdapterMetadata, Calls
 from vajra.client._choices import read_as_stream
 from vajra.client._decoding import SamplingOptions, sampling_params
 from vajra.client._fanout_async import FanoutStream, infer_all
+from vajra.client._jobs_async import AsyncJobsMixin
 from vajra.client._requests import check_upload_size
 from vajra.client._session import Session
 from vajra.client._stream import Stream
@@ -27,12 +29,12 @@ from vajra.client._types import (
     InferenceResult,
     IssuedKey,
     Tenant,
-    TenantUsage,
 )
+from vajra.client._usage import UsageReport, When
 from vajra.policies.decoding import SamplingParams
 
 
-class AsyncClient:
+class AsyncClient(AsyncJobsMixin):
     """Talks to a Vajra gateway from Trio.
 
     ::
@@ -176,10 +178,19 @@ class AsyncClient:
         return await self._session.run(self._calls.whoami(timeout_s))
 
     async def usage(
-        self, tenant: str | None = None, *, timeout_s: float | None = None
-    ) -> TenantUsage:
-        """This key's tenant's usage totals; ``tenant`` (id or name) other than its own: NotFoundError."""
-        return await self._session.run(self._calls.usage(tenant, timeout_s))
+        self,
+        tenant: str | None = None,
+        start: When = None,
+        end: When = None,
+        group_by: str | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> UsageReport:
+        """This key's tenant's usage: totals, and the day buckets in ``[start, end)``
+        (``vajra.client._usage``); ``tenant`` (id or name) other than its own: NotFoundError
+        (the admin key must name one). ``report.invoice(prices)`` prices it."""
+        call = self._calls.usage(tenant, timeout_s, start=start, end=end, group_by=group_by)
+        return await self._session.run(call)
 
     async def cluster_status(self, *, timeout_s: float | None = None) -> list[ExecutorStatus]:
         """Every live executor's last heartbeat (a tenant's key or the admin key, like
@@ -200,11 +211,22 @@ class AsyncClient:
         return await self.push_adapter_bytes(config_json, weights, name, timeout_s=timeout_s)
 
     async def push_adapter_bytes(
-        self, config_json: bytes, weights: bytes, name: str, *, timeout_s: float | None = None
+        self,
+        config_json: bytes,
+        weights: bytes,
+        name: str,
+        *,
+        timeout_s: float | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        hyperparams: Mapping[str, Any] | None = None,
+        dataset_digest: str = "",
+        activate: bool = True,
     ) -> AdapterInfo:
         """Like :meth:`push_adapter`, from the bytes of ``adapter_config.json`` and
-        ``adapter_model.safetensors`` (for callers that hold them in memory, like the bridge)."""
-        call = self._calls.push_adapter(config_json, weights, name, timeout_s)
+        ``adapter_model.safetensors`` (for callers that hold them in memory, like the bridge);
+        the metadata as in :meth:`push_adapter_tensors`."""
+        meta = AdapterMetadata(activate, dataset_digest, hyperparams, metrics)
+        call = self._calls.push_adapter(config_json, weights, name, timeout_s, meta)
         check_upload_size(config_json, weights, await self._upload_limit(call.timeout_s))
         return await self._session.run(call)
 
@@ -213,6 +235,54 @@ class AsyncClient:
         if self._max_upload_bytes is None:
             self._max_upload_bytes = await self._session.run(self._calls.upload_limit(timeout_s))
         return self._max_upload_bytes
+
+    async def push_adapter_tensors(
+        self,
+        name: str,
+        tensors: Mapping[str, Any],
+        lora_config: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        hyperparams: Mapping[str, Any] | None = None,
+        dataset_digest: str = "",
+        activate: bool = True,
+        timeout_s: float | None = None,
+    ) -> AdapterInfo:
+        """Push an adapter held in memory (a training loop outside Vajra) as the next version.
+
+        ``tensors``: PEFT state-dict names to torch tensors or numpy arrays; ``lora_config``:
+        the PEFT ``adapter_config.json`` as a mapping. Serialised here as safetensors, then
+        validated by the gateway exactly as a directory push, and swapped in the same warm way
+        (``activate=False``: staged, reachable as ``NAME@VERSION`` only). ``metrics``,
+        ``hyperparams`` and ``dataset_digest`` are recorded with the version. InvalidRequest
+        naming the problem when refused; nothing is stored then.
+        """
+        config_json, weights = await trio.to_thread.run_sync(
+            adapter_bytes_from_tensors, tensors, lora_config
+        )
+        return await self.push_adapter_bytes(
+            config_json,
+            weights,
+            name,
+            timeout_s=timeout_s,
+            metrics=metrics,
+            hyperparams=hyperparams,
+            dataset_digest=dataset_digest,
+            activate=activate,
+        )
+
+    async def versions(self, name: str, *, timeout_s: float | None = None) -> list[AdapterInfo]:
+        """Every version of ``name``, oldest first: digest, parent, created, metrics, and which
+        is active. NotFoundError when this tenant has no such adapter."""
+        return await self._session.run(self._calls.versions(name, timeout_s))
+
+    async def rollback(
+        self, name: str, version: int, *, timeout_s: float | None = None
+    ) -> AdapterInfo:
+        """Make ``version`` of ``name`` active again, the warm way (docs/hot-swap.md); returns
+        it. NotFoundError when there is no such version; requests already running finish on
+        the version they started with."""
+        return await self._session.run(self._calls.rollback(name, version, timeout_s))
 
     async def list_adapters(self, *, timeout_s: float | None = None) -> list[AdapterInfo]:
         """Every version of every adapter of this key's tenant, by name then version."""

@@ -11,11 +11,15 @@ answer, is built here once (a :class:`Call`), so the two clients cannot drift ap
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+import msgspec
+
+from vajra.adapters.versions import check_adapter_name
 from vajra.bus.messages import (
+    AdapterRollback,
     AdminReply,
     AdminRequest,
     ClusterStatusReply,
@@ -25,8 +29,6 @@ from vajra.bus.messages import (
     PongReply,
     StatsRequest,
     TenantInfo,
-    UsageQuery,
-    UsageReply,
     WhoAmIRequest,
 )
 from vajra.client._choices import fan_out
@@ -47,11 +49,23 @@ from vajra.client._types import (
     InferenceResult,
     IssuedKey,
     Tenant,
-    TenantUsage,
 )
+from vajra.client._usage import UsageReport, When, usage_query, usage_report
+from vajra.errors import InvalidRequest
 from vajra.policies.decoding import SamplingParams
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterMetadata:
+    """What a push records beside the files (docs/hot-swap.md); ``activate`` False stages the
+    version without moving the active pointer."""
+
+    activate: bool = True
+    dataset_digest: str = ""
+    hyperparams: Mapping[str, Any] | None = None
+    metrics: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +100,6 @@ def _upload_limit(outcome: object) -> int:
 def _tenant(outcome: object) -> Tenant:
     info = expect(outcome, TenantInfo)
     return Tenant(info.tenant_id, info.name)
-
-
-def _tenant_usage(outcome: object) -> TenantUsage:
-    u = expect(outcome, UsageReply)
-    return TenantUsage(
-        u.tenant_id, u.name, u.requests, u.gpu_ms, u.prompt_tokens, u.completion_tokens
-    )
 
 
 def _executors(outcome: object) -> list[ExecutorStatus]:
@@ -188,9 +195,17 @@ class Calls:
         request = WhoAmIRequest(request_id=new_request_id(), api_key=self.api_key)
         return Call(request, timeout_s, _upload_limit)
 
-    def usage(self, tenant: str | None, timeout_s: float | None) -> Call[TenantUsage]:
-        request = UsageQuery(request_id=new_request_id(), api_key=self.api_key, tenant=tenant)
-        return Call(request, self.timeout(timeout_s), _tenant_usage)
+    def usage(
+        self,
+        tenant: str | None,
+        timeout_s: float | None,
+        *,
+        start: When = None,
+        end: When = None,
+        group_by: str | None = None,
+    ) -> Call[UsageReport]:
+        request = usage_query(self.api_key, tenant, start, end, group_by)
+        return Call(request, self.timeout(timeout_s), usage_report)
 
     def cluster_status(self, timeout_s: float | None) -> Call[list[ExecutorStatus]]:
         request = ClusterStatusRequest(request_id=new_request_id(), api_key=self.api_key)
@@ -199,15 +214,47 @@ class Calls:
     # --- adapters ----------------------------------------------------------------------------
 
     def push_adapter(
-        self, config_json: bytes, weights: bytes, name: str, timeout_s: float | None
+        self,
+        config_json: bytes,
+        weights: bytes,
+        name: str,
+        timeout_s: float | None,
+        metadata: AdapterMetadata | None = None,
     ) -> Call[AdapterInfo]:
         """The upload (the caller checks its size against :meth:`upload_limit` first)."""
         request = build_adapter_push(api_key=self.api_key, tenant=self.tenant, name=name)
+        if metadata is not None:
+            request = msgspec.structs.replace(
+                request,
+                activate=metadata.activate,
+                dataset_digest=metadata.dataset_digest,
+                hyperparams=dict(metadata.hyperparams or {}),
+                metrics=dict(metadata.metrics or {}),
+            )
         return Call(request, self.timeout(timeout_s), single_adapter, (config_json, weights))
 
     def list_adapters(self, timeout_s: float | None) -> Call[list[AdapterInfo]]:
         request = build_adapter_list(api_key=self.api_key, tenant=self.tenant)
         return Call(request, self.timeout(timeout_s), adapter_infos)
+
+    def versions(self, name: str, timeout_s: float | None) -> Call[list[AdapterInfo]]:
+        """Every version of ``name`` (NotFoundError when the tenant has none)."""
+        request = build_adapter_list(api_key=self.api_key, tenant=self.tenant)
+        request = msgspec.structs.replace(request, name=check_adapter_name(name))
+        return Call(request, self.timeout(timeout_s), adapter_infos)
+
+    def rollback(self, name: str, version: int, timeout_s: float | None) -> Call[AdapterInfo]:
+        """Make ``version`` of ``name`` active again (the warm way)."""
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise InvalidRequest("version must be a positive integer", field="version")
+        request = AdapterRollback(
+            request_id=new_request_id(),
+            api_key=self.api_key,
+            name=check_adapter_name(name),
+            version=version,
+            tenant=self.tenant,
+        )
+        return Call(request, self.timeout(timeout_s), single_adapter)
 
     def delete_adapter(
         self, name: str, version: int | None, timeout_s: float | None

@@ -182,6 +182,12 @@ def adapter_infos(outcome: object) -> list[AdapterInfo]:
             lora_alpha=a.lora_alpha,
             target_modules=tuple(a.target_modules),
             created_ms=a.created_ms,
+            parent_version=a.parent_version,
+            dataset_digest=a.dataset_digest,
+            hyperparams=dict(a.hyperparams),
+            metrics=dict(a.metrics),
+            source=a.source,
+            staged=a.staged,
         )
         for a in reply.adapters
     ]

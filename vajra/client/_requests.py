@@ -17,6 +17,7 @@ from vajra.bus.messages import (
     AdapterDelete,
     AdapterList,
     AdapterPush,
+    AdapterRollback,
     AdminRequest,
     CancelRequest,
     ClusterStatusRequest,
@@ -43,6 +44,7 @@ Request = (
     | AdapterPush
     | AdapterList
     | AdapterDelete
+    | AdapterRollback
 )
 
 #: Replies a streaming request may receive beyond one chunk per token (the final result, and

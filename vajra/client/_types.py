@@ -6,7 +6,9 @@ log-probabilities are the wire's own :class:`~vajra.bus.messages.TokenLogprob` v
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from vajra.bus.messages import TokenLogprob
 
@@ -156,6 +158,13 @@ class AdapterInfo:
     lora_alpha: float = 0.0
     target_modules: tuple[str, ...] = ()
     created_ms: int = 0
+    # Version metadata (docs/hot-swap.md).
+    parent_version: int | None = None  # the version it continues from
+    dataset_digest: str = ""
+    hyperparams: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)  # e.g. final_loss
+    source: str = "push"  # "push", "train" or "merge"
+    staged: bool = False  # registered, never active yet
 
     @property
     def ref(self) -> str:

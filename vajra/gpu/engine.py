@@ -98,7 +98,7 @@ class TorchEngine:
         self.max_batch_size = max_batch_size
         self.max_model_len = min(max_model_len, loaded.max_position_embeddings)
         self.tokenizer: Any = loaded.tokenizer
-        self._model: Any = loaded.model
+        self.model = self._model = loaded.model  # Any; also the trainer's (vajra.gpu.training)
         self._device = loaded.device
         self._eos = loaded.eos_token_ids
         use_paged_attention(self._model)

@@ -25,6 +25,7 @@ from vajra.http.routes import (
     chat,
     completions,
     infer,
+    jobs,
     models,
     operations,
     usage,
@@ -32,7 +33,8 @@ from vajra.http.routes import (
 
 _DESCRIPTION = (
     "Serverless multi-tenant LoRA serving. The paper's API (`/v1/models/{model_id}/infer`,"
-    " `/v1/usage/{tenant_id}/metrics`), an OpenAI-compatible API (`/v1/completions`, "
+    " `/v1/usage/{tenant_id}/metrics`, `/v1/models/{model_id}/train`, `/v1/jobs`), an"
+    " OpenAI-compatible API (`/v1/completions`, "
     "`/v1/chat/completions`, `/v1/models`), tenant administration under the admin key, "
     "and Prometheus metrics. Authenticate with `Authorization: Bearer KEY`."
 )
@@ -43,7 +45,7 @@ def create_app(ctx: BridgeContext) -> FastAPI:
     app = FastAPI(title="Vajra HTTP bridge", version="1.0", description=_DESCRIPTION)
     app.state.ctx = ctx
     install_handlers(app)
-    for module in (infer, usage, completions, chat, models, adapters, admin, operations):
+    for module in (infer, usage, completions, chat, models, adapters, admin, operations, jobs):
         app.include_router(module.router)
 
     def openapi() -> dict[str, Any]:
@@ -67,7 +69,10 @@ def create_app(ctx: BridgeContext) -> FastAPI:
         BodySizeLimit,
         max_bytes=ctx.cfg.http.max_body_bytes,
         render=render_error,
-        per_path={adapters.UPLOAD_PATH: upload_max_bytes},
+        per_path={
+            adapters.UPLOAD_PATH: upload_max_bytes,
+            adapters.TENSORS_PATH: upload_max_bytes * 4 // 3 + adapters.UPLOAD_OVERHEAD_BYTES,
+        },
         timeout_s=ctx.cfg.http.body_timeout_s,
     )
     app.add_middleware(RequestMetrics, metrics=ctx.metrics)

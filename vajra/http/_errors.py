@@ -44,6 +44,7 @@ STATUS_BY_CODE: dict[str, int] = {
     ErrorCode.CANCELLED: 499,  # the client went away (nginx's "client closed request")
     ErrorCode.OVERLOADED: 503,
     ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.NO_CAPACITY: 503,
     ErrorCode.TIMEOUT: 504,
     ErrorCode.MALFORMED_FRAME: 502,
     ErrorCode.UNKNOWN_KIND: 502,

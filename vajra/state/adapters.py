@@ -7,9 +7,13 @@ exactly like a name never pushed (:class:`~vajra.errors.NotFoundError`, same mes
 it returns are defined in :mod:`vajra.adapters.versions` (no I/O).
 
 Versions of one name are numbered 1, 2, 3, ... and never reused while the name exists;
-:meth:`AdapterRecords.register` makes the new version active. Deleting the active version
-makes the newest remaining one active; deleting the last version deletes the name. Every
-update is one Lua script, so no reader sees half of one.
+:meth:`AdapterRecords.register` makes the new version active, or (``activate=False``) stages
+it: it answers ``NAME@VERSION`` but not ``NAME`` until :meth:`AdapterRecords.activate` moves
+the pointer, a compare-and-set on the version active before, so two swaps of one name cannot
+interleave (the warm hot swap, docs/hot-swap.md, stages, warms, then activates). Deleting the
+active version makes the newest remaining version that was ever active the active one (the
+newest staged one if there is none); deleting the last version deletes the name. Every update
+is one Lua script (:mod:`vajra.state.adapter_scripts`), so no reader sees half of one.
 
 Objects: versions point at content-addressed objects (``adapters/<tenant>/<sha256>``). A
 per-tenant reference count per digest, kept by the same scripts, tells the caller when the
@@ -29,109 +33,24 @@ from typing import Any
 
 from vajra.adapters.versions import (
     ADAPTER_NAME_RE,
+    MAX_VERSION,
     AdapterVersion,
     Deletion,
     ResolvedAdapter,
     check_adapter_name,
+    check_metadata,
     not_found,
     parse_adapter_ref,
 )
 from vajra.errors import InternalError, InvalidRequest, NotFoundError, QuotaExceeded
 from vajra.state import keys
+from vajra.state.adapter_scripts import ACTIVATE_LUA, DELETE_LUA, REGISTER_LUA, RESOLVE_LUA
 from vajra.state.connection import Connection, KeyOwner, translate_errors
 from vajra.state.fields import check_id, now_ms
 
 __all__ = ["AdapterRecords"]
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
-
-# --- Lua scripts ----------------------------------------------------------------------------
-# Version keys are built inside the scripts from the name key (``<name key>:v:<version>``), so
-# each update is one script even though the new version number is only known there.
-
-# KEYS: names set, name hash, refs hash, versions zset
-# ARGV: name, created_ms, digest, max names, max versions (0: no limit), then the version
-# hash's field/value pairs. Returns the new version, or -1 (the tenant holds max names
-# already and this is a new one) or -2 (this name holds max versions already).
-_REGISTER_LUA = """
-local max_names, max_versions = tonumber(ARGV[4]), tonumber(ARGV[5])
-if max_names > 0 and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0
-   and redis.call('SCARD', KEYS[1]) >= max_names then
-  return -1
-end
-if max_versions > 0 and redis.call('ZCARD', KEYS[4]) >= max_versions then
-  return -2
-end
-local v = redis.call('HINCRBY', KEYS[2], 'last_version', 1)
-if redis.call('HEXISTS', KEYS[2], 'created_ms') == 0 then
-  redis.call('HSET', KEYS[2], 'created_ms', ARGV[2])
-end
-redis.call('HSET', KEYS[2] .. ':v:' .. v, 'version', v, unpack(ARGV, 6))
-redis.call('HSET', KEYS[2], 'active', v)
-redis.call('ZADD', KEYS[4], v, v)
-redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
-return v
-"""
-
-# KEYS: name hash, versions zset; ARGV: version ('' = the active one)
-# Returns the version hash as a flat field/value list (empty if there is none).
-_RESOLVE_LUA = """
-local v = ARGV[1]
-if v == '' then
-  v = redis.call('HGET', KEYS[1], 'active')
-  if not v then return {} end
-end
-if not redis.call('ZSCORE', KEYS[2], v) then return {} end
-local row = redis.call('HGETALL', KEYS[1] .. ':v:' .. v)
-table.insert(row, 'active')
-table.insert(row, redis.call('HGET', KEYS[1], 'active'))
-return row
-"""
-
-# KEYS: names set, name hash, refs hash, versions zset; ARGV: name, version ('' = all)
-# Returns {n, row1_json..., '', freed digests...}: the deleted versions' hashes (as JSON
-# objects) then the digests whose reference count reached zero. n = 0: nothing matched.
-_DELETE_LUA = """
-if redis.call('EXISTS', KEYS[2]) == 0 then return {0} end
-local versions
-if ARGV[2] == '' then
-  versions = redis.call('ZRANGE', KEYS[4], 0, -1)
-else
-  if not redis.call('ZSCORE', KEYS[4], ARGV[2]) then return {0} end
-  versions = {ARGV[2]}
-end
-local active = redis.call('HGET', KEYS[2], 'active')
-local out = {#versions}
-local freed = {}
-for _, v in ipairs(versions) do
-  local vkey = KEYS[2] .. ':v:' .. v
-  local row = redis.call('HGETALL', vkey)
-  local obj = {}
-  for i = 1, #row, 2 do obj[row[i]] = row[i + 1] end
-  obj['active'] = active
-  table.insert(out, cjson.encode(obj))
-  redis.call('DEL', vkey)
-  redis.call('ZREM', KEYS[4], v)
-  if obj['digest'] then
-    local n = redis.call('HINCRBY', KEYS[3], obj['digest'], -1)
-    if n <= 0 then
-      redis.call('HDEL', KEYS[3], obj['digest'])
-      table.insert(freed, obj['digest'])
-    end
-  end
-end
-local newest = redis.call('ZRANGE', KEYS[4], -1, -1)
-if #newest == 0 then
-  redis.call('DEL', KEYS[2], KEYS[4])
-  redis.call('SREM', KEYS[1], ARGV[1])
-elseif (not active) or (not redis.call('ZSCORE', KEYS[4], active)) then
-  redis.call('HSET', KEYS[2], 'active', newest[1])
-end
-table.insert(out, '')
-for _, d in ipairs(freed) do table.insert(out, d) end
-return out
-"""
 
 
 class AdapterRecords(KeyOwner):
@@ -141,9 +60,10 @@ class AdapterRecords(KeyOwner):
 
     def __init__(self, conn: Connection) -> None:
         super().__init__(conn)
-        self._register_lua = conn.script(_REGISTER_LUA)
-        self._resolve_lua = conn.script(_RESOLVE_LUA)
-        self._delete_lua = conn.script(_DELETE_LUA)
+        self._register_lua = conn.script(REGISTER_LUA)
+        self._activate_lua = conn.script(ACTIVATE_LUA)
+        self._resolve_lua = conn.script(RESOLVE_LUA)
+        self._delete_lua = conn.script(DELETE_LUA)
 
     def _keys(self, tenant_id: str, name: str) -> list[str]:
         return [
@@ -168,13 +88,22 @@ class AdapterRecords(KeyOwner):
         base_model: str,
         max_names: int = 0,
         max_versions: int = 0,
+        activate: bool = True,
+        parent_version: int | None = None,
+        dataset_digest: str = "",
+        hyperparams: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        source: str = "push",
     ) -> AdapterVersion:
-        """Add the next version of ``name`` for ``tenant_id`` and make it active.
+        """Add the next version of ``name`` for ``tenant_id``; make it active unless
+        ``activate`` is False (then it is staged: see the module docstring).
 
-        Raises QuotaExceeded (nothing written) when the tenant already holds ``max_names``
-        names and ``name`` is new, or ``name`` already holds ``max_versions`` versions
-        (0: no limit); checked in the same script that registers, so concurrent pushes
-        cannot pass a limit together.
+        ``parent_version`` defaults to the version active at registration (None if none).
+        Raises InvalidRequest naming the field for a bad argument or metadata
+        (:func:`~vajra.adapters.versions.check_metadata`), QuotaExceeded (nothing written)
+        when the tenant already holds ``max_names`` names and ``name`` is new, or ``name``
+        already holds ``max_versions`` versions (0: no limit); checked in the same script that
+        registers, so concurrent pushes cannot pass a limit together.
         """
         check_id(tenant_id, "tenant_id")
         check_adapter_name(name)
@@ -184,6 +113,13 @@ class AdapterRecords(KeyOwner):
             raise InvalidRequest("rank must be a positive integer", field="rank")
         if isinstance(size_bytes, bool) or not isinstance(size_bytes, int) or size_bytes < 0:
             raise InvalidRequest("size_bytes must be a non-negative integer", field="size_bytes")
+        hyper_json, metrics_json = check_metadata(
+            parent_version=parent_version,
+            dataset_digest=dataset_digest,
+            hyperparams=hyperparams,
+            metrics=metrics,
+            source=source,
+        )
         created_ms = now_ms()
         fields = {
             "digest": digest,
@@ -194,26 +130,65 @@ class AdapterRecords(KeyOwner):
             "size_bytes": str(size_bytes),
             "base_model": base_model,
             "created_ms": str(created_ms),
+            "dataset_digest": dataset_digest,
+            "hyperparams": hyper_json,
+            "metrics": metrics_json,
+            "source": source,
         }
         args = [name, str(created_ms), digest, str(max(0, max_names)), str(max(0, max_versions))]
+        args += ["1" if activate else "0", "" if parent_version is None else str(parent_version)]
         for k, v in fields.items():
             args += (k, v)
         version = int(self._register_lua(keys=self._keys(tenant_id, name), args=args))
         if version < 0:
             raise _quota_error(version, name, max_names, max_versions)
-        return AdapterVersion(
-            name=name,
-            version=version,
-            digest=digest,
-            object_key=object_key,
-            rank=rank,
-            lora_alpha=float(lora_alpha),
-            target_modules=tuple(target_modules),
-            size_bytes=size_bytes,
-            base_model=base_model,
-            created_ms=created_ms,
-            active=True,
+        return self.get(tenant_id, name, version)
+
+    @translate_errors
+    def activate(
+        self, tenant_id: str, name: str, version: int, *, expect_active: int | None = None
+    ) -> AdapterVersion:
+        """Make ``version`` the active one, atomically; returns it (``active`` True).
+
+        ``expect_active``: the version the caller saw active (0: none); when another is
+        active now, nothing is written and InvalidRequest (field ``version``) says a
+        concurrent swap moved the pointer. None: no check. NotFoundError (field ``adapter``)
+        when the tenant has no such version, whoever else has.
+        """
+        check_id(tenant_id, "tenant_id")
+        ref = f"{name}@{version}"
+        if not isinstance(name, str) or not ADAPTER_NAME_RE.fullmatch(name):
+            raise not_found(ref)
+        _check_version(version, "version")
+        if expect_active is not None and expect_active != 0:
+            _check_version(expect_active, "expect_active")
+        out = self._activate_lua(
+            keys=[keys.adapter(tenant_id, name), keys.adapter_versions(tenant_id, name)],
+            args=[str(version), "" if expect_active is None else str(expect_active)],
         )
+        status = int(out[0])
+        if status == -1:
+            raise not_found(ref)
+        if status == -2:
+            raise InvalidRequest(
+                f"adapter {name!r}: version {out[1]} became active meanwhile (expected "
+                f"{expect_active}); another swap moved the pointer, look again",
+                field="version",
+            )
+        it = iter(out[2:])
+        return _version_from_row(name, {**dict(zip(it, it, strict=True)), "active": str(version)})
+
+    @translate_errors
+    def versions(self, tenant_id: str, name: str) -> list[AdapterVersion]:
+        """Every version of ``name`` (oldest first), the active one flagged; NotFoundError
+        (field ``adapter``) when the tenant has no such adapter, whoever else has."""
+        check_id(tenant_id, "tenant_id")
+        if not isinstance(name, str) or not ADAPTER_NAME_RE.fullmatch(name):
+            raise not_found(str(name))
+        out = self._rows(tenant_id, [name])
+        if not out:
+            raise not_found(name)
+        return out
 
     @translate_errors
     def check_quota(self, tenant_id: str, name: str, max_names: int, max_versions: int) -> None:
@@ -286,14 +261,7 @@ class AdapterRecords(KeyOwner):
         freed_keys = sorted({v.object_key for v in deleted if v.digest in freed})
         return Deletion(versions=deleted, freed_object_keys=tuple(freed_keys))
 
-    # Last: the method named ``list`` shadows the builtin for annotations below it.
-    @translate_errors
-    def list(self, tenant_id: str) -> list[AdapterVersion]:
-        """Every version of every adapter of the tenant, by name then version."""
-        check_id(tenant_id, "tenant_id")
-        names = sorted(self._r.smembers(keys.adapter_names(tenant_id)))
-        if not names:
-            return []
+    def _rows(self, tenant_id: str, names: Sequence[str]) -> list[AdapterVersion]:
         pipe = self._r.pipeline(transaction=False)
         for name in names:
             pipe.hget(keys.adapter(tenant_id, name), "active")
@@ -312,6 +280,19 @@ class AdapterRecords(KeyOwner):
             if row:  # deleted between the two reads
                 out.append(_version_from_row(name, {**row, "active": active or "0"}))
         return sorted(out, key=lambda a: (a.name, a.version))
+
+    # Last: the method named ``list`` shadows the builtin for annotations below it.
+    @translate_errors
+    def list(self, tenant_id: str) -> list[AdapterVersion]:
+        """Every version of every adapter of the tenant, by name then version."""
+        check_id(tenant_id, "tenant_id")
+        names = sorted(self._r.smembers(keys.adapter_names(tenant_id)))
+        return self._rows(tenant_id, names) if names else []
+
+
+def _check_version(version: object, field: str) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise InvalidRequest(f"{field} must be a positive integer", field=field)
 
 
 def _version_from_row(name: str, row: Mapping[str, Any]) -> AdapterVersion:
@@ -333,9 +314,25 @@ def _version_from_row(name: str, row: Mapping[str, Any]) -> AdapterVersion:
             base_model=str(row["base_model"]),
             created_ms=int(row["created_ms"]),
             active=active is not None and int(active) == version,
+            parent_version=int(row["parent_version"]) if row.get("parent_version") else None,
+            dataset_digest=str(row.get("dataset_digest", "")),
+            hyperparams=_json_dict(row.get("hyperparams")),
+            metrics=_json_dict(row.get("metrics")),
+            source=str(row.get("source") or "push"),
+            staged=bool(row.get("staged")),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise InternalError(f"malformed adapter record for {name!r}: {exc!r}") from exc
+
+
+def _json_dict(text: object) -> dict[str, Any]:
+    """A stored JSON object (records written before metadata existed have none: {})."""
+    if not text:
+        return {}
+    value = json.loads(str(text))
+    if not isinstance(value, dict):
+        raise ValueError("metadata is not a JSON object")
+    return value
 
 
 def _quota_error(code: int, name: str, max_names: int, max_versions: int) -> QuotaExceeded:

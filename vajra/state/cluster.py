@@ -25,6 +25,7 @@ from vajra.state.adapters import AdapterRecords
 from vajra.state.api_keys import ApiKeys
 from vajra.state.connection import Connection, KeyOwner, translate_errors
 from vajra.state.heartbeats import Heartbeats
+from vajra.state.jobs import Jobs
 from vajra.state.request_events import RequestEvents
 from vajra.state.tenants import Tenants
 from vajra.state.usage import DEFAULT_USAGE_DEDUPE_TTL_S, Usage
@@ -70,6 +71,7 @@ class ClusterState(KeyOwner):
         self.usage = Usage(conn, dedupe_ttl_ms=dedupe_ttl_ms, stream_maxlen=usage_stream_maxlen)
         self.events = RequestEvents(conn)
         self.adapters = AdapterRecords(conn)
+        self.jobs = Jobs(conn)
 
     @property
     def address(self) -> str:

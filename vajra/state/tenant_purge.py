@@ -8,7 +8,10 @@ tenant (``vajra:adapter:{tenant_id}:...``): one Lua script removes what the tena
 reaches, then a SCAN removes anything it did not reach (a record written by a push that raced
 with the purge). The usage stream entries stay: they are the billing history. Repeating the
 purge is harmless: it removes whatever registry keys appeared since (a push that was in
-flight). :meth:`vajra.state.tenants.Tenants.delete` is the way in.
+flight). Last, the tenant's training jobs (:func:`vajra.state.jobs.purge_tenant_jobs`):
+records, index, active set, queue and lease entries; their dataset and checkpoint objects
+stay in the object store under ``datasets/<tenant>/`` and ``checkpoints/<tenant>/``.
+:meth:`vajra.state.tenants.Tenants.delete` is the way in.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import redis
 from vajra.state import keys
 from vajra.state.connection import Connection
 from vajra.state.fields import check_id
+from vajra.state.jobs import purge_tenant_jobs
 
 __all__ = ["TenantPurge", "purge_tenant"]
 
@@ -96,6 +100,7 @@ def purge_tenant(conn: Connection, tenant_id: str, *, tombstone_ttl_ms: int) -> 
 
     name, n_keys, had_usage = conn.transaction(txn, tenant_key, keys_set, keys.usage(tenant_id))
     removed, object_keys = _purge_adapters(conn, tenant_id)
+    removed += purge_tenant_jobs(conn, tenant_id)
     if name is None and not n_keys and not had_usage and not removed:
         return None
     return TenantPurge(tenant_id, name, n_keys, object_keys)

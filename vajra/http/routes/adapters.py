@@ -1,4 +1,5 @@
-"""The adapter routes: upload a PEFT adapter (``POST /v1/adapters``), list, delete.
+"""The adapter routes: upload a PEFT adapter (``POST /v1/adapters``, or from memory:
+``POST /v1/adapters/tensors``), list, list one name's versions, roll back, delete.
 
 An upload is a multipart form: ``name`` plus the PEFT directory's two files, or one archive
 of it (unpacked in a worker thread by :mod:`vajra.http._uploads`). The gateway validates the
@@ -7,6 +8,9 @@ adapter against the base model before storing anything.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from typing import Annotated
 
 import trio
@@ -25,6 +29,8 @@ from vajra.http.schemas.adapters import (
     AdapterDeleted,
     AdapterInfoBody,
     AdapterListBody,
+    PushTensorsBody,
+    RollbackBody,
 )
 from vajra.http.schemas.errors import ErrorBody
 
@@ -37,6 +43,8 @@ ARCHIVE_FIELD = "archive"
 _UPLOAD_FIELDS = frozenset({"name", CONFIG_FIELD, WEIGHTS_FIELD, ARCHIVE_FIELD})
 #: The upload route's path: its body limit is ``adapters.max_adapter_bytes`` plus the overhead.
 UPLOAD_PATH = "/v1/adapters"
+#: Pushes from memory: base64 of up to ``adapters.max_adapter_bytes`` plus the JSON around it.
+TENSORS_PATH = "/v1/adapters/tensors"
 #: Room for multipart framing (boundaries, part headers, the name) over the adapter's bytes.
 UPLOAD_OVERHEAD_BYTES = 1 << 20
 
@@ -54,6 +62,12 @@ def adapter_body(a: AdapterInfo, parent: str) -> dict[str, object]:
         "active": a.active,
         "created_ms": a.created_ms,
         "parent": parent,
+        "parent_version": a.parent_version,
+        "dataset_digest": a.dataset_digest,
+        "hyperparams": dict(a.hyperparams),
+        "metrics": dict(a.metrics),
+        "source": a.source,
+        "staged": a.staged,
     }
 
 
@@ -206,3 +220,74 @@ async def delete_adapter(
             name, version, timeout_s=QUERY_TIMEOUT_S
         )
     return json_response({"deleted": [adapter_body(a, ctx.base_model) for a in deleted]})
+
+
+@router.post(
+    TENSORS_PATH,
+    status_code=201,
+    summary="Push an adapter held in memory (a training loop outside Vajra) as the next version",
+    description=(
+        "JSON: `name`, `lora_config` (adapter_config.json as an object), `safetensors_base64`"
+        " (the weights file, base64), optional `metrics`, `hyperparams`, `dataset_digest`"
+        " recorded with the version, and `activate` (false: staged, reachable as"
+        " NAME@VERSION only). Validated exactly as a directory upload, then swapped in warm:"
+        " the executors holding the active version load the new one before the pointer"
+        " flips (docs/hot-swap.md)."
+    ),
+    response_model=AdapterInfoBody,
+    responses=error_docs(ErrorBody, 400, 401, 403, 413, 429, 503, 504),
+)
+async def push_adapter_tensors(body: PushTensorsBody, ctx: Ctx, key: ApiKey) -> Response:
+    max_bytes = ctx.cfg.adapters.max_adapter_bytes
+    if len(body.safetensors_base64) > (max_bytes + 2) // 3 * 4:
+        raise too_large(len(body.safetensors_base64) * 3 // 4, max_bytes, "the weights")
+    try:
+        weights = base64.b64decode(body.safetensors_base64, validate=True)
+        config_json = json.dumps({"peft_type": "LORA", **body.lora_config}).encode()
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise ApiError(400, "invalid_request", f"bad body: {exc}", field="body") from None
+    files = check_size(AdapterFiles(config_json, weights), max_bytes)
+    with counting_limits(ctx.metrics), ctx.pool.guard():
+        info = await ctx.pool.client(key).push_adapter_bytes(
+            files.config_json,
+            files.weights,
+            body.name,
+            timeout_s=ctx.cfg.http.request_timeout_s,
+            metrics=body.metrics,
+            hyperparams=body.hyperparams,
+            dataset_digest=body.dataset_digest,
+            activate=body.activate,
+        )
+    return json_response(adapter_body(info, ctx.base_model), 201)
+
+
+@router.get(
+    "/v1/adapters/{name}/versions",
+    summary="Every version of one adapter, oldest first: digest, parent, created, metrics",
+    response_model=AdapterListBody,
+    responses=error_docs(ErrorBody, 400, 401, 404, 503, 504),
+)
+async def adapter_versions(name: str, ctx: Ctx, key: ApiKey) -> Response:
+    with ctx.pool.guard():
+        versions = await ctx.pool.client(key).versions(name, timeout_s=QUERY_TIMEOUT_S)
+    data = [adapter_body(a, ctx.base_model) for a in versions]
+    return json_response({"object": "list", "data": data})
+
+
+@router.post(
+    "/v1/adapters/{name}/rollback",
+    summary="Make an earlier version active again, the warm way",
+    description=(
+        "The executors holding the active version load the target first, then the pointer"
+        " flips; requests already running finish on their version. Another tenant's"
+        " adapter, or a version that does not exist: 404."
+    ),
+    response_model=AdapterInfoBody,
+    responses=error_docs(ErrorBody, 400, 401, 404, 503, 504),
+)
+async def rollback_adapter(name: str, body: RollbackBody, ctx: Ctx, key: ApiKey) -> Response:
+    with ctx.pool.guard():
+        info = await ctx.pool.client(key).rollback(
+            name, body.version, timeout_s=ctx.cfg.http.request_timeout_s
+        )
+    return json_response(adapter_body(info, ctx.base_model))

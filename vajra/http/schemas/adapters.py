@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
@@ -22,6 +22,12 @@ _ADAPTER_EXAMPLE: JsonDict = {
     "active": True,
     "created_ms": 1_730_000_000_000,
     "parent": "tiny",
+    "parent_version": 2,
+    "dataset_digest": "sha256:5d41…",
+    "hyperparams": {"learning_rate": 0.0001, "epochs": 2},
+    "metrics": {"final_loss": 0.41},
+    "source": "train",
+    "staged": False,
 }
 
 
@@ -38,6 +44,14 @@ class AdapterInfoBody(BaseModel):
     active: bool = Field(description="Whether plain NAME resolves to this version")
     created_ms: int = Field(description="Unix time of the upload, milliseconds")
     parent: str = Field(description="The base model it adapts")
+    parent_version: int | None = Field(
+        default=None, description="The version it continues from (active when it was added)"
+    )
+    dataset_digest: str = Field(default="", description="What it was trained on, if recorded")
+    hyperparams: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict, description="e.g. final_loss")
+    source: str = Field(default="push", description="push, train or merge")
+    staged: bool = Field(default=False, description="Registered, never active yet")
 
 
 class AdapterListBody(BaseModel):
@@ -51,3 +65,33 @@ class AdapterListBody(BaseModel):
 class AdapterDeleted(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"deleted": [_ADAPTER_EXAMPLE]}]})
     deleted: list[AdapterInfoBody] = Field(description="The versions deleted")
+
+
+class RollbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"version": 2}]})
+    version: int = Field(ge=1, le=MAX_VERSION, description="The version to make active again")
+
+
+class PushTensorsBody(BaseModel):
+    """An adapter held in memory: its safetensors bytes (base64) and its PEFT config."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "support-bot",
+                    "lora_config": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]},
+                    "safetensors_base64": "…",
+                    "metrics": {"final_loss": 0.41},
+                }
+            ]
+        },
+    )
+    name: str = Field(min_length=1, max_length=64, pattern=ADAPTER_NAME_PATTERN)
+    lora_config: dict[str, Any] = Field(description="adapter_config.json as an object")
+    safetensors_base64: str = Field(description="adapter_model.safetensors, base64")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    hyperparams: dict[str, Any] = Field(default_factory=dict)
+    dataset_digest: str = Field(default="", max_length=128)
+    activate: bool = Field(default=True, description="False: stage it (NAME@VERSION only)")

@@ -1,0 +1,319 @@
+"""The discrete-event engine: requests arrive from a columnar trace, events come off one heap.
+
+Events are small classes that handle themselves and return the next events (Vidur's shape);
+entities (:mod:`simulations.cluster`) are plain data; one :class:`MetricsStore` keeps every
+figure. Arrivals are read from the trace's numpy columns in chunks and merged with the heap, so
+a request costs one heap entry (its completion) and no arrival object.
+
+Continuous batching at request granularity: a request that finds a free batch seat starts at
+once (else it queues, FIFO); it waits for its adapter's load if the adapter is not ready in GPU
+memory (a cold start), then its prompt is prefilled (``prefill_ms_base + prefill_ms_per_token x
+prompt``) and it emits one token per decode iteration, whose time (``decode_ms_base +
+decode_ms_per_seq x b``) is fixed by the batch size b at its start. That approximation keeps one
+event per request; it is exact when the batch size does not change during a request.
+
+Cancellation: :meth:`Simulator.run` is synchronous; interrupting it (KeyboardInterrupt) leaves
+the metrics store with the requests finished so far and the rest marked unfinished.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from simulations.cluster import DISK, GPU, HOST, REMOTE, Executor, TierTimes
+from simulations.config import SimConfig
+from simulations.metrics import NO_CAPACITY, MetricsStore
+from simulations.placement import SimPlacement
+from vajra.policies.billing import billed_gpu_ms, inference_cost_usd
+
+Request = tuple[int, float, int, int, int]  # (index, arrival ms, adapter, prompt, output tokens)
+CHUNK = 1 << 16
+
+
+class TraceColumns(Protocol):
+    """The columns the engine reads (``vajra.traces.Trace`` has them)."""
+
+    t_ms: Any  # float64[n], sorted
+    source: Any  # int32[n]: the adapter index, after vajra.traces.map_to_adapters
+    prompt_tokens: Any  # int32[n]
+    output_tokens: Any  # int32[n]
+
+    def __len__(self) -> int: ...
+
+
+class Prefetch(Protocol):
+    """The engine's side of a prefetch policy (see :mod:`simulations.prefetch`)."""
+
+    def on_arrival(self, adapter: int, ex: Executor, now_ms: float) -> None: ...
+
+    def plan(self, sim: Simulator, now_ms: float) -> None: ...
+
+    def on_load(self, src_tier: int, nbytes: int, ms: float) -> None: ...
+
+    def on_evicted(self, adapter: int, ex: Executor, tier: int) -> None: ...
+
+    def report(self, now_ms: float) -> dict[str, Any]: ...
+
+
+class Event:
+    __slots__ = ("t_ms",)
+
+    def __init__(self, t_ms: float) -> None:
+        self.t_ms = t_ms
+
+    def handle(self, sim: Simulator) -> Iterable[Event]:
+        raise NotImplementedError
+
+
+class RequestDone(Event):
+    """A request's last token: frees its batch seat and starts the next queued request."""
+
+    __slots__ = ("adapter", "ex")
+
+    def __init__(self, t_ms: float, ex: Executor, adapter: int) -> None:
+        self.t_ms = t_ms
+        self.ex = ex
+        self.adapter = adapter
+
+    def handle(self, sim: Simulator) -> Iterable[Event]:
+        ex, adapter = self.ex, self.adapter
+        ex.running -= 1
+        left = ex.in_use[adapter] - 1
+        if left:
+            ex.in_use[adapter] = left
+        else:
+            del ex.in_use[adapter]
+        if ex.queue:
+            done = sim.start(ex, ex.queue.popleft(), self.t_ms)
+            return (done,)
+        sim.placement.load_changed(ex)
+        return ()
+
+
+class RetryPlacement(Event):
+    """A request no executor could take asks placement again, until ``run.max_wait_ms``."""
+
+    __slots__ = ("request",)
+
+    def __init__(self, t_ms: float, request: Request) -> None:
+        self.t_ms = t_ms
+        self.request = request
+
+    def handle(self, sim: Simulator) -> Iterable[Event]:
+        return sim.place(self.request, self.t_ms)
+
+
+class SampleTick(Event):
+    """Samples tenants per GPU while there is work left."""
+
+    __slots__ = ()
+
+    def handle(self, sim: Simulator) -> Iterable[Event]:
+        sim.metrics.sample(self.t_ms, sim.executors)
+        if sim.more_work():
+            return (SampleTick(self.t_ms + sim.cfg.run.sample_every_ms),)
+        return ()
+
+
+class PrefetchTick(Event):
+    """Runs the prefetch policy's plan (Algorithm 1) while arrivals remain."""
+
+    __slots__ = ()
+
+    def handle(self, sim: Simulator) -> Iterable[Event]:
+        assert sim.prefetch is not None
+        sim.prefetch.plan(sim, self.t_ms)
+        if sim.next_arrival < sim.n:
+            return (PrefetchTick(self.t_ms + sim.cfg.policy.tick_ms),)
+        return ()
+
+
+class Simulator:
+    """One run over one trace. Build it, call :meth:`run`, read :attr:`metrics`."""
+
+    def __init__(
+        self,
+        cfg: SimConfig,
+        trace: TraceColumns,
+        executors: list[Executor],
+        placement: SimPlacement,
+        *,
+        tenant_of: Callable[[int], int] = lambda adapter: adapter,
+        prefetch: Prefetch | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.trace = trace
+        self.executors = executors
+        self.placement = placement
+        self.prefetch = prefetch
+        self.tenant_of = tenant_of
+        self.times = TierTimes.from_cluster(cfg.cluster)
+        self.n = len(trace)
+        self.metrics = MetricsStore(self.n)
+        self.next_arrival = 0
+        self.heap: list[tuple[float, int, Event]] = []
+        self._seq = itertools.count()
+        self.now_ms = 0.0
+        c = cfg.costs
+        self._prefill = (c.prefill_ms_base, c.prefill_ms_per_token)
+        self._decode = (c.decode_ms_base, c.decode_ms_per_seq)
+        e = cfg.economics
+        self._bill = (e.billing_granularity_ms, e.gpu_price_per_hour, e.tenancy_factor)
+        self._bytes = cfg.cluster.adapter_bytes
+        self._prefetched: dict[tuple[int, int], None] = {}  # (executor, adapter) loads not yet used
+        self._billed_ms = 0  # every request's GPU time, rounded up to the billing granularity
+
+    # -- scheduling -------------------------------------------------------------------------
+    def push(self, events: Iterable[Event]) -> None:
+        for ev in events:
+            heapq.heappush(self.heap, (ev.t_ms, next(self._seq), ev))
+
+    def more_work(self) -> bool:
+        return self.next_arrival < self.n or any(ex.load for ex in self.executors)
+
+    # -- requests ---------------------------------------------------------------------------
+    def place(self, req: Request, now_ms: float) -> Iterable[Event]:
+        """Send ``req`` to the executor placement picks; wait (bounded) when none can take it."""
+        adapter = req[2]
+        tenant = self.tenant_of(adapter)
+        target = self.placement.choose(adapter, tenant, now_ms)
+        if target is None:
+            if now_ms - req[1] + self.cfg.run.retry_every_ms > self.cfg.run.max_wait_ms:
+                self.metrics.fail(req[0], NO_CAPACITY)
+                return ()
+            return (RetryPlacement(now_ms + self.cfg.run.retry_every_ms, req),)
+        ex = self.executors[target]
+        self.placement.placed(adapter, tenant, ex, now_ms)
+        if self.prefetch is not None:
+            self.prefetch.on_arrival(adapter, ex, now_ms)
+        if ex.running < ex.max_batch:
+            return (self.start(ex, req, now_ms),)
+        ex.queue.append(req)
+        self.placement.load_changed(ex)
+        return ()
+
+    def start(self, ex: Executor, req: Request, now_ms: float) -> RequestDone:
+        """Give ``req`` a batch seat on ``ex`` at ``now_ms``; its completion event."""
+        i, t_arr, adapter, prompt, output = req
+        ex.running += 1
+        gpu = ex.gpu
+        ready = gpu.get(adapter)
+        if ready is None:
+            src = ex.tier_of(adapter)
+            ready = ex.load_to_gpu(adapter, now_ms, self.times, self._bytes)
+            if self.prefetch is not None:
+                self.prefetch.on_load(src, self._bytes, self.times.load_ms[src])
+            self.report_changes(ex)
+        else:
+            gpu[adapter] = gpu.pop(adapter)  # most recently used
+            if self._prefetched and (ex.index, adapter) in self._prefetched:
+                del self._prefetched[(ex.index, adapter)]
+                self.metrics.prefetch_loads_used += 1
+        cold = ready > t_arr
+        if ready < now_ms:
+            ready = now_ms
+        ex.in_use[adapter] = ex.in_use.get(adapter, 0) + 1
+        ex.served.add(adapter)
+        b = ex.running
+        first = ready + self._prefill[0] + self._prefill[1] * prompt
+        it_ms = self._decode[0] + self._decode[1] * b
+        end = first + (output - 1) * it_ms if output > 1 else first
+        ex.mark_busy(ready, end)
+        metrics = self.metrics
+        metrics.finish(i, first - t_arr, end - t_arr, cold)
+        gpu_ms = end - ready
+        metrics.gpu_ms_total += gpu_ms
+        # billing is linear in the billed ms: each request is rounded up here, priced once at
+        # the end (inference_cost_usd of the sum equals the sum of each request's price)
+        self._billed_ms += billed_gpu_ms(gpu_ms, self._bill[0])
+        self.placement.load_changed(ex)
+        return RequestDone(end, ex, adapter)
+
+    def report_changes(self, ex: Executor) -> None:
+        """Tell placement (and prefetch) of the tier changes ``ex`` recorded."""
+        if ex.changes:
+            prefetch = self.prefetch
+            for adapter, tier in ex.changes:
+                self.placement.residency_changed(ex, adapter, tier)
+                if prefetch is not None and tier > GPU:
+                    prefetch.on_evicted(adapter, ex, tier)
+                    self._prefetched.pop((ex.index, adapter), None)
+            ex.changes.clear()
+
+    # -- tier commands (the prefetch policy calls these) -------------------------------------
+    def promote(self, ex: Executor, adapter: int, tier: int, now_ms: float) -> bool:
+        """Bring ``adapter`` up to ``tier`` on ``ex`` ahead of demand; False if already there."""
+        have = ex.tier_of(adapter)
+        if have <= tier:
+            return False
+        if tier == GPU:
+            ex.load_to_gpu(adapter, now_ms, self.times, self._bytes)
+            self._prefetched[(ex.index, adapter)] = None
+        else:
+            ex.stage(adapter, tier)
+            ex.loads += 1
+            ex.bytes_loaded += self._bytes
+        self.metrics.prefetch_loads += 1
+        self.metrics.prefetch_bytes += self._bytes
+        self.report_changes(ex)
+        return True
+
+    def demote(self, ex: Executor, adapter: int, tier: int) -> bool:
+        """Move ``adapter`` down to ``tier`` on ``ex``; False when in use or already lower."""
+        if ex.tier_of(adapter) >= tier or not ex.demote(adapter, tier):
+            return False
+        self._prefetched.pop((ex.index, adapter), None)
+        self.report_changes(ex)
+        return True
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, progress: Callable[[int], None] | None = None) -> MetricsStore:
+        """Simulate every arrival to the end; ``progress(arrivals_done)`` is called every chunk."""
+        trace, heap, push, pop = self.trace, self.heap, self.push, heapq.heappop
+        if self.n:
+            self.now_ms = float(trace.t_ms[0])
+            push((SampleTick(self.now_ms),))
+            if self.prefetch is not None:
+                push((PrefetchTick(self.now_ms),))
+        for lo in range(0, self.n, CHUNK):
+            hi = min(self.n, lo + CHUNK)
+            ts = trace.t_ms[lo:hi].tolist()
+            ads = trace.source[lo:hi].tolist()
+            ps = trace.prompt_tokens[lo:hi].tolist()
+            os_ = trace.output_tokens[lo:hi].tolist()
+            for k in range(hi - lo):
+                t = ts[k]
+                while heap and heap[0][0] <= t:
+                    ev_t, _, ev = pop(heap)
+                    self.now_ms = ev_t
+                    push(ev.handle(self))
+                self.now_ms = t
+                self.next_arrival = lo + k + 1
+                push(self.place((lo + k, t, ads[k], ps[k], os_[k]), t))
+            if progress is not None:
+                progress(hi)
+        while heap:
+            ev_t, _, ev = pop(heap)
+            self.now_ms = ev_t
+            push(ev.handle(self))
+        _, price, tenancy = self._bill
+        self.metrics.billed_usd = inference_cost_usd(
+            self._billed_ms, gpu_price_per_hour=price, tenancy_factor=tenancy
+        )
+        start = float(trace.t_ms[0]) if self.n else 0.0
+        # the last arrival or completion; periodic ticks past it do not lengthen the run
+        last_arrival = float(trace.t_ms[-1]) if self.n else 0.0
+        self.metrics.end_ms = max([last_arrival, *(ex.busy_until_ms for ex in self.executors)])
+        self.span_ms = self.metrics.end_ms - start
+        return self.metrics
+
+    def summary(self) -> dict[str, Any]:
+        out = self.metrics.summary(self.executors, span_ms=self.span_ms)
+        out["prefetch"] = None if self.prefetch is None else self.prefetch.report(self.now_ms)
+        return out
+
+
+__all__ = ["DISK", "GPU", "HOST", "REMOTE", "Event", "RequestDone", "Simulator"]

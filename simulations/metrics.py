@@ -1,0 +1,124 @@
+"""One metrics store for a simulation run: per-request arrays in, every reported figure out.
+
+Per request (preallocated numpy arrays, a few bytes each so 20 million fit): time to first
+token, end-to-end latency, whether it was a cold start (its adapter not ready in GPU memory at
+arrival on its executor), and its outcome (done, or an error code). Per executor: busy time,
+loads, bytes loaded, distinct adapters served. Periodic samples: GPU-resident adapters and
+requests in flight per executor.
+
+:meth:`MetricsStore.summary` turns these into the JSON the run writes; percentiles are over
+completed requests only, and errors are counted by type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from simulations.cluster import Executor
+
+OK, NO_CAPACITY, PENDING = 0, 1, 255
+ERROR_NAMES = {NO_CAPACITY: "no_capacity"}
+
+
+def _pct(values: np.ndarray[Any, Any], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 3) if values.size else None
+
+
+class MetricsStore:
+    """Everything a run measures; the engine writes, :meth:`summary` reads."""
+
+    def __init__(self, requests: int) -> None:
+        self.ttft_ms = np.zeros(requests, dtype=np.float32)
+        self.e2e_ms = np.zeros(requests, dtype=np.float32)
+        self.cold = np.zeros(requests, dtype=np.bool_)
+        self.outcome = np.full(requests, PENDING, dtype=np.uint8)
+        self.gpu_ms_total = 0.0
+        self.billed_usd = 0.0
+        self.prefetch_loads = 0
+        self.prefetch_bytes = 0
+        self.prefetch_loads_used = 0  # prefetched into GPU memory and used before eviction
+        self.samples_resident: list[float] = []  # mean GPU-resident adapters per executor
+        self.samples_active: list[float] = []  # mean adapters with a request in flight per executor
+        self.samples_t_ms: list[float] = []
+        self.end_ms = 0.0
+
+    def finish(self, i: int, ttft_ms: float, e2e_ms: float, cold: bool) -> None:
+        self.ttft_ms[i] = ttft_ms
+        self.e2e_ms[i] = e2e_ms
+        self.cold[i] = cold
+        self.outcome[i] = OK
+
+    def fail(self, i: int, code: int) -> None:
+        self.outcome[i] = code
+
+    def sample(self, now_ms: float, executors: list[Executor]) -> None:
+        n = max(1, len(executors))
+        self.samples_t_ms.append(now_ms)
+        self.samples_resident.append(sum(len(ex.gpu) for ex in executors) / n)
+        self.samples_active.append(sum(len(ex.in_use) for ex in executors) / n)
+
+    def summary(self, executors: list[Executor], *, span_ms: float) -> dict[str, Any]:
+        """The run's figures as plain JSON-able data. ``span_ms``: first arrival to last event."""
+        done = self.outcome == OK
+        completed = int(done.sum())
+        ttft = self.ttft_ms[done]
+        e2e = self.e2e_ms[done]
+        cold = int(self.cold[done].sum())
+        errors = {
+            name: int((self.outcome == code).sum())
+            for code, name in ERROR_NAMES.items()
+            if (self.outcome == code).any()
+        }
+        pending = int((self.outcome == PENDING).sum())
+        span = max(span_ms, 1e-9)
+        util = [min(1.0, ex.busy_ms / span) for ex in executors]
+        served = [len(ex.served) for ex in executors]
+        loads = sum(ex.loads for ex in executors)
+        bytes_loaded = sum(ex.bytes_loaded for ex in executors)
+        return {
+            "requests": int(self.outcome.size),
+            "completed": completed,
+            "errors": errors,
+            "unfinished": pending,
+            "cold_starts": cold,
+            "cold_start_rate": round(cold / completed, 6) if completed else None,
+            "ttft_ms": {"p50": _pct(ttft, 50), "p99": _pct(ttft, 99), "mean": _mean(ttft)},
+            "e2e_ms": {"p50": _pct(e2e, 50), "p99": _pct(e2e, 99), "mean": _mean(e2e)},
+            "gpu_utilisation": {
+                "mean": round(float(np.mean(util)), 6) if util else None,
+                "min": round(min(util), 6) if util else None,
+                "max": round(max(util), 6) if util else None,
+                "definition": "share of the run an executor had a request in prefill or decode "
+                "(waiting for an adapter load is not busy)",
+            },
+            "tenants_per_gpu": {
+                "served_mean": round(float(np.mean(served)), 3) if served else None,
+                "resident_mean": _mean_list(self.samples_resident),
+                "active_mean": _mean_list(self.samples_active),
+                "active_max": round(max(self.samples_active), 3) if self.samples_active else None,
+                "definition": "served: distinct adapters an executor served over the run; "
+                "resident: adapters in GPU memory, sampled; active: adapters with a request "
+                "in flight, sampled (mean and peak)",
+            },
+            "loads": {
+                "gpu_loads": loads,
+                "bytes_moved": bytes_loaded,
+                "prefetch_loads": self.prefetch_loads,
+                "prefetch_bytes": self.prefetch_bytes,
+                "prefetch_loads_used": self.prefetch_loads_used,
+                "gpu_slot_overflows": sum(ex.gpu_overflow for ex in executors),
+            },
+            "gpu_ms_total": round(self.gpu_ms_total, 3),
+            "billed_usd": self.billed_usd,
+            "span_ms": round(span_ms, 3),
+        }
+
+
+def _mean(values: np.ndarray[Any, Any]) -> float | None:
+    return round(float(values.mean(dtype=np.float64)), 3) if values.size else None
+
+
+def _mean_list(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 3) if values else None

@@ -1,0 +1,298 @@
+"""The scheduler's placement: Algorithm 2 over what the executors report, provisioning, and
+the routing of the predictor's tier commands.
+
+Data flows left to right::
+
+    executors ─ExecutorHello / LoadReport (load, residency per tier)─▶ LivePlacement (index)
+    gateway ─InferWork─▶ LivePlacement.choose ─▶ an executor | waiting for room | no_capacity
+    predictor ─AdapterTierCommand─▶ LivePlacement.route_tier_command ─▶ executors
+
+* The index (:class:`~vajra.policies.placement.PlacementIndex`) is keyed by (tenant, adapter
+  digest). Executors report digests per tier; a digest counts as resident for every tenant
+  that has sent a request for it (learnt from the requests placed), so two tenants with
+  byte-identical adapters share locality but never affinity.
+* ``InferWork`` carries no base model, and a Vajra cluster serves one: every executor sits in
+  one pool (:data:`POOL`).
+* Load: ``inflight`` is what the scheduler dispatched and no report has listed as finished
+  (it moves with every dispatch, so a burst spreads); fullness is the executor's own last
+  report (queued + running), as before.
+* No candidate: the :class:`~vajra.policies.provisioning.CapacityProvisioner` (no local
+  executor start is wired: it only bounds the wait) holds the request for up to
+  ``scheduler.no_capacity_wait_ms`` (and never past its deadline) in a bounded FIFO, retried
+  whenever a load report or a new executor may have made room, then answers ``no_capacity``.
+* Re-dispatch: the body of every non-streaming request is kept until it finishes; when its
+  executor is lost, it is placed again once (a streaming request may already have sent tokens,
+  so it is answered ``unavailable`` as before).
+
+Errors: nothing here raises; decisions come back as values and the scheduler sends the replies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from vajra.bus.messages import AdapterTierCommand, InferWork, LoadReport
+from vajra.config import VajraConfig
+from vajra.errors import NoCapacityError, UnavailableError, VajraError
+from vajra.policies.placement import (
+    AdapterKey,
+    ExecutorState,
+    PlacementIndex,
+    PlacementWeights,
+    Tier,
+)
+from vajra.policies.provisioning import CapacityProvisioner, ProvisionAction
+
+log = logging.getLogger("vajra.scheduler")
+
+POOL = "*"  # the one base-model pool (see the module docstring)
+MAX_WAITING = 4_096  # requests held for room at once; beyond: no_capacity at once
+_TIER_NAMES = {"gpu": Tier.GPU, "host": Tier.HOST, "disk": Tier.DISK}
+
+
+@dataclass(slots=True)
+class Waiting:
+    gateway: bytes
+    work: InferWork
+    body: Sequence[bytes]
+    since_ms: float
+    until_ms: float
+
+
+@dataclass(slots=True)
+class _Kept:
+    work: InferWork
+    body: Sequence[bytes]
+    redispatched: bool = False
+
+
+def adapter_key(work: InferWork) -> AdapterKey:
+    return (work.tenant_id, work.adapter_digest or "")
+
+
+class LivePlacement:
+    """Placement state of one scheduler incarnation; see the module docstring."""
+
+    def __init__(self, cfg: VajraConfig, counters: Counter[str]) -> None:
+        p, s = cfg.policies, cfg.scheduler
+        self.index = PlacementIndex(
+            PlacementWeights(p.placement_alpha, p.placement_beta, p.placement_gamma),
+            affinity_window=s.affinity_window,
+            affinity_ttl_ms=s.affinity_ttl_ms,
+        )
+        self.provisioner = CapacityProvisioner(
+            allow_start=False, max_executors=0, max_wait_ms=s.no_capacity_wait_ms
+        )
+        self.counters = counters
+        self.waiting: deque[Waiting] = deque()
+        self._kept: dict[str, _Kept] = {}
+        self._tiers: dict[str, dict[str, Tier]] = {}  # executor -> digest -> tier
+        self._holders: dict[str, dict[str, Tier]] = {}  # digest -> executor -> tier
+        self._tenants: dict[str, set[str]] = {}  # digest -> tenants that asked for it
+        self._load_ms: dict[str, dict[str, float]] = {}  # executor -> tier -> mean load ms
+
+    # --- executors --------------------------------------------------------------------------
+
+    def joined(self, executor_id: str, max_batch_size: int, max_queue: int) -> None:
+        self.removed(executor_id)
+        self.index.upsert_executor(
+            ExecutorState(
+                executor_id,
+                POOL,
+                max_batch_size=max(1, max_batch_size),
+                max_queue=max(0, max_queue),
+                reported_load=0,
+            )
+        )
+        self.provisioner.set_running(POOL, len(self.index.executors))
+        self._tiers[executor_id] = {}
+
+    def load_changed(
+        self, executor_id: str, *, dispatched: int, max_batch_size: int, max_queue: int
+    ) -> None:
+        state = self.index.executors.get(executor_id)
+        if state is not None:
+            self.index.upsert_executor(
+                replace(
+                    state,
+                    inflight=dispatched,
+                    max_batch_size=max(1, max_batch_size),
+                    max_queue=max(0, max_queue),
+                )
+            )
+
+    def reported(self, report: LoadReport, dispatched: int) -> None:
+        """A load report: load, slots and residency per tier."""
+        state = self.index.executors.get(report.executor_id)
+        if state is None:
+            return
+        slots = report.gpu_slots if report.gpu_slots > 0 else state.gpu_slots
+        self.index.upsert_executor(
+            replace(
+                state,
+                inflight=dispatched,
+                reported_load=max(0, report.queue_depth) + max(0, report.running),
+                draining=report.draining,
+                active_adapters=max(0, report.active_adapters),
+                gpu_slots=slots,
+                gpu_slots_free=max(0, report.gpu_slots_free) if report.gpu_slots > 0 else slots,
+            )
+        )
+        if report.tier_load_ms:
+            self._load_ms[report.executor_id] = dict(report.tier_load_ms)
+        new: dict[str, Tier] = {}
+        for tier, digests in (
+            (Tier.DISK, report.disk_adapters),
+            (Tier.HOST, report.host_adapters),
+            (Tier.GPU, report.resident_adapters),
+        ):
+            for d in digests:
+                new[d] = tier
+        old = self._tiers.get(report.executor_id, {})
+        if new == old:
+            return
+        for d in old.keys() - new.keys():
+            self._set(report.executor_id, d, None)
+        for d, tier in new.items():
+            if old.get(d) != tier:
+                self._set(report.executor_id, d, tier)
+        self._tiers[report.executor_id] = new
+
+    def tier_load_ms(self) -> dict[str, float]:
+        """Mean measured load time into each tier across the executors' last reports."""
+        sums: dict[str, list[float]] = {}
+        for per_tier in self._load_ms.values():
+            for tier, ms in per_tier.items():
+                sums.setdefault(tier, []).append(ms)
+        return {t: sum(v) / len(v) for t, v in sums.items()}
+
+    def removed(self, executor_id: str) -> None:
+        self._load_ms.pop(executor_id, None)
+        for d in self._tiers.pop(executor_id, {}):
+            holders = self._holders.get(d)
+            if holders is not None:
+                holders.pop(executor_id, None)
+                if not holders:
+                    del self._holders[d]
+        self.index.remove_executor(executor_id)
+        self.provisioner.set_running(POOL, len(self.index.executors))
+
+    def _set(self, executor_id: str, digest: str, tier: Tier | None) -> None:
+        holders = self._holders.setdefault(digest, {})
+        if tier is None:
+            holders.pop(executor_id, None)
+            if not holders:
+                del self._holders[digest]
+        else:
+            holders[executor_id] = tier
+        for tenant in self._tenants.get(digest, ()):
+            self.index.set_residency(executor_id, (tenant, digest), tier)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def choose(self, work: InferWork, now_ms: float) -> str | None:
+        key = adapter_key(work)
+        self._learn(key)
+        placement = self.index.choose(work.tenant_id, key, POOL, now_ms=now_ms)
+        if placement is None:
+            return None
+        self.counters[f"placed_tier_{placement.tier.name.lower()}"] += 1
+        return placement.executor_id
+
+    def placed(
+        self, work: InferWork, executor_id: str, body: Sequence[bytes], now_ms: float
+    ) -> None:
+        self.index.note_placement(work.tenant_id, executor_id, now_ms)
+        if not work.stream:
+            kept = self._kept.get(work.request_id)
+            if kept is None:
+                self._kept[work.request_id] = _Kept(work, body)
+
+    def finished(self, request_ids: Sequence[str]) -> None:
+        for rid in request_ids:
+            self._kept.pop(rid, None)
+
+    def take_redispatch(self, request_id: str) -> _Kept | None:
+        """The kept request to place again after its executor was lost (once), or None."""
+        kept = self._kept.get(request_id)
+        if kept is None or kept.redispatched:
+            self._kept.pop(request_id, None)
+            return None
+        kept.redispatched = True
+        return kept
+
+    def _learn(self, key: AdapterKey) -> None:
+        tenant, digest = key
+        if not digest:
+            return
+        tenants = self._tenants.setdefault(digest, set())
+        if tenant not in tenants:
+            tenants.add(tenant)
+            for eid, tier in self._holders.get(digest, {}).items():
+                self.index.set_residency(eid, key, tier)
+
+    # --- waiting for room -------------------------------------------------------------------
+
+    def hold(
+        self,
+        gateway: bytes,
+        work: InferWork,
+        body: Sequence[bytes],
+        now_ms: float,
+        deadline_ms: float,
+    ) -> VajraError | None:
+        """No executor had room: hold the request (None) or the error to answer it with."""
+        if not self.index.executors:
+            return UnavailableError("no executor is serving yet; retry")
+        decision = self.provisioner.provision(POOL, now_ms)
+        if decision.action == ProvisionAction.REFUSE or len(self.waiting) >= MAX_WAITING:
+            self.counters["no_capacity"] += 1
+            return NoCapacityError("no executor has room for this request; retry later")
+        until = min(decision.until_ms or now_ms, deadline_ms)
+        self.waiting.append(Waiting(gateway, work, body, now_ms, until))
+        self.counters["held_for_room"] += 1
+        return None
+
+    def expired_error(self) -> VajraError:
+        """What a held request whose wait is over is answered with."""
+        self.counters["no_capacity"] += 1
+        if not self.index.executors:
+            return UnavailableError("no executor is serving any more; retry")
+        return NoCapacityError("no executor had room for this request in time; retry later")
+
+    def cancel_held(self, request_ids: Sequence[str]) -> set[str]:
+        """Drop held requests the gateway cancelled; the ids dropped."""
+        wanted = set(request_ids)
+        dropped = {w.work.request_id for w in self.waiting if w.work.request_id in wanted}
+        if dropped:
+            self.waiting = deque(w for w in self.waiting if w.work.request_id not in dropped)
+        return dropped
+
+    def take_waiting(self) -> list[Waiting]:
+        """Every held request, oldest first, for the scheduler to try again."""
+        out = list(self.waiting)
+        self.waiting.clear()
+        return out
+
+    # --- tier commands ----------------------------------------------------------------------
+
+    def route_tier_command(self, cmd: AdapterTierCommand, now_ms: float) -> list[str]:
+        """The executors a tier command goes to: its own executor when named and known; else,
+        for a promote, where placement would send the tenant's next request for it; for a
+        demote, every executor holding it in a tier above ``cmd.tier``'s floor."""
+        if cmd.executor_id:
+            return [cmd.executor_id] if cmd.executor_id in self.index.executors else []
+        if cmd.action == "promote":
+            key = (cmd.tenant_id, cmd.adapter_digest)
+            self._learn(key)
+            p = self.index.choose(cmd.tenant_id, key, POOL, now_ms=now_ms)
+            return [] if p is None else [p.executor_id]
+        floor = _TIER_NAMES.get(cmd.tier)
+        if floor is None:
+            return []
+        return [
+            eid for eid, tier in self._holders.get(cmd.adapter_digest, {}).items() if tier <= floor
+        ]
