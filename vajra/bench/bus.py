@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from vajra.actors.supervisor import Supervisor, free_tcp_address
 from vajra.bus.client_socket import BlockingContext
 from vajra.bus.codec import decode, encode
 from vajra.bus.messages import InferRequest, InferResult, Sampling
-from vajra.config import load_config
+from vajra.config import VajraConfig, load_config
 from vajra.state import ClusterState
 
 #: How long the load generator waits for any reply before it gives up.
@@ -161,9 +162,15 @@ def _cpu_seconds() -> dict[str, float]:
 
 
 def _run_cluster_in_thread(
-    home: Path, *, model: str = "null"
+    home: Path,
+    *,
+    model: str = "null",
+    tune: Callable[[VajraConfig], VajraConfig] | None = None,
+    start_timeout_s: float = 120.0,
 ) -> tuple[dict[str, Any], trio.lowlevel.TrioToken, threading.Thread]:
-    """A cluster of one executor serving ``model`` under a supervisor in a thread of its own."""
+    """A cluster of one executor serving ``model`` under a supervisor in a thread of its own:
+    (its ready dict with ``info`` and ``stop``, the thread's Trio token, the thread). ``tune``
+    changes the benchmark's configuration further."""
     env = {"VAJRA_HOME": str(home)}
     cfg = (
         load_config(env=env)
@@ -172,6 +179,8 @@ def _run_cluster_in_thread(
         # One tenant drives the whole load: per-tenant limits would measure themselves.
         .replace("gateway", tenant_rate_limit_per_s=0.0, tenant_max_inflight=0)
     )
+    if tune is not None:
+        cfg = tune(cfg)
     sup = Supervisor(cfg, executors=1, model=model)
     ready: dict[str, Any] = {}
     started = threading.Event()
@@ -194,7 +203,7 @@ def _run_cluster_in_thread(
 
     thread = threading.Thread(target=runner, name="vajra-bench-cluster", daemon=True)
     thread.start()
-    if not started.wait(120) or "info" not in ready:
+    if not started.wait(start_timeout_s) or "info" not in ready:
         raise RuntimeError("the benchmark cluster did not start")
     return ready, ready["token"], thread
 

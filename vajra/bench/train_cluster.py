@@ -40,10 +40,10 @@ from typing import Any
 
 import trio
 
-from vajra.actors.supervisor import Supervisor, free_tcp_address
+from vajra.bench.bus import _run_cluster_in_thread
 from vajra.bench.train import _percentiles, synthetic_examples
 from vajra.client import AsyncClient
-from vajra.config import load_config
+from vajra.config import VajraConfig
 from vajra.state import ClusterState
 
 #: The job's synthetic examples: enough that it runs far longer than any measured run.
@@ -56,42 +56,14 @@ _JOB_START_S = 120.0
 def _start_cluster(
     home: Path, model_dir: Path, *, preemption: bool, inference_ratio: int
 ) -> tuple[dict[str, Any], trio.lowlevel.TrioToken, threading.Thread]:
-    """A one-executor cluster under a supervisor in a thread of its own; (its ready dict with
-    ``info`` and ``stop``, the thread's Trio token, the thread)."""
-    env = {"VAJRA_HOME": str(home)}
-    cfg = (
-        load_config(env=env)
-        .replace("cluster", gateway_address=free_tcp_address())
-        .replace("http", enabled=False)
-        .replace("gateway", tenant_rate_limit_per_s=0.0, tenant_max_inflight=0)
-        .replace("policies", training_preemption_enabled=preemption)
-        .replace("training", inference_ratio=inference_ratio, progress_poll_s=0.1)
-    )
-    sup = Supervisor(cfg, executors=1, model=str(model_dir))
-    ready: dict[str, Any] = {}
-    started = threading.Event()
-    stop = trio.Event()
+    """The serving benchmark's one-executor cluster, with training preemption and the ratio set."""
 
-    async def main() -> None:
-        ready["token"] = trio.lowlevel.current_trio_token()
-        ready["stop"] = stop
-        async with trio.open_nursery() as nursery:
-            ready["info"] = await nursery.start(sup.run)
-            started.set()
-            await stop.wait()
-            nursery.cancel_scope.cancel()
+    def tune(cfg: VajraConfig) -> VajraConfig:
+        return cfg.replace("policies", training_preemption_enabled=preemption).replace(
+            "training", inference_ratio=inference_ratio, progress_poll_s=0.1
+        )
 
-    def runner() -> None:
-        try:
-            trio.run(main)
-        finally:
-            started.set()
-
-    thread = threading.Thread(target=runner, name="vajra-bench-train-cluster", daemon=True)
-    thread.start()
-    if not started.wait(180) or "info" not in ready:
-        raise RuntimeError("the benchmark cluster did not start")
-    return ready, ready["token"], thread
+    return _run_cluster_in_thread(home, model=str(model_dir), tune=tune, start_timeout_s=180)
 
 
 async def _stream_load(
