@@ -16,6 +16,7 @@ Adapters are small ints here (the trace's adapter index); the policies see them 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from simulations.config import ClusterSection
@@ -73,6 +74,9 @@ class Executor:
     changes: list[tuple[int, int]] = field(
         default_factory=list
     )  # (adapter, new tier), drained by the engine
+    # (executor, incoming adapter, now) -> the GPU victim, or None for LRU; set by a prefetch
+    # policy with policy.eviction = "predicted" (simulations.prefetch)
+    pick_victim: Callable[[Executor, int, float], int | None] | None = None
 
     @property
     def load(self) -> int:
@@ -99,10 +103,11 @@ class Executor:
     def load_to_gpu(self, adapter: int, now_ms: float, times: TierTimes, nbytes: int) -> float:
         """Bring ``adapter`` into GPU memory through the copy channel; returns when it is ready.
 
-        Evicts the least recently used idle adapter when every slot is taken (it stays in host
-        memory and on disk); when every resident adapter is in use the slot count is exceeded and
-        counted in ``gpu_overflow`` rather than failing a request. Every tier change is
-        appended to :attr:`changes` as (adapter, its new fastest tier) for the caller to report.
+        Evicts ``pick_victim``'s choice, else the least recently used idle adapter, when every
+        slot is taken (it stays in host memory and on disk); when every resident adapter is in
+        use the slot count is exceeded and counted in ``gpu_overflow`` rather than failing a
+        request. Every tier change is appended to :attr:`changes` as (adapter, its new fastest
+        tier) for the caller to report.
         """
         src = self.tier_of(adapter)
         if src == GPU:
@@ -112,7 +117,13 @@ class Executor:
         self.loads += 1
         self.bytes_loaded += nbytes
         gpu, changes = self.gpu, self.changes
-        if len(gpu) >= self.gpu_slots:
+        pick = self.pick_victim
+        full = len(gpu) >= self.gpu_slots
+        v = pick(self, adapter, now_ms) if full and pick is not None else None
+        if v is not None:
+            del gpu[v]  # the prefetch policy's choice: an idle adapter
+            changes.append((v, self._below_gpu(v)))
+        elif full:
             in_use = self.in_use
             for victim in gpu:  # least recently used first
                 if victim not in in_use:

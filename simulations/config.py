@@ -38,6 +38,7 @@ class RunSection:
         30_000.0  # a request no executor can take waits this long, then no_capacity
     )
     retry_every_ms: float = 250.0  # how often a waiting request asks placement again
+    cold_breakdown: int = 0  # 1: report cold starts by gap since the adapter's last request
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class TraceSection:
     rate_scale: float = 1.0  # Trace.scaled(rate=...): thins or duplicates arrivals
     start_s: float = 0.0
     duration_s: float = 0.0  # 0: the whole trace
+    # the first warmup_s seconds of the cut (from start_s) drive the policies and the tiers but
+    # are left out of every reported figure (predictor history, warm tiers)
+    warmup_s: float = 0.0
     max_requests: int = 0  # 0: no limit (Trace.head)
     # synthetic-slora
     rate_per_s: float = 10.0
@@ -101,7 +105,9 @@ class CostSection:
 @dataclass(frozen=True)
 class PolicySection:
     placement: str = "vajra"  # "vajra" (Algorithm 2) | "least-loaded" | "random"
-    prefetch: str = "none"  # "none" (reactive LRU) | "ewma" | "histogram" | "lstm" | "keepalive"
+    # "none" (reactive LRU) | "ewma" | "histogram" | "gap" | "lstm" | "keepalive" | "oracle"
+    # (knows each seen adapter's true next arrival: the ceiling of a perfect predictor)
+    prefetch: str = "none"
     keepalive_ms: float = 600_000.0  # for prefetch = "keepalive"
     lookahead_ms: float = float(_POLICIES.prefetch_lookahead_ms)
     tick_ms: float = 1_000.0  # how often the prefetcher plans
@@ -109,6 +115,12 @@ class PolicySection:
     # window) in host memory; 0 keeps it in GPU memory (serverless keep-alive, held warm)
     stage_overdue: int = 1
     min_idle_ms: float = 0.0  # Prefetcher(min_idle_ms=...): demote after this idle; 0: lookahead
+    # GPU victims when a predictor runs: "lru", or "predicted" (the idle adapter predicted
+    # farthest away leaves; a prefetch that would push out one needed sooner is declined)
+    eviction: str = "lru"
+    gap_quantile: float = 0.5  # prefetch = "gap": forecast this quantile of the longer idle times
+    gap_resolution_ms: float = 0.0  # prefetch = "gap": > 0 counts arrivals per slot (a minute)
+    oracle_resolution_ms: float = 0.0  # prefetch = "oracle": > 0 knows only the slot's start
     alpha: float = _POLICIES.placement_alpha
     beta: float = _POLICIES.placement_beta
     gamma: float = _POLICIES.placement_gamma
@@ -146,7 +158,8 @@ _CHOICES = {
     ("trace", "kind"): {"synthetic-slora", "file"},
     ("trace", "mapping"): {"one-to-one", "striped"},
     ("policy", "placement"): {"vajra", "least-loaded", "random"},
-    ("policy", "prefetch"): {"none", "ewma", "histogram", "lstm", "keepalive"},
+    ("policy", "prefetch"): {"none", "ewma", "histogram", "gap", "lstm", "keepalive", "oracle"},
+    ("policy", "eviction"): {"lru", "predicted"},
 }
 # Zero would divide by zero or stall the simulation; every other number may be zero, none negative.
 _POSITIVE = {
@@ -215,6 +228,8 @@ def parse_config(data: dict[str, Any], *, base_dir: Path = Path(".")) -> SimConf
     cfg = SimConfig(**sections, base_dir=base_dir)
     if cfg.trace.kind == "file" and not (cfg.trace.format and cfg.trace.path):
         raise SimConfigError("[trace]: kind = 'file' needs format and path")
+    if cfg.trace.warmup_s > 0 and 0 < cfg.trace.duration_s <= cfg.trace.warmup_s:
+        raise SimConfigError("[trace] warmup_s: must be shorter than duration_s")
     if cfg.cluster.executors < 1 or cfg.cluster.gpu_slots < 1 or cfg.cluster.max_batch_size < 1:
         raise SimConfigError("[cluster]: executors, gpu_slots and max_batch_size must be >= 1")
     return cfg

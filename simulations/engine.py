@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from simulations.cluster import DISK, GPU, HOST, REMOTE, Executor, TierTimes
 from simulations.config import SimConfig
-from simulations.metrics import NO_CAPACITY, MetricsStore
+from simulations.metrics import NO_CAPACITY, MetricsStore, cold_breakdown
 from simulations.placement import SimPlacement
 from vajra.policies.billing import billed_gpu_ms, inference_cost_usd
 
@@ -56,6 +56,10 @@ class Prefetch(Protocol):
     def on_evicted(self, adapter: int, ex: Executor, tier: int) -> None: ...
 
     def report(self, now_ms: float) -> dict[str, Any]: ...
+
+    def start_measuring(self) -> None: ...
+
+    def bind(self, sim: Simulator) -> None: ...
 
 
 class Event:
@@ -131,6 +135,17 @@ class PrefetchTick(Event):
         return ()
 
 
+class WarmupEnd(Event):
+    """The end of ``trace.warmup_s``: the figures restart from zero; the tiers, placement and
+    predictors keep what the warm-up taught them."""
+
+    __slots__ = ()
+
+    def handle(self, sim: Simulator) -> Iterable[Event]:
+        sim.end_warmup(self.t_ms)
+        return ()
+
+
 class Simulator:
     """One run over one trace. Build it, call :meth:`run`, read :attr:`metrics`."""
 
@@ -165,6 +180,19 @@ class Simulator:
         self._bytes = cfg.cluster.adapter_bytes
         self._prefetched: dict[tuple[int, int], None] = {}  # (executor, adapter) loads not yet used
         self._billed_ms = 0  # every request's GPU time, rounded up to the billing granularity
+        self.warmup_ms = cfg.trace.warmup_s * 1000.0  # on the replayed trace's clock
+        self.measure_from_ms: float | None = None
+        if prefetch is not None:
+            prefetch.bind(self)
+
+    def end_warmup(self, t_ms: float) -> None:
+        """Requests arriving from ``t_ms`` on are measured; every counter restarts."""
+        first = int(self.trace.t_ms.searchsorted(t_ms, side="left"))
+        self.metrics.start_measuring(first, self.executors)
+        self._billed_ms = 0
+        self.measure_from_ms = t_ms
+        if self.prefetch is not None:
+            self.prefetch.start_measuring()
 
     # -- scheduling -------------------------------------------------------------------------
     def push(self, events: Iterable[Event]) -> None:
@@ -202,10 +230,11 @@ class Simulator:
         gpu = ex.gpu
         ready = gpu.get(adapter)
         if ready is None:
-            src = ex.tier_of(adapter)
+            prefetch = self.prefetch
+            src = ex.tier_of(adapter) if prefetch is not None else REMOTE
             ready = ex.load_to_gpu(adapter, now_ms, self.times, self._bytes)
-            if self.prefetch is not None:
-                self.prefetch.on_load(src, self._bytes, self.times.load_ms[src])
+            if prefetch is not None:
+                prefetch.on_load(src, self._bytes, self.times.load_ms[src])
             self.report_changes(ex)
         else:
             gpu[adapter] = gpu.pop(adapter)  # most recently used
@@ -234,14 +263,16 @@ class Simulator:
 
     def report_changes(self, ex: Executor) -> None:
         """Tell placement (and prefetch) of the tier changes ``ex`` recorded."""
-        if ex.changes:
+        changes = ex.changes
+        if changes:
+            self.placement.residencies_changed(ex, changes)
             prefetch = self.prefetch
-            for adapter, tier in ex.changes:
-                self.placement.residency_changed(ex, adapter, tier)
-                if prefetch is not None and tier > GPU:
-                    prefetch.on_evicted(adapter, ex, tier)
-                    self._prefetched.pop((ex.index, adapter), None)
-            ex.changes.clear()
+            if prefetch is not None:  # it reads no placement state: the order does not matter
+                for adapter, tier in changes:
+                    if tier > GPU:
+                        prefetch.on_evicted(adapter, ex, tier)
+                        self._prefetched.pop((ex.index, adapter), None)
+            changes.clear()
 
     # -- tier commands (the prefetch policy calls these) -------------------------------------
     def promote(self, ex: Executor, adapter: int, tier: int, now_ms: float) -> bool:
@@ -273,26 +304,31 @@ class Simulator:
     def run(self, progress: Callable[[int], None] | None = None) -> MetricsStore:
         """Simulate every arrival to the end; ``progress(arrivals_done)`` is called every chunk."""
         trace, heap, push, pop = self.trace, self.heap, self.push, heapq.heappop
+        heappush, seq, place = heapq.heappush, self._seq, self.place
         if self.n:
             self.now_ms = float(trace.t_ms[0])
             push((SampleTick(self.now_ms),))
             if self.prefetch is not None:
                 push((PrefetchTick(self.now_ms),))
+            if self.warmup_ms > 0:
+                push((WarmupEnd(self.warmup_ms),))
         for lo in range(0, self.n, CHUNK):
             hi = min(self.n, lo + CHUNK)
             ts = trace.t_ms[lo:hi].tolist()
             ads = trace.source[lo:hi].tolist()
             ps = trace.prompt_tokens[lo:hi].tolist()
             os_ = trace.output_tokens[lo:hi].tolist()
-            for k in range(hi - lo):
+            for k in range(hi - lo):  # push() inlined: one call less per event
                 t = ts[k]
                 while heap and heap[0][0] <= t:
                     ev_t, _, ev = pop(heap)
                     self.now_ms = ev_t
-                    push(ev.handle(self))
+                    for nxt in ev.handle(self):
+                        heappush(heap, (nxt.t_ms, next(seq), nxt))
                 self.now_ms = t
                 self.next_arrival = lo + k + 1
-                push(self.place((lo + k, t, ads[k], ps[k], os_[k]), t))
+                for nxt in place((lo + k, t, ads[k], ps[k], os_[k]), t):
+                    heappush(heap, (nxt.t_ms, next(seq), nxt))
             if progress is not None:
                 progress(hi)
         while heap:
@@ -304,6 +340,8 @@ class Simulator:
             self._billed_ms, gpu_price_per_hour=price, tenancy_factor=tenancy
         )
         start = float(trace.t_ms[0]) if self.n else 0.0
+        if self.measure_from_ms is not None:
+            start = max(start, self.measure_from_ms)
         # the last arrival or completion; periodic ticks past it do not lengthen the run
         last_arrival = float(trace.t_ms[-1]) if self.n else 0.0
         self.metrics.end_ms = max([last_arrival, *(ex.busy_until_ms for ex in self.executors)])
@@ -313,6 +351,8 @@ class Simulator:
     def summary(self) -> dict[str, Any]:
         out = self.metrics.summary(self.executors, span_ms=self.span_ms)
         out["prefetch"] = None if self.prefetch is None else self.prefetch.report(self.now_ms)
+        if self.cfg.run.cold_breakdown:
+            out["cold_breakdown"] = cold_breakdown(self.trace.t_ms, self.trace.source, self.metrics)
         return out
 
 

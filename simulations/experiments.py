@@ -4,8 +4,9 @@ Each sweep runs shipped configs with one setting varied, and writes ``DIR/NAME.j
 run's report minus its config echo) and ``DIR/NAME.png`` (bars of the compared figures):
 
 * ``prefetch``: reactive LRU loading against each predictor (EWMA, the Serverless-in-the-Wild
-  histogram, the LSTM, fixed 10-minute keep-alive), equal tier memory, on the Azure 2019 hour,
-  the Azure 2021 sample and the four S-LoRA configs.
+  histogram, its idle times as point forecasts (``gap``), the LSTM, fixed 10-minute keep-alive)
+  with prediction-aware eviction, and the oracle ceilings; equal tier memory, after a warm-up
+  (``WARMUP``), on the Azure 2019 hour, the Azure 2021 sample and the four S-LoRA configs.
 * ``placement``: Algorithm 2 (load + locality + affinity) against least-loaded and random.
 * ``scale``: the 1, 5 and 20 million request configs; run time against requests.
 * ``economics``: the whole Azure 2019 day.
@@ -38,7 +39,7 @@ TRACES = [
     "slora_a1_cv1",
     "slora_a1_cv4",
 ]
-PREDICTORS = ["none", "ewma", "histogram", "lstm", "keepalive"]
+PREDICTORS = ["none", "ewma", "histogram", "gap", "lstm", "keepalive", "oracle"]
 PLACEMENTS = ["vajra", "least-loaded", "random"]
 
 
@@ -77,17 +78,39 @@ def _sweep(
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    # held warm in GPU memory inside the predicted window, demoted 1 s after its last arrival
-    # when none is expected: Serverless in the Wild's pre-warm / keep-alive, as a tier policy
+    # held warm in GPU memory inside the predicted window: Serverless in the Wild's pre-warm /
+    # keep-alive, as a tier policy
     "histogram-warm": {"policy.prefetch": "histogram", "policy.stage_overdue": 0},
     "keepalive-warm": {"policy.prefetch": "keepalive", "policy.stage_overdue": 0},
+    # the same predictors with the executors' LRU eviction (the configs say "predicted")
+    "histogram-lru": {"policy.prefetch": "histogram", "policy.eviction": "lru"},
+    "gap-lru": {"policy.prefetch": "gap", "policy.eviction": "lru"},
+    # the ceiling of a predictor that knows only the minute of each next request
+    "oracle-minute": {"policy.prefetch": "oracle", "policy.oracle_resolution_ms": 60_000.0},
+}
+# Warm-up before the measured window (trace.warmup_s): the predictors start with history and
+# the tiers warm, for every run of the sweep, reactive included.
+WARMUP: dict[str, dict[str, Any]] = {
+    "prefetch_azure2019": {  # 06:00-08:00 warm-up, 08:00-09:00 measured
+        "trace.start_s": 21_600.0,
+        "trace.duration_s": 10_800.0,
+        "trace.warmup_s": 7_200.0,
+    },
+    **{
+        t: {"trace.duration_s": 2_400.0, "trace.warmup_s": 600.0}  # 10 min, then 30 measured
+        for t in ("slora_a01_cv1", "slora_a01_cv4", "slora_a1_cv1", "slora_a1_cv4")
+    },
 }
 
 
-def prefetch(out: Path, traces: Sequence[str], predictors: Sequence[str] = ()) -> None:
+def prefetch(
+    out: Path, traces: Sequence[str], predictors: Sequence[str] = (), *, warmup: bool = True
+) -> None:
     for trace in traces:
+        pre = WARMUP.get(trace, {}) if warmup else {}
         runs = [
-            (p, trace, VARIANTS.get(p, {"policy.prefetch": p})) for p in predictors or PREDICTORS
+            (p, trace, {**pre, **VARIANTS.get(p, {"policy.prefetch": p})})
+            for p in predictors or PREDICTORS
         ]
         rows = _sweep(f"prefetch-{trace}", runs, out)
         ok = [r for r in rows if "error" not in r]
@@ -148,10 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         help=f"prefetch: run only these ({', '.join([*PREDICTORS, *VARIANTS])}); 'none' first",
     )
+    ap.add_argument(
+        "--no-warmup", action="store_true", help="prefetch: measure from the first request"
+    )
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.name == "prefetch":
-        prefetch(args.out, args.only or TRACES, args.predictor)
+        prefetch(args.out, args.only or TRACES, args.predictor, warmup=not args.no_warmup)
     elif args.name == "placement":
         placement(args.out, args.only or TRACES)
     elif args.name == "scale":

@@ -43,6 +43,9 @@ class SimPlacement(Protocol):
     def residency_changed(self, ex: Executor, adapter: int, tier: int) -> None:
         """``adapter``'s fastest tier on ``ex`` is now ``tier``."""
 
+    def residencies_changed(self, ex: Executor, changes: list[tuple[int, int]]) -> None:
+        """:meth:`residency_changed` for each (adapter, tier) of ``changes``, in order."""
+
     def placed(self, adapter: int, tenant: int, ex: Executor, now_ms: float) -> None:
         """A request was sent to ``ex`` (for tenant affinity)."""
 
@@ -90,6 +93,9 @@ class LeastLoaded:
     def residency_changed(self, ex: Executor, adapter: int, tier: int) -> None:
         return None
 
+    def residencies_changed(self, ex: Executor, changes: list[tuple[int, int]]) -> None:
+        return None
+
     def placed(self, adapter: int, tenant: int, ex: Executor, now_ms: float) -> None:
         return None
 
@@ -114,6 +120,9 @@ class RandomPlacement:
         return None
 
     def residency_changed(self, ex: Executor, adapter: int, tier: int) -> None:
+        return None
+
+    def residencies_changed(self, ex: Executor, changes: list[tuple[int, int]]) -> None:
         return None
 
     def placed(self, adapter: int, tenant: int, ex: Executor, now_ms: float) -> None:
@@ -181,8 +190,8 @@ class PolicyPlacement:
 
     def choose(self, adapter: int, tenant: int, now_ms: float) -> int | None:
         key = self._keys.get(adapter) or self.key(adapter, tenant)
-        p = self._index.choose(key[0], key, self._base, now_ms=now_ms)
-        return None if p is None else self._by_id[p.executor_id]
+        eid = self._index.choose_id(key[0], key, self._base, now_ms=now_ms)
+        return None if eid is None else self._by_id[eid]
 
     def load_changed(self, ex: Executor) -> None:
         """Update ``ex``'s state in place; re-post it to the index's load heap when needed.
@@ -219,6 +228,13 @@ class PolicyPlacement:
     def residency_changed(self, ex: Executor, adapter: int, tier: int) -> None:
         key = self._keys.get(adapter) or self.key(adapter, self._tenant_of(adapter))
         self._index.set_residency(self._ids[ex.index], key, _TIERS[tier])
+
+    def residencies_changed(self, ex: Executor, changes: list[tuple[int, int]]) -> None:
+        eid, keys, tiers = self._ids[ex.index], self._keys, _TIERS
+        set_residency = self._index.set_residency
+        for adapter, tier in changes:
+            key = keys.get(adapter) or self.key(adapter, self._tenant_of(adapter))
+            set_residency(eid, key, tiers[tier])
 
     def placed(self, adapter: int, tenant: int, ex: Executor, now_ms: float) -> None:
         key = self._keys.get(adapter) or self.key(adapter, tenant)

@@ -192,7 +192,7 @@ def test_many_upserts_keep_the_heap_bounded() -> None:
         idx.upsert_executor(_state(f"e{i}"))
     for n in range(5_000):
         idx.upsert_executor(_state(f"e{n % 10}", inflight=n % 7))
-    assert len(idx._heaps["m"]) <= 2 * 10 + 64 + 1
+    assert idx._orders["m"].entries <= 2 * 10 + 64 + 1
     p = idx.choose("t", ("t", "d"), "m", now_ms=0)
     assert p is not None and idx.executors[p.executor_id].inflight == 0
 

@@ -11,12 +11,18 @@ or pinned while a copy reads it — is never chosen; the caller says which are i
 * Host slots: :func:`lru_victim` among the entries of one rank class.
 * Local disk: :func:`victims_to_fit` — whole entries, oldest first, until a new one fits in
   the byte budget (nothing on disk is ever in use: readers hold their own copy).
+* With a predictor (prefetch): :func:`predicted_victim` — Belady's rule on predicted times: the
+  idle adapter whose predicted next arrival is farthest leaves (no arrival expected counts as
+  never; ties go to the least recently used). For a prefetch, ``protect_ms`` and ``before_ms``
+  make it refuse rather than push out an adapter expected within the lookahead or sooner than
+  the one coming in (prefetch pollution); the caller then skips the prefetch.
 
 Pure code: no I/O; the simulator and the executor call the same functions.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
@@ -60,3 +66,43 @@ def victims_to_fit(
         victims.append(key)
         used_bytes -= nbytes
     return victims
+
+
+def predicted_victim(
+    lru: Iterable[K],
+    in_use: Callable[[K], bool],
+    next_arrival_ms: Callable[[K], float | None],
+    *,
+    now_ms: float,
+    protect_ms: float = 0.0,
+    before_ms: float | None = None,
+) -> K | None:
+    """The idle key of ``lru`` whose predicted next arrival is farthest, or None.
+
+    ``lru`` lists keys least recently used first; ``next_arrival_ms(key)`` is the predictor's
+    answer (ms on the caller's clock; None or NaN: no arrival expected, which ranks farthest; a
+    time already past: expected any moment, which ranks as ``now_ms``). Ties go to the least
+    recently used. A key expected by ``now_ms + protect_ms`` is never chosen, nor one expected by
+    ``before_ms`` (pass the incoming adapter's predicted arrival for a prefetch: it may only
+    push out an adapter needed later than itself). None when no key qualifies: every key is in
+    use or protected (a demand load then falls back to :func:`lru_victim`; a prefetch is
+    skipped). Never raises for odd predictions: infinities and NaN are ordered as above.
+    """
+    floor = now_ms + protect_ms if protect_ms > 0 else -math.inf  # NaN and <= 0: no guard
+    if before_ms is not None and before_ms == before_ms:
+        floor = max(floor, before_ms)
+    best: K | None = None
+    best_at = -math.inf
+    for key in lru:
+        if in_use(key):
+            continue
+        at = next_arrival_ms(key)
+        if at is None or at != at:
+            at = math.inf
+        elif at < now_ms:
+            at = now_ms
+        if at > best_at and (at > floor or at == math.inf):
+            best, best_at = key, at
+            if at == math.inf:
+                break  # nothing ranks farther; the first such is the least recently used
+    return best

@@ -1,3 +1,5 @@
+# Over 400 lines: Algorithm 2, its index and its load order are one unit, kept together for the
+# inlined hot path (the simulator calls it several times a request).
 """Placement of a request on an executor: the paper's Algorithm 2, with an index.
 
 Score of a candidate executor ``e`` for a request of tenant ``t`` on adapter ``k``::
@@ -19,30 +21,35 @@ queued below batch plus queue capacity), with room for the adapter (it is alread
 memory there, or fewer adapters are held by running requests than there are GPU slots).
 
 Index (:class:`PlacementIndex`). Executors are indexed by resident adapter key (which
-executors hold ``k``, in which tier) and, per base model, kept in a max-heap by ``s_load``
-with lazy invalidation (a version per executor; stale entries are dropped when met, and the
-heap is rebuilt when stale entries outnumber live ones). Every executor that neither holds
-``k`` nor appears in the tenant's affinity window scores ``alpha * s_load + beta *
-locality[REMOTE]``, so the best of them is the least-loaded eligible one: the heap's top once
-the (at most k) holders and affinity executors are skipped. A decision therefore costs
-O(k log n) — k = executors holding the adapter + the tenant's affinity executors (at most
-``affinity_window``), n = executors of the base model — never a scan of every executor, and it
-picks exactly what a full scan would (ties: the smallest executor id).
+executors hold ``k``, in which tier) and, per base model, ordered by ``s_load``: buckets keyed by
+the exact ``s_load`` value, each a heap of executor ids, under a heap of the bucket keys, both
+with lazy deletion (an entry whose executor has since moved bucket is dropped when met; all
+buckets are rebuilt when stale entries outnumber live ones). Re-posting an executor whose
+``s_load`` did not change pushes nothing, O(1); a change costs a push, O(log n). Every executor
+that neither holds ``k`` nor appears in the tenant's affinity window scores ``alpha * s_load +
+beta * locality[REMOTE]``, so the best of them is the least-loaded eligible one: the top of the
+best bucket once the (at most k) holders and affinity executors are skipped. A decision
+therefore costs O(k log n) amortised — k = executors holding the adapter + the tenant's
+affinity executors (at most ``affinity_window``), n = executors of the base model — never a
+scan of every executor, and it picks exactly what a full scan would (ties: the smallest
+executor id; with ``alpha = 0`` every executor that neither holds ``k`` nor has affinity
+scores the same, and of those the least-loaded one is taken, ties again to the smallest id).
 
 The load-only :func:`choose_executor` / :class:`ExecutorLoad` stay for callers that have no
 residency (the scheduler before an executor reports any).
 
-Errors: methods raise ``ValueError`` for weights or windows out of range; an unknown executor
-id in :meth:`PlacementIndex.set_residency` or :meth:`PlacementIndex.remove_executor` is
+Errors: methods raise ``ValueError`` for weights or windows out of range and for a tier that is
+not a :class:`Tier` value; an unknown executor id in :meth:`PlacementIndex.set_residency` or :meth:`PlacementIndex.remove_executor` is
 ignored (reports may race with an executor's removal). Pure code: no I/O, no clock.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
-from collections import Counter, deque
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -124,8 +131,104 @@ def is_eligible(e: ExecutorState, tier: Tier) -> bool:
     return tier == Tier.GPU or e.gpu_slots_free > 0 or e.active_adapters < e.gpu_slots
 
 
+class _LoadOrder:
+    """The eligible executors of one base model, best ``s_load`` first (ties: smallest id).
+
+    Buckets keyed by the exact ``s_load`` float, each a heap of executor ids, and a heap of the
+    bucket keys. Both are lazy: an id whose posted score is no longer its bucket's key is a
+    stale entry, dropped when met at a bucket's top; a bucket stays (and its key in the key
+    heap) until it is met empty there. Re-posting an unchanged score costs one dict lookup;
+    a change costs one push (O(log b), b the bucket's size) and, for a new bucket, one push
+    on the key heap. Stale entries are bounded: past ``2 x live + 64`` entries every bucket is
+    rebuilt from :attr:`score` (O(n log n) per n posts).
+    """
+
+    __slots__ = ("buckets", "entries", "keys", "score")
+
+    def __init__(self) -> None:
+        self.score: dict[str, float] = {}  # eligible executor -> its posted s_load
+        self.buckets: dict[float, list[str]] = {}  # s_load -> heap of ids (may hold stale ids)
+        self.keys: list[float] = []  # heap of -s_load, one per bucket in ``buckets``
+        self.entries = 0  # ids in all buckets, stale ones included
+
+    def post(self, eid: str, s_load: float) -> None:
+        """Post ``eid`` at ``s_load`` (inlined in :meth:`PlacementIndex.upsert_executor`)."""
+        if self.score.get(eid) == s_load:
+            return
+        self.score[eid] = s_load
+        bucket = self.buckets.get(s_load)
+        if bucket is None:
+            self.buckets[s_load] = [eid]
+            heapq.heappush(self.keys, -s_load)
+        else:
+            heapq.heappush(bucket, eid)
+        self.entries += 1
+        if self.entries > 2 * len(self.score) + 64:
+            self.rebuild()
+
+    def drop(self, eid: str) -> None:
+        self.score.pop(eid, None)
+
+    def best(self, skip: Container[str], skip_too: Container[str]) -> tuple[str, float] | None:
+        """The id and ``s_load`` of the best executor in neither ``skip`` nor ``skip_too``;
+        O((|skip| + |skip_too| + stale) log n)."""
+        keys, buckets, score = self.keys, self.buckets, self.score
+        pop, push = heapq.heappop, heapq.heappush
+        passed: list[float] = []  # keys whose buckets hold only skipped ids
+        found: tuple[str, float] | None = None
+        while keys:
+            s_load = -keys[0]
+            bucket = buckets[s_load]
+            skipped: list[str] = []
+            while bucket:
+                eid = bucket[0]
+                if score.get(eid) != s_load:
+                    pop(bucket)  # stale: dropped for good
+                    self.entries -= 1
+                elif eid in skip or eid in skip_too:
+                    skipped.append(pop(bucket))
+                else:
+                    found = (eid, s_load)
+                    break
+            for eid in skipped:
+                push(bucket, eid)
+            if found is not None:
+                break
+            if bucket:
+                passed.append(pop(keys))
+            else:
+                pop(keys)
+                del buckets[s_load]
+        for key in passed:
+            push(keys, key)
+        return found
+
+    def rebuild(self) -> None:
+        buckets: dict[float, list[str]] = {}
+        for eid, s_load in self.score.items():
+            bucket = buckets.get(s_load)
+            if bucket is None:
+                buckets[s_load] = [eid]
+            else:
+                bucket.append(eid)
+        for bucket in buckets.values():
+            bucket.sort()  # a sorted list is a heap
+        self.buckets = buckets
+        self.keys = sorted(-s for s in buckets)
+        self.entries = len(self.score)
+
+
+_REMOTE = Tier.REMOTE
+_NO_HOLDERS: Mapping[str, Tier] = {}
+_NO_COUNTS: Mapping[str, int] = {}
+
+
 class PlacementIndex:
-    """Algorithm 2 over an index of executors; see the module docstring for the complexity."""
+    """Algorithm 2 over an index of executors; see the module docstring for the complexity.
+
+    A state changed in place must be passed to :meth:`upsert_executor` again before the next
+    :meth:`choose` (the load order keeps the score it was posted with).
+    """
 
     def __init__(
         self,
@@ -144,42 +247,73 @@ class PlacementIndex:
         loc.update(locality or {})
         self.locality = loc
         self.executors: dict[str, ExecutorState] = {}
-        self._version: dict[str, int] = {}
-        self._heaps: dict[str, list[tuple[float, str, int]]] = {}  # base model -> (-s_load,..)
-        self._live: Counter[str] = Counter()  # base model -> eligible executors in its heap
+        # executor -> the base model it is indexed under and that model's load order
+        self._slot: dict[str, tuple[str, _LoadOrder]] = {}
+        self._orders: dict[str, _LoadOrder] = {}  # base model -> its eligible executors
         self._holders: dict[AdapterKey, dict[str, Tier]] = {}
         self._held: dict[str, set[AdapterKey]] = {}
-        self._recent: dict[str, deque[tuple[float, str]]] = {}
-        self._recent_counts: dict[str, Counter[str]] = {}
+        # tenant -> (its last placements: (ms, executor), oldest first; executor -> how many)
+        self._recent: dict[str, tuple[deque[tuple[float, str]], dict[str, int]]] = {}
 
     # --- state updates ----------------------------------------------------------------------
 
     def upsert_executor(self, state: ExecutorState) -> None:
-        """Add an executor or replace its state (O(log n))."""
-        old = self.executors.get(state.executor_id)
-        if old is not None and old.base_model != state.base_model:
-            self._forget_in_heap(old)
-        elif old is not None and self._in_heap(old):
-            self._live[old.base_model] -= 1
-        self.executors[state.executor_id] = state
-        version = self._version.get(state.executor_id, 0) + 1
-        self._version[state.executor_id] = version
-        self._held.setdefault(state.executor_id, set())
-        if self._in_heap(state):
-            heap = self._heaps.setdefault(state.base_model, [])
-            heapq.heappush(heap, (-state_load_score(state), state.executor_id, version))
-            self._live[state.base_model] += 1
-            if len(heap) > 2 * self._live[state.base_model] + 64:
-                self._rebuild(state.base_model)
+        """Add an executor or replace its state (O(1) if its ``s_load`` is unchanged, else
+        O(log n))."""
+        eid, base = state.executor_id, state.base_model
+        slot = self._slot.get(eid)
+        if slot is None or slot[0] != base:
+            if slot is not None:
+                slot[1].drop(eid)
+            order = self._orders.get(base)
+            if order is None:
+                order = self._orders[base] = _LoadOrder()
+            self._slot[eid] = (base, order)
+            if eid not in self._held:
+                self._held[eid] = set()
+        else:
+            order = slot[1]
+        self.executors[eid] = state
+        # is_eligible(state, Tier.REMOTE) and state_load_score(state), inlined (same formulas)
+        queued = state.inflight + state.queue_depth
+        capacity = state.max_batch_size + state.max_queue
+        load = queued if state.reported_load is None else state.reported_load
+        active, slots = state.active_adapters, state.gpu_slots
+        if state.draining or load >= capacity or (state.gpu_slots_free <= 0 and active >= slots):
+            order.drop(eid)
+            return
+        occupancy = (queued if queued > 0 else 0) / (capacity if capacity > 1 else 1)
+        if occupancy > 1.0:
+            occupancy = 1.0
+        pressure = (active if active > 0 else 0) / (slots if slots > 1 else 1)
+        if pressure > 1.0:
+            pressure = 1.0
+        s_load = 1.0 - 0.7 * occupancy - 0.3 * pressure
+        if not s_load > 0.0:
+            s_load = 0.0
+        # order.post(eid, s_load), inlined
+        score = order.score
+        if score.get(eid) == s_load:
+            return
+        score[eid] = s_load
+        bucket = order.buckets.get(s_load)
+        if bucket is None:
+            order.buckets[s_load] = [eid]
+            heapq.heappush(order.keys, -s_load)
+        else:
+            heapq.heappush(bucket, eid)
+        order.entries += 1
+        if order.entries > 2 * len(score) + 64:
+            order.rebuild()
 
     def remove_executor(self, executor_id: str) -> None:
         """Forget an executor, its residency and its place in affinity counts' candidates."""
         state = self.executors.pop(executor_id, None)
         if state is None:
             return
-        if self._in_heap(state):
-            self._live[state.base_model] -= 1
-        self._version[executor_id] = self._version.get(executor_id, 0) + 1
+        slot = self._slot.pop(executor_id, None)
+        if slot is not None:
+            slot[1].drop(executor_id)
         for key in self._held.pop(executor_id, set()):
             holders = self._holders.get(key)
             if holders is not None:
@@ -188,18 +322,27 @@ class PlacementIndex:
                     del self._holders[key]
 
     def set_residency(self, executor_id: str, key: AdapterKey, tier: Tier | None) -> None:
-        """Record that ``key`` sits in ``tier`` on the executor (None or REMOTE: not there)."""
-        if executor_id not in self.executors:
+        """Record that ``key`` sits in ``tier`` on the executor (None or REMOTE: not there).
+
+        Raises ``ValueError`` for a tier that is not a :class:`Tier` value."""
+        held = self._held.get(executor_id)
+        if held is None:
             return
-        if tier is None or tier == Tier.REMOTE:
+        if tier is None or tier == _REMOTE:
             holders = self._holders.get(key)
             if holders is not None and holders.pop(executor_id, None) is not None:
-                self._held[executor_id].discard(key)
+                held.discard(key)
                 if not holders:
                     del self._holders[key]
             return
-        self._holders.setdefault(key, {})[executor_id] = Tier(tier)
-        self._held[executor_id].add(key)
+        if type(tier) is not Tier:
+            tier = Tier(tier)
+        holders = self._holders.get(key)
+        if holders is None:
+            self._holders[key] = {executor_id: tier}
+        else:
+            holders[executor_id] = tier
+        held.add(key)
 
     def residency(self, executor_id: str) -> dict[AdapterKey, Tier]:
         """Every key recorded on ``executor_id`` and its tier."""
@@ -211,23 +354,30 @@ class PlacementIndex:
 
     def note_placement(self, tenant_id: str, executor_id: str, now_ms: float) -> None:
         """Remember a placement for the tenant's affinity (O(1) amortised)."""
-        window = self._recent.setdefault(tenant_id, deque())
-        counts = self._recent_counts.setdefault(tenant_id, Counter())
+        recent = self._recent.get(tenant_id)
+        if recent is None:
+            recent = self._recent[tenant_id] = (deque(), {})
+        window, counts = recent
         window.append((now_ms, executor_id))
-        counts[executor_id] += 1
+        counts[executor_id] = counts.get(executor_id, 0) + 1
         if len(window) > self.affinity_window:
             _, old = window.popleft()
-            self._drop_count(counts, old)
-        self._expire(tenant_id, now_ms)
+            left = counts[old] - 1
+            if left > 0:
+                counts[old] = left
+            else:
+                del counts[old]
+        if window[0][0] < now_ms - self.affinity_ttl_ms:
+            self._expire(tenant_id, now_ms)
 
     # --- decisions --------------------------------------------------------------------------
 
     def affinity(self, tenant_id: str, executor_id: str, now_ms: float) -> float:
         self._expire(tenant_id, now_ms)
-        window = self._recent.get(tenant_id)
-        if not window:
+        recent = self._recent.get(tenant_id)
+        if recent is None:
             return 0.0
-        return self._recent_counts[tenant_id][executor_id] / len(window)
+        return recent[1].get(executor_id, 0) / len(recent[0])
 
     def score(
         self, state: ExecutorState, tier: Tier, affinity: float
@@ -242,96 +392,94 @@ class PlacementIndex:
         self, tenant_id: str, key: AdapterKey, base_model: str, *, now_ms: float
     ) -> Placement | None:
         """The best executor for the request, or None when no candidate fits (provisioning)."""
-        self._expire(tenant_id, now_ms)
-        holders = self._holders.get(key, {})
-        counts = self._recent_counts.get(tenant_id)
-        window = self._recent.get(tenant_id)
-        special: set[str] = set(holders)
-        if counts:
-            special.update(counts)
-        best: tuple[float, str] | None = None
-        best_p: Placement | None = None
-        for eid in special:
-            state = self.executors.get(eid)
-            if state is None or state.base_model != base_model:
-                continue
-            tier = holders.get(eid, Tier.REMOTE)
-            if not is_eligible(state, tier):
-                continue
-            aff = counts[eid] / len(window) if counts and window else 0.0
-            total, s_load, s_loc, s_aff = self.score(state, tier, aff)
-            if best is None or (-total, eid) < best:
-                best, best_p = (-total, eid), Placement(eid, total, s_load, s_loc, s_aff, tier)
-        other = self._least_loaded(base_model, skip=special)
-        if other is not None:
-            total, s_load, s_loc, s_aff = self.score(other, Tier.REMOTE, 0.0)
-            if best is None or (-total, other.executor_id) < best:
-                best_p = Placement(other.executor_id, total, s_load, s_loc, s_aff, Tier.REMOTE)
-        return best_p
+        best = self._decide(tenant_id, key, base_model, now_ms)
+        return None if best is None else Placement(*best)
+
+    def choose_id(
+        self, tenant_id: str, key: AdapterKey, base_model: str, *, now_ms: float
+    ) -> str | None:
+        """The executor id :meth:`choose` picks, without building a :class:`Placement` (for
+        callers that place millions of requests: the simulator)."""
+        best = self._decide(tenant_id, key, base_model, now_ms)
+        return None if best is None else best[0]
 
     # --- internals --------------------------------------------------------------------------
 
-    def _in_heap(self, state: ExecutorState) -> bool:
-        """Whether ``state`` may take a request for an adapter it does not hold."""
-        return is_eligible(state, Tier.REMOTE)
-
-    def _forget_in_heap(self, old: ExecutorState) -> None:
-        if self._in_heap(old):
-            self._live[old.base_model] -= 1
-
-    def _valid(self, entry: tuple[float, str, int], base_model: str) -> bool:
-        _, eid, version = entry
-        state = self.executors.get(eid)
-        return (
-            state is not None
-            and self._version.get(eid) == version
-            and state.base_model == base_model
-        )
-
-    def _least_loaded(self, base_model: str, *, skip: set[str]) -> ExecutorState | None:
-        """The eligible executor with the highest ``s_load`` not in ``skip`` (O(|skip| log n))."""
-        heap = self._heaps.get(base_model)
-        if not heap:
+    def _decide(
+        self, tenant_id: str, key: AdapterKey, base_model: str, now_ms: float
+    ) -> tuple[str, float, float, float, float, Tier] | None:
+        """Algorithm 2: (executor id, score, s_load, s_locality, s_affinity, tier) or None."""
+        recent = self._recent.get(tenant_id)
+        if recent is not None and recent[0][0][0] < now_ms - self.affinity_ttl_ms:
+            self._expire(tenant_id, now_ms)
+            recent = self._recent.get(tenant_id)
+        holders = self._holders.get(key, _NO_HOLDERS)
+        counts: Mapping[str, int] = _NO_COUNTS
+        n_recent = 1
+        special: Iterable[str] = holders
+        if recent is not None:  # never empty: an emptied window is deleted
+            counts, n_recent = recent[1], len(recent[0])
+            special = itertools.chain(holders, [e for e in counts if e not in holders])
+        w = self.weights
+        alpha, beta, gamma = w.alpha, w.beta, w.gamma
+        locality = self.locality
+        best_total = 0.0
+        best: tuple[str, float, float, float, Tier] | None = None
+        executors = self.executors
+        for eid in special:
+            state = executors.get(eid)
+            if state is None or state.base_model != base_model:
+                continue
+            tier = holders.get(eid, _REMOTE)
+            if not is_eligible(state, tier):
+                continue
+            aff = counts.get(eid, 0) / n_recent if counts else 0.0
+            s_load = state_load_score(state)
+            s_loc = locality[tier]
+            total = alpha * s_load + beta * s_loc + gamma * aff
+            if best is None or total > best_total or (total == best_total and eid < best[0]):
+                best_total, best = total, (eid, s_load, s_loc, aff, tier)
+        order = self._orders.get(base_model)
+        other: tuple[str, float] | None = None
+        if order is not None and order.keys:
+            s_load = -order.keys[0]
+            bucket = order.buckets[s_load]
+            top = bucket[0] if bucket else None
+            if (
+                top is not None
+                and order.score.get(top) == s_load
+                and top not in holders
+                and top not in counts
+            ):
+                other = (top, s_load)  # the usual case: the top entry is live, not skipped
+            else:
+                other = order.best(holders, counts)
+        if other is not None:
+            eid, s_load = other
+            s_loc = locality[_REMOTE]
+            total = alpha * s_load + beta * s_loc + gamma * 0.0
+            if best is None or total > best_total or (total == best_total and eid < best[0]):
+                best_total, best = total, (eid, s_load, s_loc, 0.0, _REMOTE)
+        if best is None:
             return None
-        popped: list[tuple[float, str, int]] = []
-        found: ExecutorState | None = None
-        while heap:
-            entry = heap[0]
-            if not self._valid(entry, base_model):
-                heapq.heappop(heap)  # stale: dropped for good
-                continue
-            if entry[1] in skip:
-                popped.append(heapq.heappop(heap))
-                continue
-            found = self.executors[entry[1]]
-            break
-        for entry in popped:
-            heapq.heappush(heap, entry)
-        return found
-
-    def _rebuild(self, base_model: str) -> None:
-        heap = [e for e in self._heaps.get(base_model, []) if self._valid(e, base_model)]
-        heapq.heapify(heap)
-        self._heaps[base_model] = heap
+        return (best[0], best_total, best[1], best[2], best[3], best[4])
 
     def _expire(self, tenant_id: str, now_ms: float) -> None:
-        window = self._recent.get(tenant_id)
-        if not window:
+        """Drop the tenant's placements older than the TTL (and the window once empty)."""
+        recent = self._recent.get(tenant_id)
+        if recent is None:
             return
-        counts = self._recent_counts[tenant_id]
+        window, counts = recent
         horizon = now_ms - self.affinity_ttl_ms
         while window and window[0][0] < horizon:
             _, old = window.popleft()
-            self._drop_count(counts, old)
+            left = counts[old] - 1
+            if left > 0:
+                counts[old] = left
+            else:
+                del counts[old]
         if not window:
             del self._recent[tenant_id]
-            del self._recent_counts[tenant_id]
-
-    @staticmethod
-    def _drop_count(counts: Counter[str], executor_id: str) -> None:
-        counts[executor_id] -= 1
-        if counts[executor_id] <= 0:
-            del counts[executor_id]
 
 
 # --- load-only placement (kept for callers without residency) ------------------------------

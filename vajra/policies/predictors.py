@@ -1,3 +1,5 @@
+# Over 400 lines: the predictors share one protocol and the histogram's idle-time state (the
+# gap predictor extends it); one module keeps the family the prefetcher chooses from together.
 """Per-adapter arrival predictors for prefetch (Algorithm 1's ``PredictNextRequest``).
 
 Every predictor keys adapters by :data:`~vajra.policies.placement.AdapterKey` (tenant,
@@ -18,10 +20,18 @@ when none is expected soon — the prefetcher then lets the adapter sink to a ch
   ``min_samples`` idle times, their bin counts' coefficient of variation below
   ``cv_threshold``, or most idle times beyond ``range_ms``) it falls back to a fixed keep-alive
   of ``fallback_keepalive_ms`` (the paper's ARIMA for out-of-range idle times is not built).
+* :class:`GapPredictor`: the histogram's recent idle times as point forecasts (the conditional
+  median idle time), for prefetching just ahead of a periodic adapter.
 * :class:`KeepAlivePredictor`: fixed keep-alive (``now_ms`` until ``keepalive_ms`` after the last
   arrival, then None): the serverless baseline.
 * :class:`LruReactive`: no prediction at all (``proactive = False``): adapters load on demand and
   leave by the executors' LRU eviction. The baseline for "reactive loading".
+
+For eviction (:func:`vajra.policies.eviction.predicted_victim`) the prefetcher ranks resident
+adapters by :func:`next_arrival_estimate`: a point estimate of the next arrival, never "any
+moment" when the predictor can say more. The histogram answers the median of its recent idle
+times longer than the idle time so far (the conditional median); EWMA the last arrival plus the
+mean gap, then the conditional median of its last 8 gaps; the others ``predict_next``.
 
 The torch LSTM predictor lives outside this package (:mod:`vajra.forecast.lstm`). Pure code:
 no I/O, no clock; arrival times that go backwards are clamped to the last one seen. Invalid
@@ -34,7 +44,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from vajra.policies.placement import AdapterKey
 
@@ -62,6 +72,18 @@ def predict_many(
     if batched is not None:
         return list(batched(list(keys), now_ms))
     return [predictor.predict_next(k, now_ms) for k in keys]
+
+
+def next_arrival_estimate(
+    predictor: ArrivalPredictor, key: AdapterKey, now_ms: float
+) -> float | None:
+    """The predictor's point estimate of ``key``'s next arrival, for ranking eviction victims:
+    its ``expected_next_ms`` when it has one, else ``predict_next``. None: none expected."""
+    expected = getattr(predictor, "expected_next_ms", None)
+    if expected is not None:
+        out: float | None = expected(key, now_ms)
+        return out
+    return predictor.predict_next(key, now_ms)
 
 
 def _check_positive(**values: float) -> None:
@@ -115,6 +137,20 @@ class EwmaPredictor:
             return now_ms  # overdue: expected any moment
         return None
 
+    def expected_next_ms(self, key: AdapterKey, now_ms: float) -> float | None:
+        """For ranking victims: the last arrival plus the mean gap; once that has passed, the
+        median of the last 8 gaps longer than the idle time so far; then ``predict_next``."""
+        s = self._state.get(key)
+        if s is None or s.gap_ms is None:
+            return None
+        nxt = s.last_ms + s.gap_ms
+        if nxt >= now_ms:
+            return nxt
+        later = sorted(g for g in s.recent if g >= now_ms - s.last_ms)
+        if later:
+            return s.last_ms + later[len(later) // 2]
+        return self.predict_next(key, now_ms)
+
     def _give_up_after(self, s: _Ewma) -> float:
         """How long after the last arrival one is still expected: ``patience`` times the
         longest of the last 8 gaps (bursty traffic: the gap between bursts, not within)."""
@@ -134,6 +170,9 @@ class EwmaPredictor:
         self._state.pop(key, None)
 
 
+_RECENT = 64  # idle times kept exactly per adapter, for HistogramPredictor.expected_next_ms
+
+
 @dataclass(slots=True)
 class _Histogram:
     last_ms: float
@@ -141,6 +180,7 @@ class _Histogram:
     samples: int = 0
     out_of_range: int = 0
     windows: tuple[float, float] | None = field(default=None)  # cached (pre-warm, keep-alive)
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT))  # idle times
 
 
 class HistogramPredictor:
@@ -189,6 +229,7 @@ class HistogramPredictor:
             s.bins[b] += 1
         s.samples += 1
         s.windows = None
+        s.recent.append(idle)
 
     def representative(self, key: AdapterKey) -> bool:
         s = self._state.get(key)
@@ -242,6 +283,23 @@ class HistogramPredictor:
             return now_ms
         return None
 
+    def expected_next_ms(
+        self, key: AdapterKey, now_ms: float, quantile: float = 0.5
+    ) -> float | None:
+        """The conditional median idle time: among the adapter's last 64 idle times, the median
+        (``quantile``) of those longer than its idle time so far, after its last arrival. Exact times, not
+        bins: a one-minute bin cannot tell a 2-second gap from a 50-second one, and ranking
+        victims needs that. None: unknown adapter, no idle time seen yet, or none as long as
+        the idle time so far."""
+        s = self._state.get(key)
+        if s is None or not s.recent:
+            return None
+        idle = now_ms - s.last_ms
+        later = sorted(g for g in s.recent if g >= idle)
+        if not later:
+            return None
+        return max(now_ms, s.last_ms + later[min(len(later) - 1, int(len(later) * quantile))])
+
     def stable_until(self, key: AdapterKey, now_ms: float) -> float:
         s = self._state.get(key)
         if s is None:
@@ -254,6 +312,82 @@ class HistogramPredictor:
 
     def forget(self, key: AdapterKey) -> None:
         self._state.pop(key, None)
+
+
+class GapPredictor(HistogramPredictor):
+    """Point forecasts from the same idle times: the next arrival is
+    :meth:`HistogramPredictor.expected_next_ms` (the last arrival plus the median of the recent
+    idle times at least as long as the idle time so far), None when no recent idle time is that
+    long. A periodic adapter is forecast at its period; the prefetcher promotes it to GPU
+    memory just ahead of it instead of holding it warm for a whole window."""
+
+    def __init__(
+        self, *, quantile: float = 0.5, resolution_ms: float = 0.0, **histogram: Any
+    ) -> None:
+        if not 0 <= quantile < 1:
+            raise ValueError("quantile must be in [0, 1)")
+        if not (math.isfinite(resolution_ms) and resolution_ms >= 0):
+            raise ValueError("resolution_ms must be finite and >= 0")
+        super().__init__(**histogram)
+        self.quantile = quantile
+        self.resolution_ms = resolution_ms
+        self._slots: dict[AdapterKey, _Histogram] = {}  # per-slot arrivals (resolution_ms > 0)
+
+    def observe(self, key: AdapterKey, t_ms: float) -> None:
+        """With ``resolution_ms`` > 0 the forecasts also see each arrival at the start of its
+        slot (a minute for per-minute traces), the first in a slot only: their idle times are
+        whole slots, so a timer's period is seen exactly. Victims are still ranked on the exact
+        times (:meth:`expected_next_ms`)."""
+        super().observe(key, t_ms)
+        if self.resolution_ms > 0:
+            slot = t_ms - t_ms % self.resolution_ms
+            s = self._slots.get(key)
+            if s is None:
+                self._slots[key] = _Histogram(slot, [])
+            elif slot > s.last_ms:
+                s.recent.append(slot - s.last_ms)
+                s.last_ms = slot
+
+    def expected_next_ms(
+        self, key: AdapterKey, now_ms: float, quantile: float = 0.5
+    ) -> float | None:
+        """For ranking victims: the sooner of the exact-time conditional median and, with
+        ``resolution_ms``, the slot forecast (an adapter promoted for its slot is kept)."""
+        exact = super().expected_next_ms(key, now_ms, quantile)
+        if self.resolution_ms <= 0:
+            return exact
+        slot = self.predict_next(key, now_ms)
+        if slot is None or exact is None:
+            return exact if slot is None else slot
+        return min(exact, slot)
+
+    def _history(self, key: AdapterKey) -> _Histogram | None:
+        return (self._slots if self.resolution_ms > 0 else self._state).get(key)
+
+    def predict_next(self, key: AdapterKey, now_ms: float) -> float | None:
+        """The ``quantile`` of the recent idle times at least as long as the idle so far (a low
+        quantile prefetches early and holds the adapter; the median is the point estimate)."""
+        s = self._history(key)
+        if s is None or not s.recent:
+            return None
+        idle = now_ms - s.last_ms
+        later = sorted(g for g in s.recent if g >= idle)
+        if not later:
+            return None
+        q = later[min(len(later) - 1, int(len(later) * self.quantile))]
+        return max(now_ms, s.last_ms + q)
+
+    def stable_until(self, key: AdapterKey, now_ms: float) -> float:
+        """The answer changes when the idle time passes the next recent idle time."""
+        s = self._history(key)
+        if s is None:
+            return math.inf
+        idle = now_ms - s.last_ms
+        return min((s.last_ms + g for g in s.recent if g > idle), default=math.inf)
+
+    def forget(self, key: AdapterKey) -> None:
+        super().forget(key)
+        self._slots.pop(key, None)
 
 
 class KeepAlivePredictor:

@@ -18,12 +18,21 @@ windows, overdue EWMA) is no forecast, so with ``stage_overdue`` (default) it st
 in host memory rather than taking a GPU slot. An adapter above ``demote_to`` (default host
 memory) with no arrival expected, idle for ``min_idle_ms`` (default ``lookahead_ms``), is
 demoted to ``demote_to`` (a copy stays where it is cheap to bring back; lower tiers keep their
-own LRU).
+own LRU), unless ``demote_idle`` is False (with predicted eviction: an idle adapter leaves only
+when its slot is needed, and then the one predicted farthest away leaves).
 
 Cost: the prefetcher re-plans an adapter only when its decision may change — at an arrival,
 when ``T`` crosses a horizon, when its idle time passes ``min_idle_ms``, or when the
 predictor's answer may change (:meth:`ArrivalPredictor.stable_until`) — through a due-time
 heap, so a plan costs O(d log n) for the d adapters due, not a pass over every adapter.
+
+Eviction with predictions (:meth:`Prefetcher.victim`): when a tier that this prefetcher feeds
+is full, the resident adapter whose predicted next arrival is farthest leaves
+(:func:`vajra.policies.eviction.predicted_victim`, ranked by
+:func:`vajra.policies.predictors.next_arrival_estimate`). For a promote the victim must also be
+expected later than ``lookahead_ms`` from now and later than the promoted adapter's own
+predicted arrival (``TierCommand.expected_ms``); when none is, the executor declines the promote
+(:meth:`Prefetcher.declined`) rather than push out something needed sooner.
 
 Metrics (:class:`PrefetchMetrics`): a promote whose adapter is requested before it is demoted
 or evicted is a hit (a GPU hit is a cold start avoided); a promote demoted, evicted or still
@@ -41,8 +50,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from vajra.policies.eviction import predicted_victim
 from vajra.policies.placement import AdapterKey, Tier
-from vajra.policies.predictors import ArrivalPredictor, predict_many
+from vajra.policies.predictors import ArrivalPredictor, next_arrival_estimate, predict_many
 
 #: Priors (ms to load a 16 MiB adapter into each tier from the one below) used only until a
 #: load into that tier has been measured: GPU over PCIe, host from NVMe, disk from the store.
@@ -93,6 +103,7 @@ class TierCommand:
     action: Literal["promote", "demote"]
     reason: str
     size_bytes: int = 0
+    expected_ms: float | None = None  # a promote: the predicted arrival it prepares for
 
 
 @dataclass(slots=True)
@@ -106,6 +117,7 @@ class PrefetchMetrics:
     prefetched_bytes: int = 0
     cold_starts_avoided: int = 0
     demotes: int = 0
+    declined: int = 0  # promotes the executor refused: every victim was needed sooner
 
     @property
     def prediction_error_ms(self) -> float | None:
@@ -127,6 +139,7 @@ class PrefetchMetrics:
             "prefetched_bytes": self.prefetched_bytes,
             "cold_starts_avoided": self.cold_starts_avoided,
             "demotes": self.demotes,
+            "declined": self.declined,
         }
 
 
@@ -145,6 +158,7 @@ class Prefetcher:
         demote_to: Tier = Tier.HOST,
         stage_overdue: bool = True,
         default_size_bytes: int = _PRIOR_BYTES,
+        demote_idle: bool = True,
     ) -> None:
         if not (math.isfinite(lookahead_ms) and lookahead_ms > 0):
             raise ValueError("lookahead_ms must be finite and > 0")
@@ -164,6 +178,7 @@ class Prefetcher:
             raise ValueError("demote_to must be HOST or DISK")
         self.demote_to = Tier(demote_to)
         self.stage_overdue = stage_overdue
+        self.demote_idle = demote_idle  # False: never demote; eviction uses the predictions
         self.default_size_bytes = default_size_bytes
         self.metrics = PrefetchMetrics()
         self.sizes: dict[AdapterKey, int] = {}
@@ -195,9 +210,56 @@ class Prefetcher:
         self._schedule(key, t_ms)
 
     def on_evicted(self, key: AdapterKey) -> None:
-        """The executor evicted ``key`` (LRU): an unused prefetch of it was wasted, and the
-        eviction stands: the adapter is not promoted again before its next arrival."""
+        """The executor evicted ``key``: an unused prefetch of it was wasted, and that eviction
+        stands (the adapter is not promoted again to that tier before its next arrival). The
+        adapter is planned again at the next :meth:`plan`, so one evicted without a prefetch
+        can be brought back ahead of its predicted arrival."""
         self._waste(key)
+        self._due_at[key] = -math.inf
+        heapq.heappush(self._due, (-math.inf, next(self._seq), key))
+
+    def declined(self, key: AdapterKey) -> None:
+        """The executor did not carry out the last promote of ``key`` (no victim qualified):
+        it is neither a prefetch nor a waste, and it is not retried before ``key``'s next
+        arrival. Unknown keys are ignored."""
+        out = self._outstanding.pop(key, None)
+        if out is not None:
+            self.metrics.prefetches -= 1
+            self.metrics.prefetched_bytes -= out[1]
+            self.metrics.declined += 1
+
+    def next_arrival_ms(self, key: AdapterKey, now_ms: float) -> float | None:
+        """The predicted next arrival of ``key`` used to rank eviction victims (None: none
+        expected)."""
+        return next_arrival_estimate(self.predictor, key, now_ms)
+
+    def victim(
+        self,
+        resident: Iterable[AdapterKey],
+        in_use: Callable[[AdapterKey], bool],
+        now_ms: float,
+        *,
+        promote: TierCommand | None = None,
+    ) -> AdapterKey | None:
+        """Which of ``resident`` (least recently used first) leaves to make room: the idle one
+        predicted farthest away. For ``promote`` (a prefetch) only an adapter expected later
+        than ``lookahead_ms`` from now and later than the promoted one qualifies; None means
+        decline the promote. For a demand load (``promote`` None), None only when every
+        adapter is in use."""
+        if promote is None:
+            return predicted_victim(resident, in_use, self._estimate(now_ms), now_ms=now_ms)
+        return predicted_victim(
+            resident,
+            in_use,
+            self._estimate(now_ms),
+            now_ms=now_ms,
+            protect_ms=self.lookahead_ms,
+            before_ms=promote.expected_ms,
+        )
+
+    def _estimate(self, now_ms: float) -> Callable[[AdapterKey], float | None]:
+        predictor = self.predictor
+        return lambda key: next_arrival_estimate(predictor, key, now_ms)
 
     def plan(
         self,
@@ -235,10 +297,17 @@ class Prefetcher:
             where = locate(key) if locate is not None else None
             done = self._promoted.get(key)
             if target is not None and target < tier and (done is None or target < done):
-                cmd = TierCommand(key, where, target, "promote", "predicted arrival", size)
+                cmd = TierCommand(
+                    key, where, target, "promote", "predicted arrival", size, expected_ms=p
+                )
                 promotes.append((t_left, cmd))
                 tier = target
-            elif target is None and tier < self.demote_to and self._idle(key, now_ms):
+            elif (
+                self.demote_idle
+                and target is None
+                and tier < self.demote_to
+                and self._idle(key, now_ms)
+            ):
                 demotes.append(TierCommand(key, where, self.demote_to, "demote", "not expected"))
                 tier = self.demote_to
             self._schedule(key, now_ms, p=p, tier=tier, size=size)
@@ -313,7 +382,7 @@ class Prefetcher:
             cands = [self.predictor.stable_until(key, now_ms)]
             if p is not None:
                 cands += [p - self.horizon_ms(t, tier, size) for t in _UP_TIERS if t < tier]
-            if tier < self.demote_to:
+            if self.demote_idle and tier < self.demote_to:
                 last = self._last.get(key)
                 if last is not None:
                     cands.append(last + self.min_idle_ms)
