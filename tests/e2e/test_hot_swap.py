@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
-import socket
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +26,7 @@ import trio
 from safetensors.torch import load_file
 
 from tests.e2e.harness import RunningCluster, running_cluster
+from tests.e2e.swap_kit import answer, executor_counters, free_metrics_base
 from tests.reference import peft_greedy_many, save_peft_adapters
 from vajra.client import AsyncClient, VajraError
 
@@ -41,25 +39,7 @@ ROLLBACKS = 5
 STREAMERS = 3
 
 
-def _free_metrics_base() -> int:
-    """A port P such that P..P+3 and P+10 (the actors' metrics ports) are free now."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + 10 > 65_000:
-            continue
-        try:
-            for off in (0, 1, 2, 3, 10):
-                with socket.socket() as t:
-                    t.bind(("127.0.0.1", base + off))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free metrics ports")
-
-
-METRICS_BASE = _free_metrics_base()
+METRICS_BASE = free_metrics_base()
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +54,7 @@ def cluster(
 
 
 def _executor_counters() -> dict[str, float]:
-    """The executor's event counters from its /metrics endpoint."""
-    url = f"http://127.0.0.1:{METRICS_BASE + 10}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for m in re.finditer(r'vajra_actor_events_total\{[^}]*event="([^"]+)"[^}]*\} (\S+)', text):
-        out[m.group(1)] = float(m.group(2))
-    return out
+    return executor_counters(METRICS_BASE)
 
 
 async def _cold_loads() -> float:
@@ -90,13 +63,7 @@ async def _cold_loads() -> float:
 
 
 async def _answer(c: AsyncClient, adapter: str, stream: bool) -> list[int]:
-    if not stream:
-        return list((await c.infer(PROMPT, adapter=adapter, max_tokens=TOKENS)).tokens)
-    tokens: list[int] = []
-    async with c.stream(PROMPT, adapter=adapter, max_tokens=TOKENS) as s:
-        async for chunk in s:
-            tokens += chunk.token_ids
-    return tokens
+    return await answer(c, PROMPT, adapter, TOKENS, stream=stream)
 
 
 async def test_swaps_and_rollbacks_under_load_are_warm_whole_and_fail_nothing(
