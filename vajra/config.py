@@ -88,7 +88,7 @@ class SchedulerConfig:
 class PredictorConfig:
     history_per_adapter: int = 256
     flush_interval_s: float = 1.0
-    kind: str = "histogram"  # histogram | ewma | lstm | keepalive | lru
+    kind: str = "histogram"  # histogram | gap | ewma | lstm | keepalive | lru
     keepalive_ms: int = 600_000  # keepalive; the histogram's fallback
     plan_interval_s: float = 0.25  # how often tier commands are planned
     lstm_bin_ms: int = 1_000
@@ -182,6 +182,7 @@ class TrainingConfig:
     max_examples: int = 100_000  # lines of one dataset
     max_jobs_per_tenant: int = 4  # queued + running at once (0: no limit)
     max_jobs_per_executor: int = 1  # jobs one executor trains at once
+    placement_wait_s: float = 2.0  # a job not claimed by placement's offer by then: any executor
     max_jobs_listed: int = 1_000  # jobs kept in a tenant's index (oldest finished dropped)
     lease_ms: int = 30_000  # an executor renews its claim on a job within this
     expire_interval_s: float = 2.0  # how often the gateway fails jobs whose lease passed

@@ -94,6 +94,11 @@ class UnavailableError(VajraError):
     code = ErrorCode.UNAVAILABLE
 
 
+#: The ``field`` of the UnavailableError that answers a request whose executor was lost (the
+#: scheduler sends it); a gateway places a stream that has sent no token yet once more.
+EXECUTOR_LOST_FIELD = "executor"
+
+
 class ProtocolError(VajraError):
     """A frame that could not be decoded: not msgpack, unknown kind, wrong version, bad fields."""
 

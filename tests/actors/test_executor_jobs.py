@@ -87,7 +87,7 @@ def cfg(tmp_path: Path, valkey_url: str, tiny_model_dir: Path) -> VajraConfig:
             usage_resend_s=0.3,
             drain_timeout_s=1.0,
         )
-        .replace("training", lease_ms=1500, expire_interval_s=0.3)
+        .replace("training", lease_ms=1500, expire_interval_s=0.3, placement_wait_s=0.2)
     )
 
 
@@ -275,6 +275,32 @@ async def test_cancel_mid_run_stops_the_job(cfg: VajraConfig, state: ClusterStat
             assert state.adapters.list(tenant_id) == []  # nothing registered
 
 
+async def test_deleting_the_tenant_mid_job_stops_it_and_removes_its_checkpoints(
+    cfg: VajraConfig, state: ClusterState
+) -> None:
+    tenant_id, _key = _tenant(state)
+    other_id, _ = _tenant(state)
+    long = TrainParams(epochs=1000, learning_rate=1e-3, batch_size=2, checkpoint_every=3)
+    store = open_store(cfg)
+    with trio.fail_after(LIMIT_S):
+        async with cluster(cfg, state) as (_address, executor, _n, _s):
+            rec = submit(state, cfg, tenant_id, "fresh", pairs(8), long)
+            await until_status(state, rec, {"running"}, step=4)
+            assert store.list_keys(f"checkpoints/{tenant_id}/{rec.job_id}/")
+            bystander = submit(state, cfg, other_id, "theirs", pairs(4), WARM_UP)
+            assert state.tenants.delete(tenant_id) is not None  # what the gateway's delete does
+            assert executor.jobs is not None
+            # The runner learns at its next renewal (a third of the lease): the job stops,
+            # records nothing (there is no record) and removes the checkpoints it stored.
+            await wait_until(lambda: rec.job_id not in executor.jobs.jobs)  # type: ignore[union-attr]
+            assert store.list_keys(f"checkpoints/{tenant_id}/") == []
+            assert state.adapters.list(tenant_id) == []
+            # Another tenant's job on the same executor is untouched and completes.
+            done = await until_status(state, bystander, {"succeeded", "failed", "cancelled"})
+            assert done.status == "succeeded", done.error
+            assert store.list_keys(f"datasets/{other_id}/")
+
+
 async def test_a_lost_executor_fails_the_job_and_resume_continues_from_its_checkpoint(
     cfg: VajraConfig, state: ClusterState
 ) -> None:
@@ -299,6 +325,43 @@ async def test_a_lost_executor_fails_the_job_and_resume_continues_from_its_check
             # Steps redone after the resume are counted once, as they are billed.
             assert done.gradients == failed.gradients // failed.step * 120
             assert state.adapters.get(tenant_id, "fresh").version == done.result_version
+
+
+async def test_a_draining_executor_hands_its_job_back_and_another_continues_it(
+    cfg: VajraConfig, state: ClusterState
+) -> None:
+    tenant_id, key = _tenant(state)
+    # No claim without an offer here: the job must reach each executor through placement
+    # (submitted through the gateway, handed back by the draining executor).
+    cfg = cfg.replace("training", placement_wait_s=3600.0)
+    with trio.fail_after(LIMIT_S):
+        async with cluster(cfg, state, executor_id="exec-a") as (address, first, nursery, kill):
+            async with AsyncClient(address, key, timeout_s=60) as c:
+                job = await c.train(
+                    "fresh",
+                    jsonl(pairs(8)),
+                    epochs=30,
+                    learning_rate=1e-3,
+                    batch_size=2,
+                    checkpoint_every=50,
+                    fresh=True,
+                )
+            rec = state.jobs.get(tenant_id, job.job_id)
+            mid = await until_status(state, rec, {"running"}, step=7)
+            assert mid.checkpoint_step == 0  # no periodic checkpoint yet (every 50 steps)
+            await first.drain()  # what SIGTERM does
+            back = state.jobs.get(tenant_id, rec.job_id)
+            assert back.status == "queued" and back.attempt == 2, back
+            # Checkpointed where it stood, and every step up to it recorded (and billed).
+            assert back.checkpoint_step == back.step >= 7
+            assert open_store(cfg).exists(back.checkpoint_key)
+            assert first.jobs is not None and not first.jobs.jobs
+            kill.cancel()
+            await start_executor(nursery, cfg, state, "exec-b")
+            done = await until_status(state, rec, {"succeeded", "failed", "cancelled"})
+            assert done.status == "succeeded", done.error
+            assert done.executor_id == "exec-b" and done.step == 120 and done.attempt == 2
+            assert done.gradients == back.gradients // back.step * 120
 
 
 @pytest.fixture(scope="module")

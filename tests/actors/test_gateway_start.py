@@ -110,7 +110,7 @@ async def test_an_upload_during_a_slow_read_waits_for_it_instead_of_reading_besi
 
                     nursery.start_soon(push)
                     # The upload is validating: it must wait for the start's read.
-                    await wait_until(lambda: gateway.adapters._validate_limiter.borrowed_tokens > 0)
+                    await wait_until(lambda: gateway.adapters.validate_limiter.borrowed_tokens > 0)
                     await trio.sleep(0.5)
                     release.set()
                     await wait_until(lambda: bool(pushed))

@@ -16,15 +16,17 @@ import zmq
 
 from tests.actors.inbox import Inbox
 from tests.inprocess import inprocess_config
-from vajra.actors.base import now_ms
+from vajra.actors.base import now_ms, wait_until
 from vajra.actors.predictor import Predictor, command_for, make_predictor
 from vajra.actors.scheduler import Scheduler
 from vajra.actors.scheduler_placement import LivePlacement
 from vajra.bus.codec import encode
 from vajra.bus.messages import (
+    AdapterForecasts,
     AdapterTierCommand,
     ErrorReply,
     ExecutorHello,
+    GatewayHello,
     InferWork,
     LoadReport,
     RequestEvent,
@@ -121,7 +123,7 @@ def test_full_executors_hold_then_refuse_and_route_tier_commands(cfg: VajraConfi
 
 
 def test_predictor_kinds_and_wire_commands(cfg: VajraConfig) -> None:
-    for kind in ("histogram", "ewma", "keepalive", "lru"):
+    for kind in ("histogram", "gap", "ewma", "keepalive", "lru"):
         assert make_predictor(cfg.replace("predictor", kind=kind)) is not None
     with pytest.raises(ConfigError):
         make_predictor(cfg.replace("predictor", kind="oracle"))
@@ -157,6 +159,29 @@ def test_predictor_keys_by_tenant_and_digest_and_plans(cfg: VajraConfig, valkey_
             assert p.residency[("t1", "d1")] == Tier.HOST
             p.observe_load_times({"gpu": 3.0, "bogus": 1.0, "disk": -5.0})
             assert p.prefetcher.load.measured[Tier.GPU] == 1
+        finally:
+            p.events.close()
+            p.scheduler.close()
+            p._ctx.term()
+
+
+def test_predictor_plans_with_the_sizes_requests_carry(cfg: VajraConfig, valkey_url: str) -> None:
+    with ClusterState(valkey_url) as state:
+        p = Predictor(cfg, state)
+        try:
+            big, small = 64 << 20, 16 << 20
+            p.record(RequestEvent("r", "t1", "a", "e", 1_000, 1, "d1", "obj/d1", big))
+            p.record(RequestEvent("r", "t1", "b", "e", 1_000, 1, "d2", "obj/d2", small))
+            p.record(RequestEvent("r", "t1", "c", "e", 1_000, 1, "d3", "obj/d3"))  # unsized
+            assert p.prefetcher.sizes[("t1", "d1")] == big
+            assert p.prefetcher.sizes[("t1", "d2")] == small
+            assert ("t1", "d3") not in p.prefetcher.sizes
+            # A mean measured load time is the time for the mean size requested (40 MiB):
+            # a 64 MiB adapter is planned to take 1.6 times that, a 16 MiB one 0.4 times.
+            p.observe_load_times({"gpu": 10.0})
+            load = p.prefetcher.load
+            assert load.load_ms(Tier.GPU, big) == pytest.approx(16.0)
+            assert load.load_ms(Tier.GPU, small) == pytest.approx(4.0)
         finally:
             p.events.close()
             p.scheduler.close()
@@ -245,6 +270,7 @@ async def test_predictor_tier_commands_reach_the_executor_through_the_scheduler(
             gw = open_socket(ctx, zmq.DEALER, identity=b"gw-test")
             gw.connect(cfg.cluster.scheduler_address)
             ex, ex_in = _executor(ctx, cfg, "exec-a")
+            ex_in.skip = (GatewayHello, AdapterForecasts)  # counted below
             while "exec-a" not in sched.executors:  # until the scheduler registers exec-a
                 await ex.send(encode(ExecutorHello("exec-a", "i1", "m", 4, 4)))
                 await trio.sleep(0.02)
@@ -267,5 +293,8 @@ async def test_predictor_tier_commands_reach_the_executor_through_the_scheduler(
             assert (cmd.adapter_digest, cmd.action, cmd.tier) == ("d7", "demote", "gpu")
             assert cmd.executor_id == "exec-a" and cmd.tenant_id == "t1"
             assert predictor.counters["tier_demote"] == 1
+            # The predictor's forecasts for d7 reached the scheduler too (cut per executor).
+            with trio.fail_after(10):
+                await wait_until(lambda: sched.counters["forecasts"] > 0)
             nursery.cancel_scope.cancel()
     ctx.destroy(linger=0)

@@ -5,6 +5,7 @@ Test rules: loopback only, every wait under `trio.fail_after` or a subprocess ti
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -147,6 +148,99 @@ def test_sync_client_and_cli(cluster: RunningCluster, api_key: str) -> None:
     assert "exec-0" in status.stdout and "executors: 1" in status.stdout
     shown = cluster.cli("config", "show")
     assert "max_prompt_chars" in shown.stdout
+
+
+def test_sync_client_pushes_bytes_with_their_metadata(
+    cluster: RunningCluster, api_key: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from tests.reference import save_peft_adapters
+    from vajra.client._adapter_files import read_adapter_dir
+
+    (adapter,) = save_peft_adapters(tiny_model_dir, tmp_path, [2], seed=5)
+    config_json, weights = read_adapter_dir(adapter)
+    with Client(cluster.gateway, api_key, timeout_s=30) as c:
+        info = c.push_adapter_bytes(
+            config_json,
+            weights,
+            "sync-meta",
+            metrics={"final_loss": 0.25},
+            hyperparams={"lr": 0.001},
+            dataset_digest="sha256:" + "a" * 64,
+            activate=False,
+        )
+        assert info.version == 1 and info.metrics == {"final_loss": 0.25}
+        assert info.hyperparams == {"lr": 0.001} and info.dataset_digest.endswith("a" * 64)
+        assert not info.active  # staged, as asked
+        with pytest.raises(InvalidRequest) as err:
+            c.push_adapter_bytes(config_json, weights, "sync-meta", metrics={"x": float("nan")})
+        assert err.value.field == "metrics"
+        assert [v.version for v in c.versions("sync-meta")] == [1]
+
+
+def test_merge_serves_the_exact_weighted_sum_of_two_versions(
+    cluster: RunningCluster, api_key: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`vajra adapter merge` and the SDK's merge: the merged version answers exactly as PEFT's
+    own ``cat`` combination of the two versions does; another tenant cannot merge them."""
+    import copy as _copy
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.reference import transformers_greedy
+    from vajra.client import NotFoundError
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    dirs = []
+    for i, r in enumerate((2, 4)):
+        torch.manual_seed(40 + i)
+        cfg = LoraConfig(
+            r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        )
+        out = tmp_path / f"v{i + 1}"
+        get_peft_model(_copy.deepcopy(base), cfg).save_pretrained(out)
+        dirs.append(out)
+    peft = PeftModel.from_pretrained(_copy.deepcopy(base), dirs[0], adapter_name="a")
+    peft.load_adapter(dirs[1], adapter_name="b")
+    peft.add_weighted_adapter(["a", "b"], [0.75, 0.5], "m", combination_type="cat")
+    peft.save_pretrained(tmp_path / "peft", selected_adapters=["m"])
+    expect, _ = transformers_greedy(tiny_model_dir, "The river", 8, tmp_path / "peft" / "m")
+    with Client(cluster.gateway, api_key, timeout_s=60) as c:
+        for d in dirs:
+            c.push_adapter(d, "blend")
+        merged = c.merge("blend", (1, 2), (0.75, 0.5))
+        assert (merged.version, merged.rank, merged.source) == (3, 6, "merge")
+        assert merged.active and merged.parent_version == 1
+        assert merged.hyperparams == {"merged_versions": [1, 2], "merge_weights": [0.75, 0.5]}
+        got = c.infer("The river", adapter="blend@3", max_tokens=8, temperature=0.0)
+        assert got.tokens[: len(expect)] == expect[: len(got.tokens)] and got.tokens
+        assert c.infer("The river", adapter="blend", max_tokens=8).tokens == got.tokens
+        with pytest.raises(NotFoundError):
+            c.merge("blend", (1, 9), (0.5, 0.5))
+        with pytest.raises(InvalidRequest) as err:
+            c.merge("blend", (1, 2), (0.0, 0.0))
+        assert err.value.field == "weights"
+    _, other_key = cluster.create_tenant("merge-other")
+    with Client(cluster.gateway, other_key, timeout_s=30) as c, pytest.raises(NotFoundError):
+        c.merge("blend", (1, 2))
+    out = cluster.cli(
+        "adapter",
+        "merge",
+        "blend",
+        "1",
+        "2",
+        "--weights",
+        "1,-1",
+        "--staged",
+        "--key",
+        api_key,
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert (shown["version"], shown["active"], shown["staged"]) == (4, False, True)
+    bad = cluster.cli("adapter", "merge", "blend", "1", "2", "--weights", "x", "--key", api_key)
+    assert bad.returncode != 0 and "weights" in bad.stderr
 
 
 async def test_bad_requests_get_typed_errors_naming_the_field(

@@ -143,6 +143,29 @@ def test_push_list_versions_and_delete(
         assert r.status_code == 400 and r.json()["error"]["field"] == "name"
 
 
+def test_merge_route(base_url: str, make_tenant: MakeTenant, adapter_dir: Path) -> None:
+    _, key = make_tenant("merger")
+    _, other = make_tenant("merger-other")
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        for _ in range(2):
+            assert _push(http, key, "mix", _files(adapter_dir)).status_code == 201
+        body = {"versions": [1, 2], "weights": [0.5, 0.5]}
+        r = http.post("/v1/adapters/mix/merge", json=body, headers=_auth(key))
+        assert r.status_code == 201, r.text
+        merged = r.json()
+        assert (merged["version"], merged["rank"], merged["active"]) == (3, 8, True)
+        assert merged["source"] == "merge"
+        r = http.post("/v1/adapters/mix/merge", json=body, headers=_auth(other))
+        assert r.status_code == 404, r.text  # another tenant's adapter: not found
+        for bad in ({"versions": [1]}, {"versions": [1, 2], "weights": [0, 0]}, {"x": 1}):
+            r = http.post("/v1/adapters/mix/merge", json=bad, headers=_auth(key))
+            assert r.status_code == 400, (bad, r.text)
+        r = http.post(
+            "/v1/adapters/mix/merge", json={**body, "activate": False}, headers=_auth(key)
+        )
+        assert r.status_code == 201 and not r.json()["active"], r.text
+
+
 def test_openai_package_against_an_uploaded_adapter(
     base_url: str, make_tenant: MakeTenant, adapter_dir: Path, model_name: str
 ) -> None:
@@ -354,12 +377,20 @@ def test_deleting_a_tenant_removes_its_keys_usage_adapters_and_files(
             )
             assert r.status_code == 200, r.text
         assert (objects / gone_id).is_dir() and (objects / kept_id).is_dir()
+        # Training files, as the gateway and an executor store them: they go with the tenant.
+        root = http_cluster.home / "objects"
+        for tid in (gone_id, kept_id):
+            for rel in (f"datasets/{tid}/{'a' * 64}.jsonl", f"checkpoints/{tid}/j1/3.safetensors"):
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                (root / rel).write_bytes(b"x")
+        gone_dirs = [objects / gone_id, root / "datasets" / gone_id, root / "checkpoints" / gone_id]
         r = http.delete(f"/v1/admin/tenants/{gone_id}", headers=_auth(admin_key))
         assert r.status_code == 200, r.text
         deadline = time.monotonic() + 20
-        while (objects / gone_id).exists() and any((objects / gone_id).rglob("*.*")):
-            assert time.monotonic() < deadline, list((objects / gone_id).rglob("*"))
+        while any(d.exists() and any(d.rglob("*.*")) for d in gone_dirs):
+            assert time.monotonic() < deadline, [list(d.rglob("*")) for d in gone_dirs]
             time.sleep(0.1)
+        assert (root / "datasets" / kept_id).is_dir() and (root / "checkpoints" / kept_id).is_dir()
         client: redis.Redis[str] = redis.Redis.from_url(
             http_cluster.redis_url, decode_responses=True
         )

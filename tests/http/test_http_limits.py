@@ -81,6 +81,32 @@ async def _cluster_in_process(cfg: VajraConfig) -> AsyncIterator[str]:
             nursery.cancel_scope.cancel()
 
 
+async def test_a_train_body_may_hold_a_dataset_larger_than_other_bodies() -> None:
+    """The train route's body limit follows ``training.max_dataset_bytes`` (twice it, plus
+    64 KiB); every other route keeps ``http.max_body_bytes``. With no gateway, a body the
+    limit lets through is answered 503, one over it 413."""
+    cfg = (
+        VajraConfig()
+        .replace("cluster", gateway_address=f"tcp://127.0.0.1:{_free_port()}", model="")
+        .replace("http", port=0, health_interval_s=0.1, health_timeout_s=0.3)
+        .replace("training", max_dataset_bytes=1 << 20)
+    )
+    line = '{"prompt": "2+2=", "completion": " 4"}\n'
+    dataset = line * ((3 << 19) // len(line))  # 1.5 MiB: over http.max_body_bytes (1 MiB)
+    h = {"Authorization": "Bearer vk_anything"}
+    with trio.fail_after(60):
+        async with _bridge(cfg) as address, httpx.AsyncClient(base_url=address, timeout=30) as http:
+            r = await http.post("/v1/models/bot/train", json={"dataset": dataset}, headers=h)
+            assert r.status_code == 503, r.text  # through the limit, to the absent gateway
+            r = await http.post("/v1/models/bot/train", json={"dataset": dataset * 2}, headers=h)
+            assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+            body = {"model": "base", "prompt": dataset}
+            r = await http.post("/v1/completions", json=body, headers=h)
+            assert r.status_code == 413, r.text
+            r = await http.post("/v1/models/bot/train/x", json={"dataset": dataset}, headers=h)
+            assert r.status_code == 413, r.text  # the pattern matches the route only
+
+
 async def test_the_gateways_tenant_limits_answer_429_with_retry_after(
     tmp_path: Path, valkey_url: str
 ) -> None:

@@ -228,6 +228,35 @@ def test_expiry_fails_lost_jobs_keeping_the_checkpoint_then_resume(
     assert jobs.get(T1, other).status == "running"
 
 
+def test_requeue_hands_a_running_job_back_to_the_front_of_the_queue(
+    jobs: Jobs, raw: redis.Redis[str]
+) -> None:
+    a = jobs.create(_rec())
+    b = jobs.create(_rec())
+    assert jobs.claim("ex-1", BASE, 5_000) is not None  # a, the oldest
+    jobs.checkpointed(a.job_id, "ex-1", key="checkpoints/t_aaaa/a/6", step=6)
+    assert jobs.requeue(a.job_id, "ex-2") is False  # not running there: nothing changes
+    assert jobs.requeue(a.job_id, "ex-1") is True
+    back = jobs.get(T1, a.job_id)
+    assert back.status == "queued" and back.attempt == 2 and back.executor_id == ""
+    assert (back.checkpoint_key, back.checkpoint_step) == ("checkpoints/t_aaaa/a/6", 6)
+    assert jobs.running_on("ex-1") == [] and raw.zscore(keys.jobs_running(), a.job_id) is None
+    assert jobs.active_count(T1) == 2
+    assert jobs.requeue(a.job_id, "ex-1") is False  # twice: once only
+    # Claimed next, before b which was queued earlier, from its checkpoint.
+    again = jobs.claim("ex-2", BASE, 5_000)
+    assert again is not None and again.job_id == a.job_id and again.checkpoint_step == 6
+    assert again.started_ms == jobs.get(T1, a.job_id).started_ms
+    nxt = jobs.claim("ex-2", BASE, 5_000)
+    assert nxt is not None and nxt.job_id == b.job_id
+    # A running job whose tenant asked to cancel it is not handed back.
+    jobs.request_cancel(T1, b.job_id)
+    assert jobs.requeue(b.job_id, "ex-2") is False
+    assert jobs.get(T1, b.job_id).status == "running"
+    with pytest.raises(InvalidRequest):
+        jobs.requeue("not an id", "ex-2")
+
+
 def test_resume_refuses_without_checkpoint_or_when_succeeded(jobs: Jobs) -> None:
     a = jobs.create(_rec())
     jobs.request_cancel(T1, a.job_id)
@@ -281,6 +310,34 @@ def test_queues_are_per_base_model_and_fifo(jobs: Jobs) -> None:
     assert [first.job_id, second.job_id] == [a.job_id, b.job_id]
     got = jobs.claim("ex-2", "m2", 1000)
     assert got is not None and got.job_id == c.job_id
+
+
+def test_claim_by_offer_and_after_the_placement_wait(jobs: Jobs) -> None:
+    a = jobs.create(_rec())
+    b = jobs.create(_rec())
+    assert a.queued_ms == a.created_ms > 0
+    # Young jobs are left to placement: no claim without an offer.
+    assert jobs.claim("ex-1", BASE, 1000, placement_wait_ms=HOUR_MS) is None
+    # An offer claims that job, out of queue order.
+    got = jobs.claim("ex-1", BASE, 1000, job_id=b.job_id, placement_wait_ms=HOUR_MS)
+    assert got is not None and got.job_id == b.job_id and got.executor_id == "ex-1"
+    assert jobs.claim("ex-2", BASE, 1000, job_id=b.job_id) is None  # taken already
+    assert jobs.claim("ex-2", BASE, 1000, job_id="no-such-job") is None
+    assert jobs.claim("ex-2", BASE, 1000, job_id="bad id!") is None
+    # Once waited long enough (here: no wait), any executor takes the oldest.
+    got = jobs.claim("ex-2", BASE, 1000, placement_wait_ms=0)
+    assert got is not None and got.job_id == a.job_id
+    assert jobs.claim("ex-2", BASE, 1000) is None
+    # A cancelled job is never claimed, by offer or not, and leaves the queue.
+    c = jobs.create(_rec())
+    jobs.request_cancel(T1, c.job_id)
+    assert jobs.claim("ex-1", BASE, 1000, job_id=c.job_id) is None
+    # A job handed back is queued afresh (its queued_ms moves on).
+    jobs.checkpointed(a.job_id, "ex-2", key="k", step=1)
+    assert jobs.requeue(a.job_id, "ex-2")
+    assert jobs.get(T1, a.job_id).queued_ms >= a.queued_ms
+    with pytest.raises(InvalidRequest):
+        jobs.claim("ex-1", BASE, 1000, placement_wait_ms=-1)
 
 
 def test_bad_arguments_are_refused_before_writing(jobs: Jobs, raw: redis.Redis[str]) -> None:

@@ -14,8 +14,8 @@ is refused as corrupt.
   caching never fragments it (``adapters.host_cache_bytes``).
 * GPU: the engine's adapter slots, driven only through
   :class:`~vajra.gpu.interface.AdapterResidency` (``adapters.max_vram_adapters`` slots, memory
-  per targeted module kind); to make room, the least-recently-used idle adapter whose eviction
-  gives back what the new one lacks leaves; past ``adapters.lru_eviction_threshold`` of its
+  per targeted module kind); to make room, an idle adapter whose eviction gives back what the
+  new one lacks leaves (:mod:`vajra.actors.adapter_forecasts` picks it); past ``adapters.lru_eviction_threshold`` of its
   slots in use, idle adapters are evicted down to the threshold. Which adapter leaves a tier
   is :mod:`vajra.policies.eviction`'s choice.
 
@@ -60,12 +60,13 @@ import torch
 import trio
 
 from vajra.actors.adapter_cache import LOAD_MS_BUCKETS, DiskCache, HostEntry, HostSlab, TierStats
+from vajra.actors.adapter_forecasts import Forecasts
 from vajra.adapters.format import AdapterManifest, BaseModelSpec, InvalidAdapter, validate_adapter
 from vajra.config import VajraConfig
 from vajra.errors import InternalError, OverloadedError, UnavailableError, VajraError
 from vajra.gpu.interface import AdapterResidency
 from vajra.gpu.lora import HostAdapter, pack_adapter, read_adapter_tensors
-from vajra.policies.eviction import lru_victim, threshold_victims
+from vajra.policies.eviction import threshold_victims
 from vajra.storage import ObjectStore
 from vajra.storage.adapters import aget_adapter_objects
 
@@ -85,6 +86,7 @@ TIERS = ("gpu", "host", "disk", "store")
 #: Adapters packed at once into uncached staging buffers while every fitting host slot is busy.
 STAGING_BUFFERS = 4
 _MAX_TRIES = 4  # loads (own or awaited) one acquire tries before answering overloaded
+FORECAST_TICKS = 4  # the predictor's forecasts stay fresh this many of its plan intervals
 
 Tier = Literal["gpu", "host", "disk"]
 
@@ -126,6 +128,7 @@ class AdapterTiers:
         self._staging = trio.CapacityLimiter(STAGING_BUFFERS)
         self._busy_wait_s = busy_wait_s
         self.stats: dict[str, TierStats] = {t: TierStats() for t in TIERS}
+        self.forecasts = Forecasts(FORECAST_TICKS * 1000.0 * cfg.predictor.plan_interval_s)
         cache_dir = (
             Path(a.cache_dir).expanduser()
             if a.cache_dir
@@ -377,10 +380,10 @@ class AdapterTiers:
         return bool(self.refs.get(digest) or self._wanted.get(digest))
 
     def _evict_lru(self, host: HostAdapter) -> bool:
-        """Evict the least-recently-used idle adapter whose eviction gives back something
-        ``host`` lacks (a slot, or memory of a kind it targets)."""
+        """Evict an idle adapter whose eviction gives back something ``host`` lacks (a slot, or
+        memory of a kind it targets): the one forecast farthest away, else the LRU one."""
         helping = (d for d, slot in self.gpu.items() if self.slots.frees_room_for(slot, host))
-        victim = lru_victim(helping, self._in_use)
+        victim = self.forecasts.victim(helping, self._in_use)
         if victim is None:
             return False
         self._evict_gpu(victim)

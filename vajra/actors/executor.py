@@ -33,7 +33,8 @@ admitting a request (its adapter's load included) becomes that request's typed e
 
 Drain (SIGTERM): tell the scheduler to stop placing here, finish running requests within
 ``drain_timeout_s``, end the rest with a retriable error (billing what they computed), then
-flush usage to the ledger.
+flush usage to the ledger. Training jobs are meanwhile checkpointed where they stand and
+queued again, to be continued by another executor (``JobRunner.hand_back``).
 """
 
 from __future__ import annotations
@@ -147,6 +148,8 @@ class Executor:
                 self.cfg, steps, tiers, self.counters, executor_id=self.executor_id
             )
             self.jobs = self._build_jobs(steps, intake)
+            if self.jobs is not None:
+                intake.job_offers = self.jobs.offer
             liveness = self.liveness = Liveness(
                 self.cfg,
                 self.work_in,
@@ -156,6 +159,7 @@ class Executor:
                 self.usage,
                 executor_id=self.executor_id,
                 incarnation=self.incarnation,
+                jobs=self.jobs,
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(intake.run, self.work_in)
@@ -233,6 +237,7 @@ class Executor:
             self.usage,
             executor_id=self.executor_id,
             swap=swap,
+            to_scheduler=send,
         )
 
     def queue_depth(self) -> int:
@@ -244,11 +249,12 @@ class Executor:
         assert self.intake is not None and self.steps is not None and self.liveness is not None
         intake, steps = self.intake, self.steps
         intake.draining = True
-        if self.jobs is not None:
-            self.jobs.draining = True
         await self.liveness.send_load_report()
-        with trio.move_on_after(self.ecfg.drain_timeout_s):
-            await wait_until(intake.is_idle)
+        async with trio.open_nursery() as nursery:
+            if self.jobs is not None:
+                nursery.start_soon(self.jobs.hand_back)
+            with trio.move_on_after(self.ecfg.drain_timeout_s):
+                await wait_until(intake.is_idle)
         steps.end_all(UnavailableError("the executor is shutting down; retry"))
         await self._replies_out.flush()
         # One more engine step drops those rows and reports what they computed (billed below).

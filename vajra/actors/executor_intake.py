@@ -5,6 +5,8 @@ Data flows left to right::
     scheduler ─InferWork─▶ intake ─(adapter acquired through the tiers)─▶ step loop
               ─CancelWork / GatewayHello─▶ intake ─cancel─▶ step loop
               ─AdapterTierCommand─▶ intake ─promote / demote─▶ tiers
+              ─AdapterForecasts─▶ intake ─▶ tiers (which idle adapter an eviction picks)
+              ─JobOffer─▶ intake ─▶ the job runner (claims that training job)
               ─AdapterWarm─▶ intake ─promote into the old version's tier─▶ tiers
     intake ─AdapterWarmed─▶ scheduler      (the hot swap: vajra.actors.scheduler_swaps)
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 
 import trio
 
@@ -43,6 +46,7 @@ from vajra.actors.executor_steps import StepLoop
 from vajra.actors.scheduler_swaps import SwapWaiters
 from vajra.bus.codec import DecodeError, decode_many, encode
 from vajra.bus.messages import (
+    AdapterForecasts,
     AdapterSwapDone,
     AdapterTierCommand,
     AdapterWarm,
@@ -50,6 +54,7 @@ from vajra.bus.messages import (
     CancelWork,
     GatewayHello,
     InferWork,
+    JobOffer,
 )
 from vajra.bus.zsocket import ZSocket
 from vajra.config import VajraConfig
@@ -91,6 +96,8 @@ class Intake:
         self._waiting_ids: set[str] = set()  # ... by request id
         self._cancelled_waits: set[str] = set()  # ... of those, the ones cancelled meanwhile
         self._gateways: dict[str, str] = {}  # gateway id -> its latest incarnation
+        #: Where the scheduler's training-job offers go (the job runner; None: no training).
+        self.job_offers: Callable[[str], None] | None = None
 
     def queue_depth(self) -> int:
         """Requests accepted and not yet running."""
@@ -133,6 +140,13 @@ class Intake:
             elif isinstance(message, AdapterSwapDone):
                 if not self.swaps.deliver(message):
                     self.counters["swap_replies_dropped"] += 1
+            elif isinstance(message, AdapterForecasts):
+                if self.tiers is not None and not self.tiers.forecasts.update(message):
+                    self.counters["forecasts_malformed"] += 1
+            elif isinstance(message, JobOffer):
+                self.counters["job_offers"] += 1
+                if self.job_offers is not None:
+                    self.job_offers(message.job_id)
             else:
                 self.counters["unexpected_kind"] += 1
 

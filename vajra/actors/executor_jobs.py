@@ -8,24 +8,27 @@ Data flows left to right::
     JobRunner ─PEFT files─▶ object store ─register (staged)─▶ Redis ─AdapterSwap─▶ scheduler
               ─activate─▶ Redis
 
-A runner holds at most ``training.max_jobs_per_executor`` jobs; with a free slot it claims the
-oldest queued job for its base model (a lease of ``training.lease_ms``, renewed every third of
-it). Each job, in its own task: reads its dataset and parses, checks and tokenizes it in a
+A runner holds at most ``training.max_jobs_per_executor`` jobs; with a free slot it claims a
+job the scheduler's placement offered it (``JobOffer``, :mod:`vajra.actors.scheduler_jobs`),
+else the oldest queued job for its base model that no offer took within
+``training.placement_wait_s`` (a lease of ``training.lease_ms``, renewed every third of it). Each job, in its own task: reads its dataset and parses, checks and tokenizes it in a
 worker thread (:mod:`vajra.actors.executor_job_inputs`); reads the starting version
 (``from_version``) or starts fresh, or restores its checkpoint (a resumed job); builds the
 trainer on the engine's own model (no copy of the base) under the GPU's limiter and attaches
 it to the model thread, which interleaves micro-steps with inference
-(:mod:`vajra.actors.executor_thread`). After each optimizer step it bills the step
-(``UsageOutbox.record_training``), writes progress with the cost so far, and every
-``checkpoint_every`` steps stores ``checkpoints/<tenant>/<job>/<step>.safetensors`` and
-records it. At the end it publishes the adapter (:mod:`vajra.actors.executor_job_publish`:
-PEFT files, a staged version with its lineage, the warm swap, the flip) and finishes the job
-``succeeded`` with that version.
+(:mod:`vajra.actors.executor_thread`). After each optimizer step the job's
+:class:`~vajra.actors.executor_job_steps.StepBook` bills the step, writes progress with the
+cost so far, and every ``checkpoint_every`` steps stores a checkpoint. At the end it publishes
+the adapter (:mod:`vajra.actors.executor_job_publish`: PEFT files, a staged version with its
+lineage, the warm swap, the flip) and finishes the job ``succeeded`` with that version.
 
 Ending early: a renew that answers False (the tenant cancelled, or the lease passed) stops
 the job at once; a cancelled job is finished ``cancelled``, an expired one is left as the
-expiry marked it. Any error finishes the job ``failed`` naming it, keeping its last
-checkpoint (``vajra job resume`` continues from it). Cancellation of the runner (shutdown)
+expiry marked it, and one whose record is gone (its tenant was deleted) records nothing and
+removes its own checkpoints (:mod:`vajra.actors.executor_job_ends`). Any error finishes the
+job ``failed`` naming it, keeping its last checkpoint (``vajra job resume`` continues from
+it). A drain (:meth:`JobRunner.hand_back`) checkpoints every job where it stands and queues it
+again, to be continued from there. Cancellation of the runner (a shutdown without a drain)
 detaches every trainer first; its jobs' leases then pass and they are marked failed
 ("executor lost") with their checkpoints, exactly as for an executor killed with -9.
 """
@@ -34,58 +37,32 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
+from vajra.actors.base import wait_until
+from vajra.actors.executor_job_ends import JobEnds
 from vajra.actors.executor_job_inputs import check_dataset_key, prepare_examples, starting_weights
 from vajra.actors.executor_job_publish import SWAP_TIMEOUT_S, Publisher, SwapFn
+from vajra.actors.executor_job_steps import RunningJob, StepBook
 from vajra.actors.executor_thread import ModelThread, Training
 from vajra.actors.executor_usage import UsageOutbox
+from vajra.bus.codec import encode
+from vajra.bus.messages import JobQueued
 from vajra.config import VajraConfig
-from vajra.errors import InternalError, InvalidRequest, VajraError
-from vajra.policies.billing import training_cost_usd
+from vajra.errors import InternalError, NotFoundError, VajraError
 from vajra.policies.training import InterleaveRule, TrainParams
 from vajra.state import ClusterState, OffLoop
-from vajra.state.jobs import JobRecord, JobStatus
+from vajra.state.jobs import JobRecord
 from vajra.storage import ObjectStore
 
 log = logging.getLogger("vajra.executor.jobs")
 
 #: How often a runner with a free slot looks for a queued job.
 CLAIM_POLL_S = 0.5
-
-
-def checkpoint_key(tenant_id: str, job_id: str, step: int) -> str:
-    """Where the checkpoint of ``job_id`` after optimizer step ``step`` is stored."""
-    return f"checkpoints/{tenant_id}/{job_id}/{step}.safetensors"
-
-
-@dataclass(eq=False)
-class _Job:
-    rec: JobRecord
-    params: TrainParams
-    wake: trio.Event = field(default_factory=trio.Event)
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    trainer: Any = None
-    training: Training | None = None
-    stop: str = ""  # why the job was stopped from outside: "cancelled" or "lost"
-    step: int = 0
-    epoch: int = 0
-    loss: float = 0.0
-    tokens: int = 0
-    gradients: int = 0
-    cost_usd: float = 0.0
-    checkpoint: str = ""  # the newest checkpoint's key
-    checkpoint_step: int = 0
-    counted_step: int = 0  # a resumed job's progress before the resume: steps counted already
-    checkpoint_due: bool = False
-    unbilled_gpu_ms: float = 0.0
-
-    def on_report(self) -> None:
-        self.wake.set()
 
 
 class JobRunner:
@@ -102,6 +79,7 @@ class JobRunner:
         executor_id: str,
         swap: SwapFn,
         redis: OffLoop | None = None,
+        to_scheduler: Callable[[list[bytes]], Awaitable[None]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.tcfg = cfg.training
@@ -116,8 +94,13 @@ class JobRunner:
         self.publisher = Publisher(
             cfg, state, store, self.redis, swap=swap, base_model=self.base_model
         )
-        self.jobs: dict[str, _Job] = {}
+        self.ends = JobEnds(cfg, state, store, self.redis, executor_id=executor_id)
+        self.book = StepBook(cfg, state, store, self.redis, model, usage, executor_id=executor_id)
+        self.jobs: dict[str, RunningJob] = {}
         self.draining = False
+        self._offers: deque[str] = deque(maxlen=64)  # job ids placement offered here
+        self._offered = trio.Event()
+        self._to_scheduler = to_scheduler
 
     # --- the claim loop ---------------------------------------------------------------------
 
@@ -130,21 +113,54 @@ class JobRunner:
                 if not self.draining and len(self.jobs) < self.tcfg.max_jobs_per_executor:
                     rec = await self._claim()
                 if rec is None:
-                    await trio.sleep(CLAIM_POLL_S)
+                    with trio.move_on_after(CLAIM_POLL_S):
+                        await self._offered.wait()  # an offer wakes the loop at once
+                    self._offered = trio.Event()
                     continue
                 try:
                     params = TrainParams.from_dict(rec.params)
                 except VajraError as exc:
-                    await self._finish(rec, "failed", error=f"bad training parameters: {exc}")
+                    await self.ends.finish(rec, "failed", error=f"bad training parameters: {exc}")
                     continue
-                job = self.jobs[rec.job_id] = _Job(rec, params)
+                job = self.jobs[rec.job_id] = RunningJob(rec, params)
                 nursery.start_soon(self._run_job, job)
 
+    def offer(self, job_id: str) -> None:
+        """The scheduler's placement offers this queued job here (claimed by the run loop)."""
+        if len(self._offers) < self._offers.maxlen:  # type: ignore[operator]
+            self._offers.append(job_id)
+            self._offered.set()
+
+    def report(self) -> dict[str, Any]:
+        """The LoadReport fields of training: jobs running here and slots (0 when draining)."""
+        slots = 0 if self.draining else self.tcfg.max_jobs_per_executor
+        return {"training_jobs": list(self.jobs), "training_slots": slots}
+
     async def _claim(self) -> JobRecord | None:
+        """An offered job if one is still queued, else the oldest job placement left."""
+        wait_ms = max(0, round(self.tcfg.placement_wait_s * 1000))
         try:
             with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+                while self._offers:
+                    rec = await self.redis.run(
+                        functools.partial(
+                            self.state.jobs.claim,
+                            self.executor_id,
+                            self.base_model,
+                            self.tcfg.lease_ms,
+                            job_id=self._offers.popleft(),
+                        )
+                    )
+                    if rec is not None:
+                        return rec
                 return await self.redis.run(
-                    self.state.jobs.claim, self.executor_id, self.base_model, self.tcfg.lease_ms
+                    functools.partial(
+                        self.state.jobs.claim,
+                        self.executor_id,
+                        self.base_model,
+                        self.tcfg.lease_ms,
+                        placement_wait_ms=wait_ms,
+                    )
                 )
         except (VajraError, trio.TooSlowError) as exc:
             log.warning("could not look for training jobs: %s", exc)
@@ -152,7 +168,7 @@ class JobRunner:
 
     # --- one job --------------------------------------------------------------------------
 
-    async def _run_job(self, job: _Job) -> None:
+    async def _run_job(self, job: RunningJob) -> None:
         rec = job.rec
         log.info("job %s: training %s for tenant %s", rec.job_id, rec.adapter, rec.tenant_id)
         try:
@@ -163,13 +179,20 @@ class JobRunner:
                     with job.scope:
                         version = await self._train_and_publish(job)
                     if version is not None:  # published, even if a cancel came meanwhile
-                        await self._finish(rec, "succeeded", result_version=version)
+                        await self.ends.finish(rec, "succeeded", result_version=version)
                     elif job.stop == "cancelled":
-                        await self._finish(rec, "cancelled", error="cancelled by the tenant")
+                        await self.ends.finish(rec, "cancelled", error="cancelled by the tenant")
+                    elif job.stop == "purged":
+                        await self.ends.forget(job.rec)
+                    elif job.stop == "handed back":
+                        await self._requeue(job)
                     else:
                         log.warning("job %s: lease lost; stopped", rec.job_id)
                 except (VajraError, OSError) as exc:
-                    await self._fail(job, str(exc))
+                    if job.stop == "purged" or await self.ends.purged(job.rec):
+                        await self.ends.forget(job.rec)
+                    else:
+                        await self._fail(job, str(exc))
                 except Exception as exc:  # a bug in one job must not end the executor
                     log.exception("job %s failed unexpectedly", rec.job_id)
                     await self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
@@ -180,7 +203,43 @@ class JobRunner:
                 await self._release(job)
             self.jobs.pop(rec.job_id, None)
 
-    async def _release(self, job: _Job) -> None:
+    async def hand_back(self) -> None:
+        """Drain: claim nothing more; stop every job at its current step, checkpoint it and
+        queue it again, so that another executor (or this one, restarted) continues it.
+        Bounded by ``executor.drain_timeout_s`` (plus the checkpoint writes); a job still
+        running then is left to its lease, as when an executor dies."""
+        self.draining = True
+        for job in list(self.jobs.values()):
+            if not job.stop:
+                job.stop = "handed back"
+                job.scope.cancel()
+        with trio.move_on_after(self.cfg.executor.drain_timeout_s + self.cfg.bus.rpc_timeout_s):
+            await wait_until(lambda: not self.jobs, poll_s=0.05)
+
+    async def _requeue(self, job: RunningJob) -> None:
+        """A handed-back job: its steps so far checkpointed and billed, then queued again
+        (:meth:`vajra.state.jobs.Jobs.requeue`); a cancel requested meanwhile finishes it."""
+        with trio.CancelScope(shield=True):
+            if job.training is not None:
+                await self.model.detach(job.rec.job_id)  # no micro-step after the snapshot
+                await self.book.take_reports(job)
+                if job.trainer is not None and job.step > job.checkpoint_step:
+                    await self.book.checkpoint(job)
+            with trio.fail_after(self.cfg.bus.rpc_timeout_s):
+                requeued = await self.redis.run(
+                    self.state.jobs.requeue, job.rec.job_id, self.executor_id
+                )
+            if requeued:
+                log.info("job %s: handed back at step %d", job.rec.job_id, job.checkpoint_step)
+                if self._to_scheduler is not None:  # placement offers it to another executor
+                    with trio.move_on_after(self.cfg.bus.rpc_timeout_s):
+                        await self._to_scheduler(
+                            encode(JobQueued(job.rec.job_id, job.rec.tenant_id))
+                        )
+            else:  # cancelled meanwhile (or expired: then finish changes nothing)
+                await self.ends.finish(job.rec, "cancelled", error="cancelled by the tenant")
+
+    async def _release(self, job: RunningJob) -> None:
         """Detach the job's trainer from the model thread and free it (bounded in time)."""
         with trio.move_on_after(self.cfg.executor.drain_timeout_s + 5):
             if job.training is not None:
@@ -189,7 +248,7 @@ class JobRunner:
                 await self.model.exclusive(job.trainer.close)
             job.trainer = job.training = None
 
-    async def _keep_lease(self, job: _Job) -> None:
+    async def _keep_lease(self, job: RunningJob) -> None:
         """Renew the lease every third of it; stop the job when it is no longer ours."""
         lease_ms = self.tcfg.lease_ms
         while True:
@@ -204,6 +263,10 @@ class JobRunner:
                     now = await self.redis.run(
                         self.state.jobs.get, job.rec.tenant_id, job.rec.job_id
                     )
+            except NotFoundError:  # the tenant was deleted, its jobs with it
+                job.stop = "purged"
+                job.scope.cancel()
+                return
             except (VajraError, trio.TooSlowError) as exc:
                 log.warning("job %s: lease not renewed: %s", job.rec.job_id, exc)
                 continue
@@ -211,7 +274,7 @@ class JobRunner:
             job.scope.cancel()
             return
 
-    async def _train_and_publish(self, job: _Job) -> int:
+    async def _train_and_publish(self, job: RunningJob) -> int:
         """Prepare, train to the end, publish; the new version's number."""
         from vajra.gpu.training import LoraTrainer
 
@@ -254,16 +317,16 @@ class JobRunner:
 
     # --- following the trainer --------------------------------------------------------------
 
-    async def _follow(self, job: _Job) -> None:
+    async def _follow(self, job: RunningJob) -> None:
         """Handle the trainer's reports until it finished; raises its error."""
         assert job.training is not None
         training = job.training
         while True:
             await job.wake.wait()
             job.wake = trio.Event()
-            await self._take_reports(job)
+            await self.book.take_reports(job)
             if job.checkpoint_due:
-                await self._checkpoint(job)
+                await self.book.checkpoint(job)
             if training.error is not None:
                 err = training.error
                 raise (
@@ -274,91 +337,7 @@ class JobRunner:
             if job.trainer.finished and not training.reports:
                 return
 
-    async def _take_reports(self, job: _Job) -> None:
-        for report in self.model.take_reports(job.training):  # type: ignore[arg-type]
-            await self._on_report(job, report)
-
-    async def _on_report(self, job: _Job, report: Any) -> None:
-        job.unbilled_gpu_ms += float(report.gpu_ms)
-        if int(report.step) <= job.step:
-            return  # a micro-step inside an optimizer step: billed with the step
-        rec, policies = job.rec, self.cfg.policies
-        job.step, job.epoch, job.loss = int(report.step), int(report.epoch), float(report.loss)
-        if not math.isfinite(job.loss):
-            raise InvalidRequest(
-                f"training diverged at step {job.step} (the loss is {job.loss}); "
-                "lower the learning rate",
-                field="learning_rate",
-            )
-        gradients = int(report.gradients)
-        if job.step > job.counted_step:  # else redone after a resume: counted before it
-            job.tokens += int(report.tokens)
-            job.gradients += gradients
-            job.cost_usd += training_cost_usd(
-                gradients,
-                price_per_million_gradients=policies.price_per_million_gradients,
-                gpu_price_per_hour=policies.gpu_price_per_hour,
-            )
-        self.usage.record_training(
-            tenant_id=rec.tenant_id,
-            adapter=rec.adapter,
-            version=rec.from_version or 0,
-            job_id=rec.job_id,
-            step=job.step,
-            gpu_ms=job.unbilled_gpu_ms,
-            gradients=gradients,
-            tokens=int(report.tokens),
-        )
-        job.unbilled_gpu_ms = 0.0
-        with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-            await self.redis.run(
-                self.state.jobs.progress,
-                rec.job_id,
-                self.executor_id,
-                step=job.step,
-                epoch=job.epoch,
-                loss=job.loss,
-                tokens=job.tokens,
-                gradients=job.gradients,
-                cost_usd=job.cost_usd,
-                total_steps=int(getattr(job.trainer, "total_steps", 0)) or None,
-            )
-        every = job.params.checkpoint_every
-        job.checkpoint_due |= bool(every) and job.step % every == 0
-
-    async def _checkpoint(self, job: _Job) -> None:
-        """Checkpoint the trainer under the step it holds (maybe past the report that asked),
-        handle those steps' reports, then record it; the previous one is removed."""
-        job.checkpoint_due = False
-
-        def snapshot() -> tuple[bytes, int] | None:  # None: finished meanwhile, none needed
-            return None if job.trainer.finished else (job.trainer.checkpoint(), job.trainer.step)
-
-        if (taken := await self.model.exclusive(snapshot)) is None:
-            return
-        data, step = taken
-        await self._take_reports(job)  # the model thread produced them before the snapshot
-        job.checkpoint_due = job.checkpoint_due and job.step > step
-        key = checkpoint_key(job.rec.tenant_id, job.rec.job_id, step)
-        await self.store.aput(key, data)
-        with trio.fail_after(self.cfg.bus.rpc_timeout_s):
-            await self.redis.run(
-                self.state.jobs.checkpointed,
-                job.rec.job_id,
-                self.executor_id,
-                key=key,
-                step=step,
-            )
-        previous, job.checkpoint, job.checkpoint_step = job.checkpoint, key, step
-        if previous and previous != key and previous != job.rec.checkpoint_key:
-            try:
-                await self.store.adelete(previous)
-            except VajraError as exc:  # garbage only: the record points at the new one
-                log.warning(
-                    "job %s: old checkpoint %s not removed: %s", job.rec.job_id, previous, exc
-                )
-
-    async def _publish(self, job: _Job) -> int:
+    async def _publish(self, job: RunningJob) -> int:
         """Export the trained adapter (under the GPU's limiter) and publish it."""
 
         def export() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -377,35 +356,10 @@ class JobRunner:
 
     # --- ending ---------------------------------------------------------------------------
 
-    async def _fail(self, job: _Job, error: str) -> None:
+    async def _fail(self, job: RunningJob, error: str) -> None:
         where = f" (last checkpoint at step {job.checkpoint_step})" if job.checkpoint else ""
         log.warning("job %s failed: %s%s", job.rec.job_id, error, where)
-        await self._finish(job.rec, "failed", error=error)
-
-    async def _finish(
-        self,
-        rec: JobRecord,
-        status: JobStatus,
-        *,
-        result_version: int | None = None,
-        error: str = "",
-    ) -> None:
-        """Record the end of a job (shielded: a shutdown does not leave it half-recorded)."""
-        with trio.CancelScope(shield=True), trio.move_on_after(self.cfg.bus.rpc_timeout_s * 2):
-            try:
-                done = await self.redis.run(
-                    functools.partial(
-                        self.state.jobs.finish,
-                        rec.job_id,
-                        self.executor_id,
-                        status,
-                        result_version=result_version,
-                        error=error,
-                    )
-                )
-                log.info("job %s: %s", rec.job_id, done.status)
-            except VajraError as exc:
-                log.error("job %s: could not record %s: %s", rec.job_id, status, exc)
+        await self.ends.finish(job.rec, "failed", error=error)
 
 
 def interleave_rule(cfg: VajraConfig) -> InterleaveRule:
@@ -417,4 +371,4 @@ def interleave_rule(cfg: VajraConfig) -> InterleaveRule:
     )
 
 
-__all__ = ["CLAIM_POLL_S", "SWAP_TIMEOUT_S", "JobRunner", "checkpoint_key", "interleave_rule"]
+__all__ = ["CLAIM_POLL_S", "SWAP_TIMEOUT_S", "JobRunner", "interleave_rule"]

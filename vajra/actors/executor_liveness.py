@@ -6,8 +6,8 @@ Data flows left to right::
     executor ─heartbeat─▶ Redis (TTL)
 
 Every ``load_report_interval_s`` a LoadReport (queue depth, running rows, the ids finished
-since the last one, resident adapters, draining) goes to the scheduler, and with it the usage
-recorded meanwhile goes to the ledger; every ``heartbeat_interval_s`` the hello is repeated
+since the last one, resident adapters, draining, training jobs running and slots) goes to the
+scheduler, and with it the usage recorded meanwhile goes to the ledger; every ``heartbeat_interval_s`` the hello is repeated
 (so a restarted scheduler learns of this executor) and, with a cluster state, a heartbeat with
 a TTL is written to Redis off the event loop. A heartbeat that fails is logged and retried at
 the next interval.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -33,6 +33,9 @@ from vajra.config import VajraConfig
 from vajra.errors import VajraError
 from vajra.gpu.interface import Engine
 from vajra.state import ClusterState, ExecutorHeartbeat, OffLoop
+
+if TYPE_CHECKING:
+    from vajra.actors.executor_jobs import JobRunner
 
 log = logging.getLogger("vajra.executor")
 
@@ -51,6 +54,7 @@ class Liveness:
         *,
         executor_id: str,
         incarnation: str,
+        jobs: JobRunner | None = None,
     ) -> None:
         self.cfg = cfg
         self.ecfg = cfg.executor
@@ -61,6 +65,7 @@ class Liveness:
         self.usage = usage
         self.executor_id = executor_id
         self.incarnation = incarnation
+        self.jobs = jobs
 
     async def hello(self) -> None:
         hello = ExecutorHello(
@@ -82,6 +87,7 @@ class Liveness:
             resident_adapters=self.tiers.resident() if self.tiers else [],
             draining=self.intake.draining,
             **(tier_report(self.tiers) if self.tiers else {}),
+            **(self.jobs.report() if self.jobs is not None else {}),
         )
         await self.work_in.send(encode(report))
 

@@ -168,6 +168,7 @@ class Gateway:
             counters=self.counters,
             accepting=self._accepting,
             spawn=self._spawn,
+            work_out=self.work_out,
         )
         self.operations = Operations(
             cfg,

@@ -1,5 +1,5 @@
-"""The gateway's adapter desk: push, list, delete and rollback of a tenant's adapters, and the
-resolution of ``NAME[@VERSION]`` on the request path.
+"""The gateway's adapter desk: push, list, delete, rollback and merge of a tenant's adapters,
+and the resolution of ``NAME[@VERSION]`` on the request path.
 
 Uploads are validated (in a worker thread) before anything is stored; then the files go to the
 object store, then the version is registered in Redis, so a refused upload leaves no trace.
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import trio
 
+from vajra.actors.gateway_merge import merged_files
 from vajra.actors.gateway_swaps import Swapper
 from vajra.actors.scheduler_swaps import SwapClient
 from vajra.adapters.format import (
@@ -43,6 +44,7 @@ from vajra.bus.messages import (
     AdapterDelete,
     AdapterEntry,
     AdapterList,
+    AdapterMerge,
     AdapterPush,
     AdapterReply,
     AdapterRollback,
@@ -56,7 +58,7 @@ from vajra.storage.adapters import adelete_adapter_objects, aput_adapter_objects
 
 log = logging.getLogger("vajra.gateway")
 
-AdapterOp = AdapterPush | AdapterList | AdapterDelete | AdapterRollback
+AdapterOp = AdapterPush | AdapterList | AdapterDelete | AdapterRollback | AdapterMerge
 
 
 #: One read of the base model at a time in this process: the first imports transformers,
@@ -101,7 +103,7 @@ class AdapterDesk:
         self._lookups: dict[tuple[str, str], _Lookup] = {}  # lookups under way, by reference
         self._epoch = 0  # bumped by every forget: a lookup that began before one is not cached
         self._resolve_limiter = trio.CapacityLimiter(64)
-        self._validate_limiter = trio.CapacityLimiter(max(1, cfg.adapters.max_concurrent_pushes))
+        self.validate_limiter = trio.CapacityLimiter(max(1, cfg.adapters.max_concurrent_pushes))
         self.pushed = 0
 
     async def warm_up(self, limit_s: float) -> None:
@@ -220,6 +222,18 @@ class AdapterDesk:
             return AdapterReply(msg.request_id, [_entry(v) for v in versions])
         if isinstance(msg, AdapterDelete):
             return await self._delete(tenant, msg)
+        if isinstance(msg, AdapterMerge):
+            config_json, weights = await merged_files(self, tenant.tenant_id, msg)
+            push = AdapterPush(
+                msg.request_id,
+                msg.api_key,
+                msg.name,
+                activate=msg.activate,
+                hyperparams={"merged_versions": msg.versions, "merge_weights": msg.weights},
+            )
+            return await self._push(
+                tenant, push, (config_json, weights), source="merge", parent=msg.versions[0]
+            )
         if isinstance(msg, AdapterRollback):
             check_adapter_name(msg.name)
             with trio.fail_after(self.cfg.bus.rpc_timeout_s):
@@ -258,7 +272,13 @@ class AdapterDesk:
         return AdapterReply(msg.request_id, [_entry(v) for v in deletion.versions])
 
     async def _push(
-        self, tenant: TenantRecord, msg: AdapterPush, bulk: tuple[bytes, ...]
+        self,
+        tenant: TenantRecord,
+        msg: AdapterPush,
+        bulk: tuple[bytes, ...],
+        *,
+        source: str = "push",
+        parent: int | None = None,
     ) -> AdapterReply:
         """Validate (in a worker thread), then store the files, then register the version.
 
@@ -283,7 +303,7 @@ class AdapterDesk:
             max_rank=self.cfg.adapters.max_rank,
             max_bytes=self.cfg.adapters.max_adapter_bytes,
         )
-        async with self._validate_limiter:
+        async with self.validate_limiter:
             manifest = await trio.to_thread.run_sync(validate)
         limits = (
             self.cfg.adapters.max_adapters_per_tenant,
@@ -311,6 +331,8 @@ class AdapterDesk:
                 dataset_digest=msg.dataset_digest,
                 hyperparams=msg.hyperparams,
                 metrics=msg.metrics,
+                source=source,
+                parent_version=parent,
             )
         # A concurrent delete of the last version holding the same bytes may have removed the
         # files between our put and our registration: put them back if so.

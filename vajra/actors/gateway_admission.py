@@ -282,6 +282,9 @@ class Admission:
             adapter_version=resolved.version if resolved else None,
             adapter_digest=resolved.digest if resolved else None,
             adapter_object_key=resolved.object_key if resolved else None,
+            adapter_bytes=resolved.size_bytes if resolved else 0,
             gateway_incarnation=self.incarnation,
         )
+        if req.stream:
+            self.replies.keep_for_retry(internal_id, work)
         self.work_out.add(encode(work, message_id=internal_id))

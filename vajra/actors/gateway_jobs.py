@@ -5,6 +5,7 @@ Data flows left to right::
     client ─TrainSubmit (+dataset frame)─▶ JobDesk ─checks (gateway_train)─▶ object store, Redis
     client ─JobGet / JobList / JobCancel / JobResume─▶ JobDesk ─▶ Redis ─JobReply─▶ client
     client ─JobWatch─▶ JobDesk ─polls Redis─▶ JobProgress … JobProgress, JobReply ─▶ client
+    JobDesk ─JobQueued (a job was queued or resumed)─▶ scheduler ─JobOffer─▶ an executor
 
 Each operation runs in a task of its own and is answered through the client protocol: its
 reply, or its typed error. Bounds: ``MAX_JOB_OPS`` operations at once (beyond: ``overloaded``
@@ -34,6 +35,7 @@ import trio
 from vajra.actors.gateway_protocol import ClientProtocol
 from vajra.actors.gateway_queries import QueryDesk
 from vajra.actors.gateway_train import TrainChecks
+from vajra.bus.codec import encode
 from vajra.bus.messages import (
     CancelRequest,
     JobCancel,
@@ -41,12 +43,14 @@ from vajra.bus.messages import (
     JobInfo,
     JobList,
     JobProgress,
+    JobQueued,
     JobReply,
     JobResume,
     JobWatch,
     Message,
     TrainSubmit,
 )
+from vajra.bus.outbox import Outbox
 from vajra.config import VajraConfig
 from vajra.errors import (
     Cancelled,
@@ -123,9 +127,11 @@ class JobDesk:
         counters: Counter[str],
         accepting: Callable[[], bool],
         spawn: Callable[..., None],
+        work_out: Outbox,
     ) -> None:
         self.cfg = cfg
         self.state = state
+        self.work_out = work_out  # to the scheduler (JobQueued)
         self.clients = clients
         self.queries = queries
         self.counters = counters
@@ -190,7 +196,8 @@ class JobDesk:
         tid = tenant.tenant_id
         jobs = self.state.jobs
         if isinstance(msg, TrainSubmit):
-            rec = await self.checks.submit(tenant, msg, bulk)
+            rec, digest = await self.checks.submit(tenant, msg, bulk)
+            await self._announce(rec, digest)
             return JobReply(msg.request_id, [job_info(rec)])
         with trio.fail_after(self.cfg.bus.rpc_timeout_s):
             if isinstance(msg, JobList):
@@ -208,8 +215,16 @@ class JobDesk:
                     jobs.resume, tid, msg.job_id, max_active=self.cfg.training.max_jobs_per_tenant
                 )
                 log.info("tenant %s resumed job %s (attempt %d)", tid, rec.job_id, rec.attempt)
+        if isinstance(msg, JobResume):
+            await self._announce(rec, "")
         self._seen_finished(rec)
         return JobReply(msg.request_id, [job_info(rec)])
+
+    async def _announce(self, rec: JobRecord, digest: str) -> None:
+        """Tell the scheduler a job was queued, so placement offers it (a hint: lost, the job
+        is claimed after ``training.placement_wait_s`` anyway)."""
+        self.work_out.add(encode(JobQueued(rec.job_id, rec.tenant_id, digest)))
+        await self.work_out.flush()
 
     def _seen_finished(self, rec: JobRecord) -> None:
         """A job that just succeeded was published by its executor, which moved the adapter's

@@ -19,7 +19,7 @@ import trio
 from vajra.actors.gateway_adapters import AdapterDesk, AdapterOp
 from vajra.actors.gateway_protocol import ClientProtocol
 from vajra.actors.gateway_queries import Query, QueryDesk
-from vajra.bus.messages import AdapterPush, Message
+from vajra.bus.messages import AdapterMerge, AdapterPush, Message
 from vajra.config import VajraConfig
 from vajra.errors import InvalidRequest, OverloadedError, UnavailableError
 from vajra.policies.request_rules import check_id
@@ -90,7 +90,7 @@ class Operations:
                 identity, msg.request_id, UnavailableError("the gateway is shutting down")
             )
             return
-        is_push = isinstance(msg, AdapterPush)
+        is_push = isinstance(msg, AdapterPush | AdapterMerge)  # both validate and store
         if (is_push and self._pushes >= self.cfg.adapters.max_concurrent_pushes) or (
             self._adapter_ops >= MAX_QUERIES
         ):

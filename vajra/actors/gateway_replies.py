@@ -11,6 +11,10 @@ Every admitted request is tracked under an internal id ``<gateway_id>.<incarnati
 cancelled) is dropped and counted (``late_replies``). Forgetting a request frees its slot in
 the tenant's in-flight limit, whichever way it ended.
 
+Lost executors: a stream whose executor was lost before its first token (the scheduler's
+``unavailable`` error with field ``executor``) is placed once more under a new internal id;
+the scheduler itself places non-streaming requests again.
+
 Deadlines: a request whose deadline passes is answered with a retriable ``timeout`` and
 forgotten. Cancels: a client's ``CancelRequest`` (its request id and the key it sent it with)
 is answered ``cancelled``, and its executor is told (``CancelWork``, sent with the next work).
@@ -37,13 +41,14 @@ from vajra.bus.messages import (
     ErrorReply,
     InferRequest,
     InferResult,
+    InferWork,
     Message,
     TokenChunk,
 )
 from vajra.bus.outbox import Outbox
 from vajra.bus.zsocket import ZSocket
 from vajra.config import VajraConfig
-from vajra.errors import Cancelled, TimeoutError
+from vajra.errors import EXECUTOR_LOST_FIELD, Cancelled, TimeoutError
 from vajra.policies.limits import TenantLimits
 
 log = logging.getLogger("vajra.gateway")
@@ -60,6 +65,8 @@ class _Pending:
     stream: bool
     tenant_id: str
     api_key: str  # the key it was sent with: a cancel must carry the same
+    # A stream's work until its first token: placed once more if its executor is lost.
+    work: InferWork | None = None
 
 
 class ReplyRouter:
@@ -102,6 +109,12 @@ class ReplyRouter:
         self._by_client[identity, req.request_id] = internal_id
         heapq.heappush(self._deadlines, (deadline, internal_id))
         return internal_id
+
+    def keep_for_retry(self, internal_id: str, work: InferWork) -> None:
+        """Keep a stream's work until its first token (see :meth:`_retry_stream`)."""
+        p = self._pending.get(internal_id)
+        if p is not None and p.stream:
+            p.work = work
 
     def forget(self, internal_id: str) -> _Pending | None:
         """Stop tracking a request (answered, expired or cancelled); frees its tenant's slot."""
@@ -156,6 +169,7 @@ class ReplyRouter:
                         continue
                     self._forward(env.message)
             await self.clients.out.flush()
+            await self.work_out.flush()  # streams placed again (returns at once if none)
 
     def _forward(self, msg: Message) -> None:
         request_id = getattr(msg, "request_id", None)
@@ -167,12 +181,16 @@ class ReplyRouter:
         if isinstance(msg, TokenChunk):
             if not p.stream:
                 return
+            p.work = None  # a token went out: it can no longer be placed again
             out = msgspec.structs.replace(msg, request_id=p.client_request_id)
         elif isinstance(msg, InferResult):
             self.forget(msg.request_id)
             self.counters["results"] += 1
             out = msgspec.structs.replace(msg, request_id=p.client_request_id)
         elif isinstance(msg, ErrorReply):
+            if p.work is not None and msg.field == EXECUTOR_LOST_FIELD:
+                self._retry_stream(msg.request_id, p, p.work)
+                return
             self.forget(msg.request_id)
             self.counters[f"error_{msg.code}"] += 1
             out = ErrorReply(
@@ -187,6 +205,22 @@ class ReplyRouter:
             self.counters["unexpected_internal_kind"] += 1
             return
         self.clients.out.add(encode(out), p.identity)
+
+    def _retry_stream(self, internal_id: str, p: _Pending, work: InferWork) -> None:
+        """Place a stream whose executor was lost before it sent a token once more, under a
+        new internal id: should the lost executor come back, its replies for the old id are
+        dropped as late, so the client never gets tokens of two runs. Queued on ``work_out``
+        (the caller flushes); a second loss is answered as an error."""
+        new_id = f"{self._id_prefix}{next(self._seq)}"
+        del self._pending[internal_id]
+        p.work = None
+        self._pending[new_id] = p
+        self._by_client[p.identity, p.client_request_id] = new_id
+        heapq.heappush(self._deadlines, (p.deadline, new_id))
+        self.work_out.add(
+            encode(msgspec.structs.replace(work, request_id=new_id), message_id=new_id)
+        )
+        self.counters["streams_redispatched"] += 1
 
     # --- deadlines --------------------------------------------------------------------------
 

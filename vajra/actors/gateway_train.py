@@ -53,23 +53,18 @@ from vajra.policies.training import (
 )
 from vajra.state import ClusterState, OffLoop, TenantRecord
 from vajra.state.jobs import JobRecord, new_job_id
-from vajra.storage import ObjectStore, check_key
+from vajra.storage import ObjectStore, check_key, dataset_object_key, dataset_prefix
 from vajra.training.dataset import Example, parse_dataset
 
 log = logging.getLogger("vajra.gateway")
 
-__all__ = ["TrainChecks", "dataset_object_key", "train_bounds"]
+__all__ = ["TrainChecks", "train_bounds"]
 
 #: Parameters that an existing adapter fixes: a job from one of its versions keeps them.
 _SHAPE_PARAMS = ("rank", "alpha", "target_modules")
 #: One tokenizer load at a time in this process (transformers' lazy imports are not
 #: thread-safe; shared with the adapter desk's reads of the base model).
 _TOKENIZER_LOAD = threading.Lock()
-
-
-def dataset_object_key(tenant_id: str, sha256_hex: str) -> str:
-    """Where a tenant's dataset lives in the object store (content-addressed)."""
-    return check_key(f"datasets/{tenant_id}/{sha256_hex}.jsonl")
 
 
 def train_bounds(cfg: VajraConfig) -> TrainBounds:
@@ -106,8 +101,9 @@ class TrainChecks:
 
     async def submit(
         self, tenant: TenantRecord, msg: TrainSubmit, bulk: tuple[bytes, ...]
-    ) -> JobRecord:
-        """Check ``msg`` (module docstring) and queue its job; returns the queued record."""
+    ) -> tuple[JobRecord, str]:
+        """Check ``msg`` (module docstring) and queue its job; returns the queued record and
+        the digest of the version it starts from ("" for a fresh adapter)."""
         t = self.cfg.training
         tenant_id = tenant.tenant_id
         check_adapter_name(msg.adapter, "adapter")
@@ -131,7 +127,7 @@ class TrainChecks:
                 f"is {t.max_jobs_per_tenant}); wait for one to finish or cancel one",
                 field="max_jobs_per_tenant",
             )
-        from_version, params = await self._start(tenant_id, msg, params)
+        from_version, params, digest = await self._start(tenant_id, msg, params)
         data = await self._dataset(tenant_id, msg, bulk)
         async with self._parse_limiter:
             examples = await trio.to_thread.run_sync(
@@ -171,7 +167,7 @@ class TrainChecks:
             len(examples),
             len(data),
         )
-        return rec
+        return rec, digest
 
     # --- the steps ------------------------------------------------------------------------
 
@@ -186,8 +182,9 @@ class TrainChecks:
 
     async def _start(
         self, tenant_id: str, msg: TrainSubmit, params: TrainParams
-    ) -> tuple[int | None, TrainParams]:
-        """The version the job starts from (None: fresh) and the params it trains with."""
+    ) -> tuple[int | None, TrainParams, str]:
+        """The version the job starts from (None: fresh), the params it trains with, and the
+        starting version's digest ("": fresh)."""
         a = self.cfg.adapters
         with trio.fail_after(self.cfg.bus.rpc_timeout_s):
             if not msg.fresh:
@@ -203,7 +200,7 @@ class TrainChecks:
             )
         if msg.fresh:
             await trio.to_thread.run_sync(self._check_modules, params.target_modules)
-            return None, params
+            return None, params, ""
         if version.base_model and version.base_model != self.base_model:
             raise InvalidRequest(
                 f"adapter {msg.adapter} version {version.version} is for base model "
@@ -225,7 +222,7 @@ class TrainChecks:
                 )
         params = replace(params, **fixed)  # type: ignore[arg-type]
         check_train_params(params, self.bounds)
-        return version.version, params
+        return version.version, params, version.digest
 
     async def _dataset(self, tenant_id: str, msg: TrainSubmit, bulk: tuple[bytes, ...]) -> bytes:
         limit = self.cfg.training.max_dataset_bytes
@@ -252,7 +249,7 @@ class TrainChecks:
 
     def _tenant_s3_key(self, tenant_id: str, uri: str) -> str:
         s = self.cfg.storage
-        prefix = f"datasets/{tenant_id}/"
+        prefix = dataset_prefix(tenant_id)
         if not isinstance(uri, str) or not uri.startswith("s3://"):
             raise InvalidRequest("dataset_uri must be s3://bucket/key", field="dataset_uri")
         bucket, _, key = uri[len("s3://") :].partition("/")

@@ -4,13 +4,14 @@ Data flows left to right::
 
     scheduler ═RequestEvents═▶ predictor ─▶ Redis (per-adapter request counts, last seen)
     predictor ─AdapterTierCommand─▶ scheduler ─▶ the executor placement would pick
+    predictor ─AdapterForecasts─▶ scheduler ─▶ each executor, for the adapters in its GPU memory
 
 Every request event is keyed by (tenant, adapter digest) — never by adapter name — and feeds:
 
 * a bounded in-memory history of arrival times per key and per-key totals flushed to Redis
   once a second (``"{tenant}/{digest}"``; base-model requests: ``"{tenant}/__base__"``);
-* the configured arrival predictor (``predictor.kind``: histogram, ewma, lstm, keepalive or
-  lru; see :mod:`vajra.policies.predictors` and :mod:`vajra.forecast.lstm`) and the
+* the configured arrival predictor (``predictor.kind``: histogram, gap, ewma, lstm, keepalive
+  or lru; see :mod:`vajra.policies.predictors` and :mod:`vajra.forecast.lstm`) and the
   :class:`~vajra.policies.prefetch.Prefetcher` (Algorithm 1), which plans every
   ``predictor.plan_interval_s`` with ``policies.prefetch_lookahead_ms`` and the executors'
   measured load times (carried on the request events).
@@ -21,6 +22,11 @@ the adapter above the target tier. The predictor's residency view is its own boo
 adapter just requested is in GPU memory, one just commanded sits where it was sent; an LRU
 eviction it did not order is not seen (the adapter then is simply reloaded on demand).
 
+Forecasts: every ``FORECAST_EVERY`` plan ticks the predicted next arrival of each adapter in
+GPU memory goes out (:meth:`Predictor.forecasts`); an executor that must evict takes the one
+expected farthest away (:mod:`vajra.actors.adapter_forecasts`) — the same ranking the
+simulator's ``policy.eviction = "predicted"`` uses (docs/simulations.md).
+
 Errors: a malformed event is counted and dropped; a Redis failure keeps the counts for the
 next flush; a full scheduler socket drops that plan's commands (counted) — prefetch is advice.
 On cancellation the flush in :meth:`drain` is bounded by ``ledger.flush_timeout_s``.
@@ -28,7 +34,10 @@ On cancellation the flush in :meth:`drain` is bounded by ``ledger.flush_timeout_
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import math
 from collections import Counter, deque
 
 import trio
@@ -36,7 +45,13 @@ import trio
 from vajra import bus
 from vajra.actors.base import now_ms
 from vajra.bus.codec import DecodeError, decode, encode
-from vajra.bus.messages import AdapterTierCommand, RequestEvent, RequestEvents
+from vajra.bus.messages import (
+    AdapterForecasts,
+    AdapterTierCommand,
+    Message,
+    RequestEvent,
+    RequestEvents,
+)
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import ConfigError, VajraConfig
 from vajra.errors import VajraError
@@ -44,6 +59,7 @@ from vajra.policies.placement import AdapterKey, Tier
 from vajra.policies.predictors import (
     ArrivalPredictor,
     EwmaPredictor,
+    GapPredictor,
     HistogramPredictor,
     KeepAlivePredictor,
     LruReactive,
@@ -54,10 +70,12 @@ from vajra.state import ClusterState, OffLoop
 log = logging.getLogger("vajra.predictor")
 
 BASE_MODEL_KEY = "__base__"
-PREDICTORS = ("histogram", "ewma", "lstm", "keepalive", "lru")
+PREDICTORS = ("histogram", "gap", "ewma", "lstm", "keepalive", "lru")
 _TIER_NAME = {Tier.GPU: "gpu", Tier.HOST: "host", Tier.DISK: "disk"}
 _NAME_TIER = {v: k for k, v in _TIER_NAME.items()}
-_ASSUMED_BYTES = 16 << 20  # load times are planned per adapter; sizes are not reported
+_ASSUMED_BYTES = 16 << 20  # an adapter's size until the first request that says one
+FORECAST_EVERY = 4  # plan ticks between two AdapterForecasts (executors: fresh for 4 ticks)
+FORECAST_LIMIT = 4_096  # adapters one AdapterForecasts carries at most
 
 
 def make_predictor(cfg: VajraConfig) -> ArrivalPredictor:
@@ -65,6 +83,8 @@ def make_predictor(cfg: VajraConfig) -> ArrivalPredictor:
     p = cfg.predictor
     if p.kind == "histogram":
         return HistogramPredictor(fallback_keepalive_ms=p.keepalive_ms)
+    if p.kind == "gap":
+        return GapPredictor(fallback_keepalive_ms=p.keepalive_ms)
     if p.kind == "ewma":
         return EwmaPredictor()
     if p.kind == "keepalive":
@@ -113,6 +133,8 @@ class Predictor:
         )
         self.residency: dict[AdapterKey, Tier] = {}
         self.object_keys: dict[AdapterKey, str] = {}
+        self._sized = 0  # requests that said their adapter's size
+        self._mean_bytes = 0.0  # ... and the mean of those sizes
         self._ctx = bus.new_context()
         hwm = cfg.bus.high_water_mark
         self.events: ZSocket = open_socket(self._ctx, bus.SUB, high_water_mark=hwm)
@@ -148,16 +170,24 @@ class Predictor:
         self._unflushed[name] += 1
         self._latest[name] = max(self._latest.get(name, 0), event.ts_unix_ms)
         self.counters["events"] += 1
+        if digest and event.adapter_bytes > 0:
+            self.prefetcher.set_size(key, event.adapter_bytes)
+            self._sized += 1
+            self._mean_bytes += (event.adapter_bytes - self._mean_bytes) / self._sized
         if digest and event.adapter_object_key:
             self.object_keys[key] = event.adapter_object_key
             self.prefetcher.on_arrival(key, float(event.ts_unix_ms))
             self.residency[key] = Tier.GPU  # the request loads it
 
     def observe_load_times(self, tier_load_ms: dict[str, float]) -> None:
+        """The executors' mean load time into each tier: a mean over the adapters they loaded,
+        so it is taken as the time for an adapter of the mean size requested (the sizes the
+        requests carry), and scaled per adapter by its own size when plans are made."""
+        size = round(self._mean_bytes) if self._sized else _ASSUMED_BYTES
         for name, ms in tier_load_ms.items():
             tier = _NAME_TIER.get(name)
             if tier is not None:
-                self.prefetcher.load.observe_load(tier, _ASSUMED_BYTES, ms)
+                self.prefetcher.load.observe_load(tier, size, ms)
 
     def plan(self, now: float) -> list[AdapterTierCommand]:
         """This interval's tier commands (the residency view moves with them)."""
@@ -171,12 +201,38 @@ class Predictor:
             self.counters[f"tier_{cmd.action}"] += 1
         return out
 
+    def forecasts(self, now: float) -> AdapterForecasts | None:
+        """The predicted next arrival of each adapter counted as in GPU memory, by digest (the
+        soonest over the tenants that share it; NaN: none expected); at most
+        ``FORECAST_LIMIT``, the most recently requested. None when there is none."""
+        keys = [k for k, tier in self.residency.items() if tier == Tier.GPU and k[1]]
+        if len(keys) > FORECAST_LIMIT:
+            keys = heapq.nlargest(FORECAST_LIMIT, keys, key=lambda k: self._last_arrival(k))
+        soonest: dict[str, float] = {}
+        for key in keys:
+            at = self.prefetcher.next_arrival_ms(key, now)
+            value = math.nan if at is None else float(at)
+            old = soonest.get(key[1])
+            if old is None or math.isnan(old) or (not math.isnan(value) and value < old):
+                soonest[key[1]] = value
+        if not soonest:
+            return None
+        return AdapterForecasts(list(soonest), list(soonest.values()), int(now))
+
+    def _last_arrival(self, key: AdapterKey) -> int:
+        hist = self.history.get(key)
+        return hist[-1] if hist else 0
+
     async def _plan_loop(self) -> None:
-        while True:
+        for tick in itertools.count(1):
             await trio.sleep(self.cfg.predictor.plan_interval_s)
-            for msg in self.plan(float(now_ms())):
+            now = float(now_ms())
+            msgs: list[Message] = list(self.plan(now))
+            if tick % FORECAST_EVERY == 0 and (forecast := self.forecasts(now)) is not None:
+                msgs.append(forecast)
+            for msg in msgs:
                 if not self.scheduler.send_nowait(encode(msg)):
-                    self.counters["tier_commands_dropped"] += 1
+                    self.counters[f"{msg.KIND}_dropped"] += 1
 
     async def _receive(self) -> None:
         while True:

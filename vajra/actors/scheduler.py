@@ -6,10 +6,12 @@ Data flows left to right::
     executors ─ExecutorHello / LoadReport─▶ scheduler
     scheduler ═RequestEvents═▶ predictor (PUB, one message per batch of placements)
     predictor ─AdapterTierCommand─▶ scheduler ─▶ the executor(s) placement names
+    predictor ─AdapterForecasts─▶ scheduler ─▶ every executor
     scheduler ─ErrorReply─▶ gateway   (no executor can take it; its executor was lost)
     gateway ─CancelWork─▶ scheduler ─CancelWork─▶ the executor holding each request
     gateway ─GatewayHello─▶ scheduler ─GatewayHello─▶ every executor
     gateway|executor ─AdapterSwap─▶ scheduler ─AdapterWarm─▶ executors (see scheduler_swaps)
+    gateway|executor ─JobQueued─▶ scheduler ─JobOffer─▶ an executor (see scheduler_jobs)
 
 Placement is Algorithm 2 over what the executors report (load, adapters per tier): see
 :mod:`vajra.actors.scheduler_placement`, which also holds requests no executor has room for
@@ -19,7 +21,8 @@ The request body is forwarded to the executor byte for byte (decoded once, never
 The scheduler remembers which requests each executor holds until a LoadReport lists them as
 finished; when an executor stops reporting for ``executor_timeout_s``, or comes back with a
 new incarnation, its non-streaming requests are dispatched again, once, to another executor
-and every other request it held is answered with a retriable ``UnavailableError``.
+and every other request it held is answered with a retriable ``UnavailableError`` whose field
+is ``executor`` (a gateway places a stream that has sent no token yet once more itself).
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ import trio
 
 from vajra import bus
 from vajra.actors.base import error_frames, now_ms, stats_frames
+from vajra.actors.scheduler_jobs import JobPlacement
 from vajra.actors.scheduler_placement import LivePlacement
 from vajra.actors.scheduler_swaps import SwapCoordinator
 from vajra.bus.codec import DecodeError, decode_many, encode
 from vajra.bus.messages import (
+    AdapterForecasts,
     AdapterSwap,
     AdapterTierCommand,
     AdapterWarmed,
@@ -45,6 +50,8 @@ from vajra.bus.messages import (
     ExecutorHello,
     GatewayHello,
     InferWork,
+    JobOffer,
+    JobQueued,
     LoadReport,
     RequestEvent,
     RequestEvents,
@@ -53,7 +60,7 @@ from vajra.bus.messages import (
 from vajra.bus.outbox import Outbox
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
-from vajra.errors import UnavailableError
+from vajra.errors import EXECUTOR_LOST_FIELD, UnavailableError
 from vajra.policies.placement import ExecutorLoad
 
 log = logging.getLogger("vajra.scheduler")
@@ -103,6 +110,8 @@ class Scheduler:
         self._to_gateways = Outbox(self.frontend)
         # Algorithm 2 over the executors' reports; see vajra.actors.scheduler_placement.
         self.placement = LivePlacement(cfg, self.counters)
+        # Training jobs: offered where placement says; see vajra.actors.scheduler_jobs.
+        self.job_placement = JobPlacement(cfg, self.placement.index, self.counters)
         self.swaps = SwapCoordinator(
             self.counters, lambda: list(self.executors), self._to_executors, self._flush
         )
@@ -162,6 +171,10 @@ class Scheduler:
                 self.counters["gateway_hellos"] += 1
                 for executor_id in self.executors:
                     self._to_executors.add(own, executor_id.encode())
+            elif isinstance(msg, AdapterForecasts):
+                self.counters["forecasts"] += 1
+                for executor_id, part in self.placement.forecasts_for(msg, self.executors):
+                    self._to_executors.add(encode(part), executor_id.encode())
             elif isinstance(msg, AdapterTierCommand):
                 targets = self.placement.route_tier_command(msg, now_ms())
                 if not msg.executor_id and targets:
@@ -171,6 +184,9 @@ class Scheduler:
                 self.counters["tier_commands" if targets else "tier_commands_no_executor"] += 1
             elif isinstance(msg, AdapterSwap):
                 self.swaps.start(msg, self._to_gateways, gateway)
+            elif isinstance(msg, JobQueued):
+                self.job_placement.queued(msg, trio.current_time())
+                self._offer_jobs()
             elif isinstance(msg, StatsRequest):
                 self.counters["executors"] = len(self.executors)
                 self._to_gateways.add(
@@ -223,6 +239,7 @@ class Scheduler:
                 prompt_chars=len(work.prompt),
                 adapter_digest=work.adapter_digest,
                 adapter_object_key=work.adapter_object_key,
+                adapter_bytes=work.adapter_bytes,
             )
         )
         return True
@@ -280,6 +297,9 @@ class Scheduler:
                         self.swaps.on_warmed(msg)
                     elif isinstance(msg, AdapterSwap):
                         self.swaps.start(msg, self._to_executors, frames[0])
+                    elif isinstance(msg, JobQueued):  # handed back by a draining executor
+                        self.job_placement.queued(msg, trio.current_time())
+                        self._offer_jobs()
                     else:
                         self.counters["unexpected_executor_kind"] += 1
             await self._flush()
@@ -322,6 +342,7 @@ class Scheduler:
             view.inflight.pop(rid, None)
         self.placement.finished(report.finished_ids)
         self.placement.reported(report, len(view.inflight))
+        self.job_placement.reported(report)
         self._retry_held()
 
     async def _watch_liveness(self) -> None:
@@ -337,6 +358,7 @@ class Scheduler:
                     self.counters["executors_lost"] += 1
                     del self.executors[view.executor_id]
                     self.placement.removed(view.executor_id)
+                    self.job_placement.removed(view.executor_id)
                     self._redispatch(view)
                     self._fail_inflight(view, "its executor stopped responding")
                     self.swaps.executor_lost(view.executor_id)
@@ -346,7 +368,15 @@ class Scheduler:
                     del view.inflight[rid]
                 self.placement.finished(expired)
             self._retry_held()
+            self._offer_jobs()
             await self._flush()
+
+    def _offer_jobs(self) -> None:
+        """Queue the offers placement makes now for training jobs (the caller flushes)."""
+        if not self.job_placement.hints:
+            return
+        for executor_id, job_id in self.job_placement.plan(trio.current_time(), now_ms()):
+            self._to_executors.add(encode(JobOffer(job_id)), executor_id.encode())
 
     def _redispatch(self, lost: _ExecutorView) -> None:
         """Place again, once, the non-streaming requests a lost executor held (the caller
@@ -367,6 +397,6 @@ class Scheduler:
         """Answer every request the executor held with a retriable error (the caller flushes)."""
         for rid, (gateway, _) in view.inflight.items():
             self.counters["requests_failed_executor_lost"] += 1
-            exc = UnavailableError(f"request lost because {why}; retry")
+            exc = UnavailableError(f"request lost because {why}; retry", field=EXECUTOR_LOST_FIELD)
             self._to_gateways.add(error_frames(rid, exc), gateway)
         view.inflight.clear()

@@ -6,6 +6,7 @@ Data flows left to right::
     executors ─ExecutorHello / LoadReport (load, residency per tier)─▶ LivePlacement (index)
     gateway ─InferWork─▶ LivePlacement.choose ─▶ an executor | waiting for room | no_capacity
     predictor ─AdapterTierCommand─▶ LivePlacement.route_tier_command ─▶ executors
+    predictor ─AdapterForecasts─▶ LivePlacement.forecasts_for ─▶ each executor, its GPU digests
 
 * The index (:class:`~vajra.policies.placement.PlacementIndex`) is keyed by (tenant, adapter
   digest). Executors report digests per tier; a digest counts as resident for every tenant
@@ -21,8 +22,9 @@ Data flows left to right::
   ``scheduler.no_capacity_wait_ms`` (and never past its deadline) in a bounded FIFO, retried
   whenever a load report or a new executor may have made room, then answers ``no_capacity``.
 * Re-dispatch: the body of every non-streaming request is kept until it finishes; when its
-  executor is lost, it is placed again once (a streaming request may already have sent tokens,
-  so it is answered ``unavailable`` as before).
+  executor is lost, it is placed again once. A streaming request may already have sent
+  tokens, which only its gateway knows: it is answered ``unavailable`` (field ``executor``)
+  and the gateway places it once more if no token went out.
 
 Errors: nothing here raises; decisions come back as values and the scheduler sends the replies.
 """
@@ -31,10 +33,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from vajra.bus.messages import AdapterTierCommand, InferWork, LoadReport
+from vajra.bus.messages import AdapterForecasts, AdapterTierCommand, InferWork, LoadReport
 from vajra.config import VajraConfig
 from vajra.errors import NoCapacityError, UnavailableError, VajraError
 from vajra.policies.placement import (
@@ -160,6 +162,25 @@ class LivePlacement:
             if old.get(d) != tier:
                 self._set(report.executor_id, d, tier)
         self._tiers[report.executor_id] = new
+
+    def forecasts_for(
+        self, msg: AdapterForecasts, executors: Iterable[str]
+    ) -> list[tuple[str, AdapterForecasts]]:
+        """The predictor's forecasts cut per executor: each gets those of the digests its last
+        report listed in GPU memory (none: nothing sent to it)."""
+        if len(msg.digests) != len(msg.next_arrival_ms):
+            self.counters["forecasts_malformed"] += 1
+            return []
+        at = dict(zip(msg.digests, msg.next_arrival_ms, strict=True))
+        out = []
+        for eid in executors:
+            mine = [
+                d for d, tier in self._tiers.get(eid, {}).items() if tier == Tier.GPU and d in at
+            ]
+            if mine:
+                part = AdapterForecasts(mine, [at[d] for d in mine], msg.sent_unix_ms)
+                out.append((eid, part))
+        return out
 
     def tier_load_ms(self) -> dict[str, float]:
         """Mean measured load time into each tier across the executors' last reports."""

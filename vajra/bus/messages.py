@@ -18,14 +18,17 @@ Data flows left to right::
     client ◀──TokenChunk / InferResult / ErrorReply── gateway ◀── executor
     client ──CancelRequest──▶ gateway ──CancelWork──▶ scheduler ──CancelWork──▶ executor
     gateway ──GatewayHello──▶ scheduler ──GatewayHello──▶ every executor
-    client ──AdapterPush (+2 bulk frames) / AdapterList / AdapterDelete──▶ gateway ──AdapterReply──▶ client
+    client ──AdapterPush (+2 bulk frames) / AdapterList / AdapterDelete / AdapterRollback /
+             AdapterMerge──▶ gateway ──AdapterReply──▶ client
     client ──TrainSubmit (+1 bulk frame) / JobGet / JobList / JobCancel / JobResume──▶ gateway ──JobReply──▶ client
     client ──JobWatch──▶ gateway ──JobProgress…, JobReply──▶ client
     gateway|executor ──AdapterSwap──▶ scheduler ──AdapterWarm──▶ executors ──AdapterWarmed──▶ scheduler
     scheduler ──AdapterSwapDone──▶ gateway|executor (which then flips the active pointer)
     executor ──ExecutorHello / LoadReport──▶ scheduler ──ErrorReply (executor lost)──▶ gateway
+    gateway|executor ──JobQueued──▶ scheduler ──JobOffer──▶ the executor placement chose
     executor ──UsageEvent──▶ ledger ──UsageAck──▶ executor
     scheduler ══RequestEvent══▶ predictor (PUB/SUB)
+    predictor ──AdapterTierCommand / AdapterForecasts──▶ scheduler ──▶ executors
 """
 
 # Over 400 lines: the whole wire schema in one place, so every message kind is read together.
@@ -423,6 +426,21 @@ class AdapterList(Message, frozen=True):
     name: str | None = None
 
 
+class AdapterMerge(Message, frozen=True):
+    """Register the exact weighted sum of two versions of ``name`` as its next version
+    (answered :class:`AdapterReply`; see :mod:`vajra.adapters.merge`): ``versions`` and
+    ``weights`` hold two entries each. Activated the warm way unless ``activate`` is False."""
+
+    KIND: ClassVar[str] = "adapter-merge"
+    request_id: str
+    api_key: str
+    name: str
+    versions: list[int]
+    weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
+    tenant: str | None = None
+    activate: bool = True
+
+
 class AdapterRollback(Message, frozen=True):
     """Make ``version`` of ``name`` active again the warm way (answered :class:`AdapterReply`
     holding that version)."""
@@ -622,6 +640,7 @@ class InferWork(Message, frozen=True):
     adapter_digest: str | None = None  # sha256 hex of config + weights
     adapter_object_key: str | None = None  # object-store prefix holding the PEFT files
     gateway_incarnation: str = ""  # the sending gateway's incarnation (see GatewayHello)
+    adapter_bytes: int = 0  # the resolved version's files, together (0: none, or not said)
 
 
 class CancelWork(Message, frozen=True):
@@ -681,6 +700,40 @@ class LoadReport(Message, frozen=True):
     # Mean measured time of a load into each tier ("gpu": from host memory, "host": from
     # disk, "disk": from the object store) since the executor started; absent: none yet.
     tier_load_ms: dict[str, float] = field(default_factory=dict)
+    # Training: the jobs running here and how many may (0: this executor does not train).
+    training_jobs: list[str] = field(default_factory=list)
+    training_slots: int = 0
+
+
+class AdapterForecasts(Message, frozen=True):
+    """Predictor -> scheduler -> every executor: the predicted next arrival (epoch ms; NaN:
+    none expected) of each adapter (by digest) the predictor counts as in GPU memory, sent
+    each plan tick. An executor that must evict picks the adapter expected farthest away
+    while its last forecasts are fresh (least recently used otherwise)."""
+
+    KIND: ClassVar[str] = "adapter-forecasts"
+    digests: list[str]
+    next_arrival_ms: list[float]
+    sent_unix_ms: int
+
+
+class JobQueued(Message, frozen=True):
+    """A training job was queued (created, resumed, or handed back by a draining executor):
+    gateway|executor -> scheduler, which places it (Algorithm 2) and offers it. A hint only:
+    the job's record in Redis is the truth, and executors claim unoffered jobs after
+    ``training.placement_wait_s``. ``adapter_digest``: the starting version's ("": fresh)."""
+
+    KIND: ClassVar[str] = "job-queued"
+    job_id: str
+    tenant_id: str
+    adapter_digest: str = ""
+
+
+class JobOffer(Message, frozen=True):
+    """Scheduler -> the executor placement chose: claim this queued job (if still queued)."""
+
+    KIND: ClassVar[str] = "job-offer"
+    job_id: str
 
 
 class AdapterTierCommand(Message, frozen=True):
@@ -814,6 +867,7 @@ class RequestEvent(msgspec.Struct, frozen=True):
     prompt_chars: int = 0
     adapter_digest: str | None = None  # the resolved version's digest (None: base model)
     adapter_object_key: str | None = None
+    adapter_bytes: int = 0  # its size (0: not said); prefetch plans load times with it
 
 
 class RequestEvents(Message, frozen=True):
@@ -841,6 +895,9 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     InferWork,
     ExecutorHello,
     LoadReport,
+    AdapterForecasts,
+    JobQueued,
+    JobOffer,
     AdapterTierCommand,
     AdapterSwap,
     AdapterWarm,
@@ -862,6 +919,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     AdapterDelete,
     AdapterReply,
     AdapterRollback,
+    AdapterMerge,
     TrainSubmit,
     JobGet,
     JobList,

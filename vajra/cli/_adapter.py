@@ -1,5 +1,5 @@
-"""``vajra adapter``: push, list, delete and roll back a tenant's LoRA adapters through the
-gateway; ``versions NAME`` shows a name's versions with their metadata (docs/hot-swap.md)."""
+"""``vajra adapter``: push, list, delete, roll back and merge a tenant's LoRA adapters through
+the gateway; ``versions NAME`` shows a name's versions with their metadata (docs/hot-swap.md)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,20 @@ def register(sub: Subcommands) -> None:
     aroll = asub.add_parser("rollback", help="make VERSION of NAME active again (warm swap)")
     aroll.add_argument("name", metavar="NAME")
     aroll.add_argument("version", metavar="VERSION", type=int)
+    amerge = asub.add_parser(
+        "merge", help="register w1*V1 + w2*V2 of NAME (exact, rank r1+r2) as its next version"
+    )
+    amerge.add_argument("name", metavar="NAME")
+    amerge.add_argument("first", metavar="V1", type=int)
+    amerge.add_argument("second", metavar="V2", type=int)
+    amerge.add_argument(
+        "--weights",
+        default="0.5,0.5",
+        help="W1,W2: the weight of each version's update (default: %(default)s, the average)",
+    )
+    amerge.add_argument(
+        "--staged", action="store_true", help="register it without making it active"
+    )
     for sp in asub.choices.values():
         sp.add_argument("--key", help="API key (default: $VAJRA_API_KEY)")
         sp.add_argument(
@@ -88,7 +102,29 @@ def cmd_adapter(args: argparse.Namespace) -> int:
                 print(json.dumps(_adapter_json(info)))
             else:
                 print(f"adapter {info.name} now answers with version {info.version}")
+        elif args.adapter_cmd == "merge":
+            weights = _weights(args.weights)
+            versions = (args.first, args.second)
+            info = client.merge(args.name, versions, weights, activate=not args.staged)
+            if args.json:
+                print(json.dumps(_adapter_json(info)))
+            else:
+                state = "active" if info.active else "staged"
+                print(f"adapter {info.name} version {info.version} (rank {info.rank}, {state})")
     return 0
+
+
+def _weights(text: str) -> tuple[float, float]:
+    """``W1,W2`` as two numbers; InvalidRequest (field ``weights``) otherwise."""
+    from vajra.errors import InvalidRequest
+
+    parts = text.split(",")
+    try:
+        if len(parts) == 2:
+            return float(parts[0]), float(parts[1])
+    except ValueError:
+        pass
+    raise InvalidRequest(f"--weights must be W1,W2 (two numbers), not {text!r}", field="weights")
 
 
 def _adapter_json(info: AdapterInfo) -> dict[str, Any]:

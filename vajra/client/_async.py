@@ -284,6 +284,23 @@ class AsyncClient(AsyncJobsMixin):
         the version they started with."""
         return await self._session.run(self._calls.rollback(name, version, timeout_s))
 
+    async def merge(
+        self,
+        name: str,
+        versions: tuple[int, int],
+        weights: tuple[float, float] = (0.5, 0.5),
+        *,
+        activate: bool = True,
+        timeout_s: float | None = None,
+    ) -> AdapterInfo:
+        """Register the exact weighted sum of two versions of ``name`` as its next version
+        (rank r1 + r2; :mod:`vajra.adapters.merge`), active the warm way unless ``activate``
+        is False. InvalidRequest (field ``versions``) for versions that cannot be merged:
+        other modules, rank or alpha patterns, a sum over ``adapters.max_rank``."""
+        return await self._session.run(
+            self._calls.merge(name, versions, weights, activate, timeout_s)
+        )
+
     async def list_adapters(self, *, timeout_s: float | None = None) -> list[AdapterInfo]:
         """Every version of every adapter of this key's tenant, by name then version."""
         return await self._session.run(self._calls.list_adapters(timeout_s))

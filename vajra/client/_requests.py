@@ -16,6 +16,7 @@ from vajra.bus.codec import encode
 from vajra.bus.messages import (
     AdapterDelete,
     AdapterList,
+    AdapterMerge,
     AdapterPush,
     AdapterRollback,
     AdminRequest,
@@ -45,6 +46,7 @@ Request = (
     | AdapterList
     | AdapterDelete
     | AdapterRollback
+    | AdapterMerge
 )
 
 #: Replies a streaming request may receive beyond one chunk per token (the final result, and

@@ -21,27 +21,26 @@ connection monitor, per thread) fails the thread's open calls at once with a ret
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, TypeVar, Unpack
+from typing import TypeVar, Unpack
 
 from vajra.bus.client_socket import BlockingContext, BlockingDealer
 from vajra.bus.messages import ErrorReply, InferRequest
-from vajra.client._adapter_files import adapter_bytes_from_tensors, read_adapter_dir
-from vajra.client._calls import AdapterMetadata, Call, Calls
+from vajra.client._adapters_sync import AdaptersMixin
+from vajra.client._calls import Call, Calls
 from vajra.client._choices import read_as_stream
 from vajra.client._decoding import SamplingOptions, sampling_params
 from vajra.client._fanout_sync import infer_all, stream_all
 from vajra.client._jobs import JobsMixin
 from vajra.client._replies import Reply, StreamProgress, decode_reply, expect, interpret_reply
-from vajra.client._requests import Request, cancel_frames, check_upload_size, request_frames
-from vajra.client._types import AdapterInfo, InferenceResult, StreamChunk
+from vajra.client._requests import Request, cancel_frames, request_frames
+from vajra.client._types import InferenceResult, StreamChunk
 from vajra.client._usage import UsageReport, When
 from vajra.errors import InvalidRequest, TimeoutError, UnavailableError
 from vajra.policies.decoding import SamplingParams
@@ -65,7 +64,7 @@ def _timed_out(request_id: str, timeout_s: float) -> TimeoutError:
     return TimeoutError(f"no answer to request {request_id} within {timeout_s:g} s")
 
 
-class Client(JobsMixin):
+class Client(JobsMixin, AdaptersMixin):
     """Talks to a Vajra gateway from ordinary (blocking) code; safe to share between threads.
 
     ::
@@ -341,72 +340,3 @@ class Client(JobsMixin):
         """As :meth:`AsyncClient.usage`: totals and the day buckets in ``[start, end)``."""
         call = self._calls.usage(tenant, timeout_s, start=start, end=end, group_by=group_by)
         return self._run(call)
-
-    # --- adapters ----------------------------------------------------------------------------
-
-    def push_adapter(
-        self, path: str | os.PathLike[str], name: str, *, timeout_s: float | None = None
-    ) -> AdapterInfo:
-        """Upload the PEFT adapter in directory ``path`` as the next (active) version of ``name``.
-
-        The gateway validates it before storing anything; a refused adapter raises
-        InvalidRequest naming the problem.
-        """
-        config_json, weights = read_adapter_dir(path)
-        return self.push_adapter_bytes(config_json, weights, name, timeout_s=timeout_s)
-
-    def push_adapter_bytes(
-        self, config_json: bytes, weights: bytes, name: str, *, timeout_s: float | None = None
-    ) -> AdapterInfo:
-        """Like :meth:`push_adapter`, from the bytes of ``adapter_config.json`` and
-        ``adapter_model.safetensors``."""
-        call = self._calls.push_adapter(config_json, weights, name, timeout_s)
-        check_upload_size(config_json, weights, self._upload_limit(call.timeout_s))
-        return self._run(call)
-
-    def _upload_limit(self, timeout_s: float) -> int:
-        """The gateway's upload limit (asked once per client; 0 if it does not say)."""
-        if self._max_upload_bytes is None:
-            self._max_upload_bytes = self._run(self._calls.upload_limit(timeout_s))
-        return self._max_upload_bytes
-
-    def push_adapter_tensors(
-        self,
-        name: str,
-        tensors: Mapping[str, Any],
-        lora_config: Mapping[str, Any],
-        *,
-        metrics: Mapping[str, Any] | None = None,
-        hyperparams: Mapping[str, Any] | None = None,
-        dataset_digest: str = "",
-        activate: bool = True,
-        timeout_s: float | None = None,
-    ) -> AdapterInfo:
-        """Push an adapter held in memory as the next version (see
-        :meth:`AsyncClient.push_adapter_tensors <vajra.client.AsyncClient.push_adapter_tensors>`)."""
-        config_json, weights = adapter_bytes_from_tensors(tensors, lora_config)
-        meta = AdapterMetadata(activate, dataset_digest, hyperparams, metrics)
-        call = self._calls.push_adapter(config_json, weights, name, timeout_s, meta)
-        check_upload_size(config_json, weights, self._upload_limit(call.timeout_s))
-        return self._run(call)
-
-    def versions(self, name: str, *, timeout_s: float | None = None) -> list[AdapterInfo]:
-        """Every version of ``name``, oldest first (NotFoundError when there is none)."""
-        return self._run(self._calls.versions(name, timeout_s))
-
-    def rollback(self, name: str, version: int, *, timeout_s: float | None = None) -> AdapterInfo:
-        """Make ``version`` of ``name`` active again, the warm way; returns it."""
-        return self._run(self._calls.rollback(name, version, timeout_s))
-
-    def list_adapters(self, *, timeout_s: float | None = None) -> list[AdapterInfo]:
-        """Every version of every adapter of this key's tenant, by name then version."""
-        return self._run(self._calls.list_adapters(timeout_s))
-
-    def delete_adapter(
-        self, name: str, version: int | None = None, *, timeout_s: float | None = None
-    ) -> list[AdapterInfo]:
-        """Delete one version (``version``, or ``name`` as ``NAME@VERSION``) or the whole name.
-
-        Returns the deleted versions; NotFoundError if there is no such adapter or version.
-        """
-        return self._run(self._calls.delete_adapter(name, version, timeout_s))

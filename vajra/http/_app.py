@@ -73,6 +73,7 @@ def create_app(ctx: BridgeContext) -> FastAPI:
             adapters.UPLOAD_PATH: upload_max_bytes,
             adapters.TENSORS_PATH: upload_max_bytes * 4 // 3 + adapters.UPLOAD_OVERHEAD_BYTES,
         },
+        per_pattern={jobs.TRAIN_PATH_PATTERN: jobs.train_body_limit(ctx.cfg)},
         timeout_s=ctx.cfg.http.body_timeout_s,
     )
     app.add_middleware(RequestMetrics, metrics=ctx.metrics)

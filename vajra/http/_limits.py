@@ -6,6 +6,7 @@ ZeroMQ or HTTP (:mod:`vajra.policies.limits`); the bridge only turns its refusal
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
@@ -57,7 +58,9 @@ class BodySizeLimit:
 
     A declared ``Content-Length`` over the limit is refused before the body is read; a body
     that turns out longer than the limit fails its read with :class:`BodyTooLarge`.
-    ``per_path`` gives some exact paths (adapter uploads) a limit of their own. The time limit
+    ``per_path`` gives some exact paths (adapter uploads) a limit of their own, and
+    ``per_pattern`` some path patterns (regular expressions of the server's own routes, matched
+    whole; a training job's dataset) one of their own. The time limit
     covers reading the body only: once its last part arrived, ``receive`` (which a streaming
     response uses to notice a disconnect) waits as long as it must.
     """
@@ -69,19 +72,30 @@ class BodySizeLimit:
         max_bytes: int,
         render: Callable[[ApiError, str], Any],
         per_path: Mapping[str, int] | None = None,
+        per_pattern: Mapping[str, int] | None = None,
         timeout_s: float = 60.0,
     ) -> None:
         self.app = app
         self.default_max_bytes = max_bytes
         self.render = render
         self.per_path = dict(per_path or {})
+        self.per_pattern = [(re.compile(p), n) for p, n in (per_pattern or {}).items()]
         self.timeout_s = timeout_s
+
+    def limit(self, path: str) -> int:
+        """The most bytes a body sent to ``path`` may hold."""
+        if (exact := self.per_path.get(path)) is not None:
+            return exact
+        for pattern, n in self.per_pattern:
+            if pattern.fullmatch(path):
+                return n
+        return self.default_max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        max_bytes = self.per_path.get(scope.get("path", ""), self.default_max_bytes)
+        max_bytes = self.limit(scope.get("path", ""))
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:

@@ -70,6 +70,7 @@ class JobRecord:
     error: str = ""
     attempt: int = 1
     cancel_requested: bool = False  # a running job asked to stop (seen by renew())
+    queued_ms: int = 0  # when it was last queued (created, resumed or handed back)
 
     @property
     def terminal(self) -> bool:
@@ -94,6 +95,7 @@ _INT_FIELDS = frozenset(
         "gradients",
         "checkpoint_step",
         "attempt",
+        "queued_ms",
     }
 )
 _FLOAT_FIELDS = frozenset({"loss", "cost_usd"})
@@ -185,23 +187,41 @@ return 1
 """
 
 # KEYS: queue, running zset; ARGV: job-hash prefix, executor_id, now_ms, lease deadline ms,
-# executor-set prefix. Pops ids until one is still queued (cancelled ones are skipped).
-# Returns that job's hash after the claim, or {}.
+# executor-set prefix, scan limit, cutoff ms, job id or "".
+# With a job id (an offer from placement): that job, if it is still queued. Without: the
+# oldest queued job (from the queue's tail, at most scan-limit entries looked at) that was
+# queued at or before the cutoff (jobs younger than ``placement_wait`` are left to placement);
+# ids of jobs no longer queued are removed on the way. Returns that job's hash after the
+# claim, or {}.
 CLAIM_LUA = """
-while true do
-  local id = redis.call('RPOP', KEYS[1])
-  if not id then return {} end
+local function take(id)
   local jkey = ARGV[1] .. id
-  if redis.call('HGET', jkey, 'status') == 'queued' then
-    redis.call('HSET', jkey, 'status', 'running', 'executor_id', ARGV[2], 'cancel_requested', '0')
-    if redis.call('HGET', jkey, 'started_ms') == '0' then
-      redis.call('HSET', jkey, 'started_ms', ARGV[3])
-    end
-    redis.call('ZADD', KEYS[2], ARGV[4], id)
-    redis.call('SADD', ARGV[5] .. ARGV[2], id)
-    return redis.call('HGETALL', jkey)
+  redis.call('LREM', KEYS[1], 1, id)
+  redis.call('HSET', jkey, 'status', 'running', 'executor_id', ARGV[2], 'cancel_requested', '0')
+  if redis.call('HGET', jkey, 'started_ms') == '0' then
+    redis.call('HSET', jkey, 'started_ms', ARGV[3])
+  end
+  redis.call('ZADD', KEYS[2], ARGV[4], id)
+  redis.call('SADD', ARGV[5] .. ARGV[2], id)
+  return redis.call('HGETALL', jkey)
+end
+if ARGV[8] ~= '' then
+  if redis.call('HGET', ARGV[1] .. ARGV[8], 'status') ~= 'queued' then return {} end
+  if not redis.call('LPOS', KEYS[1], ARGV[8]) then return {} end
+  return take(ARGV[8])
+end
+local ids = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[6]), -1)
+local cutoff = tonumber(ARGV[7])
+for i = #ids, 1, -1 do
+  local id = ids[i]
+  local row = redis.call('HMGET', ARGV[1] .. id, 'status', 'queued_ms')
+  if row[1] ~= 'queued' then
+    redis.call('LREM', KEYS[1], 1, id)
+  elseif (tonumber(row[2]) or 0) <= cutoff then
+    return take(id)
   end
 end
+return {}
 """
 
 # KEYS: job hash, running zset; ARGV: job_id, executor_id, lease deadline ms
@@ -235,6 +255,20 @@ end
 return redis.call('HGETALL', KEYS[1])
 """
 
+# KEYS: job hash, running zset, executor set, queue; ARGV: job_id, executor_id, now_ms
+# A running job handed back by its executor (a drain): queued again at the front of the
+# queue, attempt + 1, its checkpoint kept. Returns 1, or 0 (not running there, or cancelled).
+REQUEUE_LUA = """
+local row = redis.call('HMGET', KEYS[1], 'status', 'executor_id', 'cancel_requested')
+if row[1] ~= 'running' or row[2] ~= ARGV[2] or row[3] == '1' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'executor_id', '', 'queued_ms', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('RPUSH', KEYS[4], ARGV[1])
+return 1
+"""
+
 # KEYS: job hash, tenant active set, queue; ARGV: job_id, tenant_id, now_ms
 # Returns the hash after the change, or {} (no such job for this tenant).
 CANCEL_LUA = """
@@ -251,7 +285,7 @@ end
 return redis.call('HGETALL', KEYS[1])
 """
 
-# KEYS: job hash, tenant active set, queue; ARGV: job_id, tenant_id, max_active
+# KEYS: job hash, tenant active set, queue; ARGV: job_id, tenant_id, max_active, now_ms
 # Returns {code, hash...}: code 1 resumed, 0 not found, -1 at max_active, -2 wrong status,
 # -3 no checkpoint.
 RESUME_LUA = """
@@ -266,7 +300,8 @@ else
 end
 if code == 1 then
   redis.call('HSET', KEYS[1], 'status', 'queued', 'executor_id', '', 'error', '',
-             'finished_ms', '0', 'cancel_requested', '0', 'result_version', '')
+             'finished_ms', '0', 'cancel_requested', '0', 'result_version', '',
+             'queued_ms', ARGV[4])
   redis.call('HINCRBY', KEYS[1], 'attempt', 1)
   redis.call('SADD', KEYS[2], ARGV[1])
   redis.call('LPUSH', KEYS[3], ARGV[1])

@@ -1,3 +1,5 @@
+# Over 400 lines: the one owner of the job keys; every transition is a Lua script (in
+# job_records) with its checked wrapper here, read together.
 """Training jobs in Redis: records, the queue per base model, leases, cancel flags, the index.
 
 A job moves ``queued -> running -> succeeded | failed | cancelled``; a failed or cancelled job
@@ -12,12 +14,16 @@ queued and running jobs, for the per-tenant limit); a FIFO ``vajra:jobs:queue:{b
 (list of job ids); ``vajra:jobs:running`` (zset job id -> lease deadline ms) and
 ``vajra:jobs:executor:{executor_id}`` (set of the jobs it runs).
 
-Leases: :meth:`Jobs.claim` gives the claiming executor a lease of ``lease_ms``; it keeps the
+Claims: the scheduler places a queued job (Algorithm 2) and offers it to one executor, which
+claims that job by id; any executor may claim a job that has waited ``placement_wait_ms``
+unclaimed (no scheduler, a lost offer), oldest first. ``queued_ms`` says when a job was last
+queued. Leases: :meth:`Jobs.claim` gives the claiming executor a lease of ``lease_ms``; it keeps the
 job by calling :meth:`Jobs.renew` before it passes. :meth:`Jobs.expire` marks every running
 job whose lease passed ``failed`` with error ``"executor lost"``, keeping its checkpoint, so
 :meth:`Jobs.resume` can continue it. Cancelling a running job sets a flag; the executor's next
 :meth:`Jobs.renew` answers False and it stops and calls :meth:`Jobs.finish` with
-``"cancelled"``.
+``"cancelled"``. An executor that drains hands its running jobs back (:meth:`Jobs.requeue`):
+they are claimed next, from their last checkpoint.
 
 Ownership: a job of another tenant answers exactly like one that does not exist
 (:class:`~vajra.errors.NotFoundError`, same message). Executor-side calls (``renew``,
@@ -66,6 +72,7 @@ __all__ = [
 
 DEFAULT_INDEX_LIMIT = 1_000
 _EXPIRE_BATCH = 256
+_CLAIM_SCAN = 64  # queue entries a claim looks at, from the oldest
 
 
 class Jobs(KeyOwner):
@@ -88,6 +95,7 @@ class Jobs(KeyOwner):
         self._cancel = conn.script(jr.CANCEL_LUA)
         self._resume = conn.script(jr.RESUME_LUA)
         self._expire = conn.script(jr.EXPIRE_LUA)
+        self._requeue = conn.script(jr.REQUEUE_LUA)
 
     # --- tenant side ----------------------------------------------------------------------
 
@@ -111,7 +119,8 @@ class Jobs(KeyOwner):
         rec = replace(
             rec,
             status="queued",
-            created_ms=rec.created_ms or now_ms(),
+            created_ms=(created := rec.created_ms or now_ms()),
+            queued_ms=created,
             started_ms=0,
             finished_ms=0,
             executor_id="",
@@ -202,7 +211,7 @@ class Jobs(KeyOwner):
         base = self._r.hget(job_key, "base_model") or ""
         flat = self._resume(
             keys=[job_key, keys.jobs_active(tenant_id), keys.jobs_queue(base)],
-            args=[job_id, tenant_id, max_active],
+            args=[job_id, tenant_id, max_active, now_ms()],
         )
         code = int(flat[0])
         if code == 0:
@@ -228,15 +237,40 @@ class Jobs(KeyOwner):
     # --- executor side --------------------------------------------------------------------
 
     @translate_errors
-    def claim(self, executor_id: str, base_model: str, lease_ms: int) -> JobRecord | None:
-        """Atomically take the oldest queued job of ``base_model``: it becomes ``running``
-        on ``executor_id`` with a lease of ``lease_ms``. None if none is queued."""
+    def claim(
+        self,
+        executor_id: str,
+        base_model: str,
+        lease_ms: int,
+        *,
+        job_id: str = "",
+        placement_wait_ms: int = 0,
+    ) -> JobRecord | None:
+        """Atomically take a queued job of ``base_model``: it becomes ``running`` on
+        ``executor_id`` with a lease of ``lease_ms``. None if there is none to take.
+
+        ``job_id``: that job (placement offered it here), if it is still queued. Otherwise
+        the oldest queued job that has waited at least ``placement_wait_ms`` for placement
+        (0: the oldest, at once); at most the queue's last 64 entries are looked at.
+        """
         check_id(executor_id, "executor_id")
         _check_lease(lease_ms)
+        check_non_negative_int(placement_wait_ms, "placement_wait_ms")
+        if job_id and not _is_id(job_id):
+            return None
         now = now_ms()
         flat = self._claim(
             keys=[keys.jobs_queue(base_model), keys.jobs_running()],
-            args=[keys.job(""), executor_id, now, now + lease_ms, keys.jobs_executor("")],
+            args=[
+                keys.job(""),
+                executor_id,
+                now,
+                now + lease_ms,
+                keys.jobs_executor(""),
+                _CLAIM_SCAN,
+                now - placement_wait_ms,
+                job_id,
+            ],
         )
         return decode_record(flat_row(flat)) if flat else None
 
@@ -334,6 +368,18 @@ class Jobs(KeyOwner):
         if not flat:
             raise _not_found(job_id)
         return decode_record(flat_row(flat))
+
+    @translate_errors
+    def requeue(self, job_id: str, executor_id: str) -> bool:
+        """Hand a job running on ``executor_id`` back to the queue (its executor drains): it is
+        the next one claimed, ``attempt + 1``, from its last checkpoint. False, changing
+        nothing, if it is not running there or a cancel was requested (finish it instead)."""
+        check_id(job_id, "job_id")
+        check_id(executor_id, "executor_id")
+        job_key = keys.job(job_id)
+        base = self._r.hget(job_key, "base_model") or ""
+        at = [job_key, keys.jobs_running(), keys.jobs_executor(executor_id), keys.jobs_queue(base)]
+        return bool(self._requeue(keys=at, args=[job_id, executor_id, now_ms()]))
 
     @translate_errors
     def expire(self, now_ms: int) -> builtins.list[str]:

@@ -9,8 +9,10 @@ reaches, then a SCAN removes anything it did not reach (a record written by a pu
 with the purge). The usage stream entries stay: they are the billing history. Repeating the
 purge is harmless: it removes whatever registry keys appeared since (a push that was in
 flight). Last, the tenant's training jobs (:func:`vajra.state.jobs.purge_tenant_jobs`):
-records, index, active set, queue and lease entries; their dataset and checkpoint objects
-stay in the object store under ``datasets/<tenant>/`` and ``checkpoints/<tenant>/``.
+records, index, active set, queue and lease entries. The object-store files (adapters,
+datasets, checkpoints) are the caller's to delete (:func:`vajra.storage.adelete_tenant_objects`);
+a job still running learns of the purge at its next lease renewal and removes its own
+checkpoints.
 :meth:`vajra.state.tenants.Tenants.delete` is the way in.
 """
 

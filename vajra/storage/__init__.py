@@ -7,7 +7,9 @@
     data = await store.aget("adapters/t_1/abc/x")  # Trio, never blocks the loop
 
 Adapters are stored content-addressed under ``adapters/<tenant_id>/<sha256>/`` as the two
-files of the PEFT format (see :mod:`vajra.storage.adapters`).
+files of the PEFT format (see :mod:`vajra.storage.adapters`); training datasets and
+checkpoints under ``datasets/<tenant_id>/`` and ``checkpoints/<tenant_id>/`` (see
+:mod:`vajra.storage.tenant_files`).
 """
 
 from __future__ import annotations
@@ -22,11 +24,9 @@ from vajra.storage.adapters import (
     adapter_object_key,
     adapter_object_keys,
     adelete_adapter_objects,
-    adelete_tenant_objects,
     aget_adapter_objects,
     aput_adapter_objects,
     delete_adapter_objects,
-    delete_tenant_objects,
     get_adapter_objects,
     put_adapter_objects,
     tenant_objects_prefix,
@@ -34,6 +34,15 @@ from vajra.storage.adapters import (
 from vajra.storage.base import ObjectStore, check_key
 from vajra.storage.local import LocalObjectStore
 from vajra.storage.s3 import S3ObjectStore
+from vajra.storage.tenant_files import (
+    adelete_prefix,
+    adelete_tenant_objects,
+    checkpoint_object_key,
+    dataset_object_key,
+    dataset_prefix,
+    delete_tenant_objects,
+    job_checkpoints_prefix,
+)
 
 __all__ = [
     "ADAPTER_CONFIG_FILE",
@@ -44,13 +53,18 @@ __all__ = [
     "adapter_object_key",
     "adapter_object_keys",
     "adelete_adapter_objects",
+    "adelete_prefix",
     "adelete_tenant_objects",
     "aget_adapter_objects",
     "aput_adapter_objects",
     "check_key",
+    "checkpoint_object_key",
+    "dataset_object_key",
+    "dataset_prefix",
     "delete_adapter_objects",
     "delete_tenant_objects",
     "get_adapter_objects",
+    "job_checkpoints_prefix",
     "open_store",
     "put_adapter_objects",
     "tenant_objects_prefix",

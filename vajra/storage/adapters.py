@@ -74,19 +74,3 @@ async def aget_adapter_objects(store: ObjectStore, object_key: str) -> tuple[byt
 async def adelete_adapter_objects(store: ObjectStore, object_key: str) -> None:
     for key in adapter_object_keys(object_key):
         await store.adelete(key)
-
-
-def delete_tenant_objects(store: ObjectStore, tenant_id: str) -> int:
-    """Remove every adapter file of a deleted tenant (registered or not); how many. Blocking."""
-    keys = store.list_keys(tenant_objects_prefix(tenant_id))
-    for key in keys:
-        store.delete(key)
-    return len(keys)
-
-
-async def adelete_tenant_objects(store: ObjectStore, tenant_id: str) -> int:
-    """:func:`delete_tenant_objects` from Trio."""
-    keys = await store.alist_keys(tenant_objects_prefix(tenant_id))
-    for key in keys:
-        await store.adelete(key)
-    return len(keys)

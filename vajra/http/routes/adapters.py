@@ -29,6 +29,7 @@ from vajra.http.schemas.adapters import (
     AdapterDeleted,
     AdapterInfoBody,
     AdapterListBody,
+    MergeBody,
     PushTensorsBody,
     RollbackBody,
 )
@@ -291,3 +292,28 @@ async def rollback_adapter(name: str, body: RollbackBody, ctx: Ctx, key: ApiKey)
             name, body.version, timeout_s=ctx.cfg.http.request_timeout_s
         )
     return json_response(adapter_body(info, ctx.base_model))
+
+
+@router.post(
+    "/v1/adapters/{name}/merge",
+    status_code=201,
+    summary="Register the exact weighted sum of two versions as the next version",
+    description=(
+        "The merged version carries w1 times the first version's update plus w2 times the"
+        " second's, exactly (rank r1 + r2, like PEFT's `cat` combination); both versions must"
+        " target the same modules. It goes live the warm way unless `activate` is false."
+        " Another tenant's adapter, or a version that does not exist: 404."
+    ),
+    response_model=AdapterInfoBody,
+    responses=error_docs(ErrorBody, 400, 401, 404, 503, 504),
+)
+async def merge_adapter(name: str, body: MergeBody, ctx: Ctx, key: ApiKey) -> Response:
+    with ctx.pool.guard():
+        info = await ctx.pool.client(key).merge(
+            name,
+            (body.versions[0], body.versions[1]),
+            (body.weights[0], body.weights[1]),
+            activate=body.activate,
+            timeout_s=ctx.cfg.http.request_timeout_s,
+        )
+    return json_response(adapter_body(info, ctx.base_model), 201)

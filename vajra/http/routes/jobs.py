@@ -16,6 +16,7 @@ from fastapi import APIRouter, Query
 from starlette.responses import Response
 
 from vajra.client import JobInfo
+from vajra.config import VajraConfig
 from vajra.http._context import QUERY_TIMEOUT_S, ApiKey, Ctx
 from vajra.http._errors import ApiError
 from vajra.http._responses import error_docs, json_response
@@ -26,6 +27,17 @@ from vajra.http.schemas.jobs import JobBody, JobListBody, TrainBody
 router = APIRouter(tags=["training"])
 
 TRAIN_ROUTE = "/v1/models/{model_id}/train"
+#: The train route's paths, for the body limit (the middleware sees paths, not routes).
+TRAIN_PATH_PATTERN = r"/v1/models/[^/]+/train"
+#: Room in a train body for its other fields.
+TRAIN_BODY_OVERHEAD_BYTES = 65_536
+
+
+def train_body_limit(cfg: VajraConfig) -> int:
+    """The most a train body may hold: a dataset of ``training.max_dataset_bytes`` as base64
+    (4/3 of it) or as JSON text (twice it allows every line's quotes and newline escaped),
+    plus the other fields. The gateway then checks the dataset's own size."""
+    return 2 * cfg.training.max_dataset_bytes + TRAIN_BODY_OVERHEAD_BYTES
 
 
 def job_body(j: JobInfo) -> dict[str, Any]:

@@ -72,6 +72,21 @@ class RollbackBody(BaseModel):
     version: int = Field(ge=1, le=MAX_VERSION, description="The version to make active again")
 
 
+class MergeBody(BaseModel):
+    """Two versions of the adapter and the weight of each one's update (see `vajra adapter
+    merge`): the merged version holds ``w1*update1 + w2*update2`` exactly, at rank r1 + r2."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"versions": [2, 3], "weights": [0.5, 0.5]}]},
+    )
+    versions: list[int] = Field(min_length=2, max_length=2, description="the two versions")
+    weights: list[float] = Field(
+        default=[0.5, 0.5], min_length=2, max_length=2, description="w1, w2 (finite)"
+    )
+    activate: bool = Field(default=True, description="make it active (else staged)")
+
+
 class PushTensorsBody(BaseModel):
     """An adapter held in memory: its safetensors bytes (base64) and its PEFT config."""
 

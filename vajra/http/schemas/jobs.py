@@ -10,8 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 class TrainBody(BaseModel):
     """A fine-tuning job of adapter ``model_id``. Exactly one of ``dataset`` (JSON Lines text),
     ``dataset_base64`` (its bytes, base64) or ``dataset_uri`` (``s3://<the cluster's
-    bucket>/datasets/<tenant_id>/...``). The whole body is bounded by ``http.max_body_bytes``;
-    larger datasets go through the SDK or CLI, or the object store."""
+    bucket>/datasets/<tenant_id>/...``). The whole body may hold twice
+    ``training.max_dataset_bytes`` plus 64 KiB (a dataset as base64, or as JSON text with its
+    quotes and newlines escaped); the dataset itself at most ``training.max_dataset_bytes``."""
 
     model_config = ConfigDict(
         extra="forbid",
