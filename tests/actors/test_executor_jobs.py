@@ -249,6 +249,45 @@ async def test_memorisation_swaps_in_and_keeps_the_previous_version_answering(
             assert executor.steps is not None and not executor.steps.model.training_jobs()
 
 
+async def test_the_last_steps_report_is_never_dropped(
+    cfg: VajraConfig, state: ClusterState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer counts its last step as done before the report reaches the model thread's
+    lock. Widen that gap: the job must still record (and bill) every step."""
+    import time
+
+    from vajra.gpu.training import LoraTrainer
+
+    original = LoraTrainer.micro_step
+
+    def slow_last(self: LoraTrainer) -> object:
+        report = original(self)
+        if report is not None and self.finished:
+            time.sleep(0.5)  # finished, its report not yet handed over
+        return report
+
+    monkeypatch.setattr(LoraTrainer, "micro_step", slow_last)
+    from vajra.actors.executor_job_steps import StepBook
+
+    on_report = StepBook._on_report
+
+    async def slow_second(self: StepBook, job: Any, report: Any) -> None:
+        await on_report(self, job, report)
+        if int(report.step) == 2:  # meanwhile the last step finishes, its report held back
+            await trio.sleep(0.3)
+
+    monkeypatch.setattr(StepBook, "_on_report", slow_second)
+    tenant_id, _key = _tenant(state)
+    params = TrainParams(epochs=3, learning_rate=1e-3, batch_size=8, checkpoint_every=0)
+    with trio.fail_after(LIMIT_S):
+        async with cluster(cfg, state) as (_a, _executor, _n, _s):
+            rec = submit(state, cfg, tenant_id, "fresh", pairs(8), params)
+            done = await until_status(state, rec, {"succeeded", "failed", "cancelled"})
+    assert done.status == "succeeded", done.error
+    assert done.step == done.total_steps == 3
+    assert done.gradients == 3 * (done.gradients // 3) > 0
+
+
 async def test_cancel_mid_run_stops_the_job(cfg: VajraConfig, state: ClusterState) -> None:
     tenant_id, key = _tenant(state)
     long = TrainParams(epochs=1000, learning_rate=1e-3, batch_size=2, checkpoint_every=5)

@@ -334,7 +334,10 @@ class JobRunner:
                     if isinstance(err, VajraError)
                     else InternalError(f"training failed: {type(err).__name__}: {err}")
                 )
-            if job.trainer.finished and not training.reports:
+            # The trainer counts a step as done before its report is handed over, so
+            # "finished" alone could drop the last step's report (and its bill): done only once
+            # every step the trainer made has been reported here.
+            if job.trainer.finished and job.step >= int(job.trainer.step):
                 return
 
     async def _publish(self, job: RunningJob) -> int:
