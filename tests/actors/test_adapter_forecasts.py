@@ -93,6 +93,27 @@ async def test_a_load_evicts_the_forecast_farthest_not_the_least_recently_used(
     assert set(tiers.gpu) == {old.digest, new.digest}  # LRU would have evicted `old`
 
 
+async def test_a_gpu_prefetch_never_pushes_out_an_adapter_needed_sooner(
+    tmp_path: Path, tiny_model_dir: Path, dirs: list[Path]
+) -> None:
+    spec = base_model_spec(tiny_model_dir)
+    stored: list[KitAdapter] = store_adapters(LocalObjectStore(tmp_path / "objects"), dirs, spec)
+    pool = make_pool(spec, 2, 4)
+    tiers = make_tiers(tmp_path, tiny_model_dir, pool, trio.CapacityLimiter(1))
+    a, b, c = stored
+    with trio.fail_after(60):
+        assert tiers.may_prefetch(a.digest, 0.0)  # a free slot: always
+        for x in (a, b):
+            await tiers.acquire(x.digest, x.key)
+            tiers.release(x.digest)
+    now = tiers.forecasts._clock()
+    assert tiers.may_prefetch(c.digest, now + 60_000)  # no forecasts: LRU, allowed
+    tiers.forecasts.update(AdapterForecasts([a.digest, b.digest], [now + 1_000, now + 5_000], 0))
+    assert not tiers.may_prefetch(c.digest, now + 60_000)  # both are needed sooner than c
+    assert tiers.may_prefetch(c.digest, now + 2_000)  # b is needed later than c
+    assert tiers.may_prefetch(a.digest, now + 60_000)  # already resident: nothing pushed out
+
+
 def _report(eid: str, **kw: object) -> LoadReport:
     return LoadReport(eid, "i1", 0, 0, **kw)  # type: ignore[arg-type]
 

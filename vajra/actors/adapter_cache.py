@@ -15,11 +15,14 @@ no lock is needed and no two threads can hand out the same slot or count the sam
   failing disk (a full one, an I/O error) loses the cache, never a request: failures are
   logged, counted in ``stats.errors`` and answered as a miss.
 
-Which entry leaves either cache is :mod:`vajra.policies.eviction`'s choice.
+Which entry leaves either cache is :mod:`vajra.policies.eviction`'s choice. Also here, for
+every tier: an adapter's digest (:func:`digest_of`) and the typed error a failed load becomes
+(:func:`typed_load_error`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from collections import Counter, OrderedDict
@@ -32,6 +35,7 @@ import torch
 import trio
 
 from vajra.adapters.format import InvalidAdapter
+from vajra.errors import InternalError, OverloadedError, UnavailableError, VajraError
 from vajra.gpu.lora import HostAdapter
 from vajra.policies.eviction import lru_victim, victims_to_fit
 from vajra.storage.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
@@ -319,3 +323,24 @@ def _write_files(
 
 def _remove(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def digest_of(config: bytes, weights: bytes) -> str:
+    """An adapter's digest: sha256 over its config bytes, then its weights bytes."""
+    h = hashlib.sha256()
+    h.update(config)
+    h.update(weights)
+    return h.hexdigest()
+
+
+def typed_load_error(exc: Exception, digest: str) -> VajraError:
+    """The typed error a request gets for an unexpected failure while loading ``digest``."""
+    what = f"loading adapter {digest[:12]} failed"
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        log.warning("%s: out of memory: %s", what, exc)
+        return OverloadedError(f"{what}: out of memory; retry")
+    if isinstance(exc, OSError):  # the message (paths) stays in the log, not in the answer
+        log.warning("%s: %s", what, exc)
+        return UnavailableError(f"{what}: {type(exc).__name__}; retry")
+    log.error("%s", what, exc_info=exc)
+    return InternalError(f"{what}: {type(exc).__name__}")

@@ -7,8 +7,10 @@ share takes the sooner of their arrivals). While the last forecasts are fresh (y
 (:func:`vajra.policies.eviction.predicted_victim`: Algorithm 1's view of the future instead of
 the past); a resident adapter the forecasts do not name (just loaded by a warm swap, or never
 requested yet) counts as expected at once, so it is kept while any forecast one can go, and
-among equals the least recently used goes. Stale or absent forecasts: plain LRU. Malformed
-forecasts are dropped whole and counted by the caller.
+among equals the least recently used goes. A GPU prefetch into a full pool is declined unless
+an idle adapter is forecast later than the prefetched one (Algorithm 1: never push out what is
+needed sooner). Stale or absent forecasts: plain LRU. Malformed forecasts are dropped whole and
+counted by the caller.
 """
 
 from __future__ import annotations
@@ -50,10 +52,16 @@ class Forecasts:
     def fresh(self) -> bool:
         return self._clock() - self._received_ms <= self.max_age_ms
 
-    def victim(self, lru: Iterable[str], in_use: Callable[[str], bool]) -> str | None:
-        """The adapter of ``lru`` (least recently used first) to evict, or None (all in use)."""
+    def victim(
+        self, lru: Iterable[str], in_use: Callable[[str], bool], before_ms: float | None = None
+    ) -> str | None:
+        """The adapter of ``lru`` (least recently used first) to evict, or None (all in use).
+        ``before_ms``: for a prefetch of an adapter expected then, only one forecast later
+        qualifies (None: decline it); stale forecasts allow any (LRU)."""
         if not self.fresh():
             return lru_victim(lru, in_use)
         now = self._clock()
         forecast = self._next
-        return predicted_victim(lru, in_use, lambda d: forecast.get(d, now), now_ms=now)
+        return predicted_victim(
+            lru, in_use, lambda d: forecast.get(d, now), now_ms=now, before_ms=before_ms
+        )

@@ -47,7 +47,6 @@ tier are in :attr:`AdapterTiers.stats`.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -59,11 +58,19 @@ from typing import Any, Literal
 import torch
 import trio
 
-from vajra.actors.adapter_cache import LOAD_MS_BUCKETS, DiskCache, HostEntry, HostSlab, TierStats
+from vajra.actors.adapter_cache import (
+    LOAD_MS_BUCKETS,
+    DiskCache,
+    HostEntry,
+    HostSlab,
+    TierStats,
+    digest_of,
+    typed_load_error,
+)
 from vajra.actors.adapter_forecasts import Forecasts
 from vajra.adapters.format import AdapterManifest, BaseModelSpec, InvalidAdapter, validate_adapter
 from vajra.config import VajraConfig
-from vajra.errors import InternalError, OverloadedError, UnavailableError, VajraError
+from vajra.errors import OverloadedError, VajraError
 from vajra.gpu.interface import AdapterResidency
 from vajra.gpu.lora import HostAdapter, pack_adapter, read_adapter_tensors
 from vajra.policies.eviction import threshold_victims
@@ -167,7 +174,7 @@ class AdapterTiers:
         except VajraError:
             raise
         except Exception as exc:
-            raise _typed(exc, digest) from exc
+            raise typed_load_error(exc, digest) from exc
         finally:
             self._wanted[digest] -= 1
             if self._wanted[digest] <= 0:
@@ -223,7 +230,13 @@ class AdapterTiers:
         except VajraError:
             raise
         except Exception as exc:
-            raise _typed(exc, digest) from exc
+            raise typed_load_error(exc, digest) from exc
+
+    def may_prefetch(self, digest: str, expected_ms: float | None) -> bool:
+        """Whether a GPU prefetch of ``digest`` (expected at ``expected_ms``) may take a slot:
+        one is free, or an idle adapter is forecast later than it (else it is declined)."""
+        full = len(self.gpu) >= self.slots.num_slots and digest not in self.gpu
+        return not full or self.forecasts.victim(self.gpu, self._in_use, expected_ms) is not None
 
     def demote(self, digest: str, tier: str) -> None:
         """Drop an adapter from ``tier`` and every tier above it (a held GPU copy stays)."""
@@ -247,7 +260,7 @@ class AdapterTiers:
             flight.error = exc
             raise
         except Exception as exc:
-            flight.error = _typed(exc, digest)
+            flight.error = typed_load_error(exc, digest)
             raise flight.error from exc
         finally:
             del self._loading[digest]
@@ -320,7 +333,7 @@ class AdapterTiers:
         if data is not None:
             self.stats["disk"].hits += 1
             self.stats["disk"].observe((time.perf_counter() - t0) * 1e3)
-            if await trio.to_thread.run_sync(_digest_of, *data, limiter=self._io) == digest:
+            if await trio.to_thread.run_sync(digest_of, *data, limiter=self._io) == digest:
                 return data
             log.error("disk copy of adapter %s is corrupt; fetching it again", digest)
             self.disk.forget(digest)
@@ -328,7 +341,7 @@ class AdapterTiers:
         t0 = time.perf_counter()
         config, weights = await aget_adapter_objects(self.store, object_key)
         self.stats["store"].observe((time.perf_counter() - t0) * 1e3)
-        if await trio.to_thread.run_sync(_digest_of, config, weights, limiter=self._io) != digest:
+        if await trio.to_thread.run_sync(digest_of, config, weights, limiter=self._io) != digest:
             raise InvalidAdapter(f"adapter files under {object_key!r} are corrupt: digest mismatch")
         await self.disk.write(digest, config, weights)  # a failure is counted, not raised
         return config, weights
@@ -398,23 +411,3 @@ class AdapterTiers:
         threshold = self.cfg.adapters.lru_eviction_threshold
         for victim in threshold_victims(self.gpu, self._in_use, self.slots.num_slots, threshold):
             self._evict_gpu(victim)
-
-
-def _typed(exc: Exception, digest: str) -> VajraError:
-    """The typed error a request gets for an unexpected failure while loading ``digest``."""
-    what = f"loading adapter {digest[:12]} failed"
-    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
-        log.warning("%s: out of memory: %s", what, exc)
-        return OverloadedError(f"{what}: out of memory; retry")
-    if isinstance(exc, OSError):  # the message (paths) stays in the log, not in the answer
-        log.warning("%s: %s", what, exc)
-        return UnavailableError(f"{what}: {type(exc).__name__}; retry")
-    log.error("%s", what, exc_info=exc)
-    return InternalError(f"{what}: {type(exc).__name__}")
-
-
-def _digest_of(config: bytes, weights: bytes) -> str:
-    h = hashlib.sha256()
-    h.update(config)
-    h.update(weights)
-    return h.hexdigest()

@@ -257,6 +257,11 @@ class Intake:
             return
         try:
             if cmd.action == "promote":
+                if cmd.tier == "gpu" and not self.tiers.may_prefetch(
+                    cmd.adapter_digest, cmd.expected_ms
+                ):
+                    self.counters["tier_promote_declined"] += 1  # would push out a sooner one
+                    return
                 with trio.fail_after(self.cfg.bus.rpc_timeout_s * 6):
                     await self.tiers.promote(cmd.adapter_digest, cmd.adapter_object_key, cmd.tier)
             elif cmd.action == "demote":

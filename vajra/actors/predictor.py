@@ -111,6 +111,7 @@ def command_for(cmd: TierCommand, object_key: str) -> AdapterTierCommand:
         tier=tier,
         action=cmd.action,
         tenant_id=cmd.key[0],
+        expected_ms=cmd.expected_ms if cmd.action == "promote" else None,
     )
 
 

@@ -752,6 +752,7 @@ class AdapterTierCommand(Message, frozen=True):
     tier: str
     action: str
     tenant_id: str = ""
+    expected_ms: float | None = None  # a promote: the arrival it prepares for (epoch ms)
 
 
 # --- warm hot swap: requester (gateway, executor) <-> scheduler <-> executors ----------------
