@@ -92,8 +92,11 @@ def keepalive_serverless(
     cold_count = int(cold.sum())
     total_ms = float(held_ms.sum()) + cold_count * e.serverless_cold_start_ms
     cost = gpu_cost_usd(total_ms, e.gpu_price_per_hour)
+    # a dedicated model has its adapter merged (no adapter_compute_factor) but is still
+    # reached through a serving path
     ttft = (
-        e.serverless_cold_start_ms * cold
+        cfg.costs.serving_ms
+        + e.serverless_cold_start_ms * cold
         + cfg.costs.prefill_ms_base
         + cfg.costs.prefill_ms_per_token * prompt[order]
     )

@@ -6,6 +6,15 @@
   levels while the intercept comes out negative (step time superlinear there); the prefill cost comes from
   the single-request level: one step is ``prefill_ms_base``, and the rest of its median time to
   first token over its mean prompt length is ``prefill_ms_per_token``.
+  When that JSON has ``g_adapters`` (multi-adapter against base-model throughput), its
+  lowest-concurrency result sets ``adapter_compute_factor`` = 1 / ``adapters_vs_base``: a
+  request with an adapter takes that much longer per step; a JSON without it leaves the factor.
+* ``costs.bench_serving_json`` (``vajra bench serving`` JSON): ``serving_ms`` is the SDK's
+  median first-token time through the whole cluster (``sdk_stream_adapters``, else
+  ``sdk_stream``) less the engine's own time per step of the same requests run alone
+  (``engine_adapters``, else ``engine``: ``seconds / steps``; every request is admitted in one
+  step, so the engine emits their first tokens after one step). The mean step is shorter than
+  the first step, which holds every prefill, so this is a slight overestimate of the path.
 * ``cluster.bench_adapters_json`` (``vajra bench adapters`` JSON, ``activation.tiers``): the
   median activation time of an adapter of ``safetensors_bytes`` from pinned host memory and
   from the page cache (disk) become the host and disk bandwidths, latency zero, so an adapter of
@@ -67,6 +76,42 @@ def engine_costs(path: Path) -> dict[str, Any]:
     }
 
 
+def adapter_compute_factor(path: Path) -> float | None:
+    """1 / ``adapters_vs_base`` of the lowest-concurrency ``g_adapters`` result of a ``vajra
+    bench engine`` JSON; None when the JSON has no ``g_adapters`` section."""
+    data = _read(path)
+    if "g_adapters" not in data:
+        return None
+    try:
+        results = data["g_adapters"]["results"]
+        solo = min(results, key=lambda r: float(r["concurrency"]))
+        ratio = float(solo["adapters_vs_base"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise SimConfigError(f"{path}: g_adapters without a usable result (missing {e})") from e
+    if not 0 < ratio < float("inf"):
+        raise SimConfigError(f"{path}: g_adapters adapters_vs_base must be positive: {ratio}")
+    return round(1.0 / ratio, 4)
+
+
+def serving_ms(path: Path) -> float:
+    """The serving path's latency before the first token, from a ``vajra bench serving`` JSON."""
+    data = _read(path)
+    sdk, engine = "sdk_stream_adapters", "engine_adapters"
+    if sdk not in data or engine not in data:
+        sdk, engine = "sdk_stream", "engine"
+    try:
+        first_ms = float(data[sdk]["first_token_p50_ms"])
+        step_ms = float(data[engine]["seconds"]) * 1000.0 / int(data[engine]["steps"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise SimConfigError(f"{path}: not a vajra bench serving JSON (missing {e})") from e
+    path_ms = first_ms - step_ms
+    if not 0 <= path_ms < float("inf"):
+        raise SimConfigError(
+            f"{path}: first token {first_ms} ms is not after one engine step {step_ms:.3f} ms"
+        )
+    return round(path_ms, 3)
+
+
 def adapter_tiers(path: Path) -> dict[str, Any]:
     """Host and disk load bandwidths (GB/s, latency 0) from a ``vajra bench adapters`` JSON."""
     data = _read(path)
@@ -88,10 +133,18 @@ def adapter_tiers(path: Path) -> dict[str, Any]:
 
 
 def calibrated(cfg: SimConfig) -> SimConfig:
-    """``cfg`` with costs and tier bandwidths replaced by the bench JSON files it names."""
+    """``cfg`` with costs, serving path and tier bandwidths replaced by the bench JSON files it
+    names."""
     if cfg.costs.bench_engine_json:
-        costs = engine_costs(cfg.resolve(cfg.costs.bench_engine_json))
+        path = cfg.resolve(cfg.costs.bench_engine_json)
+        costs = engine_costs(path)
+        factor = adapter_compute_factor(path)
+        if factor is not None:
+            costs["adapter_compute_factor"] = factor
         cfg = dataclasses.replace(cfg, costs=dataclasses.replace(cfg.costs, **costs))
+    if cfg.costs.bench_serving_json:
+        path_ms = serving_ms(cfg.resolve(cfg.costs.bench_serving_json))
+        cfg = dataclasses.replace(cfg, costs=dataclasses.replace(cfg.costs, serving_ms=path_ms))
     if cfg.cluster.bench_adapters_json:
         tiers = adapter_tiers(cfg.resolve(cfg.cluster.bench_adapters_json))
         cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, **tiers))

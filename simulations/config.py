@@ -62,6 +62,9 @@ class TraceSection:
     alpha: float = 1.0
     prompt_tokens: int = 128
     output_tokens: int = 64
+    # tenants owning the adapters: 0, each adapter its own tenant; N, adapter a is tenant a % N's
+    # (`vajra replay` pushes every adapter under its key's one tenant: 1)
+    tenants: int = 0
     # a file trace with no token counts (Azure Functions) gets these
     default_prompt_tokens: int = 128
     default_output_tokens: int = 64
@@ -92,14 +95,22 @@ class ClusterSection:
 @dataclass(frozen=True)
 class CostSection:
     """Execution time of a request at batch size b (continuous batching at request granularity):
-    ttft = load wait + prefill_ms_base + prefill_ms_per_token x prompt;
-    each further token costs decode_ms_base + decode_ms_per_seq x b."""
+    ttft = serving_ms + load wait + (prefill_ms_base + prefill_ms_per_token x prompt) x f;
+    each further token costs (decode_ms_base + decode_ms_per_seq x b) x f,
+    f = adapter_compute_factor."""
 
     prefill_ms_base: float = 5.0
     prefill_ms_per_token: float = 0.05
     decode_ms_base: float = 10.0
     decode_ms_per_seq: float = 0.2
     bench_engine_json: str = ""  # a `vajra bench engine` JSON: the four costs are fitted from it
+    # prefill and decode times of a request with an adapter are multiplied by this (every
+    # simulated request has one); bench_engine_json's g_adapters sets it when it has that section
+    adapter_compute_factor: float = 1.0
+    # client -> gateway -> scheduler -> executor and the stream back, outside the engine: added
+    # to every request's TTFT and end-to-end latency, not to GPU time
+    serving_ms: float = 0.0
+    bench_serving_json: str = ""  # a `vajra bench serving` JSON: serving_ms is measured there
 
 
 @dataclass(frozen=True)
@@ -167,6 +178,7 @@ _POSITIVE = {
     "cv", "prompt_tokens", "output_tokens", "default_prompt_tokens", "default_output_tokens",
     "executors", "max_batch_size", "gpu_slots", "adapter_bytes", "host_gbps", "disk_gbps",
     "remote_gbps", "tick_ms", "load_step", "keepalive_ms", "billing_granularity_ms",
+    "adapter_compute_factor",
 }  # fmt: skip
 
 

@@ -10,7 +10,10 @@ once (else it queues, FIFO); it waits for its adapter's load if the adapter is n
 memory (a cold start), then its prompt is prefilled (``prefill_ms_base + prefill_ms_per_token x
 prompt``) and it emits one token per decode iteration, whose time (``decode_ms_base +
 decode_ms_per_seq x b``) is fixed by the batch size b at its start. That approximation keeps one
-event per request; it is exact when the batch size does not change during a request.
+event per request; it is exact when the batch size does not change during a request. Both times
+are multiplied by ``costs.adapter_compute_factor`` (the LoRA's own compute), and
+``costs.serving_ms`` (the serving path outside the engine) is added to each request's latencies.
+The simulator has no notion of CPU contention between executors, or with the other actors.
 
 Cancellation: :meth:`Simulator.run` is synchronous; interrupting it (KeyboardInterrupt) leaves
 the metrics store with the requests finished so far and the rest marked unfinished.
@@ -173,8 +176,12 @@ class Simulator:
         self._seq = itertools.count()
         self.now_ms = 0.0
         c = cfg.costs
-        self._prefill = (c.prefill_ms_base, c.prefill_ms_per_token)
-        self._decode = (c.decode_ms_base, c.decode_ms_per_seq)
+        f = c.adapter_compute_factor  # every simulated request runs with its adapter
+        self._prefill = (c.prefill_ms_base * f, c.prefill_ms_per_token * f)
+        self._decode = (c.decode_ms_base * f, c.decode_ms_per_seq * f)
+        # a constant delay outside the engine: shifting every arrival by it changes no
+        # executor's schedule, so it is added to each request's latencies alone
+        self._serving_ms = c.serving_ms
         e = cfg.economics
         self._bill = (e.billing_granularity_ms, e.gpu_price_per_hour, e.tenancy_factor)
         self._bytes = cfg.cluster.adapter_bytes
@@ -252,7 +259,8 @@ class Simulator:
         end = first + (output - 1) * it_ms if output > 1 else first
         ex.mark_busy(ready, end)
         metrics = self.metrics
-        metrics.finish(i, first - t_arr, end - t_arr, cold)
+        serving = self._serving_ms
+        metrics.finish(i, first - t_arr + serving, end - t_arr + serving, cold)
         gpu_ms = end - ready
         metrics.gpu_ms_total += gpu_ms
         # billing is linear in the billed ms: each request is rounded up here, priced once at

@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,14 @@ from simulations.workload import build_trace
 from vajra.traces import TraceError
 
 
+def tenant_of(cfg: SimConfig) -> Callable[[int], int]:
+    """Each adapter's tenant: itself (``trace.tenants`` 0), else adapter % ``trace.tenants``."""
+    n = cfg.trace.tenants
+    if n <= 0:
+        return int
+    return lambda adapter: adapter % n
+
+
 def build_placement(cfg: SimConfig, sim_executors: list[Any]) -> SimPlacement:
     p = cfg.policy
     if p.placement == "least-loaded":
@@ -45,6 +53,7 @@ def build_placement(cfg: SimConfig, sim_executors: list[Any]) -> SimPlacement:
         beta=p.beta,
         gamma=p.gamma,
         load_step=p.load_step,
+        tenant_of=tenant_of(cfg),
     )
 
 
@@ -56,7 +65,9 @@ def simulate(cfg: SimConfig, *, show_progress: bool = False) -> dict[str, Any]:
     t_trace = time.perf_counter() - t0
     executors = build_executors(cfg.cluster)
     placement = build_placement(cfg, executors)
-    sim = Simulator(cfg, trace, executors, placement, prefetch=build_prefetch(cfg))
+    sim = Simulator(
+        cfg, trace, executors, placement, tenant_of=tenant_of(cfg), prefetch=build_prefetch(cfg)
+    )
     t1, c1 = time.perf_counter(), time.process_time()
     if show_progress and len(trace):
         with Progress(
