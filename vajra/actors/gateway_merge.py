@@ -14,15 +14,13 @@ store and Redis failures as their typed errors.
 from __future__ import annotations
 
 import functools
-import math
 from typing import TYPE_CHECKING
 
 import trio
 
-from vajra.adapters.merge import merge_versions
+from vajra.adapters.merge import check_merge_args, merge_versions
 from vajra.adapters.versions import check_adapter_name
 from vajra.bus.messages import AdapterMerge
-from vajra.errors import InvalidRequest
 from vajra.storage.adapters import aget_adapter_objects
 
 if TYPE_CHECKING:
@@ -31,31 +29,10 @@ if TYPE_CHECKING:
 __all__ = ["merged_files"]
 
 
-def _check(msg: AdapterMerge) -> tuple[tuple[int, int], tuple[float, float]]:
-    check_adapter_name(msg.name)
-    v = msg.versions
-    if (
-        not isinstance(v, list)
-        or len(v) != 2
-        or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v)
-    ):
-        raise InvalidRequest("versions must be two positive integers", field="versions")
-    w = msg.weights
-    if (
-        not isinstance(w, list)
-        or len(w) != 2
-        or any(
-            isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) for x in w
-        )
-        or not any(w)
-    ):
-        raise InvalidRequest("weights must be two finite numbers, not both zero", field="weights")
-    return (v[0], v[1]), (float(w[0]), float(w[1]))
-
-
 async def merged_files(desk: AdapterDesk, tenant_id: str, msg: AdapterMerge) -> tuple[bytes, bytes]:
     """``(adapter_config.json, adapter_model.safetensors)`` of the merge ``msg`` asks for."""
-    versions, weights = _check(msg)
+    check_adapter_name(msg.name)
+    versions, weights = check_merge_args(msg.versions, msg.weights)
     files = []
     for version in versions:
         with trio.fail_after(desk.cfg.bus.rpc_timeout_s):

@@ -27,10 +27,9 @@ import json
 import math
 from typing import Any
 
-from vajra.adapters.peft_config import parse_config
 from vajra.errors import InternalError, InvalidRequest
 
-__all__ = ["merge_versions"]
+__all__ = ["check_merge_args", "merge_versions"]
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
@@ -41,12 +40,29 @@ def _scaling(config: dict[str, Any]) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def _check_weights(weights: tuple[float, float]) -> None:
-    ok = len(weights) == 2 and all(
-        isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) for w in weights
-    )
-    if not ok or not any(weights):
+def check_merge_args(
+    versions: object, weights: object
+) -> tuple[tuple[int, int], tuple[float, float]]:
+    """The two versions (positive integers) and two weights (finite, not both zero) of a merge;
+    InvalidRequest naming ``versions`` or ``weights`` otherwise. The one check the SDK, the
+    gateway and :func:`merge_versions` apply."""
+    if (
+        not isinstance(versions, tuple | list)
+        or len(versions) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in versions)
+    ):
+        raise InvalidRequest("versions must be two positive integers", field="versions")
+    if (
+        not isinstance(weights, tuple | list)
+        or len(weights) != 2
+        or any(
+            isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w)
+            for w in weights
+        )
+        or not any(weights)
+    ):
         raise InvalidRequest("weights must be two finite numbers, not both zero", field="weights")
+    return (int(versions[0]), int(versions[1])), (float(weights[0]), float(weights[1]))
 
 
 def merge_versions(
@@ -57,7 +73,9 @@ def merge_versions(
     import torch
     from safetensors.torch import load, save
 
-    _check_weights(weights)
+    from vajra.adapters.peft_config import parse_config
+
+    check_merge_args((1, 1), weights)
     configs = [parse_config(first[0]), parse_config(second[0])]
     for c in configs:
         if c.get("rank_pattern") or c.get("alpha_pattern"):

@@ -11,13 +11,13 @@ answer, is built here once (a :class:`Call`), so the two clients cannot drift ap
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from vajra.adapters.merge import check_merge_args
 from vajra.adapters.versions import check_adapter_name
 from vajra.bus.messages import (
     AdapterMerge,
@@ -267,30 +267,13 @@ class Calls:
         timeout_s: float | None,
     ) -> Call[AdapterInfo]:
         """Register the weighted sum of two versions of ``name`` (see vajra.adapters.merge)."""
-        if (
-            not isinstance(versions, tuple | list)
-            or len(versions) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in versions)
-        ):
-            raise InvalidRequest("versions must be two positive integers", field="versions")
-        if (
-            not isinstance(weights, tuple | list)
-            or len(weights) != 2
-            or any(
-                isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w)
-                for w in weights
-            )
-            or not any(weights)
-        ):
-            raise InvalidRequest(
-                "weights must be two finite numbers, not both zero", field="weights"
-            )
+        pair, w = check_merge_args(versions, weights)
         request = AdapterMerge(
             request_id=new_request_id(),
             api_key=self.api_key,
             name=check_adapter_name(name),
-            versions=[int(v) for v in versions],
-            weights=[float(w) for w in weights],
+            versions=list(pair),
+            weights=list(w),
             tenant=self.tenant,
             activate=bool(activate),
         )
