@@ -62,6 +62,7 @@ def _populate(state: ClusterState, reg: AdapterRecords, name: str) -> tuple[str,
     t = record.tenant_id
     state.api_keys.create(t)
     state.usage.record(UsageRecord(f"ev-{name}", t, "r1", "e1", 5.0, 1, 2, 1000))
+    state.events.record(f"{t}/{'d' * 64}", 1000)  # the predictor's request count
     objects = [
         _push(reg, t, "chat", f"{name}-chat-1"),
         _push(reg, t, "chat", f"{name}-chat-2"),
@@ -102,6 +103,10 @@ def test_delete_tenant_removes_every_key_of_it_and_none_of_another(
     # Usage that was still on its way is kept in the history, but recreates no totals.
     assert state.usage.record(UsageRecord("ev-late", t, "r2", "e1", 5.0, 1, 2, 2000))
     assert not raw.exists(keys.usage(t)) and raw.xlen(keys.usage_events()) == 3
+    # Nor does a request count the predictor flushes late.
+    state.events.record(f"{t}/{'d' * 64}", 3000)
+    assert _keys_of(raw, t) == [keys.tenant_deleted(t)]
+    assert state.events.stats(f"{other}/{'d' * 64}").requests == 1
     assert state.usage.record(UsageRecord("ev-other-late", other, "r2", "e1", 5.0, 1, 2, 2000))
     assert state.usage.get(other).requests == 2
 

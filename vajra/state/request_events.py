@@ -1,7 +1,9 @@
 """The predictor's data in Redis: how often, and how lately, each adapter was requested.
 
 One hash per adapter (``vajra:predictor:adapter:{id}``: ``requests``, ``last_ms``), updated
-by one Lua script so the count and the latest time move together. Errors: as
+by one Lua script so the count and the latest time move together. Ids are
+``{tenant_id}/{digest}``: a deleted tenant's hashes are removed with it
+(:mod:`vajra.state.tenant_purge`) and counts that arrive later do not recreate them. Errors: as
 :mod:`vajra.state.connection`; bad arguments raise InvalidRequest naming the field.
 """
 
@@ -26,8 +28,10 @@ class AdapterStats:
     last_ms: int | None
 
 
-# KEYS: predictor adapter hash; ARGV: ts_ms, count
+# KEYS: predictor adapter hash, the tenant's deletion tombstone ("": none); ARGV: ts_ms, count
+# A deleted tenant's counts are not recreated (returns 0).
 _REQUEST_EVENT_LUA = """
+if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('HINCRBY', KEYS[1], 'requests', tonumber(ARGV[2]))
 local last = redis.call('HGET', KEYS[1], 'last_ms')
 if (not last) or tonumber(last) < tonumber(ARGV[1]) then
@@ -51,7 +55,11 @@ class RequestEvents(KeyOwner):
             raise InvalidRequest("adapter must be a non-empty string", field="adapter")
         check_non_negative_int(ts_ms, "ts_ms")
         check_non_negative_int(count, "count")
-        self._record_lua(keys=[keys.predictor_adapter(adapter)], args=[str(ts_ms), str(count)])
+        tenant, _, rest = adapter.partition("/")
+        tombstone = keys.tenant_deleted(tenant) if rest else ""
+        self._record_lua(
+            keys=[keys.predictor_adapter(adapter), tombstone], args=[str(ts_ms), str(count)]
+        )
 
     @translate_errors
     def stats(self, adapter: str) -> AdapterStats:

@@ -9,7 +9,8 @@ reaches, then a SCAN removes anything it did not reach (a record written by a pu
 with the purge). The usage stream entries stay: they are the billing history. Repeating the
 purge is harmless: it removes whatever registry keys appeared since (a push that was in
 flight). Last, the tenant's training jobs (:func:`vajra.state.jobs.purge_tenant_jobs`):
-records, index, active set, queue and lease entries. The object-store files (adapters,
+records, index, active set, queue and lease entries; and the predictor's request counts of
+its adapters (``vajra:predictor:adapter:{tenant}/...``). The object-store files (adapters,
 datasets, checkpoints) are the caller's to delete (:func:`vajra.storage.adelete_tenant_objects`);
 a job still running learns of the purge at its next lease renewal and removes its own
 checkpoints.
@@ -103,9 +104,28 @@ def purge_tenant(conn: Connection, tenant_id: str, *, tombstone_ttl_ms: int) -> 
     name, n_keys, had_usage = conn.transaction(txn, tenant_key, keys_set, keys.usage(tenant_id))
     removed, object_keys = _purge_adapters(conn, tenant_id)
     removed += purge_tenant_jobs(conn, tenant_id)
+    removed += _purge_predictor(conn, tenant_id)
     if name is None and not n_keys and not had_usage and not removed:
         return None
     return TenantPurge(tenant_id, name, n_keys, object_keys)
+
+
+def _purge_predictor(conn: Connection, tenant_id: str) -> int:
+    """Delete the predictor's request counts of ``tenant_id``'s adapters (after the tombstone
+    is set, so a count arriving later cannot recreate one); how many keys went."""
+    client = conn.client
+    removed = 0
+    batch: list[str] = []
+    for key in client.scan_iter(
+        match=keys.predictor_adapter(f"{tenant_id}/") + "*", count=_SCAN_BATCH
+    ):
+        batch.append(key)
+        if len(batch) >= _SCAN_BATCH:
+            removed += int(client.delete(*batch))
+            batch = []
+    if batch:
+        removed += int(client.delete(*batch))
+    return removed
 
 
 def _purge_adapters(conn: Connection, tenant_id: str) -> tuple[int, tuple[str, ...]]:
