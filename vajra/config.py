@@ -85,6 +85,14 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ProvisioningConfig:
+    local_executor_start: bool = False  # vajra up starts executors on demand (up to the max)
+    max_executors: int = 4  # executors serving at most, counting those vajra up starts
+    executor_start_s: float = 60.0  # how long a start may take; held requests wait this long
+    idle_stop_s: float = 120.0  # an executor started on demand stops after this long idle
+
+
+@dataclass(frozen=True)
 class PredictorConfig:
     history_per_adapter: int = 256
     flush_interval_s: float = 1.0
@@ -227,6 +235,7 @@ class VajraConfig:
     bus: BusConfig = field(default_factory=BusConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)

@@ -58,6 +58,22 @@ def test_every_kind_is_registered_once() -> None:
     assert all(kinds)
 
 
+def test_a_kinds_topic_prefixes_its_headers_and_no_other_kinds() -> None:
+    from vajra.bus.codec import topic
+    from vajra.bus.messages import CapacityWanted, RequestEvents
+
+    wanted = topic(CapacityWanted.KIND)
+    header = encode(CapacityWanted(executors=3), message_id="m", trace_id="t")[0]
+    assert header.startswith(wanted)
+    assert not encode(RequestEvents([]))[0].startswith(wanted)
+    # No kind's topic is a prefix of another kind's headers (a SUB filter is a prefix match).
+    for cls in ALL_MESSAGES:
+        assert _header(cls.KIND).startswith(topic(cls.KIND))
+        for other in ALL_MESSAGES:
+            if other is not cls:
+                assert not _header(other.KIND).startswith(topic(cls.KIND)), (cls, other)
+
+
 def test_optional_fields_take_their_defaults_and_ints_widen_to_float() -> None:
     body = msgpack.packb(
         {"request_id": "r", "api_key": "k", "prompt": "p", "sampling": {"temperature": 1}}

@@ -147,6 +147,20 @@ def test_other_base_model_draining_full_and_no_room_are_never_chosen() -> None:
     assert idx.choose("t", ("t", "x"), "m", now_ms=0) is None
 
 
+def test_full_by_dispatches_its_last_report_has_not_seen() -> None:
+    idx = PlacementIndex(PlacementWeights())
+    # Its report says idle, but batch plus queue (16) were dispatched since: full.
+    idx.upsert_executor(_state("burst", inflight=16, reported_load=0))
+    assert idx.choose("t", ("t", "d"), "m", now_ms=0) is None
+    assert not is_eligible(idx.executors["burst"], Tier.GPU)
+    # Its report says full though few dispatches are outstanding here (a scheduler restart).
+    idx.upsert_executor(_state("burst", inflight=1, reported_load=16))
+    assert idx.choose("t", ("t", "d"), "m", now_ms=0) is None
+    idx.upsert_executor(_state("burst", inflight=15, reported_load=3))
+    p = idx.choose("t", ("t", "d"), "m", now_ms=0)
+    assert p is not None and p.executor_id == "burst"
+
+
 def test_affinity_follows_recent_placements_and_expires() -> None:
     idx = PlacementIndex(PlacementWeights(), affinity_window=3, affinity_ttl_ms=100)
     idx.upsert_executor(_state("a"))

@@ -35,6 +35,15 @@ def test_round_trip(state: ClusterState) -> None:
     assert state.heartbeats.list() == [b, a]
 
 
+def test_training_jobs_round_trip_and_default_to_zero_when_absent(
+    state: ClusterState, raw: redis.Redis[str]
+) -> None:
+    state.heartbeats.write(_hb("exec-j", training_jobs=2), ttl_s=30)
+    assert [hb.training_jobs for hb in state.heartbeats.list()] == [2]
+    raw.hdel(keys.executor("exec-j"), "training_jobs")  # as an older executor wrote it
+    assert [hb.training_jobs for hb in state.heartbeats.list()] == [0]
+
+
 def test_rewrite_replaces(state: ClusterState) -> None:
     state.heartbeats.write(_hb(), ttl_s=30)
     newer = _hb(queue_depth=0, resident_adapters=("a3",), incarnation="inc-2")

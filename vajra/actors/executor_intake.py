@@ -103,6 +103,17 @@ class Intake:
         """Requests accepted and not yet running."""
         return self.steps.queue_depth() + self.adapter_waits
 
+    def _full(self) -> bool:
+        """Batch and queue are both taken: queued (here or waiting for an adapter) plus
+        running reach ``max_batch_size + max_queue``, the capacity the scheduler places by. A
+        queue past ``max_queue`` while batch seats are free (a request finished, the next
+        not yet in the batch) is not full: those requests take the seats at the next step."""
+        held = self.queue_depth()
+        if held < self.cfg.executor.max_queue:
+            return False
+        engine = self.steps.engine
+        return held + engine.num_running() >= engine.max_batch_size + self.cfg.executor.max_queue
+
     def is_idle(self) -> bool:
         """Nothing held: no request waiting for an adapter, queued or running."""
         return self.steps.is_empty() and not self.adapter_waits
@@ -162,7 +173,7 @@ class Intake:
             error: VajraError = UnavailableError("the executor is shutting down; retry")
             steps.answer_error(work.request_id, error)
             return None
-        if self.queue_depth() >= self.cfg.executor.max_queue:
+        if self._full():
             self.counters["overloaded"] += 1
             error = OverloadedError("executor queue is full; retry later")
             steps.answer_error(work.request_id, error)

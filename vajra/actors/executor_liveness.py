@@ -118,6 +118,7 @@ class Liveness:
                 resident_adapters=tuple(self.tiers.resident()) if self.tiers else (),
                 max_batch_size=engine.max_batch_size,
                 updated_ms=now_ms(),
+                training_jobs=len(self.jobs.jobs) if self.jobs is not None else 0,
             )
             try:
                 with trio.fail_after(self.cfg.bus.rpc_timeout_s):

@@ -5,6 +5,7 @@ Data flows left to right::
     gateways ─ROUTER(frontend)─▶ scheduler ─ROUTER(dispatch)─▶ executors
     executors ─ExecutorHello / LoadReport─▶ scheduler
     scheduler ═RequestEvents═▶ predictor (PUB, one message per batch of placements)
+    scheduler ═CapacityWanted═▶ supervisor (PUB: start an executor, see scheduler_placement)
     predictor ─AdapterTierCommand─▶ scheduler ─▶ the executor(s) placement names
     predictor ─AdapterForecasts─▶ scheduler ─▶ every executor
     scheduler ─ErrorReply─▶ gateway   (no executor can take it; its executor was lost)
@@ -134,8 +135,16 @@ class Scheduler:
             self._ctx.term()
 
     async def _flush(self) -> None:
+        """Send what one pass produced: to executors, to gateways, then the events."""
         await self._to_executors.flush()
         await self._to_gateways.flush()
+        if self._events:
+            loads = self.placement.tier_load_ms()
+            self.events.send_nowait(encode(RequestEvents(self._events, tier_load_ms=loads)))
+            self._events = []
+        if (wanted := self.placement.take_capacity_wanted()) is not None:
+            log.info("asking for an executor start (%d wanted)", wanted.executors)
+            self.events.send_nowait(encode(wanted))
 
     async def drain(self) -> None:
         """Nothing to finish: requests already dispatched are answered by their executors."""
@@ -147,12 +156,7 @@ class Scheduler:
         while True:
             for frames in await self.frontend.recv_batch(batch_size):
                 self._on_gateway_frames(frames)
-            await self._to_executors.flush()
-            await self._to_gateways.flush()
-            if self._events:
-                loads = self.placement.tier_load_ms()
-                self.events.send_nowait(encode(RequestEvents(self._events, tier_load_ms=loads)))
-                self._events = []
+            await self._flush()
 
     def _on_gateway_frames(self, frames: list[bytes]) -> None:
         """Handle one ZeroMQ message from a gateway: one or more messages back to back."""

@@ -15,12 +15,18 @@ Data flows left to right::
 * ``InferWork`` carries no base model, and a Vajra cluster serves one: every executor sits in
   one pool (:data:`POOL`).
 * Load: ``inflight`` is what the scheduler dispatched and no report has listed as finished
-  (it moves with every dispatch, so a burst spreads); fullness is the executor's own last
-  report (queued + running), as before.
-* No candidate: the :class:`~vajra.policies.provisioning.CapacityProvisioner` (no local
-  executor start is wired: it only bounds the wait) holds the request for up to
-  ``scheduler.no_capacity_wait_ms`` (and never past its deadline) in a bounded FIFO, retried
-  whenever a load report or a new executor may have made room, then answers ``no_capacity``.
+  (it moves with every dispatch, so a burst spreads); an executor is full when that, or
+  its own last report (queued + running), reaches batch plus queue: a burst between two
+  reports is held here rather than refused by the executor as ``overloaded``.
+* No candidate: the :class:`~vajra.policies.provisioning.CapacityProvisioner` decides. With
+  ``provisioning.local_executor_start`` it may *start* an executor: the scheduler publishes a
+  :class:`~vajra.bus.messages.CapacityWanted` that ``vajra up``'s supervisor acts on
+  (:mod:`vajra.actors.executor_scaler`), one start at a time, up to
+  ``provisioning.max_executors``; a start counts as pending until an executor new to this
+  scheduler joins or ``provisioning.executor_start_s`` passed. Either way the request is held
+  in a bounded FIFO, retried whenever a load report or a new executor may have made room, for
+  up to ``scheduler.no_capacity_wait_ms`` (with local starts: at least
+  ``executor_start_s``), never past its deadline, then answered ``no_capacity``.
 * Re-dispatch: the body of every non-streaming request is kept until it finishes; when its
   executor is lost, it is placed again once. A streaming request may already have sent
   tokens, which only its gateway knows: it is answered ``unavailable`` (field ``executor``)
@@ -36,7 +42,13 @@ from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from vajra.bus.messages import AdapterForecasts, AdapterTierCommand, InferWork, LoadReport
+from vajra.bus.messages import (
+    AdapterForecasts,
+    AdapterTierCommand,
+    CapacityWanted,
+    InferWork,
+    LoadReport,
+)
 from vajra.config import VajraConfig
 from vajra.errors import NoCapacityError, UnavailableError, VajraError
 from vajra.policies.placement import (
@@ -85,9 +97,15 @@ class LivePlacement:
             affinity_window=s.affinity_window,
             affinity_ttl_ms=s.affinity_ttl_ms,
         )
+        prov = cfg.provisioning
+        start_ms = prov.executor_start_s * 1000.0
         self.provisioner = CapacityProvisioner(
-            allow_start=False, max_executors=0, max_wait_ms=s.no_capacity_wait_ms
+            allow_start=prov.local_executor_start,
+            max_executors=prov.max_executors,
+            max_wait_ms=max(s.no_capacity_wait_ms, start_ms if prov.local_executor_start else 0),
+            start_ms=start_ms,
         )
+        self._wanted: CapacityWanted | None = None  # a start decided, not yet published
         self.counters = counters
         self.waiting: deque[Waiting] = deque()
         self._kept: dict[str, _Kept] = {}
@@ -99,6 +117,8 @@ class LivePlacement:
     # --- executors --------------------------------------------------------------------------
 
     def joined(self, executor_id: str, max_batch_size: int, max_queue: int) -> None:
+        if executor_id not in self.index.executors:
+            self.provisioner.started(POOL)  # the oldest pending start, if any, is done
         self.removed(executor_id)
         self.index.upsert_executor(
             ExecutorState(
@@ -268,14 +288,28 @@ class LivePlacement:
         """No executor had room: hold the request (None) or the error to answer it with."""
         if not self.index.executors:
             return UnavailableError("no executor is serving yet; retry")
-        decision = self.provisioner.provision(POOL, now_ms)
-        if decision.action == ProvisionAction.REFUSE or len(self.waiting) >= MAX_WAITING:
+        if len(self.waiting) >= MAX_WAITING:
             self.counters["no_capacity"] += 1
             return NoCapacityError("no executor has room for this request; retry later")
+        decision = self.provisioner.provision(POOL, now_ms)
+        if decision.action == ProvisionAction.REFUSE:
+            self.counters["no_capacity"] += 1
+            return NoCapacityError("no executor has room for this request; retry later")
+        if decision.action == ProvisionAction.START:
+            self.counters["executor_starts_asked"] += 1
+            starting = len(self.provisioner.pending.get(POOL, ()))
+            self._wanted = CapacityWanted(
+                executors=len(self.index.executors) + starting, waiting=len(self.waiting) + 1
+            )
         until = min(decision.until_ms or now_ms, deadline_ms)
         self.waiting.append(Waiting(gateway, work, body, now_ms, until))
         self.counters["held_for_room"] += 1
         return None
+
+    def take_capacity_wanted(self) -> CapacityWanted | None:
+        """The start decided since the last call, for the scheduler to publish (or None)."""
+        wanted, self._wanted = self._wanted, None
+        return wanted
 
     def expired_error(self) -> VajraError:
         """What a held request whose wait is over is answered with."""

@@ -23,6 +23,9 @@ Process tree and what keeps it tidy:
 - **Secrets.** ``run/`` is 0700; ``cluster.toml`` (admin key, Redis URL with password) and
   ``cluster.json`` are 0600; the Redis password is masked in what is printed and logged.
 - **Devices.** Executors get GPUs round-robin (:func:`executor_devices`), ``--devices`` to choose.
+- **Executors on demand.** With ``provisioning.local_executor_start``, more executors are
+  started when the scheduler asks and stopped when idle
+  (:mod:`vajra.actors.executor_scaler`), supervised like the others.
 """
 
 from __future__ import annotations
@@ -44,13 +47,16 @@ from vajra.actors.actor_processes import (
     PORT_OFFSETS,
     ActorProcess,
     actor_processes,
+    stop_actor,
 )
 from vajra.actors.base import HOME_LOCK_FD_ENV, PARENT_FD_ENV
+from vajra.actors.cluster_ready import wait_cluster_ready
 from vajra.actors.devices import executor_devices, parse_devices, visible_gpu_count
+from vajra.actors.executor_scaler import ExecutorScaler
 from vajra.actors.home import HomeLock, StartupError, check_port_free, tcp_endpoint
 from vajra.actors.valkey_keeper import ValkeyKeeper
 from vajra.config import VajraConfig, dump_toml
-from vajra.state import ClusterState, OffLoop, redact_url
+from vajra.state import redact_url
 from vajra.state.embedded import (
     make_private_dir,
     write_private_file,
@@ -196,8 +202,10 @@ class Supervisor:
                 env[HOME_LOCK_FD_ENV] = str(self.lock.fd)
                 for actor in self.actors:
                     nursery.start_soon(self._keep_running, actor, env)
-                await self._wait_ready(cfg)
+                await wait_cluster_ready(cfg, self.n_executors)
                 self._ready = True
+                if cfg.provisioning.local_executor_start:
+                    nursery.start_soon(self._scaler(cfg, devices, nursery, env).run)
                 info = {
                     "gateway_address": cfg.cluster.gateway_address,
                     "redis_url": cfg.cluster.redis_url,
@@ -287,43 +295,27 @@ class Supervisor:
             await trio.sleep(backoff)
             backoff = min(_MAX_BACKOFF_S, backoff * 2)
 
-    async def _wait_ready(self, cfg: VajraConfig) -> None:
-        """Wait until the gateway answers and every executor has a heartbeat."""
-        from vajra.client import AsyncClient, AuthError
-        from vajra.errors import VajraError
+    def _scaler(
+        self,
+        cfg: VajraConfig,
+        devices: list[str | None],
+        nursery: trio.Nursery,
+        env: dict[str, str],
+    ) -> ExecutorScaler:
+        """Executors started on demand (:mod:`vajra.actors.executor_scaler`), run like the
+        others; one it retires leaves :attr:`actors` once its process has exited."""
 
-        state = ClusterState(cfg.cluster.redis_url)
-        redis = OffLoop()
-        want = {f"exec-{i}" for i in range(self.n_executors)}
-        try:
-            while True:
-                try:
-                    beats = {hb.executor_id for hb in await redis.run(state.heartbeats.list)}
-                except VajraError:  # Valkey restarting under us
-                    beats = set()
-                if want <= beats:
-                    break
-                await trio.sleep(0.1)
-        finally:
-            state.close()
-        while True:
-            try:
-                async with AsyncClient(
-                    cfg.cluster.gateway_address, api_key=cfg.http.admin_key, timeout_s=1.0
-                ) as c:
-                    await c.stats()
-                break
-            except AuthError:  # refused without the admin key: it answers, so it serves
-                break
-            except Exception:  # the gateway process may still be importing
-                await trio.sleep(0.1)
-        while cfg.http.enabled:
-            try:
-                stream = await trio.open_tcp_stream(cfg.http.host, cfg.http.port)
-                await stream.aclose()
-                return
-            except OSError:  # the bridge binds once it is connected and ready
-                await trio.sleep(0.1)
+        def spawn(actor: ActorProcess) -> None:
+            self.actors.append(actor)
+            nursery.start_soon(self._keep_running, actor, env)
+
+        async def retire(name: str) -> None:
+            for actor in [a for a in self.actors if a.name == name]:
+                await stop_actor(actor, grace_s=cfg.executor.drain_timeout_s + 5.0)
+                self.actors.remove(actor)
+
+        path = self.run_dir / "cluster.toml"
+        return ExecutorScaler(cfg, path, base_devices=devices, spawn=spawn, retire=retire)
 
     async def _stop_all(self) -> None:
         """Stop in order: gateway, then the rest, the ledger last; SIGKILL what overstays."""

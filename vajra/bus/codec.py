@@ -94,6 +94,13 @@ def encode(
     return [_encode(header), _encode(message), *bulk]
 
 
+def topic(kind: str) -> bytes:
+    """The first bytes of the header of every message of ``kind`` (see :func:`encode`): the
+    prefix a SUB socket subscribes with to receive that kind alone."""
+    # The header is a 5-element msgpack array: 0x95, the protocol version, the kind, ...
+    return b"\x95" + _encode(PROTOCOL_VERSION) + _encode(kind)
+
+
 def _field_of(error: msgspec.ValidationError) -> str | None:
     text = str(error)
     m = _FIELD_AT.search(text) or _FIELD_MISSING.search(text)

@@ -28,6 +28,7 @@ Data flows left to right::
     gateway|executor ──JobQueued──▶ scheduler ──JobOffer──▶ the executor placement chose
     executor ──UsageEvent──▶ ledger ──UsageAck──▶ executor
     scheduler ══RequestEvent══▶ predictor (PUB/SUB)
+    scheduler ══CapacityWanted══▶ supervisor (PUB/SUB; starts an executor when allowed)
     predictor ──AdapterTierCommand / AdapterForecasts──▶ scheduler ──▶ executors
 """
 
@@ -881,6 +882,17 @@ class RequestEvents(Message, frozen=True):
     tier_load_ms: dict[str, float] = field(default_factory=dict)
 
 
+class CapacityWanted(Message, frozen=True):
+    """Published by the scheduler when a request found no room and provisioning decided to
+    start an executor (``[provisioning]``): the supervisor starts executors until this many
+    serve (never more than its own ``max_executors``). Idempotent: a repeat asks for nothing
+    more."""
+
+    KIND: ClassVar[str] = "capacity-wanted"
+    executors: int  # executors wanted serving: those the scheduler knows plus this start
+    waiting: int = 0  # requests held for room when it was sent
+
+
 ALL_MESSAGES: tuple[type[Message], ...] = (
     InferRequest,
     TokenChunk,
@@ -907,6 +919,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     UsageBatch,
     UsageAck,
     RequestEvents,
+    CapacityWanted,
     WhoAmIRequest,
     TenantInfo,
     UsageQuery,

@@ -100,8 +100,10 @@ class ExecutorState:
     gpu_slots_free: int = 0  # empty GPU adapter slots
     draining: bool = False
     gpu_slots: int = 100  # GPU adapter slots in all
-    # Queued + running by the executor's own last report; when set, it (not inflight +
-    # queue_depth, which counts dispatches the report has not seen) says when it is full.
+    # Queued + running by the executor's own last report. When set, an executor is full when
+    # this or ``inflight`` reaches batch plus queue: a report does not see the dispatches
+    # since, and ``inflight`` does not see what finished since the report, so the larger of
+    # the two never sends more than the executor can hold (it would refuse: ``overloaded``).
     reported_load: int | None = None
 
 
@@ -125,7 +127,8 @@ def state_load_score(e: ExecutorState) -> float:
 
 def is_eligible(e: ExecutorState, tier: Tier) -> bool:
     """Whether ``e`` may take a request whose adapter sits in ``tier`` there."""
-    load = e.inflight + e.queue_depth if e.reported_load is None else e.reported_load
+    queued = e.inflight + e.queue_depth
+    load = queued if e.reported_load is None else max(e.inflight, e.reported_load)
     if e.draining or load >= e.max_batch_size + e.max_queue:
         return False
     return tier == Tier.GPU or e.gpu_slots_free > 0 or e.active_adapters < e.gpu_slots
@@ -277,7 +280,7 @@ class PlacementIndex:
         # is_eligible(state, Tier.REMOTE) and state_load_score(state), inlined (same formulas)
         queued = state.inflight + state.queue_depth
         capacity = state.max_batch_size + state.max_queue
-        load = queued if state.reported_load is None else state.reported_load
+        load = queued if state.reported_load is None else max(state.inflight, state.reported_load)
         active, slots = state.active_adapters, state.gpu_slots
         if state.draining or load >= capacity or (state.gpu_slots_free <= 0 and active >= slots):
             order.drop(eid)

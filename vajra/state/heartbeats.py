@@ -38,6 +38,7 @@ class ExecutorHeartbeat:
     resident_adapters: tuple[str, ...]
     max_batch_size: int
     updated_ms: int
+    training_jobs: int = 0  # training jobs running there
 
 
 # KEYS: executors set, then one executor hash per id in ARGV (same order)
@@ -63,6 +64,7 @@ def _heartbeat_to_hash(hb: ExecutorHeartbeat) -> dict[str, str]:
         "resident_adapters": json.dumps(list(hb.resident_adapters)),
         "max_batch_size": str(hb.max_batch_size),
         "updated_ms": str(hb.updated_ms),
+        "training_jobs": str(hb.training_jobs),
     }
 
 
@@ -82,6 +84,7 @@ def _heartbeat_from_hash(executor_id: str, row: Mapping[str, str]) -> ExecutorHe
         resident_adapters=tuple(adapters),
         max_batch_size=int(row["max_batch_size"]),
         updated_ms=int(row["updated_ms"]),
+        training_jobs=int(row.get("training_jobs", "0")),  # absent: written by an older version
     )
 
 
