@@ -190,7 +190,7 @@ class PolicyPlacement:
 
     def choose(self, adapter: int, tenant: int, now_ms: float) -> int | None:
         key = self._keys.get(adapter) or self.key(adapter, tenant)
-        eid = self._index.choose_id(key[0], key, self._base, now_ms=now_ms)
+        eid = self._index.choose_id(key, self._base, now_ms=now_ms)
         return None if eid is None else self._by_id[eid]
 
     def load_changed(self, ex: Executor) -> None:
@@ -238,4 +238,4 @@ class PolicyPlacement:
 
     def placed(self, adapter: int, tenant: int, ex: Executor, now_ms: float) -> None:
         key = self._keys.get(adapter) or self.key(adapter, tenant)
-        self._index.note_placement(key[0], self._ids[ex.index], now_ms)
+        self._index.note_placement(key, self._ids[ex.index], now_ms)

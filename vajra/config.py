@@ -79,7 +79,7 @@ class GatewayConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     executor_timeout_s: float = 1.5
-    affinity_window: int = 16  # a tenant's recent placements that placement's affinity reads
+    affinity_window: int = 16  # recent placements of a tenant's adapter that affinity reads
     affinity_ttl_ms: int = 60_000  # ... and how long one counts
     no_capacity_wait_ms: int = 2_000  # a request no executor has room for waits this long
 

@@ -27,14 +27,14 @@ def test_prefers_the_executor_holding_the_starting_adapter_then_the_less_loaded(
     idx = _index(_state("a"), _state("b", load=4), _state("c", load=2))
     slots = [TrainingSlots(e, 0, 1) for e in "abc"]
     # Nobody holds the adapter: the least loaded.
-    assert choose_job_executor(idx, T, (T, D), "m", slots, now_ms=0) == "a"
+    assert choose_job_executor(idx, (T, D), "m", slots, now_ms=0) == "a"
     # b holds it in GPU memory: locality outweighs b's load of 4 of 16 seats.
     idx.set_residency("b", (T, D), Tier.GPU)
-    assert choose_job_executor(idx, T, (T, D), "m", slots, now_ms=0) == "b"
+    assert choose_job_executor(idx, (T, D), "m", slots, now_ms=0) == "b"
     # Another tenant's byte-identical adapter gives no locality to this tenant.
-    assert choose_job_executor(idx, "t2", ("t2", D), "m", slots, now_ms=0) == "a"
+    assert choose_job_executor(idx, ("t2", D), "m", slots, now_ms=0) == "a"
     # A fresh adapter (no digest) has no locality anywhere.
-    assert choose_job_executor(idx, T, (T, ""), "m", slots, now_ms=0) == "a"
+    assert choose_job_executor(idx, (T, ""), "m", slots, now_ms=0) == "a"
 
 
 def test_only_free_slots_of_the_base_model_and_not_draining() -> None:
@@ -46,11 +46,11 @@ def test_only_free_slots_of_the_base_model_and_not_draining() -> None:
         TrainingSlots("d", 0, 4),
         TrainingSlots("e", 0, 4),
     ]  # e: unknown to the index
-    assert choose_job_executor(idx, T, (T, D), "m", full, now_ms=0) is None
-    assert choose_job_executor(idx, T, (T, D), "m", [TrainingSlots("a", 0, 0)], now_ms=0) is None
+    assert choose_job_executor(idx, (T, D), "m", full, now_ms=0) is None
+    assert choose_job_executor(idx, (T, D), "m", [TrainingSlots("a", 0, 0)], now_ms=0) is None
     free = [*full, TrainingSlots("b", 1, 2)]
-    assert choose_job_executor(idx, T, (T, D), "m", free, now_ms=0) == "b"
-    assert choose_job_executor(idx, T, (T, D), "m", [], now_ms=0) is None
+    assert choose_job_executor(idx, (T, D), "m", free, now_ms=0) == "b"
+    assert choose_job_executor(idx, (T, D), "m", [], now_ms=0) is None
 
 
 def test_the_choice_is_the_best_score_with_ties_to_the_smallest_id() -> None:
@@ -62,16 +62,16 @@ def test_the_choice_is_the_best_score_with_ties_to_the_smallest_id() -> None:
             if rng.random() < 0.3:
                 idx.set_residency(s.executor_id, (T, D), rng.choice(list(Tier)[:3]))
         for _ in range(rng.randrange(0, 4)):
-            idx.note_placement(T, rng.choice(states).executor_id, 0.0)
+            idx.note_placement((T, D), rng.choice(states).executor_id, 0.0)
         slots = [TrainingSlots(s.executor_id, rng.randrange(0, 3), 2) for s in states]
-        got = choose_job_executor(idx, T, (T, D), "m", slots, now_ms=0)
+        got = choose_job_executor(idx, (T, D), "m", slots, now_ms=0)
         holders = idx.holders((T, D))
         scored = [
             (
                 -idx.score(
                     idx.executors[s.executor_id],
                     holders.get(s.executor_id, Tier.REMOTE),
-                    idx.affinity(T, s.executor_id, 0),
+                    idx.affinity((T, D), s.executor_id, 0),
                 )[0],
                 s.executor_id,
             )

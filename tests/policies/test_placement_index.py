@@ -42,7 +42,7 @@ _ops = st.one_of(
         st.sampled_from(_KEYS),
         st.sampled_from([None, Tier.GPU, Tier.HOST, Tier.DISK, Tier.REMOTE]),
     ),
-    st.tuples(st.just("placed"), st.sampled_from(["t1", "t2"]), st.sampled_from(_IDS)),
+    st.tuples(st.just("placed"), st.sampled_from(_KEYS), st.sampled_from(_IDS)),
 )
 
 
@@ -50,7 +50,6 @@ def _brute(
     idx: PlacementIndex,
     states: dict[str, ExecutorState],
     residency: dict[tuple[str, AdapterKey], Tier],
-    tenant: str,
     key: AdapterKey,
     base: str,
     now: float,
@@ -62,7 +61,7 @@ def _brute(
         tier = residency.get((eid, key), Tier.REMOTE)
         if not is_eligible(s, tier):
             continue
-        total = idx.score(s, tier, idx.affinity(tenant, eid, now))[0]
+        total = idx.score(s, tier, idx.affinity(key, eid, now))[0]
         best = total if best is None else max(best, total)
     return best
 
@@ -103,8 +102,8 @@ def test_choice_scores_like_a_full_scan(
                     residency[(eid, k)] = tier
         else:
             idx.note_placement(op[1], op[2], now)
-        choice = idx.choose(key[0], key, base, now_ms=now)
-        expect = _brute(idx, states, residency, key[0], key, base, now)
+        choice = idx.choose(key, base, now_ms=now)
+        expect = _brute(idx, states, residency, key, base, now)
         if expect is None:
             assert choice is None
             continue
@@ -126,10 +125,10 @@ def test_locality_wins_over_slightly_lower_load() -> None:
     idx.upsert_executor(_state("a", inflight=2))
     idx.upsert_executor(_state("b"))
     idx.set_residency("a", ("t", "d"), Tier.GPU)
-    p = idx.choose("t", ("t", "d"), "m", now_ms=0)
+    p = idx.choose(("t", "d"), "m", now_ms=0)
     assert p is not None and p.executor_id == "a" and p.tier == Tier.GPU
     # Another tenant's adapter with the same digest is a different key: no locality for it.
-    q = idx.choose("u", ("u", "d"), "m", now_ms=0)
+    q = idx.choose(("u", "d"), "m", now_ms=0)
     assert q is not None and q.executor_id == "b"
 
 
@@ -139,25 +138,25 @@ def test_other_base_model_draining_full_and_no_room_are_never_chosen() -> None:
     idx.upsert_executor(_state("drain", draining=True))
     idx.upsert_executor(_state("full", inflight=8, queue_depth=8))
     idx.upsert_executor(_state("noroom", active_adapters=4, gpu_slots_free=0))
-    assert idx.choose("t", ("t", "d"), "m", now_ms=0) is None
+    assert idx.choose(("t", "d"), "m", now_ms=0) is None
     # No room for a new adapter, but it already holds this one in GPU memory: eligible.
     idx.set_residency("noroom", ("t", "d"), Tier.GPU)
-    p = idx.choose("t", ("t", "d"), "m", now_ms=0)
+    p = idx.choose(("t", "d"), "m", now_ms=0)
     assert p is not None and p.executor_id == "noroom"
-    assert idx.choose("t", ("t", "x"), "m", now_ms=0) is None
+    assert idx.choose(("t", "x"), "m", now_ms=0) is None
 
 
 def test_full_by_dispatches_its_last_report_has_not_seen() -> None:
     idx = PlacementIndex(PlacementWeights())
     # Its report says idle, but batch plus queue (16) were dispatched since: full.
     idx.upsert_executor(_state("burst", inflight=16, reported_load=0))
-    assert idx.choose("t", ("t", "d"), "m", now_ms=0) is None
+    assert idx.choose(("t", "d"), "m", now_ms=0) is None
     assert not is_eligible(idx.executors["burst"], Tier.GPU)
     # Its report says full though few dispatches are outstanding here (a scheduler restart).
     idx.upsert_executor(_state("burst", inflight=1, reported_load=16))
-    assert idx.choose("t", ("t", "d"), "m", now_ms=0) is None
+    assert idx.choose(("t", "d"), "m", now_ms=0) is None
     idx.upsert_executor(_state("burst", inflight=15, reported_load=3))
-    p = idx.choose("t", ("t", "d"), "m", now_ms=0)
+    p = idx.choose(("t", "d"), "m", now_ms=0)
     assert p is not None and p.executor_id == "burst"
 
 
@@ -166,11 +165,28 @@ def test_affinity_follows_recent_placements_and_expires() -> None:
     idx.upsert_executor(_state("a"))
     idx.upsert_executor(_state("b"))
     for t in range(3):
-        idx.note_placement("t", "b", float(t))
-    p = idx.choose("t", ("t", "d"), "m", now_ms=10)
+        idx.note_placement(("t", "d"), "b", float(t))
+    p = idx.choose(("t", "d"), "m", now_ms=10)
     assert p is not None and p.executor_id == "b" and p.s_affinity == 1.0
-    p = idx.choose("t", ("t", "d"), "m", now_ms=500)
+    p = idx.choose(("t", "d"), "m", now_ms=500)
     assert p is not None and p.executor_id == "a" and p.s_affinity == 0.0
+
+
+def test_affinity_is_per_adapter_of_a_tenant_not_tenant_wide() -> None:
+    idx = PlacementIndex(PlacementWeights(), affinity_window=4, affinity_ttl_ms=1_000)
+    idx.upsert_executor(_state("a"))
+    idx.upsert_executor(_state("b", inflight=1))  # a little busier than a
+    for t in range(4):
+        idx.note_placement(("t", "d1"), "b", float(t))
+    # d1's requests follow d1's placements to b; the tenant's other adapter, with no history,
+    # goes where load says (a), and so does another tenant's request for d1's digest.
+    p = idx.choose(("t", "d1"), "m", now_ms=5)
+    assert p is not None and p.executor_id == "b" and p.s_affinity == 1.0
+    p = idx.choose(("t", "d2"), "m", now_ms=5)
+    assert p is not None and p.executor_id == "a" and p.s_affinity == 0.0
+    p = idx.choose(("u", "d1"), "m", now_ms=5)
+    assert p is not None and p.executor_id == "a"
+    assert idx.affinity(("t", "d1"), "b", 5) == 1.0 and idx.affinity(("t", "d2"), "b", 5) == 0.0
 
 
 def test_remove_and_re_add_forgets_residency() -> None:
@@ -180,11 +196,11 @@ def test_remove_and_re_add_forgets_residency() -> None:
     assert idx.holders(("t", "d")) == {"a": Tier.HOST}
     idx.remove_executor("a")
     assert idx.holders(("t", "d")) == {}
-    assert idx.choose("t", ("t", "d"), "m", now_ms=0) is None
+    assert idx.choose(("t", "d"), "m", now_ms=0) is None
     idx.set_residency("a", ("t", "d"), Tier.GPU)  # unknown executor: ignored
     idx.remove_executor("a")  # twice: ignored
     idx.upsert_executor(_state("a"))
-    p = idx.choose("t", ("t", "d"), "m", now_ms=0)
+    p = idx.choose(("t", "d"), "m", now_ms=0)
     assert p is not None and p.tier == Tier.REMOTE
 
 
@@ -193,10 +209,10 @@ def test_a_stale_load_is_not_used() -> None:
     idx.upsert_executor(_state("a"))
     idx.upsert_executor(_state("b", inflight=3))
     idx.upsert_executor(_state("a", inflight=6))
-    p = idx.choose("t", ("t", "d"), "m", now_ms=0)
+    p = idx.choose(("t", "d"), "m", now_ms=0)
     assert p is not None and p.executor_id == "b"
     idx.upsert_executor(_state("b", draining=True))
-    p = idx.choose("t", ("t", "d"), "m", now_ms=0)
+    p = idx.choose(("t", "d"), "m", now_ms=0)
     assert p is not None and p.executor_id == "a"
 
 
@@ -207,7 +223,7 @@ def test_many_upserts_keep_the_heap_bounded() -> None:
     for n in range(5_000):
         idx.upsert_executor(_state(f"e{n % 10}", inflight=n % 7))
     assert idx._orders["m"].entries <= 2 * 10 + 64 + 1
-    p = idx.choose("t", ("t", "d"), "m", now_ms=0)
+    p = idx.choose(("t", "d"), "m", now_ms=0)
     assert p is not None and idx.executors[p.executor_id].inflight == 0
 
 

@@ -54,15 +54,13 @@ class _Scan:
         self.idx = idx
         self.states: dict[str, ExecutorState] = {}
         self.tiers: dict[tuple[str, AdapterKey], Tier] = {}
-        self.placed: dict[str, list[tuple[float, str]]] = {}
+        self.placed: dict[AdapterKey, list[tuple[float, str]]] = {}
 
-    def affinity(self, tenant: str, eid: str, now: float) -> float:
-        recent = [e for t, e in self.placed.get(tenant, [])[-_WINDOW:] if t >= now - _TTL]
+    def affinity(self, key: AdapterKey, eid: str, now: float) -> float:
+        recent = [e for t, e in self.placed.get(key, [])[-_WINDOW:] if t >= now - _TTL]
         return recent.count(eid) / len(recent) if recent else 0.0
 
-    def choose(
-        self, tenant: str, key: AdapterKey, base: str, now: float
-    ) -> tuple[str, float] | None:
+    def choose(self, key: AdapterKey, base: str, now: float) -> tuple[str, float] | None:
         """The best by (score, then smallest id), over every executor.
 
         One refinement, documented in the module: executors that neither hold the adapter nor
@@ -76,7 +74,7 @@ class _Scan:
             tier = self.tiers.get((eid, key), Tier.REMOTE)
             if s.base_model != base or not is_eligible(s, tier):
                 continue
-            aff = self.affinity(tenant, eid, now)
+            aff = self.affinity(key, eid, now)
             s_load = state_load_score(s)
             total = w.alpha * s_load + w.beta * DEFAULT_LOCALITY[tier] + w.gamma * aff
             if tier != Tier.REMOTE or aff > 0:
@@ -92,16 +90,14 @@ class _Scan:
         neg, eid = min(picks)
         return eid, -neg
 
-    def plain_choose(
-        self, tenant: str, key: AdapterKey, base: str, now: float
-    ) -> tuple[str, float] | None:
+    def plain_choose(self, key: AdapterKey, base: str, now: float) -> tuple[str, float] | None:
         """Algorithm 2 with no refinement: the highest score, ties to the smallest id."""
         w, best = self.idx.weights, None
         for eid, s in self.states.items():
             tier = self.tiers.get((eid, key), Tier.REMOTE)
             if s.base_model != base or not is_eligible(s, tier):
                 continue
-            aff = self.affinity(tenant, eid, now)
+            aff = self.affinity(key, eid, now)
             total = w.alpha * state_load_score(s) + w.beta * DEFAULT_LOCALITY[tier] + w.gamma * aff
             if best is None or (-total, eid) < (-best[1], best[0]):
                 best = (eid, total)
@@ -148,17 +144,17 @@ def _run(seed: int, steps: int) -> int:
                 else:
                     scan.tiers[(eid, key)] = tier
         else:
-            tenant = rng.choice(tenants)
-            idx.note_placement(tenant, eid, now)
-            scan.placed.setdefault(tenant, []).append((now, eid))
+            key = rng.choice(keys)
+            idx.note_placement(key, eid, now)
+            scan.placed.setdefault(key, []).append((now, eid))
         for _ in range(2):
             key, base = rng.choice(keys), rng.choice(["m1", "m2"])
-            got = idx.choose(key[0], key, base, now_ms=now)
-            assert idx.choose_id(key[0], key, base, now_ms=now) == (got and got.executor_id)
-            want = scan.choose(key[0], key, base, now)
+            got = idx.choose(key, base, now_ms=now)
+            assert idx.choose_id(key, base, now_ms=now) == (got and got.executor_id)
+            want = scan.choose(key, base, now)
             assert (None if got is None else (got.executor_id, got.score)) == want, (seed, now)
             if alpha > 0:  # loads order the scores: the plain scan agrees
-                assert want == scan.plain_choose(key[0], key, base, now), (seed, now)
+                assert want == scan.plain_choose(key, base, now), (seed, now)
             if got is not None:
                 state = scan.states[got.executor_id]
                 assert got.tier == scan.tiers.get((got.executor_id, key), Tier.REMOTE)
@@ -183,21 +179,21 @@ def test_many_executors_and_ties_break_to_the_smallest_id() -> None:
         idx.upsert_executor(
             ExecutorState(f"gpu-{i}", "m", max_batch_size=4, max_queue=4, gpu_slots=2)
         )
-    p = idx.choose("t", ("t", "d"), "m", now_ms=0)
+    p = idx.choose(("t", "d"), "m", now_ms=0)
     assert p is not None and p.executor_id == "gpu-0"
     # "gpu-0" and "gpu-1" busy: "gpu-10" is the smallest idle id as a string
     for eid in ("gpu-0", "gpu-1"):
         state = idx.executors[eid]
         state.inflight = 1
         idx.upsert_executor(state)
-    p = idx.choose("t", ("t", "d"), "m", now_ms=0)
+    p = idx.choose(("t", "d"), "m", now_ms=0)
     assert p is not None and p.executor_id == "gpu-10"
     # the holder of the adapter is skipped in the load order, scored with its locality
     idx.set_residency("gpu-10", ("t", "d"), Tier.DISK)
-    p = idx.choose("t", ("t", "d"), "m", now_ms=0)
+    p = idx.choose(("t", "d"), "m", now_ms=0)
     assert p is not None and (p.executor_id, p.tier) == ("gpu-10", Tier.DISK)
     idx.set_residency("gpu-10", ("t", "d"), None)
-    q = idx.choose("u", ("u", "d"), "m", now_ms=0)
+    q = idx.choose(("u", "d"), "m", now_ms=0)
     assert q is not None and q.executor_id == "gpu-10" and q.tier == Tier.REMOTE
 
 
@@ -215,7 +211,7 @@ def test_in_place_updates_keep_the_load_order_bounded() -> None:
     assert order.entries <= 2 * 20 + 64 + 1
     assert sum(len(b) for b in order.buckets.values()) == order.entries
     assert len(order.keys) == len(order.buckets)
-    best = idx.choose("t", ("t", "d"), "m", now_ms=0)
+    best = idx.choose(("t", "d"), "m", now_ms=0)
     least = min(states, key=lambda s: (s.inflight, s.executor_id))
     assert best is not None and best.executor_id == least.executor_id
 

@@ -110,7 +110,7 @@ class JobPlacement:
         for job_id, hint in waiting:
             slots = [TrainingSlots(e, used.get(e, 0), n) for e, n in self._slots.items()]
             key = (hint.tenant_id, hint.digest)
-            eid = choose_job_executor(self.index, hint.tenant_id, key, POOL, slots, now_ms=now_ms)
+            eid = choose_job_executor(self.index, key, POOL, slots, now_ms=now_ms)
             if eid is None:
                 hint.offered_to = ""
                 continue

@@ -237,7 +237,7 @@ class LivePlacement:
     def choose(self, work: InferWork, now_ms: float) -> str | None:
         key = adapter_key(work)
         self._learn(key)
-        placement = self.index.choose(work.tenant_id, key, POOL, now_ms=now_ms)
+        placement = self.index.choose(key, POOL, now_ms=now_ms)
         if placement is None:
             return None
         self.counters[f"placed_tier_{placement.tier.name.lower()}"] += 1
@@ -246,7 +246,7 @@ class LivePlacement:
     def placed(
         self, work: InferWork, executor_id: str, body: Sequence[bytes], now_ms: float
     ) -> None:
-        self.index.note_placement(work.tenant_id, executor_id, now_ms)
+        self.index.note_placement(adapter_key(work), executor_id, now_ms)
         if not work.stream:
             kept = self._kept.get(work.request_id)
             if kept is None:
@@ -343,7 +343,7 @@ class LivePlacement:
         if cmd.action == "promote":
             key = (cmd.tenant_id, cmd.adapter_digest)
             self._learn(key)
-            p = self.index.choose(cmd.tenant_id, key, POOL, now_ms=now_ms)
+            p = self.index.choose(key, POOL, now_ms=now_ms)
             return [] if p is None else [p.executor_id]
         floor = _TIER_NAMES.get(cmd.tier)
         if floor is None:

@@ -38,7 +38,7 @@ def _percentile(xs: list[float], pct: float) -> float:
     return s[min(len(s) - 1, int(len(s) * pct / 100))]
 
 
-def _scan(idx: PlacementIndex, tenant: str, key: AdapterKey, now: float) -> str | None:
+def _scan(idx: PlacementIndex, key: AdapterKey, now: float) -> str | None:
     """Brute force: score every executor (what the index must not do)."""
     holders = idx.holders(key)
     best: tuple[float, str] | None = None
@@ -46,7 +46,7 @@ def _scan(idx: PlacementIndex, tenant: str, key: AdapterKey, now: float) -> str 
         tier = holders.get(eid, Tier.REMOTE)
         if not is_eligible(s, tier):
             continue
-        total = idx.score(s, tier, idx.affinity(tenant, eid, now))[0]
+        total = idx.score(s, tier, idx.affinity(key, eid, now))[0]
         if best is None or (-total, eid) < best:
             best = (-total, eid)
     return None if best is None else best[1]
@@ -90,17 +90,17 @@ def bench_size(
     for key in requests:
         now += 1.0
         t0 = time.perf_counter()
-        p = idx.choose(key[0], key, "m", now_ms=now)
+        p = idx.choose(key, "m", now_ms=now)
         if p is not None:
             s = idx.executors[p.executor_id]
             idx.upsert_executor(replace(s, inflight=(s.inflight + 1) % 16))
-            idx.note_placement(key[0], p.executor_id, now)
+            idx.note_placement(key, p.executor_id, now)
             placed += 1
         times.append((time.perf_counter() - t0) * 1e6)
     scan_times: list[float] = []
     for key in requests[:scan_decisions]:
         t0 = time.perf_counter()
-        _scan(idx, key[0], key, now)
+        _scan(idx, key, now)
         scan_times.append((time.perf_counter() - t0) * 1e6)
     mean = sum(times) / len(times)
     scan_mean = sum(scan_times) / len(scan_times)

@@ -3,7 +3,7 @@
 A training job runs on one executor for many steps, between that executor's inference steps.
 It is placed like a request, with the same score
 (:meth:`vajra.policies.placement.PlacementIndex.score`: load, the locality of the job's
-starting adapter on the executor, the tenant's affinity), but its candidates are different:
+starting adapter on the executor, the affinity of the tenant's requests on it), but its candidates are different:
 executors of the job's base model that are not draining and have a free training slot (jobs
 running there plus jobs offered and not yet seen running, below its slots). An executor
 whose inference batch is full is still a candidate: its load score says how busy it is, and
@@ -35,7 +35,6 @@ class TrainingSlots:
 
 def choose_job_executor(
     index: PlacementIndex,
-    tenant_id: str,
     key: AdapterKey,
     base_model: str,
     slots: Iterable[TrainingSlots],
@@ -56,7 +55,7 @@ def choose_job_executor(
         if state is None or state.base_model != base_model or state.draining:
             continue
         tier = holders.get(s.executor_id, Tier.REMOTE)
-        affinity = index.affinity(tenant_id, s.executor_id, now_ms)
+        affinity = index.affinity(key, s.executor_id, now_ms)
         total = index.score(state, tier, affinity)[0]
         if best is None or total > best[0] or (total == best[0] and s.executor_id < best[1]):
             best = (total, s.executor_id)

@@ -2,9 +2,10 @@
 # inlined hot path (the simulator calls it several times a request).
 """Placement of a request on an executor: the paper's Algorithm 2, with an index.
 
-Score of a candidate executor ``e`` for a request of tenant ``t`` on adapter ``k``::
+Score of a candidate executor ``e`` for a request of tenant ``t`` on adapter ``k`` (the key
+``(t, digest)``; the base model alone: ``(t, "")``)::
 
-    score(e) = alpha * s_load(e) + beta * s_locality(e, k) + gamma * s_affinity(e, t)
+    score(e) = alpha * s_load(e) + beta * s_locality(e, k) + gamma * s_affinity(e, k)
 
 * ``s_load`` (:func:`state_load_score`): 1.0 for an idle executor, falling with its occupancy
   (requests in flight plus queued, over batch plus queue capacity; weight 0.7) and with its
@@ -13,8 +14,14 @@ Score of a candidate executor ``e`` for a request of tenant ``t`` on adapter ``k
   host memory 0.6, local disk 0.3, only in the object store 0.0. The steps follow the load
   times: a GPU hit costs nothing, a host copy a PCIe transfer, a disk copy a read and the
   transfer, the object store a download on top.
-* ``s_affinity``: the share of the tenant's last ``affinity_window`` placements (within
-  ``affinity_ttl_ms``) that went to ``e`` (its KV prefixes and adapters are likely there).
+* ``s_affinity``: the share of the tenant's last ``affinity_window`` placements of ``k``
+  (within ``affinity_ttl_ms``) that went to ``e``: where its prefix-cache blocks are (they are
+  per adapter version, so a tenant's requests on another adapter share none), even when
+  several executors hold the adapter. Keyed by the tenant's adapter, not by the tenant alone:
+  a tenant-wide window pulls every adapter of a tenant with many adapters onto the executor
+  it used last, and leaves the other executors' GPU memory unused (measured in
+  docs/simulations.md, section 5: 219 cold starts against 181 on the agreement trace, whose
+  one tenant owns 300 adapters; the fewest possible there is 180).
 
 Candidates: executors of the request's base model, not draining, not full (in flight plus
 queued below batch plus queue capacity), with room for the adapter (it is already in GPU
@@ -26,10 +33,10 @@ the exact ``s_load`` value, each a heap of executor ids, under a heap of the buc
 with lazy deletion (an entry whose executor has since moved bucket is dropped when met; all
 buckets are rebuilt when stale entries outnumber live ones). Re-posting an executor whose
 ``s_load`` did not change pushes nothing, O(1); a change costs a push, O(log n). Every executor
-that neither holds ``k`` nor appears in the tenant's affinity window scores ``alpha * s_load +
+that neither holds ``k`` nor appears in ``k``'s affinity window scores ``alpha * s_load +
 beta * locality[REMOTE]``, so the best of them is the least-loaded eligible one: the top of the
 best bucket once the (at most k) holders and affinity executors are skipped. A decision
-therefore costs O(k log n) amortised — k = executors holding the adapter + the tenant's
+therefore costs O(k log n) amortised — k = executors holding the adapter + the adapter's
 affinity executors (at most ``affinity_window``), n = executors of the base model — never a
 scan of every executor, and it picks exactly what a full scan would (ties: the smallest
 executor id; with ``alpha = 0`` every executor that neither holds ``k`` nor has affinity
@@ -77,7 +84,7 @@ DEFAULT_LOCALITY: Mapping[Tier, float] = {
 class PlacementWeights:
     alpha: float = 0.5  # load
     beta: float = 0.3  # adapter locality
-    gamma: float = 0.2  # tenant affinity
+    gamma: float = 0.2  # affinity: the tenant's recent placements of the adapter
 
     def __post_init__(self) -> None:
         for name in ("alpha", "beta", "gamma"):
@@ -255,8 +262,8 @@ class PlacementIndex:
         self._orders: dict[str, _LoadOrder] = {}  # base model -> its eligible executors
         self._holders: dict[AdapterKey, dict[str, Tier]] = {}
         self._held: dict[str, set[AdapterKey]] = {}
-        # tenant -> (its last placements: (ms, executor), oldest first; executor -> how many)
-        self._recent: dict[str, tuple[deque[tuple[float, str]], dict[str, int]]] = {}
+        # adapter key -> (its last placements: (ms, executor), oldest first; executor -> count)
+        self._recent: dict[AdapterKey, tuple[deque[tuple[float, str]], dict[str, int]]] = {}
 
     # --- state updates ----------------------------------------------------------------------
 
@@ -355,11 +362,11 @@ class PlacementIndex:
         """Executors holding ``key`` and the tier it sits in on each."""
         return dict(self._holders.get(key, {}))
 
-    def note_placement(self, tenant_id: str, executor_id: str, now_ms: float) -> None:
-        """Remember a placement for the tenant's affinity (O(1) amortised)."""
-        recent = self._recent.get(tenant_id)
+    def note_placement(self, key: AdapterKey, executor_id: str, now_ms: float) -> None:
+        """Remember a placement of ``key`` for its affinity (O(1) amortised)."""
+        recent = self._recent.get(key)
         if recent is None:
-            recent = self._recent[tenant_id] = (deque(), {})
+            recent = self._recent[key] = (deque(), {})
         window, counts = recent
         window.append((now_ms, executor_id))
         counts[executor_id] = counts.get(executor_id, 0) + 1
@@ -371,13 +378,14 @@ class PlacementIndex:
             else:
                 del counts[old]
         if window[0][0] < now_ms - self.affinity_ttl_ms:
-            self._expire(tenant_id, now_ms)
+            self._expire(key, now_ms)
 
     # --- decisions --------------------------------------------------------------------------
 
-    def affinity(self, tenant_id: str, executor_id: str, now_ms: float) -> float:
-        self._expire(tenant_id, now_ms)
-        recent = self._recent.get(tenant_id)
+    def affinity(self, key: AdapterKey, executor_id: str, now_ms: float) -> float:
+        """``s_affinity``: the share of ``key``'s recent placements that went to the executor."""
+        self._expire(key, now_ms)
+        recent = self._recent.get(key)
         if recent is None:
             return 0.0
         return recent[1].get(executor_id, 0) / len(recent[0])
@@ -391,31 +399,28 @@ class PlacementIndex:
         s_loc = self.locality[tier]
         return (w.alpha * s_load + w.beta * s_loc + w.gamma * affinity, s_load, s_loc, affinity)
 
-    def choose(
-        self, tenant_id: str, key: AdapterKey, base_model: str, *, now_ms: float
-    ) -> Placement | None:
-        """The best executor for the request, or None when no candidate fits (provisioning)."""
-        best = self._decide(tenant_id, key, base_model, now_ms)
+    def choose(self, key: AdapterKey, base_model: str, *, now_ms: float) -> Placement | None:
+        """The best executor for a request of ``key``, or None when no candidate fits
+        (provisioning)."""
+        best = self._decide(key, base_model, now_ms)
         return None if best is None else Placement(*best)
 
-    def choose_id(
-        self, tenant_id: str, key: AdapterKey, base_model: str, *, now_ms: float
-    ) -> str | None:
+    def choose_id(self, key: AdapterKey, base_model: str, *, now_ms: float) -> str | None:
         """The executor id :meth:`choose` picks, without building a :class:`Placement` (for
         callers that place millions of requests: the simulator)."""
-        best = self._decide(tenant_id, key, base_model, now_ms)
+        best = self._decide(key, base_model, now_ms)
         return None if best is None else best[0]
 
     # --- internals --------------------------------------------------------------------------
 
     def _decide(
-        self, tenant_id: str, key: AdapterKey, base_model: str, now_ms: float
+        self, key: AdapterKey, base_model: str, now_ms: float
     ) -> tuple[str, float, float, float, float, Tier] | None:
         """Algorithm 2: (executor id, score, s_load, s_locality, s_affinity, tier) or None."""
-        recent = self._recent.get(tenant_id)
+        recent = self._recent.get(key)
         if recent is not None and recent[0][0][0] < now_ms - self.affinity_ttl_ms:
-            self._expire(tenant_id, now_ms)
-            recent = self._recent.get(tenant_id)
+            self._expire(key, now_ms)
+            recent = self._recent.get(key)
         holders = self._holders.get(key, _NO_HOLDERS)
         counts: Mapping[str, int] = _NO_COUNTS
         n_recent = 1
@@ -467,9 +472,9 @@ class PlacementIndex:
             return None
         return (best[0], best_total, best[1], best[2], best[3], best[4])
 
-    def _expire(self, tenant_id: str, now_ms: float) -> None:
-        """Drop the tenant's placements older than the TTL (and the window once empty)."""
-        recent = self._recent.get(tenant_id)
+    def _expire(self, key: AdapterKey, now_ms: float) -> None:
+        """Drop ``key``'s placements older than the TTL (and the window once empty)."""
+        recent = self._recent.get(key)
         if recent is None:
             return
         window, counts = recent
@@ -482,7 +487,7 @@ class PlacementIndex:
             else:
                 del counts[old]
         if not window:
-            del self._recent[tenant_id]
+            del self._recent[key]
 
 
 # --- load-only placement (kept for callers without residency) ------------------------------
