@@ -11,8 +11,23 @@ import pytest
 import trio
 
 from vajra.config import VajraConfig
-from vajra.errors import InvalidRequest, NotFoundError
+from vajra.errors import InvalidRequest, NotFoundError, PayloadTooLarge
 from vajra.storage import LocalObjectStore, S3ObjectStore, open_store
+
+
+async def test_a_bounded_read_refuses_an_object_over_the_limit(local_root: Path) -> None:
+    store = LocalObjectStore(local_root)
+    store.put("datasets/t_1/big", b"x" * 1000)
+    assert store.get("datasets/t_1/big", max_bytes=1000) == b"x" * 1000
+    with pytest.raises(PayloadTooLarge) as e:
+        store.get("datasets/t_1/big", max_bytes=999)
+    assert e.value.field == "key" and "1000 bytes" in e.value.message
+    with trio.fail_after(10):
+        assert await store.aget("datasets/t_1/big", max_bytes=5000) == b"x" * 1000
+        with pytest.raises(PayloadTooLarge):
+            await store.aget("datasets/t_1/big", max_bytes=10)
+        with pytest.raises(NotFoundError):
+            await store.aget("datasets/t_1/none", max_bytes=10)
 
 
 def test_put_get_exists_delete_list(local_root: Path) -> None:

@@ -15,7 +15,7 @@ import trio.lowlevel
 
 from tests.storage.conftest import s3_store
 from tests.storage.seaweed import SeaweedS3
-from vajra.errors import NotFoundError, UnavailableError
+from vajra.errors import NotFoundError, PayloadTooLarge, UnavailableError
 from vajra.storage import S3ObjectStore
 
 
@@ -35,6 +35,23 @@ def test_put_get_exists_delete_list_blocking(s3: S3ObjectStore) -> None:
     with pytest.raises(NotFoundError) as nf:
         s3.get("adapters/t_1/d/adapter_config.json")
     assert nf.value.field == "key"
+
+
+async def test_a_bounded_read_refuses_an_object_over_the_limit(s3: S3ObjectStore) -> None:
+    data = b"y" * 300_000
+    s3.put("datasets/t_1/big.jsonl", data)
+    assert s3.get("datasets/t_1/big.jsonl", max_bytes=300_000) == data
+    with pytest.raises(PayloadTooLarge) as e:
+        s3.get("datasets/t_1/big.jsonl", max_bytes=299_999)
+    assert e.value.field == "key" and "300000 bytes" in e.value.message
+    with trio.fail_after(30):
+        assert await s3.aget("datasets/t_1/big.jsonl", max_bytes=1 << 20) == data
+        with pytest.raises(PayloadTooLarge):
+            await s3.aget("datasets/t_1/big.jsonl", max_bytes=1024)
+        with pytest.raises(NotFoundError):
+            await s3.aget("datasets/t_1/none.jsonl", max_bytes=1024)
+        # The connection is fine after a refused read (its body was dropped unread).
+        assert await s3.aget("datasets/t_1/big.jsonl") == data
 
 
 async def test_trio_api_bridges_to_the_asyncio_thread(s3: S3ObjectStore) -> None:

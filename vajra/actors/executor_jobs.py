@@ -279,7 +279,8 @@ class JobRunner:
         from vajra.gpu.training import LoraTrainer
 
         rec, params = job.rec, job.params
-        data = await self.store.aget(check_dataset_key(rec.dataset_key))
+        key = check_dataset_key(rec.dataset_key)
+        data = await self.store.aget(key, max_bytes=self.tcfg.max_dataset_bytes)
         examples = await trio.to_thread.run_sync(
             prepare_examples, self.tcfg, self.engine, rec, params, data
         )

@@ -234,10 +234,14 @@ class TrainChecks:
                 )
             key = self._tenant_s3_key(tenant_id, msg.dataset_uri)
             try:
-                data = await self.store.aget(key)
+                data = await self.store.aget(key, max_bytes=limit)
             except NotFoundError:
                 raise InvalidRequest(
                     f"dataset {msg.dataset_uri} does not exist", field="dataset_uri"
+                ) from None
+            except PayloadTooLarge as exc:  # refused before it was read whole
+                raise PayloadTooLarge(
+                    f"dataset {msg.dataset_uri}: {exc.message}", field="dataset_uri"
                 ) from None
         else:
             data = inline

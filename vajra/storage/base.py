@@ -20,7 +20,7 @@ import abc
 import re
 from types import TracebackType
 
-from vajra.errors import InvalidRequest
+from vajra.errors import InvalidRequest, PayloadTooLarge
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")
 MAX_KEY_CHARS = 512
@@ -62,8 +62,10 @@ class ObjectStore(abc.ABC):
         """Store ``data`` under ``key``, replacing any object there, atomically."""
 
     @abc.abstractmethod
-    def get(self, key: str) -> bytes:
-        """The object's bytes; NotFoundError (field ``key``) if there is none."""
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; NotFoundError (field ``key``) if there is none. With
+        ``max_bytes``, an object larger than that raises PayloadTooLarge (field ``key``)
+        without being read whole: what a caller reading a key someone else chose passes."""
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:
@@ -86,7 +88,7 @@ class ObjectStore(abc.ABC):
     async def aput(self, key: str, data: bytes) -> None: ...
 
     @abc.abstractmethod
-    async def aget(self, key: str) -> bytes: ...
+    async def aget(self, key: str, *, max_bytes: int | None = None) -> bytes: ...
 
     @abc.abstractmethod
     async def adelete(self, key: str) -> None: ...
@@ -107,3 +109,10 @@ class ObjectStore(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def too_large(key: str, size: int, max_bytes: int) -> PayloadTooLarge:
+    """The error of an object over a reader's ``max_bytes``."""
+    return PayloadTooLarge(
+        f"object {key!r} is {size} bytes, over the limit of {max_bytes}", field="key"
+    )

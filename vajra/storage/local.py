@@ -18,7 +18,7 @@ from typing import ParamSpec, TypeVar
 import trio
 
 from vajra.errors import InternalError, NotFoundError
-from vajra.storage.base import ObjectStore, check_key, check_prefix
+from vajra.storage.base import ObjectStore, check_key, check_prefix, too_large
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -57,10 +57,17 @@ class LocalObjectStore(ObjectStore):
         except OSError as exc:
             raise InternalError(f"cannot write object {key!r} under {self.root}: {exc}") from exc
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         path = self._path(key)
         try:
-            return path.read_bytes()
+            with path.open("rb") as f:
+                if max_bytes is None:
+                    return f.read()
+                size = os.fstat(f.fileno()).st_size
+                data = f.read(max_bytes + 1) if size <= max_bytes else b""
+                if size > max_bytes or len(data) > max_bytes:  # or it grew while read
+                    raise too_large(key, max(size, len(data)), max_bytes)
+                return data
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFoundError(f"object {key!r} not found", field="key") from None
         except OSError as exc:
@@ -108,8 +115,8 @@ class LocalObjectStore(ObjectStore):
     async def aput(self, key: str, data: bytes) -> None:
         await self._thread(self.put, key, data)
 
-    async def aget(self, key: str) -> bytes:
-        return await self._thread(self.get, key)
+    async def aget(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        return await self._thread(self.get, key, max_bytes=max_bytes)
 
     async def adelete(self, key: str) -> None:
         await self._thread(self.delete, key)

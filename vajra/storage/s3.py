@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import trio
 
 from vajra.errors import InternalError, NotFoundError, UnavailableError, VajraError
-from vajra.storage.base import ObjectStore, check_key, check_prefix
+from vajra.storage.base import ObjectStore, check_key, check_prefix, too_large
 
 log = logging.getLogger("vajra.storage")
 
@@ -253,12 +253,27 @@ class S3ObjectStore(ObjectStore):
 
         await self._op(f"put {key!r}", run)
 
-    async def _get(self, key: str) -> bytes:
+    async def _get(self, key: str, max_bytes: int | None = None) -> bytes:
         async def run(c: Any) -> bytes:
             resp = await c.get_object(Bucket=self.bucket, Key=key)
             async with resp["Body"] as body:
-                data: bytes = await body.read()
-            return data
+                if max_bytes is None:
+                    data: bytes = await body.read()
+                    return data
+                size = int(resp.get("ContentLength") or 0)
+                if size > max_bytes:  # refused before reading: the body is dropped unread
+                    raise too_large(key, size, max_bytes)
+                parts: list[bytes] = []
+                total = 0
+                while total <= max_bytes:  # a read may return less than asked: until EOF
+                    part = await body.read(max_bytes + 1 - total)
+                    if not part:
+                        break
+                    parts.append(part)
+                    total += len(part)
+                if total > max_bytes:  # it was larger than its ContentLength said
+                    raise too_large(key, total, max_bytes)
+            return b"".join(parts)
 
         try:
             return await self._op(f"get {key!r}", run)
@@ -296,8 +311,8 @@ class S3ObjectStore(ObjectStore):
     def put(self, key: str, data: bytes) -> None:
         self._blocking(self._put(check_key(key), bytes(data)))
 
-    def get(self, key: str) -> bytes:
-        return self._blocking(self._get(check_key(key)))
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        return self._blocking(self._get(check_key(key), max_bytes))
 
     def delete(self, key: str) -> None:
         self._blocking(self._delete(check_key(key)))
@@ -313,8 +328,8 @@ class S3ObjectStore(ObjectStore):
     async def aput(self, key: str, data: bytes) -> None:
         await self._trio(self._put(check_key(key), bytes(data)))
 
-    async def aget(self, key: str) -> bytes:
-        return await self._trio(self._get(check_key(key)))
+    async def aget(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        return await self._trio(self._get(check_key(key), max_bytes))
 
     async def adelete(self, key: str) -> None:
         await self._trio(self._delete(check_key(key)))
