@@ -66,6 +66,19 @@ def test_the_adapter_expected_farthest_goes_while_forecasts_are_fresh() -> None:
     assert not f2.update(AdapterForecasts(["a", "b"], [1.0], 0))  # lengths differ: dropped
 
 
+def test_the_threshold_trim_ranks_by_forecast_while_fresh() -> None:
+    clock = Clock()
+    f = Forecasts(max_age_ms=4_000, clock=clock)
+    lru = ["a", "b", "c", "d"]
+    idle = lambda d: False  # noqa: E731
+    assert f.trim(lru, idle, 4, 0.5) == ["a", "b"]  # no forecasts: LRU
+    f.update(AdapterForecasts(["a", "b", "c"], [NOW + 10, NOW + 5, NOW + 90_000], int(NOW)))
+    # c is expected latest; d (not named) counts as expected now, after a and b.
+    assert f.trim(lru, idle, 4, 0.5) == ["c", "a"]
+    clock.ms += 4_001
+    assert f.trim(lru, idle, 4, 0.5) == ["a", "b"]  # stale: LRU again
+
+
 @pytest.fixture(scope="module")
 def dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return save_adapters(tiny_model_dir, tmp_path_factory.mktemp("fc"), (4, 4, 4), seed=11)

@@ -41,6 +41,23 @@ def test_threshold_victims_skip_adapters_in_use() -> None:
     assert threshold_victims(lru, set(lru).__contains__, 4, 0.25) == []
 
 
+def test_threshold_victims_by_forecast_take_the_farthest_idle_first() -> None:
+    lru = ["a", "b", "c", "d", "e"]  # least recently used first
+    at = {"a": 10.0, "b": 500.0, "c": None, "d": 50.0, "e": 5.0}
+    # Down to 2 of 4 slots: 3 leave. c (no arrival expected) ranks farthest, then b, then d.
+    got = threshold_victims(lru, lambda k: False, 4, 0.5, next_arrival_ms=at.get, now_ms=0)
+    assert got == ["c", "b", "d"]
+    # b is in use: the next farthest idle ones leave instead.
+    got = threshold_victims(lru, {"b"}.__contains__, 4, 0.5, next_arrival_ms=at.get, now_ms=0)
+    assert got == ["c", "d", "a"]
+    # Times already past all count as "now": ties keep the LRU order; NaN ranks farthest.
+    past = {"a": -5.0, "b": -1.0, "c": float("nan"), "d": -9.0, "e": -2.0}
+    got = threshold_victims(lru, lambda k: False, 4, 0.5, next_arrival_ms=past.get, now_ms=0)
+    assert got == ["c", "a", "b"]
+    # Without forecasts: plain LRU, as before.
+    assert threshold_victims(lru, lambda k: False, 4, 0.5) == ["a", "b", "c"]
+
+
 def test_disk_victims_make_just_enough_room() -> None:
     lru = [("a", 30), ("b", 30), ("c", 40)]
     assert victims_to_fit(lru, 100, 100, 0) == []

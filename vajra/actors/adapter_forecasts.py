@@ -7,7 +7,9 @@ share takes the sooner of their arrivals). While the last forecasts are fresh (y
 (:func:`vajra.policies.eviction.predicted_victim`: Algorithm 1's view of the future instead of
 the past); a resident adapter the forecasts do not name (just loaded by a warm swap, or never
 requested yet) counts as expected at once, so it is kept while any forecast one can go, and
-among equals the least recently used goes. A GPU prefetch into a full pool is declined unless
+among equals the least recently used goes. The same ranking picks which idle adapters leave
+when more than ``adapters.lru_eviction_threshold`` of the slots are resident after a load
+(:meth:`Forecasts.trim`). A GPU prefetch into a full pool is declined unless
 an idle adapter is forecast later than the prefetched one (Algorithm 1: never push out what is
 needed sooner). Stale or absent forecasts: plain LRU. Malformed forecasts are dropped whole and
 counted by the caller.
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from vajra.bus.messages import AdapterForecasts
-from vajra.policies.eviction import lru_victim, predicted_victim
+from vajra.policies.eviction import lru_victim, predicted_victim, threshold_victims
 
 __all__ = ["Forecasts"]
 
@@ -64,4 +66,23 @@ class Forecasts:
         forecast = self._next
         return predicted_victim(
             lru, in_use, lambda d: forecast.get(d, now), now_ms=now, before_ms=before_ms
+        )
+
+    def trim(
+        self, lru: Iterable[str], in_use: Callable[[str], bool], num_slots: int, threshold: float
+    ) -> list[str]:
+        """The idle adapters to evict down to ``threshold`` of ``num_slots``: those forecast
+        farthest away first while the forecasts are fresh (one they do not name counts as
+        expected at once, so it stays), else the least recently used."""
+        if not self.fresh():
+            return threshold_victims(lru, in_use, num_slots, threshold)
+        now = self._clock()
+        forecast = self._next
+        return threshold_victims(
+            lru,
+            in_use,
+            num_slots,
+            threshold,
+            next_arrival_ms=lambda d: forecast.get(d, now),
+            now_ms=now,
         )

@@ -15,9 +15,11 @@ is refused as corrupt.
 * GPU: the engine's adapter slots, driven only through
   :class:`~vajra.gpu.interface.AdapterResidency` (``adapters.max_vram_adapters`` slots, memory
   per targeted module kind); to make room, an idle adapter whose eviction gives back what the
-  new one lacks leaves (:mod:`vajra.actors.adapter_forecasts` picks it); past ``adapters.lru_eviction_threshold`` of its
-  slots in use, idle adapters are evicted down to the threshold. Which adapter leaves a tier
-  is :mod:`vajra.policies.eviction`'s choice.
+  new one lacks leaves; past ``adapters.lru_eviction_threshold`` of its slots in use, idle
+  adapters are evicted down to the threshold (both picked by
+  :mod:`vajra.actors.adapter_forecasts`: farthest forecast first while the predictor's
+  forecasts are fresh, else least recently used). Which adapter leaves a tier is
+  :mod:`vajra.policies.eviction`'s choice.
 
 Concurrency. The executor's Trio thread owns every tier's tables, the host slab's and the disk
 cache's included (:mod:`vajra.actors.adapter_cache`); worker threads only do pure work: file
@@ -73,7 +75,6 @@ from vajra.config import VajraConfig
 from vajra.errors import OverloadedError, VajraError
 from vajra.gpu.interface import AdapterResidency
 from vajra.gpu.lora import HostAdapter, pack_adapter, read_adapter_tensors
-from vajra.policies.eviction import threshold_victims
 from vajra.storage import ObjectStore
 from vajra.storage.adapters import aget_adapter_objects
 
@@ -409,5 +410,5 @@ class AdapterTiers:
 
     def _trim_to_threshold(self) -> None:
         threshold = self.cfg.adapters.lru_eviction_threshold
-        for victim in threshold_victims(self.gpu, self._in_use, self.slots.num_slots, threshold):
+        for victim in self.forecasts.trim(self.gpu, self._in_use, self.slots.num_slots, threshold):
             self._evict_gpu(victim)

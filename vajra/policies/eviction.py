@@ -5,9 +5,10 @@ order. An adapter that is *in use* — held by a running request, wanted by a lo
 or pinned while a copy reads it — is never chosen; the caller says which are in use.
 
 * GPU memory: :func:`lru_victim` among the idle adapters whose eviction frees pages the
-  incoming adapter lacks (the caller's predicate says which do); after a load, :func:`threshold_victims` names the
-  idle adapters to evict once more than ``adapters.lru_eviction_threshold`` of the slots are
-  resident (:func:`resident_limit`).
+  incoming adapter lacks (the caller's predicate says which do); after a load,
+  :func:`threshold_victims` names the idle adapters to evict once more than
+  ``adapters.lru_eviction_threshold`` of the slots are resident (:func:`resident_limit`): the
+  least recently used, or with fresh forecasts the ones expected farthest away.
 * Host slots: :func:`lru_victim` among the entries of one rank class.
 * Local disk: :func:`victims_to_fit` — whole entries, oldest first, until a new one fits in
   the byte budget (nothing on disk is ever in use: readers hold their own copy).
@@ -40,15 +41,34 @@ def resident_limit(num_slots: int, threshold: float) -> int:
 
 
 def threshold_victims(
-    lru: Iterable[K], in_use: Callable[[K], bool], num_slots: int, threshold: float
+    lru: Iterable[K],
+    in_use: Callable[[K], bool],
+    num_slots: int,
+    threshold: float,
+    *,
+    next_arrival_ms: Callable[[K], float | None] | None = None,
+    now_ms: float = 0.0,
 ) -> list[K]:
-    """The idle adapters to evict, least recently used first, to come down to
-    :func:`resident_limit` (fewer when too many are in use)."""
+    """The idle adapters to evict to come down to :func:`resident_limit` (fewer when too many
+    are in use): least recently used first, or, with ``next_arrival_ms`` (the predictor's, as
+    for :func:`predicted_victim`), the ones expected farthest away first (no arrival expected
+    ranks farthest, a time already past as ``now_ms``; ties go to the least recently used)."""
     resident = list(lru)
     excess = len(resident) - resident_limit(num_slots, threshold)
     if excess <= 0:
         return []
-    return [key for key in resident if not in_use(key)][:excess]
+    idle = [key for key in resident if not in_use(key)]
+    if next_arrival_ms is None:
+        return idle[:excess]
+
+    def expected(key: K) -> float:
+        at = next_arrival_ms(key)
+        if at is None or at != at:
+            return math.inf
+        return at if at > now_ms else now_ms
+
+    # sorted() is stable: among equal forecasts the least recently used stays first.
+    return sorted(idle, key=expected, reverse=True)[:excess] if excess < len(idle) else idle
 
 
 def victims_to_fit(
