@@ -115,11 +115,12 @@ def keepalive_serverless(
     }
 
 
-def vajra_cluster(cfg: SimConfig, executors: int, span_ms: float, completed: int) -> dict[str, Any]:
-    """The simulated cluster's GPUs, paid for the whole span."""
-    cost = gpu_cost_usd(executors * span_ms, cfg.economics.gpu_price_per_hour)
+def vajra_cluster(cfg: SimConfig, alive_ms: list[float], completed: int) -> dict[str, Any]:
+    """The simulated cluster's GPUs, each paid from when it joined (the start, or when the
+    provisioner started it) to the end of the span."""
+    cost = gpu_cost_usd(sum(alive_ms), cfg.economics.gpu_price_per_hour)
     return {
-        "gpus": executors,
+        "gpus": len(alive_ms),
         "cost_usd": round(cost, 6),
         "cost_per_request_usd": cost / completed if completed else None,
     }

@@ -15,6 +15,7 @@ Adapters are small ints here (the trace's adapter index); the policies see them 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class Executor:
     disk_slots: int
     max_batch: int
     max_queue: int
+    joined_ms: float = -math.inf  # when it started serving (provisioned ones: later than the rest)
     running: int = 0
     queue: deque[tuple[int, float, int, int, int]] = field(default_factory=deque)
     gpu: dict[int, float] = field(
@@ -187,14 +189,17 @@ class Executor:
 
 def build_executors(c: ClusterSection) -> list[Executor]:
     """``c.executors`` empty executors with the configured capacities."""
-    return [
-        Executor(
-            index=i,
-            gpu_slots=c.gpu_slots,
-            host_slots=c.host_bytes // c.adapter_bytes,
-            disk_slots=c.disk_bytes // c.adapter_bytes,
-            max_batch=c.max_batch_size,
-            max_queue=c.max_queue,
-        )
-        for i in range(c.executors)
-    ]
+    return [new_executor(c, i) for i in range(c.executors)]
+
+
+def new_executor(c: ClusterSection, index: int, joined_ms: float = -math.inf) -> Executor:
+    """An empty executor with the configured capacities (``joined_ms``: when it serves from)."""
+    return Executor(
+        index=index,
+        gpu_slots=c.gpu_slots,
+        host_slots=c.host_bytes // c.adapter_bytes,
+        disk_slots=c.disk_bytes // c.adapter_bytes,
+        max_batch=c.max_batch_size,
+        max_queue=c.max_queue,
+        joined_ms=joined_ms,
+    )

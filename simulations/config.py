@@ -90,6 +90,10 @@ class ClusterSection:
     bench_adapters_json: str = (
         ""  # a `vajra bench adapters` JSON: host and disk times measured there
     )
+    # ProvisionNewGPU: when no executor has room, start another (one at a time) until this
+    # many serve; 0 (or <= executors): the cluster stays at `executors`
+    max_executors: int = 0
+    executor_start_ms: float = 30_000.0  # a started GPU joins this long after it was asked for
 
 
 @dataclass(frozen=True)

@@ -1,3 +1,5 @@
+# Over 400 lines: the event loop and every event it handles (arrivals, completions, retries,
+# joins, ticks) read together; each event is a few lines and only makes sense beside the loop.
 """The discrete-event engine: requests arrive from a columnar trace, events come off one heap.
 
 Events are small classes that handle themselves and return the next events (Vidur's shape);
@@ -15,6 +17,12 @@ are multiplied by ``costs.adapter_compute_factor`` (the LoRA's own compute), and
 ``costs.serving_ms`` (the serving path outside the engine) is added to each request's latencies.
 The simulator has no notion of CPU contention between executors, or with the other actors.
 
+Provisioning (``ProvisionNewGPU``): with ``cluster.max_executors`` above ``executors``, a
+request that finds no room asks :class:`vajra.policies.provisioning.CapacityProvisioner` (the
+scheduler's); a ``start`` adds an empty executor ``cluster.executor_start_ms`` later
+(:class:`ExecutorJoins`), one start at a time, and the waiting requests find it at their next
+retry. A joined executor stays to the end and is paid from when it joined.
+
 Cancellation: :meth:`Simulator.run` is synchronous; interrupting it (KeyboardInterrupt) leaves
 the metrics store with the requests finished so far and the rest marked unfinished.
 """
@@ -23,14 +31,16 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from simulations.cluster import DISK, GPU, HOST, REMOTE, Executor, TierTimes
+from simulations.cluster import DISK, GPU, HOST, REMOTE, Executor, TierTimes, new_executor
 from simulations.config import SimConfig
 from simulations.metrics import NO_CAPACITY, MetricsStore, cold_breakdown
 from simulations.placement import SimPlacement
 from vajra.policies.billing import billed_gpu_ms, inference_cost_usd
+from vajra.policies.provisioning import CapacityProvisioner, ProvisionAction
 
 Request = tuple[int, float, int, int, int]  # (index, arrival ms, adapter, prompt, output tokens)
 CHUNK = 1 << 16
@@ -113,6 +123,16 @@ class RetryPlacement(Event):
         return sim.place(self.request, self.t_ms)
 
 
+class ExecutorJoins(Event):
+    """A GPU the provisioner started (``cluster.max_executors``) joins and takes requests."""
+
+    __slots__ = ()
+
+    def handle(self, sim: Simulator) -> Iterable[Event]:
+        sim.add_executor(self.t_ms)
+        return ()
+
+
 class SampleTick(Event):
     """Samples tenants per GPU while there is work left."""
 
@@ -189,8 +209,22 @@ class Simulator:
         self._billed_ms = 0  # every request's GPU time, rounded up to the billing granularity
         self.warmup_ms = cfg.trace.warmup_s * 1000.0  # on the replayed trace's clock
         self.measure_from_ms: float | None = None
+        self.span_ms = 0.0
+        self.alive_ms: list[float] = []
         if prefetch is not None:
             prefetch.bind(self)
+        # ProvisionNewGPU: vajra.policies.provisioning's provisioner, unchanged. A simulated
+        # start never fails, so it stays pending until its GPU joins.
+        cl = cfg.cluster
+        self.provisioner: CapacityProvisioner | None = None
+        if cl.max_executors > len(executors):
+            self.provisioner = CapacityProvisioner(
+                allow_start=True,
+                max_executors=cl.max_executors,
+                max_wait_ms=cfg.run.max_wait_ms,
+                start_ms=math.inf,
+            )
+            self.provisioner.set_running(cl.base_model, len(executors))
 
     def end_warmup(self, t_ms: float) -> None:
         """Requests arriving from ``t_ms`` on are measured; every counter restarts."""
@@ -216,6 +250,13 @@ class Simulator:
         tenant = self.tenant_of(adapter)
         target = self.placement.choose(adapter, tenant, now_ms)
         if target is None:
+            prov = self.provisioner
+            if prov is not None:
+                decision = prov.provision(
+                    self.cfg.cluster.base_model, now_ms, waiting_since_ms=req[1]
+                )
+                if decision.action == ProvisionAction.START:
+                    self.push((ExecutorJoins(now_ms + self.cfg.cluster.executor_start_ms),))
             if now_ms - req[1] + self.cfg.run.retry_every_ms > self.cfg.run.max_wait_ms:
                 self.metrics.fail(req[0], NO_CAPACITY)
                 return ()
@@ -229,6 +270,18 @@ class Simulator:
         ex.queue.append(req)
         self.placement.load_changed(ex)
         return ()
+
+    def add_executor(self, now_ms: float) -> Executor:
+        """A provisioned GPU joins at ``now_ms``: empty tiers, the configured capacities."""
+        ex = new_executor(self.cfg.cluster, len(self.executors), joined_ms=now_ms)
+        ex.pick_victim = self.executors[0].pick_victim if self.executors else None
+        self.executors.append(ex)
+        self.placement.add_executor(ex)
+        if self.provisioner is not None:
+            base = self.cfg.cluster.base_model
+            self.provisioner.started(base)
+            self.provisioner.set_running(base, len(self.executors))
+        return ex
 
     def start(self, ex: Executor, req: Request, now_ms: float) -> RequestDone:
         """Give ``req`` a batch seat on ``ex`` at ``now_ms``; its completion event."""
@@ -354,14 +407,24 @@ class Simulator:
         last_arrival = float(trace.t_ms[-1]) if self.n else 0.0
         self.metrics.end_ms = max([last_arrival, *(ex.busy_until_ms for ex in self.executors)])
         self.span_ms = self.metrics.end_ms - start
+        # each executor's share of the span: a provisioned one serves from when it joined
+        self.alive_ms = [
+            max(0.0, self.metrics.end_ms - max(start, ex.joined_ms)) for ex in self.executors
+        ]
         return self.metrics
 
     def summary(self) -> dict[str, Any]:
-        out = self.metrics.summary(self.executors, span_ms=self.span_ms)
+        out = self.metrics.summary(self.executors, span_ms=self.span_ms, alive_ms=self.alive_ms)
+        out["executors"] = {
+            "initial": self.cfg.cluster.executors,
+            "final": len(self.executors),
+            "gpu_hours": round(sum(self.alive_ms) / 3_600_000.0, 3),
+            "joined_ms": [ex.joined_ms for ex in self.executors if ex.joined_ms > -math.inf],
+        }
         out["prefetch"] = None if self.prefetch is None else self.prefetch.report(self.now_ms)
         if self.cfg.run.cold_breakdown:
             out["cold_breakdown"] = cold_breakdown(self.trace.t_ms, self.trace.source, self.metrics)
         return out
 
 
-__all__ = ["DISK", "GPU", "HOST", "REMOTE", "Event", "RequestDone", "Simulator"]
+__all__ = ["DISK", "GPU", "HOST", "REMOTE", "Event", "ExecutorJoins", "RequestDone", "Simulator"]

@@ -74,8 +74,11 @@ class MetricsStore:
         self.samples_resident.append(sum(len(ex.gpu) for ex in executors) / n)
         self.samples_active.append(sum(len(ex.in_use) for ex in executors) / n)
 
-    def summary(self, executors: list[Executor], *, span_ms: float) -> dict[str, Any]:
-        """The run's figures as plain JSON-able data. ``span_ms``: first arrival to last event."""
+    def summary(
+        self, executors: list[Executor], *, span_ms: float, alive_ms: list[float] | None = None
+    ) -> dict[str, Any]:
+        """The run's figures as plain JSON-able data. ``span_ms``: first arrival to last event;
+        ``alive_ms``: each executor's part of it (a provisioned GPU joins late; default: all)."""
         first = self.first  # warm-up requests are left out
         outcome = self.outcome[first:]
         done = outcome == OK
@@ -90,7 +93,8 @@ class MetricsStore:
         }
         pending = int((outcome == PENDING).sum())
         span = max(span_ms, 1e-9)
-        util = [min(1.0, ex.busy_ms / span) for ex in executors]
+        alive = alive_ms if alive_ms is not None else [span] * len(executors)
+        util = [min(1.0, ex.busy_ms / max(a, 1e-9)) for ex, a in zip(executors, alive, strict=True)]
         served = [len(ex.served) for ex in executors]
         loads = sum(ex.loads for ex in executors)
         bytes_loaded = sum(ex.bytes_loaded for ex in executors)

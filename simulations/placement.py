@@ -47,7 +47,10 @@ class SimPlacement(Protocol):
         """:meth:`residency_changed` for each (adapter, tier) of ``changes``, in order."""
 
     def placed(self, adapter: int, tenant: int, ex: Executor, now_ms: float) -> None:
-        """A request was sent to ``ex`` (for tenant affinity)."""
+        """A request was sent to ``ex`` (for its adapter's affinity)."""
+
+    def add_executor(self, ex: Executor) -> None:
+        """``ex`` (the next index) joined: a GPU the provisioner started."""
 
 
 class LeastLoaded:
@@ -63,6 +66,11 @@ class LeastLoaded:
         for ex in executors:
             self._bucket(ex.load)[ex.index] = None
         self._min = min(self._level, default=0)
+
+    def add_executor(self, ex: Executor) -> None:
+        self._level.append(ex.load)
+        self._bucket(ex.load)[ex.index] = None
+        self._min = min(self._min, ex.load)
 
     def _bucket(self, level: int) -> dict[int, None]:
         while level >= len(self._buckets):
@@ -104,8 +112,11 @@ class RandomPlacement:
     """A uniformly random executor that is not full; a bounded number of draws, then a scan."""
 
     def __init__(self, executors: list[Executor], seed: int) -> None:
-        self._executors = executors
+        self._executors = executors  # the simulator's own list: an executor that joins is in it
         self._rng = random.Random(seed)
+
+    def add_executor(self, ex: Executor) -> None:
+        return None
 
     def choose(self, adapter: int, tenant: int, now_ms: float) -> int | None:
         n = len(self._executors)
@@ -154,27 +165,33 @@ class PolicyPlacement:
         self._step = load_step
         self._index = PlacementIndex(PlacementWeights(alpha, beta, gamma))
         self._base = base_model
-        self._ids = [f"gpu-{ex.index}" for ex in executors]
-        self._by_id = {eid: i for i, eid in enumerate(self._ids)}
+        self._ids: list[str] = []
+        self._by_id: dict[str, int] = {}
         self._keys: dict[int, tuple[str, str]] = {}
         self._tenants: dict[int, str] = {}
-        self._states = [
-            ExecutorState(
-                executor_id=self._ids[ex.index],
-                base_model=base_model,
-                max_batch_size=ex.max_batch,
-                max_queue=ex.max_queue,
-                gpu_slots=ex.gpu_slots,
-                gpu_slots_free=ex.gpu_slots,
-            )
-            for ex in executors
-        ]
-        for state in self._states:
-            self._index.upsert_executor(state)
+        self._states: list[ExecutorState] = []
         # what the index's heap entry of each executor was computed from: (load // step,
         # adapters in use // step, eligible)
-        self._posted = [(0, 0, is_eligible(s, Tier.REMOTE)) for s in self._states]
+        self._posted: list[tuple[int, int, bool]] = []
+        for ex in executors:
+            self.add_executor(ex)
         self.upserts = 0
+
+    def add_executor(self, ex: Executor) -> None:
+        eid = f"gpu-{ex.index}"
+        self._ids.append(eid)
+        self._by_id[eid] = ex.index
+        state = ExecutorState(
+            executor_id=eid,
+            base_model=self._base,
+            max_batch_size=ex.max_batch,
+            max_queue=ex.max_queue,
+            gpu_slots=ex.gpu_slots,
+            gpu_slots_free=ex.gpu_slots,
+        )
+        self._states.append(state)
+        self._index.upsert_executor(state)
+        self._posted.append((0, 0, is_eligible(state, Tier.REMOTE)))
 
     def key(self, adapter: int, tenant: int) -> tuple[str, str]:
         key = self._keys.get(adapter)

@@ -87,7 +87,7 @@ def simulate(cfg: SimConfig, *, show_progress: bool = False) -> dict[str, Any]:
     span = sim.span_ms
     t_ms, src = trace.t_ms, trace.source
     report["economics"] = {
-        "vajra": baselines.vajra_cluster(cfg, len(executors), span, completed),
+        "vajra": baselines.vajra_cluster(cfg, sim.alive_ms, completed),
         "dedicated": baselines.dedicated(cfg, src, span),
         "keepalive_serverless": baselines.keepalive_serverless(
             cfg, t_ms, src, trace.prompt_tokens, trace.output_tokens
@@ -124,7 +124,10 @@ def simulate(cfg: SimConfig, *, show_progress: bool = False) -> dict[str, Any]:
         "t_ms": sim.metrics.samples_t_ms,
         "resident": sim.metrics.samples_resident,
         "active": sim.metrics.samples_active,
-        "utilisation": [min(1.0, ex.busy_ms / max(span, 1e-9)) for ex in executors],
+        "utilisation": [
+            min(1.0, ex.busy_ms / max(alive, 1e-9))
+            for ex, alive in zip(sim.executors, sim.alive_ms, strict=True)
+        ],
         "ttft_ms": sim.metrics.ttft_ms[sim.metrics.outcome == 0],
     }
     return report
