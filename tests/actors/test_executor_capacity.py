@@ -14,12 +14,12 @@ import trio
 import zmq
 
 from tests.actors.inbox import Inbox
+from tests.inprocess import inprocess_config
 from vajra.actors.base import now_ms
 from vajra.actors.executor import Executor
 from vajra.bus.codec import decode, encode
 from vajra.bus.messages import ErrorReply, ExecutorHello, InferResult, InferWork, Sampling
 from vajra.bus.zsocket import open_socket
-from vajra.config import VajraConfig
 from vajra.state import ClusterState
 
 
@@ -39,19 +39,8 @@ def _work(rid: str) -> InferWork:
 async def test_a_burst_fills_batch_and_queue_and_the_next_is_overloaded(
     tmp_path: Path, valkey_url: str, tiny_model_dir: Path
 ) -> None:
-    run = tmp_path / "run"
-    run.mkdir()
     cfg = (
-        VajraConfig()
-        .replace(
-            "cluster",
-            home=str(tmp_path / "home"),
-            redis_url=valkey_url,
-            model=str(tiny_model_dir),
-            gateway_backend_address=f"ipc://{run}/gw",
-            scheduler_dispatch_address=f"ipc://{run}/dispatch",
-            ledger_address=f"ipc://{run}/ledger",
-        )
+        inprocess_config(tmp_path / "run", valkey_url, model=str(tiny_model_dir))
         .replace("storage", local_dir=str(tmp_path / "objects"))
         .replace("executor", max_batch_size=2, max_queue=1)
     )
