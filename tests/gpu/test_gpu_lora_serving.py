@@ -110,6 +110,11 @@ def test_mixed_batch_logits_equal_peft_per_adapter(
     names: list[str | None] = [*ADAPTERS, None, "r4-qv", None, "r64-all-rslora"]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
     base = peft_model(tiny_model_dir, None)
+    # Warm-up: on the CPU the first forward of a fresh model at this padded shape sometimes
+    # differs from every later one by ~1e-3 in a contiguous half of the rows, with no adapter
+    # at all (seen in about one run in three after other tests ran in the process), so the
+    # comparison below starts from the second.
+    batch_logits(w, prompts, [None] * len(names))
     for mode in ("auto", "gather", "segmented"):
         w.state.mode = mode
         got = batch_logits(w, prompts, [None if n is None else slots[n] for n in names])

@@ -14,9 +14,14 @@ forward, says which tokens use which slot (:mod:`vajra.gpu.lora.segments`); :met
 after it. Each segment is computed one of two ways:
 
 * **gather** (BGMV-like), segments of at most ``gather_max_tokens`` tokens (a decode token):
-  each token with its own adapter's rows, read through the pool's page table. The torch path
-  groups these tokens by rank bucket, so no token computes more rows than the power of two
-  above its own rank.
+  each token with its own adapter's rows, read through the pool's page table. On the CPU
+  (float32/float64) the torch path computes all of a step's gather tokens per module in a
+  fixed number of calls whatever the number of adapters and ranks, choosing per module kind
+  by a cost estimate between one sparse CSR matrix (an entry per token and rank row: exact
+  ranks, ``Bt`` read in place) and one dense matmul against every rank row of the step's
+  adapters, masked to each token's own (fewer calls when few adapters share many tokens);
+  elsewhere it groups the tokens by rank bucket, so no token computes more rows than the
+  power of two above its own rank (:mod:`vajra.gpu.lora.torch_kernels`).
 * **segmented** (SGMV-like), longer segments (a prefill chunk): one matmul pair per segment
   on the adapter's rows, a view of the pool when its pages are one run (else a gather of its
   ``r`` rows): never a per-token gather of ``A``. Adjacent segments of one adapter merge.
@@ -44,10 +49,11 @@ sees the shape.
 
 from __future__ import annotations
 
+import array
 import importlib.util
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -58,28 +64,17 @@ from vajra.gpu.lora.segments import (
     GatherToken,
     LongSegment,
     Segment,
-    gather_buckets,
     rank_bucket,
     row_segments,
     segment_blocks,
     split_segments,
 )
-from vajra.gpu.lora.torch_kernels import adapter_rows, lora_bgmv, lora_sgmv, lora_tokens
+from vajra.gpu.lora.torch_kernels import GatherKernel as PlannedKernel
+from vajra.gpu.lora.torch_kernels import KindWork, TorchPlanner
 
 Mode = Literal["auto", "gather", "segmented"]
 Backend = Literal["auto", "torch", "triton"]
-
-
-@dataclass(eq=False)
-class _KindWork:
-    """What the torch path computes this step for the modules of one kind."""
-
-    # per rank bucket: (tokens [n], their adapters' pages [n, width])
-    gathers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    # per adapter, with few adapters: (its gather tokens [n], its pages: a slice or an index [r])
-    groups: list[tuple[torch.Tensor, slice | torch.Tensor]] = field(default_factory=list)
-    # per long segment: (first token, end, the adapter's pages: a slice or an index [r])
-    segments: list[tuple[int, int, slice | torch.Tensor]] = field(default_factory=list)
+GatherKernel = Literal["auto", "csr", "union", "bmm"]
 
 
 @dataclass(eq=False)
@@ -99,6 +94,10 @@ class LoraBatchState:
     the benchmark). In "auto" the torch path computes the gather tokens of at most
     ``segment_max_groups`` distinct adapters as one matmul pair per adapter (module
     docstring). ``backend``: "auto" (Triton on CUDA when it imports), "torch", "triton".
+    ``gather_kernel``, the torch path's kernel for the gather tokens of more adapters:
+    "auto" (on a float32/float64 CPU pool, CSR or union per kind by a cost estimate; else
+    rank buckets), or "csr", "union", "bmm" (rank buckets) for every kind (tests, the
+    benchmark); "csr" on another device or dtype raises ValueError.
     ``max_tokens`` (or ``max_rows``, the row form's batch size) sizes the index buffer.
     """
 
@@ -112,19 +111,29 @@ class LoraBatchState:
         backend: Backend = "auto",
         gather_max_tokens: int = 1,
         segment_max_groups: int = 2,
+        gather_kernel: GatherKernel = "auto",
     ) -> None:
         self.pool = pool
         self.mode: Mode = mode
         self.gather_max_tokens = gather_max_tokens
         self.segment_max_groups = segment_max_groups
         self.backend: Literal["torch", "triton"] = _choose_backend(backend, pool.device)
+        csr_ok = pool.device.type == "cpu" and pool.dtype in (torch.float32, torch.float64)
+        if gather_kernel == "csr" and not csr_ok:
+            raise ValueError(
+                f"the CSR kernel needs a float32/float64 pool on the CPU: {pool.dtype}"
+            )
+        self.gather_kernel: PlannedKernel = (
+            ("cost" if csr_ok else "bmm") if gather_kernel == "auto" else gather_kernel
+        )
         capacity = 4 * max(max_tokens, max_rows or 0, 1)
         self._index = torch.zeros(capacity, dtype=torch.int32, device=pool.device)
         self._scratch = torch.zeros(0, dtype=torch.float32, device=pool.device)
+        self._torch = TorchPlanner(pool, self.gather_kernel)
         self.active = False
         self._rows: list[int | None] | None = None
         self._num_tokens = -1
-        self._kinds: list[_KindWork] = []
+        self._kinds: list[KindWork] = []
         self._triton: _TritonWork | None = None
 
     # ------------------------------------------------------------------ per step
@@ -188,61 +197,12 @@ class LoraBatchState:
         if self.backend == "triton":
             self._plan_triton(gather, long, ranks, num_tokens)
         else:
-            self._plan_torch(gather, long, ranks)
+            max_groups = self.segment_max_groups if self.mode == "auto" else 0
+            self._kinds = self._torch.plan(
+                gather, long, ranks, max_groups=max_groups, upload=self._upload
+            )
         self._num_tokens = num_tokens
         self.active = True
-
-    def _plan_torch(
-        self,
-        gather: list[GatherToken],
-        long: list[LongSegment],
-        ranks: dict[int, tuple[int, ...]],
-    ) -> None:
-        flat: list[int] = []
-        by_slot: dict[int, list[int]] = {}
-        for token, slot in gather:
-            by_slot.setdefault(slot, []).append(token)
-        groups: list[tuple[int, int, int]] = []  # (slot, offset, n)
-        if self.mode == "auto" and len(by_slot) <= self.segment_max_groups:
-            for slot, slot_tokens in by_slot.items():
-                groups.append((slot, len(flat), len(slot_tokens)))
-                flat += slot_tokens
-            gather = []
-        laid_out: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}
-        wanted: list[tuple[int, int, int, int]] = []  # (kind, width, offset, n)
-        self._kinds = [_KindWork() for _ in self.pool.layout.kinds]
-        for kind, work in enumerate(self._kinds):
-            key = tuple(rank_bucket(r[kind]) if r[kind] else 0 for r in ranks.values())
-            buckets = laid_out.get(key)
-            if buckets is None:  # kinds whose adapters have equal buckets share index data
-                buckets = laid_out[key] = []
-                rank_of = {s: r[kind] for s, r in ranks.items()}
-                for width, bucket_tokens, bucket_slots in gather_buckets(gather, rank_of):
-                    buckets.append((width, len(flat), len(bucket_tokens)))
-                    flat += bucket_tokens + bucket_slots
-            wanted += [(kind, width, offset, n) for width, offset, n in buckets]
-            for start, length, slot in long:
-                if ranks[slot][kind]:
-                    pages = self._pages(slot, kind, ranks[slot][kind])
-                    work.segments.append((start, start + length, pages))
-        index = self._upload(flat)
-        for slot, offset, n in groups:
-            for kind, work in enumerate(self._kinds):
-                if ranks[slot][kind]:
-                    pages = self._pages(slot, kind, ranks[slot][kind])
-                    work.groups.append((index[offset : offset + n], pages))
-        for kind, width, offset, n in wanted:
-            tokens, slots = index[offset : offset + n], index[offset + n : offset + 2 * n]
-            pages = self.pool.page_table[kind].index_select(0, slots)[:, :width]
-            self._kinds[kind].gathers.append((tokens, pages))
-
-    def _pages(self, slot: int, kind: int, rank: int) -> slice | torch.Tensor:
-        """The adapter's pages of ``kind``: a slice when they are one run, else its page
-        table row (on the device)."""
-        runs = self.pool.runs(slot, kind)
-        if len(runs) == 1:
-            return slice(runs[0][0], runs[0][0] + rank)
-        return self.pool.page_table[kind, slot, :rank]
 
     def _plan_triton(
         self,
@@ -281,8 +241,9 @@ class LoraBatchState:
         if len(flat) > self._index.numel():
             self._index = torch.zeros(2 * len(flat), dtype=torch.int32, device=self.pool.device)
         index = self._index[: len(flat)]
-        if flat:
-            index.copy_(torch.tensor(flat, dtype=torch.int32), non_blocking=True)
+        if flat:  # through an array: a quarter of torch.tensor(list)'s time
+            host = torch.frombuffer(array.array("i", flat), dtype=torch.int32)
+            index.copy_(host, non_blocking=True)
         return index
 
     # ------------------------------------------------------------------ per layer
@@ -310,13 +271,7 @@ class LoraBatchState:
         if self._triton is not None:
             _apply_triton(self._triton, self.pool, kind, x2, y2, self._scratch, a, bt)
             return y
-        work = self._kinds[kind]
-        for token_index, pages in work.gathers:
-            lora_bgmv(x2, y2, token_index, pages, a, bt)
-        for token_index, rows in work.groups:
-            lora_tokens(x2, y2, token_index, adapter_rows(a, rows), adapter_rows(bt, rows))
-        for start, end, rows in work.segments:
-            lora_sgmv(x2, y2, start, end, adapter_rows(a, rows), adapter_rows(bt, rows))
+        self._kinds[kind].apply(x2, y2, a, bt)
         return y
 
 

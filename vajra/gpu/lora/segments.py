@@ -6,7 +6,9 @@ token order and do not overlap; tokens no segment covers get no LoRA delta.
 
 The batch splits into *gather tokens* (short segments: a decode step's one token each,
 computed token by token with each token's adapter, BGMV-style) and *long segments* (prefill
-chunks, computed with one matmul pair per segment on the adapter's rows, SGMV-style).
+chunks, computed with one matmul pair per segment on the adapter's rows, SGMV-style). The
+torch path lays gather tokens out either by rank bucket (:func:`gather_buckets`) or as the rows
+of one sparse matrix per module kind (:func:`csr_rows`).
 """
 
 from __future__ import annotations
@@ -72,6 +74,40 @@ def gather_buckets(
             tokens.append(token)
             slots.append(slot)
     return [(width, *buckets[width]) for width in sorted(buckets)]
+
+
+def csr_rows(
+    gather: Sequence[GatherToken], rank_of: Mapping[int, int]
+) -> tuple[int, int, list[int], list[int]]:
+    """Gather tokens as the rows of a CSR matrix, for one module kind: ``(lo, hi, slots,
+    ranks)``, a row per token ``lo .. hi - 1``.
+
+    ``lo`` and ``hi`` bound the tokens that have entries (the first, and one past the last,
+    gather token whose adapter has a nonzero ``rank_of[slot]``); row ``t - lo`` is token
+    ``t``'s: its slot and its adapter's exact rank for the kind (its number of entries, one
+    per rank row, no padding). Tokens in that span that are not gather tokens, or whose
+    adapter does not target the kind, get ``(0, 0)``: an empty row. No gather token with a
+    rank: ``(0, 0, [], [])``.
+
+    Raises ValueError for gather tokens not in increasing order.
+    """
+    ranked: dict[int, tuple[int, int]] = {}
+    last = -1
+    for token, slot in gather:
+        if token <= last:
+            raise ValueError(f"gather token {token} is not after token {last}")
+        last = token
+        rank = rank_of[slot]
+        if rank:
+            ranked[token] = (slot, rank)
+    if not ranked:
+        return 0, 0, [], []
+    lo, hi = min(ranked), max(ranked) + 1
+    if len(ranked) == hi - lo:  # the usual case: a step's decode tokens side by side
+        rows = list(ranked.values())
+    else:
+        rows = [ranked.get(token, (0, 0)) for token in range(lo, hi)]
+    return lo, hi, [slot for slot, _ in rows], [rank for _, rank in rows]
 
 
 def segment_blocks(long: Sequence[LongSegment], block_tokens: int) -> list[LongSegment]:
