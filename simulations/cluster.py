@@ -58,6 +58,8 @@ class Executor:
     max_batch: int
     max_queue: int
     joined_ms: float = -math.inf  # when it started serving (provisioned ones: later than the rest)
+    retired_ms: float = math.inf  # when a provisioned one left, idle (cluster.idle_stop_ms)
+    idle_since_ms: float | None = None  # since when it has had no request (None: busy)
     running: int = 0
     queue: deque[tuple[int, float, int, int, int]] = field(default_factory=deque)
     gpu: dict[int, float] = field(
@@ -202,4 +204,5 @@ def new_executor(c: ClusterSection, index: int, joined_ms: float = -math.inf) ->
         max_batch=c.max_batch_size,
         max_queue=c.max_queue,
         joined_ms=joined_ms,
+        idle_since_ms=joined_ms,
     )

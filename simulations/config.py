@@ -94,6 +94,7 @@ class ClusterSection:
     # many serve; 0 (or <= executors): the cluster stays at `executors`
     max_executors: int = 0
     executor_start_ms: float = 30_000.0  # a started GPU joins this long after it was asked for
+    idle_stop_ms: float = 0.0  # a started GPU leaves after this long with no request (0: never)
 
 
 @dataclass(frozen=True)

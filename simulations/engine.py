@@ -21,7 +21,9 @@ Provisioning (``ProvisionNewGPU``): with ``cluster.max_executors`` above ``execu
 request that finds no room asks :class:`vajra.policies.provisioning.CapacityProvisioner` (the
 scheduler's); a ``start`` adds an empty executor ``cluster.executor_start_ms`` later
 (:class:`ExecutorJoins`), one start at a time, and the waiting requests find it at their next
-retry. A joined executor stays to the end and is paid from when it joined.
+retry. A joined executor is paid from when it joined until the end, or until it leaves: with
+``cluster.idle_stop_ms``, one that has had no request for that long leaves (:class:`IdleCheck`;
+the executors the run started with never do), as ``vajra up`` stops idle executors it started.
 
 Cancellation: :meth:`Simulator.run` is synchronous; interrupting it (KeyboardInterrupt) leaves
 the metrics store with the requests finished so far and the rest marked unfinished.
@@ -106,6 +108,8 @@ class RequestDone(Event):
         if ex.queue:
             done = sim.start(ex, ex.queue.popleft(), self.t_ms)
             return (done,)
+        if not ex.running:
+            ex.idle_since_ms = self.t_ms
         sim.placement.load_changed(ex)
         return ()
 
@@ -130,6 +134,32 @@ class ExecutorJoins(Event):
 
     def handle(self, sim: Simulator) -> Iterable[Event]:
         sim.add_executor(self.t_ms)
+        stop_ms = sim.cfg.cluster.idle_stop_ms
+        if stop_ms > 0 and not sim.idle_watch:
+            sim.idle_watch = True
+            return (IdleCheck(self.t_ms + stop_ms / 4),)
+        return ()
+
+
+class IdleCheck(Event):
+    """Every ``cluster.idle_stop_ms`` / 4: provisioned GPUs idle that long leave."""
+
+    __slots__ = ()
+
+    def handle(self, sim: Simulator) -> Iterable[Event]:
+        stop_ms = sim.cfg.cluster.idle_stop_ms
+        for ex in sim.executors:
+            since = ex.idle_since_ms
+            if (
+                ex.joined_ms > -math.inf
+                and ex.retired_ms == math.inf
+                and since is not None
+                and self.t_ms - since >= stop_ms
+            ):
+                sim.retire(ex, self.t_ms)
+        if sim.more_work():
+            return (IdleCheck(self.t_ms + stop_ms / 4),)
+        sim.idle_watch = False
         return ()
 
 
@@ -139,7 +169,7 @@ class SampleTick(Event):
     __slots__ = ()
 
     def handle(self, sim: Simulator) -> Iterable[Event]:
-        sim.metrics.sample(self.t_ms, sim.executors)
+        sim.metrics.sample(self.t_ms, sim.serving())
         if sim.more_work():
             return (SampleTick(self.t_ms + sim.cfg.run.sample_every_ms),)
         return ()
@@ -211,6 +241,8 @@ class Simulator:
         self.measure_from_ms: float | None = None
         self.span_ms = 0.0
         self.alive_ms: list[float] = []
+        self.max_serving = len(executors)
+        self.idle_watch = False  # an IdleCheck is scheduled
         if prefetch is not None:
             prefetch.bind(self)
         # ProvisionNewGPU: vajra.policies.provisioning's provisioner, unchanged. A simulated
@@ -280,12 +312,26 @@ class Simulator:
         if self.provisioner is not None:
             base = self.cfg.cluster.base_model
             self.provisioner.started(base)
-            self.provisioner.set_running(base, len(self.executors))
+            self.provisioner.set_running(base, len(self.serving()))
+        self.max_serving = max(self.max_serving, len(self.serving()))
         return ex
+
+    def retire(self, ex: Executor, now_ms: float) -> None:
+        """An idle provisioned GPU leaves at ``now_ms``: placement forgets it, it is paid until
+        then, and the provisioner may start another."""
+        ex.retired_ms = now_ms
+        self.placement.remove_executor(ex)
+        if self.provisioner is not None:
+            self.provisioner.set_running(self.cfg.cluster.base_model, len(self.serving()))
+
+    def serving(self) -> list[Executor]:
+        """The executors that have not left."""
+        return [ex for ex in self.executors if ex.retired_ms == math.inf]
 
     def start(self, ex: Executor, req: Request, now_ms: float) -> RequestDone:
         """Give ``req`` a batch seat on ``ex`` at ``now_ms``; its completion event."""
         i, t_arr, adapter, prompt, output = req
+        ex.idle_since_ms = None
         ex.running += 1
         gpu = ex.gpu
         ready = gpu.get(adapter)
@@ -337,9 +383,10 @@ class Simulator:
 
     # -- tier commands (the prefetch policy calls these) -------------------------------------
     def promote(self, ex: Executor, adapter: int, tier: int, now_ms: float) -> bool:
-        """Bring ``adapter`` up to ``tier`` on ``ex`` ahead of demand; False if already there."""
+        """Bring ``adapter`` up to ``tier`` on ``ex`` ahead of demand; False if already there
+        (or ``ex`` has left)."""
         have = ex.tier_of(adapter)
-        if have <= tier:
+        if have <= tier or ex.retired_ms != math.inf:
             return False
         if tier == GPU:
             ex.load_to_gpu(adapter, now_ms, self.times, self._bytes)
@@ -409,7 +456,8 @@ class Simulator:
         self.span_ms = self.metrics.end_ms - start
         # each executor's share of the span: a provisioned one serves from when it joined
         self.alive_ms = [
-            max(0.0, self.metrics.end_ms - max(start, ex.joined_ms)) for ex in self.executors
+            max(0.0, min(self.metrics.end_ms, ex.retired_ms) - max(start, ex.joined_ms))
+            for ex in self.executors
         ]
         return self.metrics
 
@@ -417,7 +465,10 @@ class Simulator:
         out = self.metrics.summary(self.executors, span_ms=self.span_ms, alive_ms=self.alive_ms)
         out["executors"] = {
             "initial": self.cfg.cluster.executors,
-            "final": len(self.executors),
+            "final": len(self.serving()),
+            "started": len(self.executors) - self.cfg.cluster.executors,
+            "max_serving": self.max_serving,
+            "retired_ms": [ex.retired_ms for ex in self.executors if ex.retired_ms < math.inf],
             "gpu_hours": round(sum(self.alive_ms) / 3_600_000.0, 3),
             "joined_ms": [ex.joined_ms for ex in self.executors if ex.joined_ms > -math.inf],
         }
@@ -427,4 +478,7 @@ class Simulator:
         return out
 
 
-__all__ = ["DISK", "GPU", "HOST", "REMOTE", "Event", "ExecutorJoins", "RequestDone", "Simulator"]
+__all__ = [
+    "DISK", "GPU", "HOST", "REMOTE", "Event", "ExecutorJoins", "IdleCheck", "RequestDone",
+    "Simulator",
+]  # fmt: skip

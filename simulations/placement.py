@@ -52,6 +52,9 @@ class SimPlacement(Protocol):
     def add_executor(self, ex: Executor) -> None:
         """``ex`` (the next index) joined: a GPU the provisioner started."""
 
+    def remove_executor(self, ex: Executor) -> None:
+        """``ex`` (idle) left: never chosen again."""
+
 
 class LeastLoaded:
     """The least-loaded executor that is not full; O(1) per decision and per load change.
@@ -71,6 +74,9 @@ class LeastLoaded:
         self._level.append(ex.load)
         self._bucket(ex.load)[ex.index] = None
         self._min = min(self._min, ex.load)
+
+    def remove_executor(self, ex: Executor) -> None:
+        self._buckets[self._level[ex.index]].pop(ex.index, None)
 
     def _bucket(self, level: int) -> dict[int, None]:
         while level >= len(self._buckets):
@@ -114,17 +120,21 @@ class RandomPlacement:
     def __init__(self, executors: list[Executor], seed: int) -> None:
         self._executors = executors  # the simulator's own list: an executor that joins is in it
         self._rng = random.Random(seed)
+        self._gone: set[int] = set()
 
     def add_executor(self, ex: Executor) -> None:
         return None
 
+    def remove_executor(self, ex: Executor) -> None:
+        self._gone.add(ex.index)
+
     def choose(self, adapter: int, tenant: int, now_ms: float) -> int | None:
-        n = len(self._executors)
+        n, gone = len(self._executors), self._gone
         for _ in range(8):
             i = self._rng.randrange(n)
-            if not self._executors[i].full:
+            if not self._executors[i].full and i not in gone:
                 return i
-        free = [ex.index for ex in self._executors if not ex.full]
+        free = [ex.index for ex in self._executors if not ex.full and ex.index not in gone]
         return self._rng.choice(free) if free else None
 
     def load_changed(self, ex: Executor) -> None:
@@ -192,6 +202,9 @@ class PolicyPlacement:
         self._states.append(state)
         self._index.upsert_executor(state)
         self._posted.append((0, 0, is_eligible(state, Tier.REMOTE)))
+
+    def remove_executor(self, ex: Executor) -> None:
+        self._index.remove_executor(self._ids[ex.index])
 
     def key(self, adapter: int, tenant: int) -> tuple[str, str]:
         key = self._keys.get(adapter)

@@ -29,7 +29,9 @@ def _work(rid: str) -> InferWork:
         tenant_id="t_cap",
         prompt="Once upon a time",
         adapter=None,
-        sampling=Sampling(max_tokens=48),
+        # Long enough (hundreds of steps, however fast) that none finishes before the
+        # fourth has been read, even on a loaded machine; EOS cannot end one early.
+        sampling=Sampling(max_tokens=400, ignore_eos=True),
         stream=False,
         deadline_unix_ms=now_ms() + 60_000,
         gateway_id="gw",

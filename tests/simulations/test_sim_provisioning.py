@@ -41,8 +41,9 @@ def test_an_overloaded_cluster_grows_to_its_max_and_refuses_less(placement: str)
             )
         )
     )
-    assert fixed["executors"] == {"initial": 1, "final": 1, "gpu_hours": pytest.approx(
-        fixed["span_ms"] / 3_600_000, abs=1e-3), "joined_ms": []}  # fmt: skip
+    f = fixed["executors"]
+    assert (f["initial"], f["final"], f["started"], f["joined_ms"]) == (1, 1, 0, [])
+    assert f["gpu_hours"] == pytest.approx(fixed["span_ms"] / 3_600_000, abs=1e-3)
     ex = grown["executors"]
     assert ex["initial"] == 1 and ex["final"] == 6
     # One start at a time: each joins at least executor_start_ms after the one before.
@@ -69,3 +70,55 @@ def test_bad_provisioning_settings_are_refused() -> None:
         parse_config(_small(cluster={"max_executors": -1}))
     with pytest.raises(SimConfigError, match="executor_start_ms"):
         parse_config(_small(cluster={"executor_start_ms": -5.0}))
+
+
+def _burst_trace() -> Any:
+    from tests.simulations.test_sim_engine import _trace
+
+    # Two bursts of 40 requests 60 s apart, spread over 8 adapters.
+    rows = [(t0 + 5.0 * i, i % 8, 4, 8) for t0 in (0.0, 60_000.0) for i in range(40)]
+    return _trace(rows, adapters=8)
+
+
+def _burst_sim(idle_stop_ms: float) -> Any:
+    from simulations.cluster import build_executors
+    from simulations.engine import Simulator
+    from simulations.placement import PolicyPlacement
+
+    cfg = parse_config(
+        {
+            "run": {"max_wait_ms": 30_000.0, "retry_every_ms": 50.0},
+            "cluster": {
+                "executors": 1, "max_batch_size": 2, "max_queue": 2, "gpu_slots": 8,
+                "adapter_bytes": 1_000_000, "max_executors": 4, "executor_start_ms": 100.0,
+                "idle_stop_ms": idle_stop_ms,
+            },
+            "costs": {"prefill_ms_base": 2.0, "decode_ms_base": 10.0},
+        }
+    )  # fmt: skip
+    exs = build_executors(cfg.cluster)
+    sim = Simulator(cfg, _burst_trace(), exs, PolicyPlacement(exs, base_model="base", alpha=0.5,
+                    beta=0.3, gamma=0.2))  # fmt: skip
+    sim.run()
+    return sim.summary(), sim
+
+
+def test_idle_provisioned_gpus_leave_and_come_back_for_the_next_burst() -> None:
+    kept, _ = _burst_sim(0.0)
+    stopped, sim = _burst_sim(1_000.0)
+    assert kept["completed"] == stopped["completed"] == 80 and stopped["errors"] == {}
+    k, s = kept["executors"], stopped["executors"]
+    assert k["retired_ms"] == [] and k["final"] == k["started"] + 1 == 4
+    # Each burst grows the cluster; the quiet minute between them sends the started GPUs away.
+    assert s["started"] > 3 and s["max_serving"] == 4
+    assert len(s["retired_ms"]) >= 3 and s["final"] < s["started"] + 1
+    assert all(t < 60_000.0 for t in s["retired_ms"])  # during the quiet minute
+    assert sum(t > 60_000.0 for t in s["joined_ms"]) >= 3  # the second burst starts them again
+    # Paid only while there: fewer GPU-hours than keeping them.
+    assert s["gpu_hours"] < k["gpu_hours"]
+    # The executor the run started with never leaves; a retired one is never placed on again.
+    assert sim.executors[0].retired_ms == float("inf")
+    for ex in sim.executors[1:]:
+        if ex.retired_ms < float("inf"):  # it left only after idle_stop_ms without a request
+            assert ex.idle_since_ms is not None
+            assert ex.retired_ms - ex.idle_since_ms >= 1_000.0
