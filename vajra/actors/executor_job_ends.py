@@ -15,33 +15,21 @@ import logging
 
 import trio
 
-from vajra.config import VajraConfig
+from vajra.actors.executor_job_io import JobIO, UsesJobIO
 from vajra.errors import NotFoundError, VajraError
-from vajra.state import ClusterState, OffLoop
 from vajra.state.jobs import JobRecord, JobStatus
-from vajra.storage import ObjectStore, adelete_prefix, job_checkpoints_prefix
+from vajra.storage import adelete_prefix, job_checkpoints_prefix
 
 log = logging.getLogger("vajra.executor.jobs")
 
 __all__ = ["JobEnds"]
 
 
-class JobEnds:
+class JobEnds(UsesJobIO):
     """Final records of one executor's jobs (see the module docstring)."""
 
-    def __init__(
-        self,
-        cfg: VajraConfig,
-        state: ClusterState,
-        store: ObjectStore,
-        redis: OffLoop,
-        *,
-        executor_id: str,
-    ) -> None:
-        self.cfg = cfg
-        self.state = state
-        self.store = store
-        self.redis = redis
+    def __init__(self, io: JobIO, *, executor_id: str) -> None:
+        super().__init__(io)
         self.executor_id = executor_id
 
     async def finish(

@@ -32,15 +32,15 @@ from typing import Any
 
 import trio
 
+from vajra.actors.executor_job_io import JobIO, UsesJobIO
 from vajra.adapters.format import AdapterManifest, base_model_spec, validate_adapter
 from vajra.adapters.versions import AdapterVersion
 from vajra.bus.messages import AdapterSwap, AdapterSwapDone
 from vajra.config import VajraConfig
 from vajra.errors import InvalidRequest, NotFoundError
 from vajra.policies.training import TrainParams
-from vajra.state import ClusterState, OffLoop
 from vajra.state.jobs import JobRecord
-from vajra.storage import ObjectStore, adapter_object_key
+from vajra.storage import adapter_object_key
 from vajra.storage.adapters import aput_adapter_objects
 
 log = logging.getLogger("vajra.executor.jobs")
@@ -73,23 +73,11 @@ def peft_files(
     return config_json, weights, manifest
 
 
-class Publisher:
+class Publisher(UsesJobIO):
     """Publishes trained adapters for one executor (see the module docstring)."""
 
-    def __init__(
-        self,
-        cfg: VajraConfig,
-        state: ClusterState,
-        store: ObjectStore,
-        redis: OffLoop,
-        *,
-        swap: SwapFn,
-        base_model: str,
-    ) -> None:
-        self.cfg = cfg
-        self.state = state
-        self.store = store
-        self.redis = redis
+    def __init__(self, io: JobIO, *, swap: SwapFn, base_model: str) -> None:
+        super().__init__(io)
         self.swap = swap
         self.base_model = base_model
 

@@ -22,15 +22,14 @@ from typing import Any
 
 import trio
 
+from vajra.actors.executor_job_io import JobIO, UsesJobIO
 from vajra.actors.executor_thread import ModelThread, Training
 from vajra.actors.executor_usage import UsageOutbox
-from vajra.config import VajraConfig
 from vajra.errors import InvalidRequest, VajraError
 from vajra.policies.billing import training_cost_usd
 from vajra.policies.training import TrainParams
-from vajra.state import ClusterState, OffLoop
 from vajra.state.jobs import JobRecord
-from vajra.storage import ObjectStore, checkpoint_object_key
+from vajra.storage import checkpoint_object_key
 
 log = logging.getLogger("vajra.executor.jobs")
 
@@ -64,24 +63,13 @@ class RunningJob:
         self.wake.set()
 
 
-class StepBook:
+class StepBook(UsesJobIO):
     """Bills, progress records and checkpoints of one executor's jobs (module docstring)."""
 
     def __init__(
-        self,
-        cfg: VajraConfig,
-        state: ClusterState,
-        store: ObjectStore,
-        redis: OffLoop,
-        model: ModelThread,
-        usage: UsageOutbox,
-        *,
-        executor_id: str,
+        self, io: JobIO, model: ModelThread, usage: UsageOutbox, *, executor_id: str
     ) -> None:
-        self.cfg = cfg
-        self.state = state
-        self.store = store
-        self.redis = redis
+        super().__init__(io)
         self.model = model
         self.usage = usage
         self.executor_id = executor_id

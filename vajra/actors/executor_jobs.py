@@ -46,6 +46,7 @@ import trio
 from vajra.actors.base import wait_until
 from vajra.actors.executor_job_ends import JobEnds
 from vajra.actors.executor_job_inputs import check_dataset_key, prepare_examples, starting_weights
+from vajra.actors.executor_job_io import JobIO
 from vajra.actors.executor_job_publish import SWAP_TIMEOUT_S, Publisher, SwapFn
 from vajra.actors.executor_job_steps import RunningJob, StepBook
 from vajra.actors.executor_thread import ModelThread, Training
@@ -91,11 +92,10 @@ class JobRunner:
         self.executor_id = executor_id
         self.redis = redis or OffLoop()
         self.base_model = str(self.engine.model_name)
-        self.publisher = Publisher(
-            cfg, state, store, self.redis, swap=swap, base_model=self.base_model
-        )
-        self.ends = JobEnds(cfg, state, store, self.redis, executor_id=executor_id)
-        self.book = StepBook(cfg, state, store, self.redis, model, usage, executor_id=executor_id)
+        io = JobIO(cfg, state, store, self.redis)
+        self.publisher = Publisher(io, swap=swap, base_model=self.base_model)
+        self.ends = JobEnds(io, executor_id=executor_id)
+        self.book = StepBook(io, model, usage, executor_id=executor_id)
         self.jobs: dict[str, RunningJob] = {}
         self.draining = False
         self._offers: deque[str] = deque(maxlen=64)  # job ids placement offered here
