@@ -325,6 +325,9 @@ async def test_deleting_the_tenant_mid_job_stops_it_and_removes_its_checkpoints(
         async with cluster(cfg, state) as (_address, executor, _n, _s):
             rec = submit(state, cfg, tenant_id, "fresh", pairs(8), long)
             await until_status(state, rec, {"running"}, step=4)
+            # Step 3's report can be recorded before its checkpoint is stored: wait for the
+            # record to name one (a fresh-clone CI run listed the folder in between).
+            await wait_until(lambda: state.jobs.get(tenant_id, rec.job_id).checkpoint_step >= 3)
             assert store.list_keys(f"checkpoints/{tenant_id}/{rec.job_id}/")
             bystander = submit(state, cfg, other_id, "theirs", pairs(4), WARM_UP)
             assert state.tenants.delete(tenant_id) is not None  # what the gateway's delete does
@@ -349,6 +352,7 @@ async def test_a_lost_executor_fails_the_job_and_resume_continues_from_its_check
         async with cluster(cfg, state, executor_id="exec-a") as (_a, first, nursery, kill):
             rec = submit(state, cfg, tenant_id, "fresh", pairs(8), params)
             await until_status(state, rec, {"running"}, step=12)
+            await wait_until(lambda: state.jobs.get(tenant_id, rec.job_id).checkpoint_step >= 10)
             # The executor stops dead mid-job: nothing finishes the job; its lease passes and
             # the gateway marks it failed, keeping its checkpoint.
             assert first.jobs is not None and list(first.jobs.jobs) == [rec.job_id]
