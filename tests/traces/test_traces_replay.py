@@ -23,7 +23,7 @@ from vajra.adapters.format import base_model_spec
 from vajra.client import AsyncClient, UnavailableError
 from vajra.state import ClusterState
 from vajra.traces import Trace, TraceError, map_to_adapters, synthetic_slora
-from vajra.traces._replay_support import register_adapters
+from vajra.traces._replay_support import adapter_loads, register_adapters
 from vajra.traces.replay import ReplayOptions, replay
 
 
@@ -101,6 +101,12 @@ async def test_replay_reports_latency_cold_starts_and_cost(
                 cold = report["cold_starts"]
                 assert cold["cold"] + cold["warm"] == len(trace)
                 assert cold["cold"] >= 4  # each adapter's first request at least
+                # the executors' own load times: every adapter fetched once from the store,
+                # and copied into a GPU slot at least once per cold request
+                loads = cold["loads"]
+                assert set(loads) == {"store", "disk", "host", "gpu"}
+                assert loads["store"]["loads"] >= 4 and loads["store"]["mean_ms"] > 0
+                assert loads["gpu"]["loads"] >= 4 and loads["gpu"]["mean_ms"] > 0
                 assert report["billing"]["requests"] == len(trace)
                 assert report["billing"]["cost_usd"] > 0
                 assert report["output_tokens"] == int(trace.output_tokens.sum())
@@ -124,3 +130,21 @@ async def test_replay_reports_latency_cold_starts_and_cost(
                 with pytest.raises(TraceError, match="speed"):
                     await replay(client, trace, names, ReplayOptions(speed=0.0))
             nursery.cancel_scope.cancel()
+
+
+def test_adapter_loads_are_the_difference_between_two_readings() -> None:
+    before = {"load_store_count": 2.0, "load_store_sum": 0.010, "load_gpu_count": 1.0}
+    after = {
+        "load_store_count": 6.0,
+        "load_store_sum": 0.030,  # 4 loads, 20 ms
+        "load_gpu_count": 1.0,
+        "load_gpu_sum": 0.5,
+        "load_host_count": 1.0,
+        "load_host_sum": 0.0025,
+    }
+    assert adapter_loads(before, after) == {
+        "store": {"loads": 4, "mean_ms": 5.0},
+        "disk": {"loads": 0, "mean_ms": None},
+        "host": {"loads": 1, "mean_ms": 2.5},
+        "gpu": {"loads": 0, "mean_ms": None},
+    }

@@ -2,8 +2,10 @@
 
 - :func:`register_adapters`: random PEFT adapters for the cluster's base model, pushed under
   the client's tenant; a name that already has an active version is reused as it is.
-- :func:`read_counters`: the executors' ``adapter_requests_cold`` / ``_warm`` counters,
-  scraped from their Prometheus endpoints (``vajra_actor_events_total``).
+- :func:`read_counters`: the executors' ``adapter_requests_cold`` / ``_warm`` counters and
+  adapter load histograms, scraped from their Prometheus endpoints
+  (``vajra_actor_events_total``, ``vajra_adapter_load_seconds``); :func:`adapter_loads`: loads
+  and mean load time per tier between two readings.
 - :func:`usage_totals` / :func:`wait_for_usage`: the tenant's usage totals, and a bounded
   wait for the ledger to have recorded a replay's requests.
 
@@ -32,6 +34,11 @@ if TYPE_CHECKING:
     from vajra.adapters.format import BaseModelSpec
 
 COLD_EVENTS = ("adapter_requests_cold", "adapter_requests_warm")
+#: The executors' adapter load histogram and its tiers: ``store`` (fetch from the object
+#: store), ``disk`` (read from the local cache), ``host`` (validate and pack into host memory),
+#: ``gpu`` (wait for the model and copy into a slot); see vajra.actors.adapter_tiers.
+LOAD_HISTOGRAM = "vajra_adapter_load_seconds"
+LOAD_TIERS = ("store", "disk", "host", "gpu")
 _SCRAPE_TIMEOUT_S = 10.0
 
 
@@ -52,7 +59,7 @@ def summary(values: Sequence[float]) -> dict[str, float | None]:
     }
 
 
-def _scrape(url: str) -> dict[str, int]:
+def _scrape(url: str) -> dict[str, float]:
     try:
         with urllib.request.urlopen(url, timeout=_SCRAPE_TIMEOUT_S) as resp:
             text = resp.read().decode("utf-8", "replace")
@@ -60,28 +67,46 @@ def _scrape(url: str) -> dict[str, int]:
         raise TraceError(
             f"cannot read executor metrics at {url}: {exc}", column="metrics"
         ) from None
-    found = dict.fromkeys(COLD_EVENTS, 0)
+    found: dict[str, float] = dict.fromkeys(COLD_EVENTS, 0.0)
     for family in text_string_to_metric_families(text):
-        if family.name != "vajra_actor_events":
-            continue
-        for sample in family.samples:
-            event = sample.labels.get("event")
-            if sample.name.endswith("_total") and event in found:
-                found[event] += int(sample.value)
+        if family.name == "vajra_actor_events":
+            for sample in family.samples:
+                event = sample.labels.get("event")
+                if sample.name.endswith("_total") and event in found:
+                    found[event] += sample.value
+        elif family.name == LOAD_HISTOGRAM:
+            for sample in family.samples:
+                tier = sample.labels.get("tier")
+                if tier in LOAD_TIERS and sample.name.endswith(("_sum", "_count")):
+                    key = f"load_{tier}_{sample.name.rsplit('_', 1)[1]}"
+                    found[key] = found.get(key, 0.0) + sample.value
     return found
 
 
-async def read_counters(urls: Sequence[str]) -> dict[str, int] | None:
-    """The executors' cold/warm adapter request counters summed over ``urls`` (None when
-    there are no endpoints). Raises :class:`TraceError` when an endpoint cannot be read."""
+async def read_counters(urls: Sequence[str]) -> dict[str, float] | None:
+    """The executors' cold/warm adapter request counters and their adapter load histograms'
+    sums (seconds) and counts per tier (``load_TIER_sum`` / ``load_TIER_count``), summed over
+    ``urls`` (None when there are no endpoints). Raises :class:`TraceError` when an endpoint
+    cannot be read."""
     if not urls:
         return None
-    total = dict.fromkeys(COLD_EVENTS, 0)
+    total: dict[str, float] = dict.fromkeys(COLD_EVENTS, 0.0)
     for url in urls:
         one = await trio.to_thread.run_sync(_scrape, url)
         for k, v in one.items():
-            total[k] += v
+            total[k] = total.get(k, 0.0) + v
     return total
+
+
+def adapter_loads(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """Loads per tier between two :func:`read_counters` readings, and their mean time (ms),
+    as the executors measured them (``vajra_adapter_load_seconds``)."""
+    out: dict[str, Any] = {}
+    for tier in LOAD_TIERS:
+        n = after.get(f"load_{tier}_count", 0.0) - before.get(f"load_{tier}_count", 0.0)
+        s = after.get(f"load_{tier}_sum", 0.0) - before.get(f"load_{tier}_sum", 0.0)
+        out[tier] = {"loads": int(n), "mean_ms": round(1000.0 * s / n, 3) if n > 0 else None}
+    return out
 
 
 async def usage_totals(client: AsyncClient) -> dict[str, float]:

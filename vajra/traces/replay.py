@@ -39,6 +39,7 @@ from vajra.client import AsyncClient, VajraError
 from vajra.policies.billing import Prices, inference_cost_usd
 from vajra.traces._replay_support import (
     ProgressBar,
+    adapter_loads,
     read_counters,
     summary,
     usage_totals,
@@ -209,8 +210,8 @@ def _report(
     send_s: float,
     usage_before: dict[str, float],
     usage_after: dict[str, float],
-    counters_before: dict[str, int] | None,
-    counters_after: dict[str, int] | None,
+    counters_before: dict[str, float] | None,
+    counters_after: dict[str, float] | None,
     prices: Prices,
     metrics_urls: Sequence[str],
 ) -> dict[str, Any]:
@@ -228,9 +229,10 @@ def _report(
         cold = {
             "source": "executors' adapter_requests_cold / adapter_requests_warm counters",
             "executors": len(metrics_urls),
-            "cold": c,
-            "warm": w,
+            "cold": int(c),
+            "warm": int(w),
             "rate": round(c / (c + w), 4) if c + w else None,
+            "loads": adapter_loads(counters_before, counters_after),
         }
     sent = len(trace) - tally.errors.get("shed_client", 0)
     n_requests = int(used.get("requests", 0))
