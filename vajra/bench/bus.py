@@ -17,6 +17,7 @@ divided by the requests answered (``cpu_us_per_request``; ``load_generator`` is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -25,7 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,31 +209,39 @@ def _run_cluster_in_thread(
     return ready, ready["token"], thread
 
 
+@contextlib.contextmanager
+def bench_cluster(home: Path, *, model: str = "null") -> Iterator[tuple[str, str]]:
+    """A benchmark cluster (:func:`_run_cluster_in_thread`) and a new tenant to drive it:
+    yields (gateway address, the tenant's API key); the cluster stops on exit."""
+    ready, token, thread = _run_cluster_in_thread(home, model=model)
+    try:
+        with ClusterState(ready["info"]["redis_url"]) as state:
+            _, api_key = state.tenants.create(f"bench-{uuid.uuid4().hex[:8]}")
+        yield str(ready["info"]["gateway_address"]), api_key
+    finally:
+        trio.from_thread.run_sync(ready["stop"].set, trio_token=token)
+        thread.join(60)
+
+
 def run_bus_bench(
     *, duration_s: float = 5.0, concurrency: int = 256, latency_requests: int = 2000
 ) -> dict[str, Any]:
     """Run both measurements and return the JSON-ready result."""
-    with tempfile.TemporaryDirectory(prefix="vajra-bench-") as tmp:
-        home = Path(tmp)
-        ready, token, thread = _run_cluster_in_thread(home)
-        info = ready["info"]
+    with (
+        tempfile.TemporaryDirectory(prefix="vajra-bench-") as tmp,
+        bench_cluster(Path(tmp)) as (address, api_key),
+    ):
+        load = _Load(address, api_key, check_results=True)
         try:
-            with ClusterState(info["redis_url"]) as state:
-                _, api_key = state.tenants.create(f"bench-{uuid.uuid4().hex[:8]}")
-            load = _Load(info["gateway_address"], api_key, check_results=True)
-            try:
-                load.latency(200)  # warm-up: caches, connections
-                cpu_before = _cpu_seconds()
-                e2e_tp = load.throughput(concurrency, duration_s)
-                cpu_after = _cpu_seconds()
-                cpu_used = {n: s - cpu_before.get(n, 0.0) for n, s in cpu_after.items()}
-                e2e_lat = load.latency(latency_requests)
-                errors = load.errors
-            finally:
-                load.close()
+            load.latency(200)  # warm-up: caches, connections
+            cpu_before = _cpu_seconds()
+            e2e_tp = load.throughput(concurrency, duration_s)
+            cpu_after = _cpu_seconds()
+            cpu_used = {n: s - cpu_before.get(n, 0.0) for n, s in cpu_after.items()}
+            e2e_lat = load.latency(latency_requests)
+            errors = load.errors
         finally:
-            trio.from_thread.run_sync(ready["stop"].set, trio_token=token)
-            thread.join(30)
+            load.close()
 
     address = free_tcp_address()
     echo = subprocess.Popen(

@@ -35,7 +35,6 @@ import platform
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,10 +43,9 @@ import psutil
 import torch
 import trio
 
-from vajra.bench.bus import _cpu_seconds, _process_name, _run_cluster_in_thread
+from vajra.bench.bus import _cpu_seconds, _process_name, bench_cluster
 from vajra.client import AsyncClient
 from vajra.config import VajraConfig
-from vajra.state import ClusterState
 
 #: Prompt stems; request ``i`` uses stem ``i % len`` repeated a little, so lengths vary.
 _STEMS = (
@@ -377,14 +375,10 @@ def run_serving_bench(
         )
         home = Path(tmp) / "home"
         home.mkdir()
-        ready, token, thread = _run_cluster_in_thread(home, model=str(model_dir))
-        info = ready["info"]
-        try:
-            with ClusterState(info["redis_url"]) as state:
-                _, api_key = state.tenants.create(f"bench-{uuid.uuid4().hex[:8]}")
+        with bench_cluster(home, model=str(model_dir)) as (address, api_key):
             sdk = trio.run(
                 _drive_cluster,
-                info["gateway_address"],
+                address,
                 api_key,
                 model_dir,
                 prompts,
@@ -393,9 +387,6 @@ def run_serving_bench(
                 adapters,
                 static,
             )
-        finally:
-            trio.from_thread.run_sync(ready["stop"].set, trio_token=token)
-            thread.join(60)
 
     return {
         "benchmark": "serving",

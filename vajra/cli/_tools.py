@@ -59,6 +59,36 @@ def register(sub: Subcommands) -> None:
         "--quick", action="store_true", help="a short run that checks it works (16 tokens, 1 round)"
     )
     serving.set_defaults(func=cmd_bench_serving)
+    paced = bsub.add_parser(
+        "paced",
+        help="the serving path's first-token latency and CPU per request, one request at a "
+        "time with idle gaps, vs back to back and the engine alone, on the tiny model",
+    )
+    paced.add_argument("--json", required=True, help="where to write the results")
+    paced.add_argument(
+        "--requests", type=int, default=200, help="measured requests (default: %(default)s)"
+    )
+    paced.add_argument(
+        "--gap-ms",
+        type=float,
+        default=43.0,
+        help="idle ms between one request's end and the next (default: %(default)s)",
+    )
+    paced.add_argument(
+        "--max-tokens", type=int, default=8, help="new tokens per request (default: %(default)s)"
+    )
+    paced.add_argument(
+        "--prompt-tokens", type=int, default=64, help="prompt words (default: %(default)s)"
+    )
+    paced.add_argument(
+        "--adapters", type=int, default=50, help="adapters, used in turn (default: %(default)s)"
+    )
+    paced.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run that checks it works (20 requests, 4 adapters, 1 round)",
+    )
+    paced.set_defaults(func=cmd_bench_paced)
     engine = bsub.add_parser(
         "engine",
         help="the engine alone: tokens/s, ITL and TTFT on Azure trace requests, context length, "
@@ -122,6 +152,27 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
     from vajra.bench.serving import run_serving_bench
 
     result = run_serving_bench(quick=args.quick)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_bench_paced(args: argparse.Namespace) -> int:
+    from vajra.bench.serving_paced import run_paced_bench
+
+    try:
+        result = run_paced_bench(
+            requests=args.requests,
+            gap_ms=args.gap_ms,
+            max_tokens=args.max_tokens,
+            prompt_tokens=args.prompt_tokens,
+            adapters=args.adapters,
+            quick=args.quick,
+        )
+    except ValueError as exc:
+        print(f"vajra bench paced: {exc}", file=sys.stderr)
+        return 2
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
