@@ -15,6 +15,11 @@
   (``engine_adapters``, else ``engine``: ``seconds / steps``; every request is admitted in one
   step, so the engine emits their first tokens after one step). The mean step is shorter than
   the first step, which holds every prefill, so this is a slight overestimate of the path.
+  A ``vajra bench paced`` JSON (one request at a time, idle gaps between them) gives
+  ``serving_ms`` as its own ``serving_ms`` (median first token less the engine's first step of
+  the same request), and ``host.serving_cpu_ms`` (``paced.serving_cpu_ms_per_request``: CPU per
+  request of every process but the executor) and ``host.background_cores`` (the sum of
+  ``paced.idle_cpu_ms_per_s`` but ``executor_loop``, a part of ``executor``, over 1000).
 * ``cluster.bench_adapters_json`` (``vajra bench adapters`` JSON, ``activation.tiers``): the
   median activation time of an adapter of ``safetensors_bytes`` from pinned host memory and
   from the page cache (disk) become the host and disk bandwidths, latency zero, so an adapter of
@@ -93,9 +98,36 @@ def adapter_compute_factor(path: Path) -> float | None:
     return round(1.0 / ratio, 4)
 
 
-def serving_ms(path: Path) -> float:
-    """The serving path's latency before the first token, from a ``vajra bench serving`` JSON."""
+def paced_host(path: Path) -> dict[str, float] | None:
+    """``serving_cpu_ms`` and ``background_cores`` from a ``vajra bench paced`` JSON (None for
+    a ``vajra bench serving`` one, which measures neither)."""
     data = _read(path)
+    if data.get("benchmark") != "paced":
+        return None
+    try:
+        paced = data["paced"]
+        cpu = float(paced["serving_cpu_ms_per_request"])
+        idle_ms = paced["idle_cpu_ms_per_s"]  # executor_loop is a part of executor
+        idle = sum(float(ms) for k, ms in idle_ms.items() if k != "executor_loop") / 1000.0
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SimConfigError(f"{path}: not a vajra bench paced JSON (missing {e})") from e
+    if not (0 <= cpu < float("inf") and 0 <= idle < float("inf")):
+        raise SimConfigError(f"{path}: CPU figures must be finite and >= 0")
+    return {"serving_cpu_ms": round(cpu, 3), "background_cores": round(idle, 4)}
+
+
+def serving_ms(path: Path) -> float:
+    """The serving path's latency before the first token, from a ``vajra bench serving`` or
+    ``vajra bench paced`` JSON."""
+    data = _read(path)
+    if data.get("benchmark") == "paced":
+        try:
+            path_ms = float(data["serving_ms"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise SimConfigError(f"{path}: not a vajra bench paced JSON (missing {e})") from e
+        if not 0 <= path_ms < float("inf"):
+            raise SimConfigError(f"{path}: serving_ms {path_ms} must be >= 0")
+        return round(path_ms, 3)
     sdk, engine = "sdk_stream_adapters", "engine_adapters"
     if sdk not in data or engine not in data:
         sdk, engine = "sdk_stream", "engine"
@@ -143,8 +175,20 @@ def calibrated(cfg: SimConfig) -> SimConfig:
             costs["adapter_compute_factor"] = factor
         cfg = dataclasses.replace(cfg, costs=dataclasses.replace(cfg.costs, **costs))
     if cfg.costs.bench_serving_json:
-        path_ms = serving_ms(cfg.resolve(cfg.costs.bench_serving_json))
-        cfg = dataclasses.replace(cfg, costs=dataclasses.replace(cfg.costs, serving_ms=path_ms))
+        path = cfg.resolve(cfg.costs.bench_serving_json)
+        cfg = dataclasses.replace(
+            cfg, costs=dataclasses.replace(cfg.costs, serving_ms=serving_ms(path))
+        )
+        host = paced_host(path)
+        if host is not None:
+            cfg = dataclasses.replace(
+                cfg,
+                host=dataclasses.replace(
+                    cfg.host,
+                    serving_cpu_ms=host["serving_cpu_ms"],
+                    background_cores=host["background_cores"],
+                ),
+            )
     if cfg.cluster.bench_adapters_json:
         tiers = adapter_tiers(cfg.resolve(cfg.cluster.bench_adapters_json))
         cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, **tiers))

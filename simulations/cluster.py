@@ -104,8 +104,11 @@ class Executor:
         """Mark ``adapter`` most recently used in GPU memory."""
         self.gpu[adapter] = self.gpu.pop(adapter)
 
-    def load_to_gpu(self, adapter: int, now_ms: float, times: TierTimes, nbytes: int) -> float:
+    def load_to_gpu(
+        self, adapter: int, now_ms: float, times: TierTimes, nbytes: int, *, stretch: float = 1.0
+    ) -> float:
         """Bring ``adapter`` into GPU memory through the copy channel; returns when it is ready.
+        The tier's load time is multiplied by ``stretch`` (CPU contention, :mod:`simulations.host`).
 
         Evicts ``pick_victim``'s choice, else the least recently used idle adapter, when every
         slot is taken (it stays in host memory and on disk); when every resident adapter is in
@@ -116,7 +119,7 @@ class Executor:
         src = self.tier_of(adapter)
         if src == GPU:
             return self.gpu[adapter]
-        ready = max(now_ms, self.load_free_ms) + times.load_ms[src]
+        ready = max(now_ms, self.load_free_ms) + times.load_ms[src] * stretch
         self.load_free_ms = ready
         self.loads += 1
         self.bytes_loaded += nbytes

@@ -115,7 +115,24 @@ class CostSection:
     # client -> gateway -> scheduler -> executor and the stream back, outside the engine: added
     # to every request's TTFT and end-to-end latency, not to GPU time
     serving_ms: float = 0.0
-    bench_serving_json: str = ""  # a `vajra bench serving` JSON: serving_ms is measured there
+    # a `vajra bench serving` JSON (requests back to back) or a `vajra bench paced` one
+    # (requests one at a time with idle gaps, as a sparse trace sends them): serving_ms is
+    # measured there
+    bench_serving_json: str = ""
+
+
+@dataclass(frozen=True)
+class HostSection:
+    """The machine every process of the cluster shares, for a cluster whose executors compute
+    on the CPU (the tiny model here); see :mod:`simulations.host`. ``cores`` = 0: no contention
+    (executors on GPUs of their own). ``costs.bench_serving_json`` naming a ``vajra bench
+    paced`` JSON sets ``serving_cpu_ms`` and ``background_cores`` from what it measured."""
+
+    cores: int = 0
+    # CPU per request spent outside the executors: gateway, scheduler, predictor, ledger,
+    # Valkey and the client that sends it
+    serving_cpu_ms: float = 0.0
+    background_cores: float = 0.0  # what the cluster's processes use while idle, in cores
 
 
 @dataclass(frozen=True)
@@ -160,6 +177,7 @@ class SimConfig:
     trace: TraceSection = field(default_factory=TraceSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     costs: CostSection = field(default_factory=CostSection)
+    host: HostSection = field(default_factory=HostSection)
     policy: PolicySection = field(default_factory=PolicySection)
     economics: EconomicsSection = field(default_factory=EconomicsSection)
     base_dir: Path = Path(".")  # relative paths in the config resolve against its directory
@@ -231,6 +249,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "trace": TraceSection,
     "cluster": ClusterSection,
     "costs": CostSection,
+    "host": HostSection,
     "policy": PolicySection,
     "economics": EconomicsSection,
 }

@@ -15,7 +15,8 @@ decode_ms_per_seq x b``) is fixed by the batch size b at its start. That approxi
 event per request; it is exact when the batch size does not change during a request. Both times
 are multiplied by ``costs.adapter_compute_factor`` (the LoRA's own compute), and
 ``costs.serving_ms`` (the serving path outside the engine) is added to each request's latencies.
-The simulator has no notion of CPU contention between executors, or with the other actors.
+A cluster of CPU executors (``host.cores`` > 0) also shares the machine's cores with the serving
+path: each request's times are stretched by :func:`simulations.host.slowdown` when it starts.
 
 Provisioning (``ProvisionNewGPU``): with ``cluster.max_executors`` above ``executors``, a
 request that finds no room asks :class:`vajra.policies.provisioning.CapacityProvisioner` (the
@@ -39,6 +40,7 @@ from typing import Any, Protocol
 
 from simulations.cluster import DISK, GPU, HOST, REMOTE, Executor, TierTimes, new_executor
 from simulations.config import SimConfig
+from simulations.host import slowdown
 from simulations.metrics import NO_CAPACITY, MetricsStore, cold_breakdown
 from simulations.placement import SimPlacement
 from vajra.policies.billing import billed_gpu_ms, inference_cost_usd
@@ -232,6 +234,7 @@ class Simulator:
         # a constant delay outside the engine: shifting every arrival by it changes no
         # executor's schedule, so it is added to each request's latencies alone
         self._serving_ms = c.serving_ms
+        self._host = cfg.host
         e = cfg.economics
         self._bill = (e.billing_granularity_ms, e.gpu_price_per_hour, e.tenancy_factor)
         self._bytes = cfg.cluster.adapter_bytes
@@ -333,12 +336,20 @@ class Simulator:
         i, t_arr, adapter, prompt, output = req
         ex.idle_since_ms = None
         ex.running += 1
+        b = ex.running
+        prefill_ms = self._prefill[0] + self._prefill[1] * prompt
+        it_ms = self._decode[0] + self._decode[1] * b
+        serving = self._serving_ms
+        s = 1.0
+        if self._host.cores:  # a CPU cluster: every process shares the machine's cores
+            s = self._contention(ex, now_ms, serving + prefill_ms + (output - 1) * it_ms)
+            prefill_ms, it_ms, serving = prefill_ms * s, it_ms * s, serving * s
         gpu = ex.gpu
         ready = gpu.get(adapter)
         if ready is None:
             prefetch = self.prefetch
             src = ex.tier_of(adapter) if prefetch is not None else REMOTE
-            ready = ex.load_to_gpu(adapter, now_ms, self.times, self._bytes)
+            ready = ex.load_to_gpu(adapter, now_ms, self.times, self._bytes, stretch=s)
             if prefetch is not None:
                 prefetch.on_load(src, self._bytes, self.times.load_ms[src])
             self.report_changes(ex)
@@ -352,13 +363,10 @@ class Simulator:
             ready = now_ms
         ex.in_use[adapter] = ex.in_use.get(adapter, 0) + 1
         ex.served.add(adapter)
-        b = ex.running
-        first = ready + self._prefill[0] + self._prefill[1] * prompt
-        it_ms = self._decode[0] + self._decode[1] * b
+        first = ready + prefill_ms
         end = first + (output - 1) * it_ms if output > 1 else first
         ex.mark_busy(ready, end)
         metrics = self.metrics
-        serving = self._serving_ms
         metrics.finish(i, first - t_arr + serving, end - t_arr + serving, cold)
         gpu_ms = end - ready
         metrics.gpu_ms_total += gpu_ms
@@ -367,6 +375,19 @@ class Simulator:
         self._billed_ms += billed_gpu_ms(gpu_ms, self._bill[0])
         self.placement.load_changed(ex)
         return RequestDone(end, ex, adapter)
+
+    def _contention(self, ex: Executor, at_ms: float, nominal_ms: float) -> float:
+        """:func:`simulations.host.slowdown` of a request given a seat on ``ex`` at ``at_ms``
+        (O(executors): for the small CPU clusters ``[host]`` describes)."""
+        h = self._host
+        return slowdown(
+            cores=h.cores,
+            computing=sum(1 for e in self.executors if e is ex or e.busy_until_ms > at_ms),
+            inflight=sum(e.running for e in self.executors),
+            serving_cpu_ms=h.serving_cpu_ms,
+            nominal_ms=nominal_ms,
+            background_cores=h.background_cores,
+        )
 
     def report_changes(self, ex: Executor) -> None:
         """Tell placement (and prefetch) of the tier changes ``ex`` recorded."""

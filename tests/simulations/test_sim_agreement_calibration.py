@@ -151,8 +151,9 @@ def test_serving_path_falls_back_and_refuses_nonsense(tmp_path: Path) -> None:
 def test_agreement_config_is_calibrated_from_both_benches(tmp_path: Path) -> None:
     cfg = calibrated(load_config(AGREEMENT))
     assert cfg.costs.adapter_compute_factor == round(1 / 0.583, 4)
-    one_stream = BENCH / "agreement-replay-tiny-cpu-serving-1-stream.json"
-    assert cfg.costs.serving_ms == serving_ms(one_stream) > 0
+    paced = BENCH / "agreement-paced-tiny-cpu.json"  # one request at a time, idle between
+    assert cfg.costs.serving_ms == serving_ms(paced) > 0
+    assert cfg.host.cores == 2 and cfg.host.serving_cpu_ms > 0 and cfg.host.background_cores > 0
     assert cfg.policy.placement == "vajra"
     # a config that names a missing serving bench fails whole, naming the file
     broken = dataclasses.replace(
