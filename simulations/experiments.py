@@ -67,13 +67,14 @@ def _row(label: str, config: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sweep(
-    name: str, runs: list[tuple[str, str, dict[str, Any]]], out: Path
+    name: str, runs: list[tuple[str, str, dict[str, Any]]], out: Path, *, write: bool = True
 ) -> list[dict[str, Any]]:
     rows = []
     for label, config, overrides in runs:
         print(f"{name}: {label}", file=sys.stderr, flush=True)
         rows.append(_row(label, config, overrides))
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    if write:
+        (out / f"{name}.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     return rows
 
 
@@ -103,16 +104,36 @@ WARMUP: dict[str, dict[str, Any]] = {
 }
 
 
+def _earlier_rows(path: Path, replaced: set[str]) -> list[dict[str, Any]]:
+    """The rows of an earlier sweep at ``path`` but those labelled in ``replaced`` (none when
+    there is no such file)."""
+    try:
+        rows: list[dict[str, Any]] = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise SimConfigError(f"cannot merge into {path}: {e}") from e
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "label" in r for r in rows):
+        raise SimConfigError(f"cannot merge into {path}: not a list of sweep rows")
+    return [r for r in rows if r["label"] not in replaced]
+
+
 def prefetch(
-    out: Path, traces: Sequence[str], predictors: Sequence[str] = (), *, warmup: bool = True
+    out: Path,
+    traces: Sequence[str],
+    predictors: Sequence[str] = (),
+    *,
+    warmup: bool = True,
+    merge: bool = False,
 ) -> None:
+    """One sweep per trace; ``merge``: add the runs to the trace's earlier JSON (a run of the
+    same label is replaced), so one predictor can be run alone and compared with the rest."""
     for trace in traces:
         pre = WARMUP.get(trace, {}) if warmup else {}
-        runs = [
-            (p, trace, {**pre, **VARIANTS.get(p, {"policy.prefetch": p})})
-            for p in predictors or PREDICTORS
-        ]
-        rows = _sweep(f"prefetch-{trace}", runs, out)
+        labels = list(predictors or PREDICTORS)
+        runs = [(p, trace, {**pre, **VARIANTS.get(p, {"policy.prefetch": p})}) for p in labels]
+        earlier = _earlier_rows(out / f"prefetch-{trace}.json", set(labels)) if merge else []
+        rows = earlier + _sweep(f"prefetch-{trace}", runs, out, write=False)  # written below
         ok = [r for r in rows if "error" not in r]
         base = next((r for r in ok if r["label"] == "none"), None)
         for r in ok:
@@ -174,10 +195,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--no-warmup", action="store_true", help="prefetch: measure from the first request"
     )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="prefetch: add these runs to the trace's earlier JSON (same label: replaced)",
+    )
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.name == "prefetch":
-        prefetch(args.out, args.only or TRACES, args.predictor, warmup=not args.no_warmup)
+        prefetch(
+            args.out,
+            args.only or TRACES,
+            args.predictor,
+            warmup=not args.no_warmup,
+            merge=args.merge,
+        )
     elif args.name == "placement":
         placement(args.out, args.only or TRACES)
     elif args.name == "scale":

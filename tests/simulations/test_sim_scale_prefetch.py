@@ -133,3 +133,25 @@ def test_experiments_record_a_bad_predictor_and_go_on(tmp_path: Path) -> None:
     assert "error" not in rows[0] and rows[0]["requests"] > 0
     assert "bogus" in rows[1]["error"]
     assert (tmp_path / "prefetch-prefetch_azure2021.png").stat().st_size > 0
+
+
+def test_a_merged_run_joins_the_earlier_sweep_and_replaces_its_own_label(tmp_path: Path) -> None:
+    args = ["prefetch", "--only", "prefetch_azure2021", "--out", str(tmp_path)]
+    path = tmp_path / "prefetch-prefetch_azure2021.json"
+    assert main([*args, "--predictor", "none", "--predictor", "gap"]) == 0
+    first = json.loads(path.read_text())
+    assert main([*args, "--merge", "--predictor", "ewma", "--predictor", "gap"]) == 0
+    rows = json.loads(path.read_text())
+    assert [r["label"] for r in rows] == ["none", "ewma", "gap"]
+    assert rows[0]["report"] == first[0]["report"]  # kept as it was
+    # compared with the kept reactive run, as in a whole sweep
+    for r in rows:
+        expected = round(1 - r["cold_start_rate"] / rows[0]["cold_start_rate"], 4)
+        assert r["cold_starts_vs_reactive"] == expected
+    # without --merge the file is the new sweep alone; a broken file is refused, not lost
+    assert main([*args, "--predictor", "none"]) == 0
+    assert [r["label"] for r in json.loads(path.read_text())] == ["none"]
+    path.write_text("{not json")
+    with pytest.raises(SimConfigError, match="cannot merge"):
+        main([*args, "--merge", "--predictor", "gap"])
+    assert path.read_text() == "{not json"
