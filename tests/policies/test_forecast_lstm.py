@@ -60,6 +60,24 @@ def test_learns_a_periodic_pattern_better_than_a_constant() -> None:
     assert t_later is not None and t_later > now + 1_500
 
 
+def test_rates_scale_with_each_adapters_own_level_even_untrained() -> None:
+    # One model for adapters whose levels differ a hundredfold: a busy adapter (50 arrivals a
+    # bin) is forecast busy, a rare one (one arrival every 8 bins) rare, before any training.
+    p = LstmPredictor(bin_ms=1_000, window=8, horizon=4, steps_per_bin=0)
+    busy, rare = ("t", "busy"), ("t", "rare")
+    for b in range(20):
+        for j in range(50):
+            p.observe(busy, b * 1_000 + 10 * j)
+        if b % 8 == 0:
+            p.observe(rare, b * 1_000 + 5)
+    now = 20 * 1_000 + 1
+    rates = p.rates([busy, rare], now)
+    assert rates[0].min() > 10 * rates[1].max() > 0
+    t_busy, t_rare = p.predict_many([busy, rare], now)
+    assert t_busy is not None and t_busy < now + 100  # dozens expected in this bin
+    assert t_rare is None or t_rare > now + 500
+
+
 def test_unknown_and_idle_adapters_predict_nothing() -> None:
     p = LstmPredictor(bin_ms=1_000, window=4, horizon=2, steps_per_bin=0)
     assert p.predict_next(("t", "x"), 0) is None

@@ -17,8 +17,12 @@ number of arrivals reaches ln 2 (at least one arrival is more likely than not), 
 inside a bin; None when that does not happen within the horizon or the adapter had no
 arrival in its window. Answers change only at bin boundaries (:meth:`stable_until`).
 
-Input: log1p of counts (shape ``[adapters, window, 1]``); model: LSTM(1 -> hidden) then a
-linear layer to ``horizon`` rates through softplus. CPU only; runs on the caller's thread
+Input: log1p of counts over the adapter's scale (its mean count in the window, at least one
+arrival per window), shape ``[adapters, window, 1]``; model: LSTM(1 -> hidden) then a linear
+layer to ``horizon`` relative rates through softplus, times the scale (DeepAR's scaling: one
+model learns the shape of arrivals for adapters whose levels differ by orders of magnitude, and
+an untrained model already answers about the adapter's own recent rate; without it, busy
+adapters got rates far below their counts and were forecast as idle). CPU only; runs on the caller's thread
 (the simulator's loop, or the predictor actor through ``trio.to_thread``) and never blocks on
 I/O. Arrivals older than the ring are ignored; arrival times going backwards within the ring are
 counted in their own bin. Errors: invalid parameters raise ``ValueError``.
@@ -191,18 +195,24 @@ class LstmPredictor:
             return
         if len(rows) > self.batch_size:
             rows = np.array(sorted(self._rng.sample(list(rows), self.batch_size)))
-        x = self._ordered(rows, new_bin - self.horizon, self.window)
-        y = self._ordered(rows, new_bin, self.horizon)
-        xt = torch.from_numpy(np.log1p(x)).unsqueeze(-1)
-        yt = torch.from_numpy(y)
+        xt, scale = self._scaled(self._ordered(rows, new_bin - self.horizon, self.window))
+        yt = torch.from_numpy(self._ordered(rows, new_bin, self.horizon))
         self.net.train()
         for _ in range(self.steps_per_bin):
             self.opt.zero_grad()
-            loss = nn.functional.poisson_nll_loss(self.net(xt), yt, log_input=False)
+            rates = self.net(xt) * scale
+            loss = nn.functional.poisson_nll_loss(rates, yt, log_input=False)
             loss.backward()  # type: ignore[no-untyped-call]
             self.opt.step()
             self.trained_steps += 1
             self.last_loss = float(loss.detach())
+
+    def _scaled(self, counts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's input for ``counts`` [n, window]: log1p of each row over its scale, and
+        the scales [n, 1] (the row's mean count, at least one arrival per window)."""
+        scale = np.maximum(counts.mean(axis=1, keepdims=True), 1.0 / self.window)
+        x = torch.from_numpy(np.log1p(counts / scale).astype(np.float32)).unsqueeze(-1)
+        return x, torch.from_numpy(scale.astype(np.float32))
 
     def _all_rates(self) -> tuple[dict[AdapterKey, int], np.ndarray]:
         if self._rates is not None:
@@ -211,9 +221,9 @@ class LstmPredictor:
         if not keys or self._bin is None:
             self._rates = ({}, np.zeros((0, self.horizon), dtype=np.float32))
             return self._rates
-        x = torch.from_numpy(np.log1p(self._ordered(rows, self._bin, self.window)))
+        x, scale = self._scaled(self._ordered(rows, self._bin, self.window))
         self.net.eval()
         with torch.inference_mode():
-            out = self.net(x.unsqueeze(-1)).numpy()
+            out = (self.net(x) * scale).numpy()
         self._rates = ({k: i for i, k in enumerate(keys)}, out)
         return self._rates
