@@ -29,8 +29,7 @@ def _work(rid: str) -> InferWork:
         tenant_id="t_cap",
         prompt="Once upon a time",
         adapter=None,
-        # Long enough (hundreds of steps, however fast) that none finishes before the
-        # fourth has been read, even on a loaded machine; EOS cannot end one early.
+        # EOS cannot end one early (the test also holds every step until the fourth is read).
         sampling=Sampling(max_tokens=400, ignore_eos=True),
         stream=False,
         deadline_unix_ms=now_ms() + 60_000,
@@ -58,16 +57,26 @@ async def test_a_burst_fills_batch_and_queue_and_the_next_is_overloaded(
                 executor = Executor(cfg, state, executor_id="exec-cap")
                 await nursery.start(executor.run)
                 assert isinstance(decode((await dispatch.recv())[1:]).message, ExecutorHello)
-                # Four back to back: read in one batch, before any has reached the batch.
+                # Four back to back while no engine step can run (the test holds the GPU's
+                # limiter), so none can finish before the fourth is read, however loaded the
+                # machine: the fourth must be refused.
+                await executor._gpu.acquire()
                 rids = ("r1", "r2", "r3", "r4")
                 await dispatch.send_each([[b"exec-cap", *encode(_work(r))] for r in rids])
                 inbox = Inbox(replies, routed=True)
-                answers = {}
-                while len(answers) < 4:
-                    msg = await inbox.next()
-                    rid = getattr(msg, "request_id", None)
-                    if isinstance(msg, InferResult | ErrorReply) and rid is not None:
-                        answers[rid] = msg
+                answers: dict[str, object] = {}
+
+                async def collect(until: int) -> None:
+                    while len(answers) < until:
+                        msg = await inbox.next()
+                        rid = getattr(msg, "request_id", None)
+                        if isinstance(msg, InferResult | ErrorReply) and rid is not None:
+                            answers[rid] = msg
+
+                with trio.move_on_after(20):  # a refusal comes at once; an acceptance never
+                    await collect(1)
+                executor._gpu.release()
+                await collect(4)
                 assert all(isinstance(answers[r], InferResult) for r in ("r1", "r2", "r3"))
                 refused = answers["r4"]
                 assert isinstance(refused, ErrorReply)

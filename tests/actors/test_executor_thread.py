@@ -102,16 +102,26 @@ class Recorder:
         self.flushes = 0
         self.flush_s = 0.0
         self.usage: list[str] = []
+        self.forgotten: list[str] = []
 
     def add(self, frames: Sequence[bytes], peer: bytes | None = None) -> None:
         self.messages.append(decode(frames).message)
 
     async def flush(self) -> None:
         self.flushes += 1
+        self.messages.append(("flush",))
         await trio.sleep(self.flush_s)  # a busy loop (sending takes time) falls behind
 
     def record(self, work: InferWork, out: StepOutput) -> None:
         self.usage.append(work.request_id)
+        self.messages.append(("record", work.request_id, out.completion_tokens))
+
+    def progress(self, rows: list[tuple[InferWork, StepOutput]]) -> None:
+        # In the same list as the replies, so a test sees what was journaled before what.
+        self.messages.extend(("progress", w.request_id, o.completion_tokens) for w, o in rows)
+
+    def forget(self, request_id: str) -> None:
+        self.forgotten.append(request_id)
 
     def send(self, *, force: bool = False) -> None:
         pass
@@ -247,6 +257,20 @@ async def test_a_stream_gets_first_token_at_once_then_one_chunk_per_pass() -> No
             engine.gate.set()
             await wait_until(lambda: sum(isinstance(m, InferResult) for m in rec.messages) == 2)
             nursery.cancel_scope.cancel()
+    # Every token a flush sent was journaled before it (progress while the stream runs, its
+    # event at the end); only the stream has progress, dropped once the stream ends.
+    journaled = sent = 0
+    for m in rec.messages:
+        if isinstance(m, TokenChunk):
+            sent += len(m.token_ids)
+        elif m == ("flush",):
+            assert journaled >= sent, (journaled, sent)
+        elif isinstance(m, tuple) and m[1] == "s":
+            journaled = max(journaled, m[2])
+        elif isinstance(m, tuple):
+            assert m[0] == "record", m  # the whole answer: no progress
+    assert journaled == sent == 30 and rec.forgotten == ["s"]
+    assert sum(1 for m in rec.messages if isinstance(m, tuple) and m[0] == "progress") > 1
     chunks = [m for m in rec.messages if isinstance(m, TokenChunk)]
     assert all(c.request_id == "s" for c in chunks)
     assert [c.index for c in chunks] == list(range(len(chunks)))
@@ -256,6 +280,8 @@ async def test_a_stream_gets_first_token_at_once_then_one_chunk_per_pass() -> No
     results = {m.request_id: m for m in rec.messages if isinstance(m, InferResult)}
     assert results["w"].token_ids == list(range(1, 31)) and results["s"].completion_tokens == 30
     last_chunk = max(i for i, m in enumerate(rec.messages) if isinstance(m, TokenChunk))
+    after = rec.messages[last_chunk:]
+    assert not [m for m in after if isinstance(m, tuple) and m[0] == "progress"]
     assert rec.messages.index(results["s"]) > last_chunk  # the result comes after its chunks
     assert sorted(rec.usage) == ["s", "w"]  # billed once each
     assert not steps.running and steps.model.quiet == set()

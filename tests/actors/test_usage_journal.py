@@ -20,7 +20,7 @@ import trio
 from vajra import bus
 from vajra.actors.base import wait_until
 from vajra.actors.executor_usage import UsageOutbox
-from vajra.actors.usage_journal import UsageJournal, read_segments, segments
+from vajra.actors.usage_journal import Progress, UsageJournal, read_segments, segments
 from vajra.bus.messages import InferWork, Sampling, UsageEvent
 from vajra.bus.zsocket import open_socket
 from vajra.config import VajraConfig
@@ -80,7 +80,14 @@ def test_a_torn_last_line_is_skipped_and_counted(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"not json\n", b"{}\n", b'{"e": {"event_id": 5}}\n', b'{"a": "x"}\n', b"\xff\xfe\n"],
+    [
+        b"not json\n",
+        b"{}\n",
+        b'{"e": {"event_id": 5}}\n',
+        b'{"a": "x"}\n',
+        b'{"p": [["x", 1.0]], "t": 1}\n',
+        b"\xff\xfe\n",
+    ],
 )
 def test_unreadable_lines_are_skipped_not_fatal(tmp_path: Path, garbage: bytes) -> None:
     first = _journal(tmp_path, "a")
@@ -109,7 +116,7 @@ def test_rotation_keeps_only_the_pending_events(tmp_path: Path) -> None:
     j = _journal(tmp_path, "a")
     j.append([_event(i) for i in range(10)])
     j.ack([_event(i).event_id for i in range(8)])
-    j.rotate([_event(8), _event(9)])
+    j.rotate([_event(8), _event(9)], [])
     assert j.lines == 2
     assert [p.name for p in segments(tmp_path / "exec-0")] == ["usage-a-000002.jsonl"]
     j.append([_event(10)])
@@ -117,11 +124,65 @@ def test_rotation_keeps_only_the_pending_events(tmp_path: Path) -> None:
     assert [e.event_id for e in nxt.recover()] == [_event(i).event_id for i in (8, 9, 10)]
 
 
+def _counts(i: int, completion: int, gpu_ms: float = 1.0) -> Progress:
+    return (_event(i).event_id, gpu_ms, 3, completion)
+
+
+def test_a_stream_cut_short_by_a_crash_is_billed_its_largest_progress(tmp_path: Path) -> None:
+    first = _journal(tmp_path, "a")
+    # Passes of the loop: streams 0 and 1 start, then only their counts; request 2 ends.
+    first.progress([_event(0, completion_tokens=1), _event(1, completion_tokens=1)], [], 10)
+    first.progress([], [_counts(0, 2), _counts(1, 2)], 20)
+    first.append([_event(2)])
+    first.progress([_event(2, completion_tokens=1)], [_counts(0, 5, 9.0)], 30)
+    first.append([_event(1, completion_tokens=3)])  # stream 1 ended: its event wins
+    first.progress([_event(3, completion_tokens=0, gpu_ms=0.0)], [], 40)  # nothing computed
+    # kill -9 here: stream 0 never ended.
+    second = _journal(tmp_path, "b")
+    recovered = {e.event_id: e for e in second.recover()}
+    assert sorted(recovered) == sorted(_event(i).event_id for i in (0, 1, 2))
+    assert recovered[_event(0).event_id] == _event(
+        0, completion_tokens=5, gpu_ms=9.0, ts_unix_ms=30
+    )
+    assert recovered[_event(1).event_id].completion_tokens == 3
+    assert recovered[_event(2).event_id] == _event(2)  # an event beats a stale progress
+    # Recovery wrote them as events: once acknowledged, they are gone for good.
+    second.ack([_event(i).event_id for i in (0, 1)])
+    assert [e.event_id for e in _journal(tmp_path, "c").recover()] == [_event(2).event_id]
+
+
+def test_progress_read_in_any_order_keeps_the_largest(tmp_path: Path) -> None:
+    first = _journal(tmp_path, "a")
+    first.progress([_event(0, completion_tokens=1)], [_counts(0, 7)], 50)
+    # A segment that sorts after it, holding an older record (incarnations sort by name).
+    other = _journal(tmp_path, "b")
+    other.progress([_event(0, completion_tokens=4)], [], 40)
+    contents = read_segments(segments(tmp_path / "exec-0"))
+    assert [(e.completion_tokens, e.ts_unix_ms) for e in contents.unacked()] == [(7, 50)]
+
+
+def test_a_progress_line_without_its_first_record_bills_nothing(tmp_path: Path) -> None:
+    first = _journal(tmp_path, "a")
+    first.progress([], [_counts(0, 7)], 50)  # its first record was lost: no tenant to bill
+    assert _journal(tmp_path, "b").recover() == []
+
+
+def test_rotation_carries_the_running_streams_progress(tmp_path: Path) -> None:
+    j = _journal(tmp_path, "a")
+    j.progress([_event(0, completion_tokens=2)], [], 10)
+    j.append([_event(1)])
+    j.ack([_event(1).event_id])
+    j.rotate([], [_event(0, completion_tokens=3)])
+    assert j.lines == 1 and j.bytes > 0
+    recovered = _journal(tmp_path, "b").recover()
+    assert recovered == [_event(0, completion_tokens=3)]
+
+
 def test_kept_segments_hold_every_event_ever_recorded(tmp_path: Path) -> None:
     j = _journal(tmp_path, "a", keep=True)
     j.append([_event(i) for i in range(4)])
     j.ack([_event(i).event_id for i in range(4)])
-    j.rotate([])
+    j.rotate([], [])
     j.append([_event(4)])
     j.close()
     nxt = _journal(tmp_path, "b", keep=True)
@@ -247,3 +308,35 @@ def test_a_closed_journal_refuses_events_but_ignores_late_acks(tmp_path: Path) -
     with pytest.raises(OSError):
         j.append([_event(1)])
     assert [e.event_id for e in _journal(tmp_path, "b").recover()] == [_event(0).event_id]
+
+
+async def test_the_outbox_journals_stream_progress_until_the_request_is_recorded(
+    tmp_path: Path,
+) -> None:
+    cfg = VajraConfig().replace("cluster", home=str(tmp_path / "home"))
+    ctx = bus.new_context()
+    sock = open_socket(ctx, bus.DEALER, identity=b"exec-0")
+    try:
+        first = UsageOutbox(cfg, sock, Counter(), executor_id="exec-0", incarnation="one")
+        works = [InferWork(f"r{i}", "t_1", "hi", "chat", Sampling(), True, 0, "gw") for i in (0, 1)]
+        for step in (1, 2, 3):  # three passes of both streams
+            first.progress(
+                [
+                    (w, StepOutput(w.request_id, "x", (7,), False, None, 4, step, 2.0 * step))
+                    for w in works
+                ]
+            )
+        first.record(works[1], StepOutput("r1", "", (), True, "length", 4, 3, 6.5))
+        first.forget("r9")  # a request with no progress: nothing to drop
+        assert list(first._running) == ["exec-0.one.r0"]
+        # kill -9 here: r0 was streaming, r1 had ended.
+        recovered = UsageJournal(first.journal.directory, "two")
+        recovered.open()
+        events = {e.request_id: e for e in recovered.recover()}
+        assert sorted(events) == ["r0", "r1"]
+        assert (events["r0"].completion_tokens, events["r0"].gpu_ms) == (3, 6.0)
+        assert (events["r1"].completion_tokens, events["r1"].gpu_ms) == (3, 6.5)
+        assert events["r0"].event_id == "exec-0.one.r0"  # the id it would have ended with
+    finally:
+        sock.close()
+        ctx.term()

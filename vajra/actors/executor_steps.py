@@ -19,8 +19,10 @@ too. Nothing is held back to wait for more: the first token leaves with the pass
 
 A request dropped early (:meth:`StepLoop.cancel`, :meth:`StepLoop.end_row`: cancelled,
 expired, drained, orphaned) sends nothing more; the engine's final "abort" output says what it
-computed, and that is billed. A request that holds an adapter slot gives it back to the tiers
-when it is forgotten, whichever way it ends.
+computed, and that is billed. A stream's progress is journaled before each chunk it is sent
+(:meth:`~vajra.actors.executor_usage.UsageOutbox.progress`), so a kill -9 of the executor does
+not leave what it delivered unbilled. A request that holds an adapter slot gives it back to
+the tiers when it is forgotten, whichever way it ends.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class _Running:
     # How much of ``text`` (parts) and ``token_ids`` the chunks sent so far carried.
     sent_parts: int = 0
     sent_tokens: int = 0
+    # The stream's latest output not yet in a chunk (what its progress journals).
+    latest: StepOutput | None = None
     # The row is being dropped (cancelled, expired, drained, orphaned): it sends nothing more;
     # the engine's final "abort" output bills it and forgets it.
     ending: bool = False
@@ -219,6 +223,8 @@ class StepLoop:
             for out in outputs:
                 self._on_output(out)
         unsent, self._unsent = self._unsent, {}
+        # What the chunks count goes to the journal before they leave (billed after a crash).
+        self.usage.progress([(a.work, a.latest) for a in unsent.values() if a.latest is not None])
         for rid, act in unsent.items():
             too_large = self._send_chunk(act)
             if too_large is not None:
@@ -280,6 +286,7 @@ class StepLoop:
         if out.prompt_logprobs is not None:
             act.prompt_logprobs = _wire_logprobs(out.prompt_logprobs)
         if work.stream and (out.text_delta or out.token_ids) and out.error is None:
+            act.latest = out
             self._unsent[work.request_id] = act  # sent at the end of the pass (_deliver)
         if not out.finished:
             return
@@ -349,6 +356,8 @@ class StepLoop:
         self._finished.append(request_id)
         if act is not None:
             self._release(_Queued(act.work, act.slot))
+            if act.latest is not None:
+                self.usage.forget(request_id)  # recorded next, if it computed anything
 
     def _release(self, queued: _Queued) -> None:
         if queued.slot is not None and self.tiers is not None and queued.work.adapter_digest:

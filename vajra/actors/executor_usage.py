@@ -7,7 +7,12 @@ Data flows left to right::
 
 Every event is written to the executor's journal (:mod:`vajra.actors.usage_journal`) before
 it is sent, and fsync'd in batches (each resend tick and at drain); an acknowledgement is
-journaled too. A new incarnation of the same executor id takes over the unacknowledged events
+journaled too. So is the progress of every stream, before each chunk it is sent
+(:meth:`UsageOutbox.progress`): a stream whose executor is killed mid-generation is billed,
+once a new incarnation recovers the journal, for what it computed up to its last chunk. A
+request that is not streamed sends nothing before it ends; if its executor dies first, its
+client gets an error and nothing is billed (the compute lost is the cost of our crash, as for
+a training step computed again). A new incarnation of the same executor id takes over the unacknowledged events
 of the earlier ones (:meth:`UsageOutbox.resend` starts by recovering them) and sends them
 again. So no event is ever dropped: a kill -9 between compute and acknowledgement loses nothing
 (the event was written before it was sent), and the ledger counts a resent event once (its
@@ -30,10 +35,11 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import msgspec
 import trio
 
 from vajra.actors.base import now_ms
-from vajra.actors.usage_journal import UsageJournal
+from vajra.actors.usage_journal import Progress, UsageJournal
 from vajra.bus.codec import DecodeError, decode, encode
 from vajra.bus.messages import InferWork, UsageAck, UsageBatch, UsageEvent
 from vajra.bus.zsocket import ZSocket
@@ -49,6 +55,9 @@ RESEND_BATCH = 512
 #: Lines in a journal segment past which it is rewritten with only the unacknowledged events
 #: (when those are at most a tenth of it, so rewriting is cheap).
 ROTATE_LINES = 200_000
+#: Bytes in a journal segment past which it is rewritten the same way (progress lines are
+#: long: one per loop pass, naming every stream running).
+ROTATE_BYTES = 64 << 20
 
 
 def journal_dir(cfg: VajraConfig, executor_id: str) -> Path:
@@ -82,6 +91,8 @@ class UsageOutbox:
         self.incarnation = incarnation
         self.pending: dict[str, tuple[UsageEvent, float]] = {}  # event id -> (event, sent at)
         self._unsent: list[UsageEvent] = []
+        # Streams with progress journaled: event id -> (first record, latest counts, when).
+        self._running: dict[str, tuple[UsageEvent, Progress, int]] = {}
         self._unsynced = False
         self.journal = UsageJournal(
             journal_dir(cfg, executor_id), incarnation, keep=cfg.executor.keep_usage_journals
@@ -96,20 +107,54 @@ class UsageOutbox:
     def record(self, work: InferWork, out: StepOutput) -> None:
         """Keep what ``work`` computed (its final output, or what it had computed when it was
         cut short) until the ledger acknowledges it. OSError if the journal cannot be written."""
-        self._keep(
-            UsageEvent(
-                event_id=f"{self.executor_id}.{self.incarnation}.{work.request_id}",
-                tenant_id=work.tenant_id,
-                request_id=work.request_id,
-                executor_id=self.executor_id,
-                gpu_ms=out.compute_ms,
-                prompt_tokens=out.prompt_tokens,
-                completion_tokens=out.completion_tokens,
-                ts_unix_ms=now_ms(),
-                adapter=adapter_name(work.adapter),
-                adapter_version=work.adapter_version or 0,
-                kind="inference",
-            )
+        event = self._inference_event(work, out, now_ms())
+        self._running.pop(event.event_id, None)
+        self._keep(event)
+
+    def progress(self, rows: list[tuple[InferWork, StepOutput]]) -> None:
+        """Journal what running streams computed so far (each row: the request and its latest
+        output), before the chunks carrying it are sent; one write for all. Not fsync'd (a
+        kill -9 keeps it; a machine that crashes takes the streams' clients' chunks with it
+        too, at worst unbilled). OSError if the journal cannot be written."""
+        if not rows:
+            return
+        now = now_ms()
+        started: list[UsageEvent] = []
+        counts: list[Progress] = []
+        running = self._running
+        for work, out in rows:
+            event_id = self._event_id(work.request_id)
+            count = (event_id, out.compute_ms, out.prompt_tokens, out.completion_tokens)
+            seen = running.get(event_id)
+            if seen is None:
+                event = self._inference_event(work, out, now)
+                started.append(event)
+            else:
+                event = seen[0]
+                counts.append(count)
+            running[event_id] = (event, count, now)
+        self.journal.progress(started, counts, now)
+
+    def forget(self, request_id: str) -> None:
+        """The request ended without an event (nothing computed): drop its progress."""
+        self._running.pop(self._event_id(request_id), None)
+
+    def _event_id(self, request_id: str) -> str:
+        return f"{self.executor_id}.{self.incarnation}.{request_id}"
+
+    def _inference_event(self, work: InferWork, out: StepOutput, ts_unix_ms: int) -> UsageEvent:
+        return UsageEvent(
+            event_id=self._event_id(work.request_id),
+            tenant_id=work.tenant_id,
+            request_id=work.request_id,
+            executor_id=self.executor_id,
+            gpu_ms=out.compute_ms,
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.completion_tokens,
+            ts_unix_ms=ts_unix_ms,
+            adapter=adapter_name(work.adapter),
+            adapter_version=work.adapter_version or 0,
+            kind="inference",
         )
 
     def record_training(
@@ -202,8 +247,25 @@ class UsageOutbox:
             await trio.sleep(self.cfg.executor.usage_resend_s)
             await self.sync()
             await self._flush(force=False)
-            if self.journal.lines > ROTATE_LINES and len(self.pending) * 10 <= ROTATE_LINES:
-                self.journal.rotate([e for e, _ in self.pending.values()])
+            if self._journal_large() and len(self.pending) * 10 <= ROTATE_LINES:
+                pending = [e for e, _ in self.pending.values()]
+                self.journal.rotate(pending, self._running_events())
+
+    def _running_events(self) -> list[UsageEvent]:
+        """The streams journaled as running, each as the event its latest counts would bill."""
+        return [
+            msgspec.structs.replace(
+                event,
+                gpu_ms=gpu_ms,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                ts_unix_ms=ts,
+            )
+            for event, (_, gpu_ms, prompt, completion), ts in self._running.values()
+        ]
+
+    def _journal_large(self) -> bool:
+        return self.journal.lines > ROTATE_LINES or self.journal.bytes > ROTATE_BYTES
 
     async def sync(self) -> None:
         """fsync the journal (in a worker thread) if anything was written since the last."""
