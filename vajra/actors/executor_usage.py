@@ -10,13 +10,14 @@ it is sent, and fsync'd in batches (each resend tick and at drain); an acknowled
 journaled too. So is the progress of every stream, before each chunk it is sent
 (:meth:`UsageOutbox.progress`): a stream whose executor is killed mid-generation is billed,
 once a new incarnation recovers the journal, for what it computed up to its last chunk. A
-request that is not streamed sends nothing before it ends; if its executor dies first, its
-client gets an error and nothing is billed (the compute lost is the cost of our crash, as for
-a training step computed again). A new incarnation of the same executor id takes over the unacknowledged events
-of the earlier ones (:meth:`UsageOutbox.resend` starts by recovering them) and sends them
-again. So no event is ever dropped: a kill -9 between compute and acknowledgement loses nothing
-(the event was written before it was sent), and the ledger counts a resent event once (its
-``event_id``).
+request that is not streamed sends nothing before it ends; if its executor dies first, the
+scheduler places it again (or its client gets an error), and what the dead executor computed
+for it is not billed (the cost of our crash, as for a training step computed again).
+
+A new incarnation of the same executor id takes over the unacknowledged events of the earlier
+ones (:meth:`UsageOutbox.resend` starts by recovering them) and sends them again. So no event
+is ever dropped: a kill -9 between compute and acknowledgement loses nothing (the event was
+written before it was sent), and the ledger counts a resent event once (its ``event_id``).
 
 Event ids: inference ``{executor}.{incarnation}.{request_id}`` (request ids are unique across
 gateways and their restarts); training ``train.{job_id}.{step}``, deliberately *not* tied to
