@@ -78,6 +78,28 @@ def test_rates_scale_with_each_adapters_own_level_even_untrained() -> None:
     assert t_rare is None or t_rare > now + 500
 
 
+def test_an_adapter_waking_after_a_quiet_spell_is_expected_again_within_its_bin() -> None:
+    # Its completed bins are all empty, so the model alone forecasts it idle until this bin
+    # completes; the nowcast (this bin's arrivals so far) expects it again within the bin.
+    p = LstmPredictor(bin_ms=1_000, window=8, horizon=4, steps_per_bin=0)
+    sleeper, other = ("t", "sleeper"), ("t", "other")
+    for b in range(40):
+        p.observe(other, b * 1_000 + 1)
+    p.observe(sleeper, 39_000 + 100)  # its first arrival in 39 bins
+    p.observe(sleeper, 39_000 + 150)
+    now = 39_000 + 200
+    assert p.rates([sleeper], now)[0, 0] < 0.1  # the model alone: idle
+    t = p.predict_next(sleeper, now)
+    assert t is not None and now <= t < 40_000, t
+    # One arrival so far instead of two implies a lower rate: expected later.
+    q = LstmPredictor(bin_ms=1_000, window=8, horizon=4, steps_per_bin=0)
+    for b in range(40):
+        q.observe(other, b * 1_000 + 1)
+    q.observe(sleeper, 39_000 + 100)
+    later = q.predict_next(sleeper, now)
+    assert later is None or later > t
+
+
 def test_unknown_and_idle_adapters_predict_nothing() -> None:
     p = LstmPredictor(bin_ms=1_000, window=4, horizon=2, steps_per_bin=0)
     assert p.predict_next(("t", "x"), 0) is None

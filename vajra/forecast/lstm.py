@@ -10,12 +10,19 @@ adapter's history lives in one block of memory). At every bin boundary:
   model for every adapter, so a pattern learned on one helps the others;
 * prediction (lazily, on the first question in a bin): one batched forward over every active
   adapter reads its last ``window`` completed bins and gives an arrival rate for each of the next
-  ``horizon`` bins (the current one first).
+  ``horizon`` bins (the current one first);
+* nowcast (at every question): the current bin's rate is updated by the arrivals it has seen
+  so far, (forecast + arrivals) / (1 + elapsed fraction of the bin), a Gamma-Poisson update in
+  which the forecast weighs one bin. Without it a function waking after a quiet spell was
+  forecast idle for its whole first bin and evicted between its requests (the Azure 2019 day:
+  +56.7% cold starts against reactive loading, +5.9% with it).
 
 :meth:`LstmPredictor.predict_next` is the first moment from ``now_ms`` at which the expected
 number of arrivals reaches ln 2 (at least one arrival is more likely than not), interpolated
 inside a bin; None when that does not happen within the horizon or the adapter had no
-arrival in its window. Answers change only at bin boundaries (:meth:`stable_until`).
+arrival in its window. The forecast changes only at bin boundaries (:meth:`stable_until`, when
+the prefetcher re-plans); the nowcast also with each arrival (which re-plans the adapter) and as
+the bin goes by (read afresh by every question, eviction's included).
 
 Input: log1p of counts over the adapter's scale (its mean count in the window, at least one
 arrival per window), shape ``[adapters, window, 1]``; model: LSTM(1 -> hidden) then a linear
@@ -121,16 +128,27 @@ class LstmPredictor:
             return [None] * len(keys)
         idx = np.array([pos.get(k, -1) for k in keys], dtype=np.int64)
         rates = np.vstack([table, np.zeros((1, self.horizon), dtype=np.float32)])[idx]
+        rates = rates.astype(np.float64)
         starts = self._bin * self.bin_ms + np.arange(self.horizon) * self.bin_ms
+        # Nowcast: the current bin's rate is updated by its arrivals so far (a Gamma-Poisson
+        # update, the forecast weighing one bin), so an adapter waking after a quiet spell is
+        # not forecast idle until its bin completes, nor a busy one kept after it went quiet.
+        elapsed = min(max((now_ms - starts[0]) / self.bin_ms, 0.0), 1.0)
+        rows = [self._rows.get(k, -1) for k in keys]
+        current = np.array(
+            [self._counts[r, self._bin % self.ring] if r >= 0 else 0.0 for r in rows],
+            dtype=np.float64,
+        )
+        rates[:, 0] = (rates[:, 0] + current) / (1.0 + elapsed)
         lo = np.maximum(starts, now_ms)
         frac = np.clip((starts + self.bin_ms - lo) / self.bin_ms, 0.0, 1.0)
-        expected = rates.astype(np.float64) * frac
+        expected = rates * frac
         cum = np.cumsum(expected, axis=1)
         reached = cum >= _LN2
         first = reached.argmax(axis=1)
-        rows = np.arange(len(keys))
-        before = cum[rows, first] - expected[rows, first]
-        rate = np.maximum(rates[rows, first].astype(np.float64), 1e-12)
+        at = np.arange(len(keys))
+        before = cum[at, first] - expected[at, first]
+        rate = np.maximum(rates[at, first], 1e-12)
         when = lo[first] + (_LN2 - before) / rate * self.bin_ms
         ok = [bool(v) for v in np.asarray(reached.any(axis=1)).ravel()]
         return [float(w) if good else None for w, good in zip(when.tolist(), ok, strict=True)]
