@@ -452,16 +452,29 @@ async def test_killed_executor_is_restarted_and_no_request_hangs(
     (pid,) = _executor_pids(cluster)
     outcomes: list[str] = []
     deadline_s = 20.0
+    killed = trio.Event()
+
+    def kill_once() -> None:
+        if not killed.is_set():
+            os.kill(int(pid), signal.SIGKILL)
+            killed.set()
 
     async def one(c: AsyncClient, i: int) -> None:
         t0 = trio.current_time()
+        prompt = PROMPTS[i % len(PROMPTS)]
         try:
             if i % 2:
-                async with c.stream(PROMPTS[i % len(PROMPTS)], max_tokens=200) as chunks:
-                    async for _ in chunks:
-                        pass
+                # The kill comes from inside a stream that has read a few of its 200 tokens
+                # (no end-of-sequence stop), so at least that stream is cut short, however
+                # fast the machine generates.
+                async with c.stream(prompt, max_tokens=200, ignore_eos=True) as chunks:
+                    read = 0
+                    async for chunk in chunks:
+                        read += len(chunk.token_ids)
+                        if read >= 4:
+                            kill_once()
             else:
-                await c.infer(PROMPTS[i % len(PROMPTS)], max_tokens=200)
+                await c.infer(prompt, max_tokens=200, ignore_eos=True)
             outcomes.append("ok")
         except (UnavailableError, TimeoutError) as exc:
             assert exc.retriable
@@ -477,8 +490,7 @@ async def test_killed_executor_is_restarted_and_no_request_hangs(
         ):
             for i in range(30):
                 nursery.start_soon(one, c, i)
-            await trio.sleep(0.5)
-            os.kill(int(pid), signal.SIGKILL)
+    assert killed.is_set()
     assert len(outcomes) == 30
     assert not [o for o in outcomes if o.startswith("unexpected")], outcomes
     assert any(o != "ok" for o in outcomes), "the kill should have cut some requests short"

@@ -392,7 +392,9 @@ async def test_gateway_kill_crosses_no_tokens_and_bills_once(cluster: RunningClu
     async def long_stream(c: AsyncClient) -> None:
         nonlocal started
         try:
-            async with c.stream("Once upon a time", max_tokens=LONG, timeout_s=60) as s:
+            async with c.stream(
+                "Once upon a time", max_tokens=LONG, ignore_eos=True, timeout_s=60
+            ) as s:
                 async for _ in s:
                     started += 1
                     await trio.lowlevel.checkpoint()
