@@ -79,7 +79,11 @@ def _streaks(log: list[str]) -> list[int]:
 async def _run(rule: InterleaveRule, *, fail_at: int = 0) -> tuple[list[str], Training, int]:
     log: list[str] = []
     engine = LoggingEngine(log)
-    model = ModelThread(engine, trio.CapacityLimiter(1), lambda: _drain(model), turns=rule)  # type: ignore[arg-type]
+    # No bound on outputs waiting for the loop: a loop late to drain them must not change the
+    # interleaving under test.
+    model = ModelThread(  # type: ignore[arg-type]
+        engine, trio.CapacityLimiter(1), lambda: _drain(model), turns=rule, max_steps_ahead=10**6
+    )
     trainer = ScriptedTrainer(engine, log, total=40)
     trainer.fail_at = fail_at
     woken = trio.Event()

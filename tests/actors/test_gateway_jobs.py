@@ -376,9 +376,11 @@ async def test_cancelling_a_follow_ends_the_stream_at_the_gateway(
             # Leaving the stream early tells the gateway, whose stream task ends.
             await wait_until(lambda: not env.gw.jobs._watches)
             assert (await job.status()).status == "queued"  # the job itself is untouched
-            with trio.move_on_after(0.3):  # a new follow works as before
+            again = None
+            with trio.move_on_after(10):  # a new follow works as before
                 async with job.follow() as progress:
-                    assert (await progress.__anext__()).status == "queued"
+                    again = (await progress.__anext__()).status
+            assert again == "queued"
 
 
 def test_s3_datasets_must_be_in_the_clusters_bucket_under_the_tenants_prefix(

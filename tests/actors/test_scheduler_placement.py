@@ -259,6 +259,9 @@ async def test_predictor_tier_commands_reach_the_executor_through_the_scheduler(
     cfg: VajraConfig, valkey_url: str
 ) -> None:
     cfg = cfg.replace("predictor", kind="keepalive", keepalive_ms=200, plan_interval_s=0.05)
+    # exec-a reports only while the test places work: a long timeout keeps it registered on a
+    # loaded machine until the demote arrives.
+    cfg = cfg.replace("scheduler", executor_timeout_s=3.0)
     cfg = cfg.replace("policies", prefetch_lookahead_ms=100)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     with ClusterState(valkey_url) as state, trio.fail_after(20):

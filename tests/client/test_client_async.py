@@ -143,7 +143,9 @@ async def test_a_late_reply_after_a_timeout_is_ignored(gateway: FakeGateway) -> 
         async with AsyncClient(gateway.address, "k") as c:
             with pytest.raises(TimeoutError):
                 await c.infer("!delay:200", timeout_s=0.05)
-            await trio.sleep(0.3)
+            while not c.ignored_replies:  # noqa: ASYNC110 - counted by the client's receiver
+                await trio.sleep(0.02)
+            await trio.sleep(0.1)  # and nothing else arrives
             assert c.ignored_replies == 1
             assert (await c.infer("next")).text == echo_text("next")
 
