@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.gpu.lora_kit import HIDDEN, INTER, KV, LAYOUT, SPEC, make_adapter, manifest
-from vajra.adapters import InvalidAdapter
-from vajra.gpu.lora import HostAdapter, LoraPool, PoolFull, pack_adapter
+from vajra.adapters import BaseModelSpec, InvalidAdapter
+from vajra.gpu.lora import HostAdapter, LoraLayout, LoraPool, PoolFull, pack_adapter
 from vajra.gpu.lora.pages import PageRuns, expand
 
 KINDS = {name: k for k, name in enumerate(LAYOUT.kinds)}
@@ -41,7 +41,11 @@ def test_layout_rows_per_kind_and_shared_arenas() -> None:
     # q and o, k and v have the same shapes layer by layer: they share an arena
     assert LAYOUT.kind_arenas == (0, 1, 1, 0, 2) and LAYOUT.num_arenas == 3
     q1 = LAYOUT.index("model.layers.1.self_attn.q_proj")
-    assert (LAYOUT.a_offsets[q1], LAYOUT.b_offsets[q1]) == (2 * HIDDEN, 3 * HIDDEN)
+    # a row: every layer's A, then every layer's Bt
+    assert (LAYOUT.a_offsets[q1], LAYOUT.b_offsets[q1]) == (HIDDEN, 3 * HIDDEN)
+    # both layers agree: each kind's segments are two groups, every A and every Bt
+    k = KINDS["k_proj"]
+    assert LAYOUT.kind_groups[k] == ((0, HIDDEN, 2, HIDDEN), (2 * HIDDEN, KV, 2, KV))
 
 
 def test_memory_follows_the_targeted_modules_and_the_adapters_own_rank() -> None:
@@ -108,8 +112,51 @@ def test_pages_of_one_adapter_may_be_scattered_and_the_tables_follow_them() -> N
     assert pages == [*range(1, 17), *range(25, 33), *[0] * 40]  # the zero page past rank 24
     assert pool.rank_table[slot].tolist() == [0, 0, 0, 0, 24]
     assert torch.equal(pool.read_back(slot), adapter.host.buffer)
-    a, bt = pool.module_views(LAYOUT.index("model.layers.1.mlp.down_proj"))
+    module = "model.layers.1.mlp.down_proj"
+    a, bt = pool.module_views(LAYOUT.index(module))
     assert torch.equal(a[0], torch.zeros(INTER)) and torch.equal(bt[0], torch.zeros(HIDDEN))
+    # each module's view is contiguous, and its rows at the slot's pages are the adapter's own
+    assert a.is_contiguous() and bt.is_contiguous()
+    rows = pool.page_table[down, slot, :24].long()
+    assert torch.equal(a[rows], adapter.a[module])
+    torch.testing.assert_close(bt[rows], adapter.bt[module])
+
+
+def test_layers_of_different_shapes_are_copied_segment_by_segment() -> None:
+    """A kind whose layers disagree in shape: one group per segment, and every module's view
+    still holds the adapter's own rows at the slot's pages, scattered or not."""
+    q0, q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+    layout = LoraLayout.from_spec(
+        BaseModelSpec(model_type="llama", modules={q0: (6, 5), q1: (4, 7)}), ("q_proj",)
+    )
+    assert layout.kind_groups == (((0, 6, 1, 22), (6, 4, 1, 22), (10, 5, 1, 22), (15, 7, 1, 22)),)
+    gen = torch.Generator().manual_seed(3)
+    a = {q0: torch.randn(3, 6, generator=gen), q1: torch.randn(2, 4, generator=gen)}
+    b = {q0: torch.randn(5, 3, generator=gen), q1: torch.randn(7, 2, generator=gen)}
+    tensors = {f"{m}.A": a[m] for m in a} | {f"{m}.B": b[m] for m in b}
+    packed = pack_adapter(manifest({q0: 3, q1: 2}, {q0: 3.0, q1: 4.0}), tensors, layout, pin=False)
+    pool = LoraPool(layout, max_vram_adapters=4, max_rank=8, mean_rank=3)  # 12 pages
+    x, _, z, w = (pool.load(host_for(layout, r, float(r))) for r in (2, 2, 2, 6))
+    pool.free(x)
+    pool.free(z)
+    scattered = pool.load(packed)  # 3 pages from the free runs 1-2 and 5-6
+    assert len(pool.runs(scattered, 0)) == 2
+    pool.free(w)
+    whole = pool.load(packed)
+    assert len(pool.runs(whole, 0)) == 1
+    for s in (scattered, whole):
+        assert torch.equal(pool.read_back(s), packed.buffer)
+        rows = pool.page_table[0, s, :3].long()
+        for m, scale in ((q0, 1.0), (q1, 2.0)):
+            view_a, view_bt = pool.module_views(layout.index(m))
+            r = a[m].shape[0]
+            assert torch.equal(view_a[rows[:r]], a[m])
+            torch.testing.assert_close(view_bt[rows[:r]], b[m].t() * scale)
+            assert torch.all(view_a[rows[r:]] == 0) and torch.all(view_bt[rows[r:]] == 0)
+
+
+def host_for(layout: LoraLayout, rank: int, fill: float) -> HostAdapter:
+    return HostAdapter(f"h{fill}", (rank,), torch.full((layout.packed_numel((rank,)),), fill))
 
 
 def test_copy_event_is_none_on_the_cpu_where_load_copies_synchronously() -> None:
@@ -196,10 +243,10 @@ def test_random_load_and_free_keep_pages_tables_and_bytes_consistent(
             for page in pages:
                 assert owner.setdefault((LAYOUT.kind_arenas[kind], page), slot) == slot
     used = [sum(1 for arena, _ in owner if arena == a) for a in range(3)]
-    totals = [a.storage.shape[0] - 1 for a in pool._arenas]
+    totals = [a.pages - 1 for a in pool._arenas]
     assert [u + f for u, f in zip(used, pool.free_pages(), strict=True)] == totals
-    for a in pool._arenas:
-        assert torch.all(a.storage[0] == 0)
+    for module in range(len(LAYOUT.modules)):
+        assert all(torch.all(view[0] == 0) for view in pool.module_views(module))
 
 
 @settings(max_examples=80, deadline=None)
@@ -238,19 +285,17 @@ def test_pack_places_each_kinds_rows_with_the_scale_folded_into_b() -> None:
     packed = pack_adapter(info, tensors, LAYOUT, pin=False)
     assert packed.ranks == (4, 0, 0, 0, 2) and packed.rank == 4
     assert packed.buffer.shape == (4 * ROW["q_proj"] + 2 * ROW["down_proj"],)
-    q_rows = packed.rows(LAYOUT, KINDS["q_proj"])
-    assert torch.equal(q_rows[:, :HIDDEN], tensors[f"{q}.A"])
-    torch.testing.assert_close(
-        q_rows[:, HIDDEN : 2 * HIDDEN], tensors[f"{q}.B"].t() * (8 / math.sqrt(4))
-    )
-    assert torch.all(q_rows[:, 2 * HIDDEN :] == 0)  # layer 1's q_proj: not targeted
-    down_rows = packed.rows(LAYOUT, KINDS["down_proj"])
-    off = LAYOUT.a_offsets[LAYOUT.index(down)]
-    assert off == INTER + HIDDEN and torch.all(down_rows[:, :off] == 0)
-    assert torch.equal(down_rows[:, off : off + INTER], tensors[f"{down}.A"])
-    torch.testing.assert_close(
-        down_rows[:, off + INTER :], tensors[f"{down}.B"].t() * (3 / math.sqrt(2))
-    )
+    # segment-major blocks: q's 4 rank rows, [A_l0 | A_l1 | Bt_l0 | Bt_l1], each [4, HIDDEN]
+    q_block = packed.buffer[: 4 * ROW["q_proj"]].view(4, 4, HIDDEN)  # [segment, row, feature]
+    assert torch.equal(q_block[0], tensors[f"{q}.A"])
+    torch.testing.assert_close(q_block[2], tensors[f"{q}.B"].t() * (8 / math.sqrt(4)))
+    assert torch.all(q_block[1] == 0) and torch.all(q_block[3] == 0)  # layer 1: not targeted
+    down_block = packed.buffer[4 * ROW["q_proj"] :]  # 2 rows: [A_l0 | A_l1 | Bt_l0 | Bt_l1]
+    a_l0, a_l1 = down_block[: 4 * INTER].view(2, 2, INTER)
+    bt_l0, bt_l1 = down_block[4 * INTER :].view(2, 2, HIDDEN)
+    assert torch.all(a_l0 == 0) and torch.all(bt_l0 == 0)  # layer 0: not targeted
+    assert torch.equal(a_l1, tensors[f"{down}.A"])
+    torch.testing.assert_close(bt_l1, tensors[f"{down}.B"].t() * (3 / math.sqrt(2)))
     out = torch.full((4000,), 9.0)
     into = pack_adapter(info, tensors, LAYOUT, out=out)
     assert into.buffer.data_ptr() == out.data_ptr()

@@ -2,18 +2,30 @@
 
 A *module kind* is the last name of a targeted module path (``q_proj``, ``down_proj``, ...).
 A *rank row* of kind ``k`` holds row ``j`` of ``A`` and of ``Bt = scale * B^T`` for every
-module of that kind, layer after layer::
+module of that kind: every layer's ``A``, then every layer's ``Bt``. :class:`LoraLayout`
+gives each module's ``A`` and ``Bt`` a *segment* of the row (an offset and a width)::
 
-    row_k[j] = [A_l0[j, :in] | Bt_l0[j, :out] | A_l1[j, :in] | Bt_l1[j, :out] | ...]   # [row_numel_k]
+    row_k[j] = [A_l0[j, :in] | A_l1[j, :in] | ... | Bt_l0[j, :out] | Bt_l1[j, :out] | ...]
 
-:class:`LoraLayout` says where each module's ``A`` and ``Bt`` sit inside its kind's row. An
-adapter whose modules of kind ``k`` have rank ``r_k`` (the largest over those modules; layers
-with a smaller rank or not targeted are zero-padded) is ``r_k`` rows of kind ``k``, and
-nothing at all for a kind it does not target. :class:`HostAdapter` holds those rows kind after
-kind, in layout order, in ONE contiguous host buffer, so packing allocates once and moving it
-into the pool (:mod:`vajra.gpu.lora.pool`) is one copy per targeted kind::
+A *block* of ``n`` rank rows of kind ``k`` is stored segment-major: each segment's ``n``
+pieces lie together, as one contiguous ``[n, width]`` matrix at ``n * offset``::
 
-    buffer = [r_0 rows of kind 0 | r_1 rows of kind 1 | ...]    # [sum_k r_k * row_numel_k]
+    block_k(n) = [A_l0 [n, in] | A_l1 [n, in] | ... | Bt_l0 [n, out] | ...]   # [n * row_numel_k]
+
+so a module's ``A`` (or ``Bt``) over the block is a plain contiguous matrix with one row per
+rank row (:func:`segment_view`), which a sampled matmul on the CPU reads where it lies. On a
+model whose layers agree in shape, every layer's ``A`` of a kind is one contiguous
+``[layers, n, in]`` run of the block, and every ``Bt`` another (:func:`group_view`): a copy
+of an adapter's rows into the pool is two copies per kind, each from a contiguous host
+buffer (on CUDA, pinned, so they stay asynchronous).
+
+An adapter whose modules of kind ``k`` have rank ``r_k`` (the largest over those modules;
+layers with a smaller rank or not targeted are zero-padded) is a block of ``r_k`` rows of kind
+``k``, and nothing at all for a kind it does not target. :class:`HostAdapter` holds those
+blocks kind after kind, in layout order, in ONE contiguous host buffer, so packing allocates
+once; the pool (:mod:`vajra.gpu.lora.pool`) keeps one block of all its pages per arena::
+
+    buffer = [block_0(r_0) | block_1(r_1) | ...]    # [sum_k r_k * row_numel_k]
 
 Kinds whose modules have the same shapes layer by layer (on Llama: ``q_proj`` and ``o_proj``;
 ``k_proj`` and ``v_proj``; ``gate_proj`` and ``up_proj``) have rows of the same layout, so
@@ -28,6 +40,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -35,6 +48,66 @@ from vajra.adapters.format import SERVABLE_MODULES, AdapterManifest, BaseModelSp
 
 #: The linear layers PEFT targets on Llama-family models.
 LLAMA_TARGET_MODULES = SERVABLE_MODULES
+
+
+class Group(NamedTuple):
+    """``repeats`` segments of one ``width``, the first at ``offset`` of the rank row, the
+    next ones ``step`` further each."""
+
+    offset: int
+    width: int
+    repeats: int
+    step: int
+
+
+def _groups(shapes: list[tuple[int, int]]) -> tuple[Group, ...]:
+    """A kind's segments (every layer's ``A``, then every layer's ``Bt``; ``shapes`` its
+    layers' (in, out)) as groups: two when every layer has the same shape, else one per
+    segment."""
+    row = sum(i + o for i, o in shapes)
+    if len(set(shapes)) == 1:
+        in_f, out_f = shapes[0]
+        n = len(shapes)
+        return Group(0, in_f, n, in_f), Group(n * in_f, out_f, n, out_f)
+    widths = [i for i, _ in shapes] + [o for _, o in shapes]
+    offsets = [sum(widths[:j]) for j in range(len(widths))]
+    return tuple(
+        Group(offset, width, 1, row) for offset, width in zip(offsets, widths, strict=True)
+    )
+
+
+def segment_view(block: torch.Tensor, rows: int, offset: int, width: int) -> torch.Tensor:
+    """One segment of a block of ``rows`` rank rows (1-D, contiguous): ``[rows, width]``,
+    contiguous, row ``j`` of it the segment's piece of rank row ``j``."""
+    return block[rows * offset : rows * (offset + width)].view(rows, width)
+
+
+def group_view(block: torch.Tensor, rows: int, group: Group) -> torch.Tensor:
+    """A group's segments of a block of ``rows`` rank rows (1-D, contiguous): a strided
+    ``[repeats, rows, width]`` view, ``[i, j]`` segment ``i``'s piece of rank row ``j``."""
+    return block.as_strided(
+        (group.repeats, rows, group.width),
+        (rows * group.step, group.width, 1),
+        block.storage_offset() + rows * group.offset,
+    )
+
+
+def copy_rows(
+    dst: torch.Tensor,
+    dst_rows: int,
+    dst_first: int,
+    src: torch.Tensor,
+    src_rows: int,
+    src_first: int,
+    n: int,
+    groups: Iterable[Group],
+    non_blocking: bool = False,
+) -> None:
+    """Copy rank rows ``src_first .. src_first + n`` of the block ``src`` (of ``src_rows``
+    rows) to rows ``dst_first ..`` of the block ``dst`` (of ``dst_rows``): one copy per group."""
+    for g in groups:
+        to = group_view(dst, dst_rows, g)[:, dst_first : dst_first + n]
+        to.copy_(group_view(src, src_rows, g)[:, src_first : src_first + n], non_blocking)
 
 
 @dataclass(frozen=True)
@@ -49,6 +122,7 @@ class LoraLayout:
     b_offsets: tuple[int, ...]  # per module: offset of its Bt row inside its kind's rank row
     row_numels: tuple[int, ...]  # per kind: elements of one rank row
     kind_arenas: tuple[int, ...]  # per kind: its arena (kinds of equal row layout share one)
+    kind_groups: tuple[tuple[Group, ...], ...]  # per kind: its segments as groups (group_view)
     _index: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -62,19 +136,24 @@ class LoraLayout:
             raise ValueError(f"the base model has no module named any of {sorted(wanted)}")
         kinds: list[str] = []
         kind_shapes: list[list[tuple[int, int]]] = []
-        module_kinds, a_offsets, b_offsets = [], [], []
+        module_kinds, places = [], []  # per module: its kind, its place among the kind's
         for m in modules:
             name = m.rsplit(".", 1)[-1]
             if name not in kinds:
                 kinds.append(name)
                 kind_shapes.append([])
             k = kinds.index(name)
-            in_f, out_f = spec.modules[m]
-            offset = sum(i + o for i, o in kind_shapes[k])
             module_kinds.append(k)
-            a_offsets.append(offset)
-            b_offsets.append(offset + in_f)
-            kind_shapes[k].append((in_f, out_f))
+            places.append(len(kind_shapes[k]))
+            kind_shapes[k].append(spec.modules[m])
+        # A row: every module's A, then every module's Bt, in model order.
+        a_offsets = [
+            sum(i for i, _ in kind_shapes[k][:j]) for k, j in zip(module_kinds, places, strict=True)
+        ]
+        b_offsets = [
+            sum(i for i, _ in kind_shapes[k]) + sum(o for _, o in kind_shapes[k][:j])
+            for k, j in zip(module_kinds, places, strict=True)
+        ]
         arena_of: dict[tuple[tuple[int, int], ...], int] = {}
         kind_arenas = [arena_of.setdefault(tuple(s), len(arena_of)) for s in kind_shapes]
         return cls(
@@ -86,6 +165,7 @@ class LoraLayout:
             b_offsets=tuple(b_offsets),
             row_numels=tuple(sum(i + o for i, o in s) for s in kind_shapes),
             kind_arenas=tuple(kind_arenas),
+            kind_groups=tuple(_groups(s) for s in kind_shapes),
             _index={m: i for i, m in enumerate(modules)},
         )
 
@@ -142,11 +222,10 @@ class HostAdapter:
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
 
-    def rows(self, layout: LoraLayout, kind: int) -> torch.Tensor:
-        """The rank rows of ``kind``: a view [ranks[kind], row_numels[kind]] of the buffer."""
+    def block(self, layout: LoraLayout, kind: int) -> torch.Tensor:
+        """The block of ``kind``'s ``ranks[kind]`` rank rows: a 1-D view of the buffer."""
         start = layout.kind_offsets(self.ranks)[kind]
-        n = layout.row_numels[kind]
-        return self.buffer[start : start + self.ranks[kind] * n].view(self.ranks[kind], n)
+        return self.buffer[start : start + self.ranks[kind] * layout.row_numels[kind]]
 
 
 def pack_adapter(
@@ -185,11 +264,11 @@ def pack_adapter(
         a, b = tensors[key_a], tensors[key_b]
         if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
             raise InvalidAdapter(f"module {module!r}: tensors do not match the manifest")
-        rows = packed.rows(layout, layout.module_kinds[i])
-        a_off, b_off = layout.a_offsets[i], layout.b_offsets[i]
-        rows[:r, a_off : a_off + in_f].copy_(a)
+        kind = layout.module_kinds[i]
+        block, rows = packed.block(layout, kind), ranks[kind]
+        segment_view(block, rows, layout.a_offsets[i], in_f)[:r].copy_(a)
         scaled = b.to(torch.float32).t() * manifest.scale(module)
-        rows[:r, b_off : b_off + out_f].copy_(scaled)
+        segment_view(block, rows, layout.b_offsets[i], out_f)[:r].copy_(scaled)
     return packed
 
 

@@ -6,8 +6,9 @@ Adapters arrive packed (:mod:`vajra.gpu.lora.packing`): for each module kind an 
 targets, ``r_k`` *rank rows* (row ``j`` of ``A`` and of ``Bt`` of every layer's module of that
 kind), and nothing for the kinds it does not target.
 
-The pool is one *arena* per row layout, a tensor ``[pages, row_numel]`` allocated at start and
-never resized, in which a *page* is one rank row. Kinds whose modules have equal shapes layer
+The pool is one *arena* per row layout, a block of ``pages`` rank rows (segment-major, as
+:mod:`vajra.gpu.lora.packing` lays blocks out) allocated at start and never resized, in which
+a *page* is one rank row. Kinds whose modules have equal shapes layer
 by layer share an arena (on Llama four arenas: q/o, k/v, gate/up, down). An adapter takes
 exactly ``r_k`` pages of kind ``k``'s arena for each kind it targets: a rank-8 adapter on
 ``q_proj`` and ``v_proj`` holds 8 pages for q and 8 for v and nothing else; a rank-64 adapter
@@ -18,8 +19,9 @@ evicting in any order never strands memory (S-LoRA's unified paging, with one pa
 module shape rather than one per hidden size).
 
 Pages need not be contiguous. :mod:`vajra.gpu.lora.pages` hands out the best-fitting single
-run when one exists, so usually a kind's rows are one run: one copy per targeted kind at load,
-and a prefill segment reads the adapter through plain slices. Otherwise the rows come from a
+run when one exists, so usually a kind's rows are one run: one copy per segment group of each
+targeted kind at load (two on Llama: every layer's ``A``, every layer's ``Bt``), and a prefill
+segment reads the adapter through plain slices. Otherwise the rows come from a
 few runs and a kernel reads them through the page table. Page 0 of every arena is zeros and is
 never handed out: page-table entries past an adapter's rank point at it, so computing with
 more rows than an adapter has adds exactly nothing.
@@ -38,9 +40,11 @@ more of them when they have lower ranks or fewer modules.
 Tables for the kernels, on the pool's device and written at load: :attr:`LoraPool.page_table`
 ``[kinds, slots, max_rank]`` int32 (page of each rank row; the zero page past the adapter's
 rank) and :attr:`LoraPool.rank_table` ``[slots, kinds]`` int32. A batch then only says which
-slot each token uses. Each wrapped layer reads its module's ``A`` and ``Bt`` as strided views
-of its arena (:meth:`LoraPool.module_views`): ``[pages, in]`` and ``[pages, out]``, row stride
-``row_numel``; no copy.
+slot each token uses. Each wrapped layer reads its module's ``A`` and ``Bt`` as views of its
+arena (:meth:`LoraPool.module_views`): ``[pages, in]`` and ``[pages, out]``, each contiguous
+(segment-major storage), so a kernel can read any page's row where it lies, with no copy: the
+CPU's sampled matmul needs that, where row-major pages (a page row holding every layer's ``A``
+and ``Bt``) made it copy the whole view on every call.
 
 On CUDA a load runs on a dedicated copy stream, after the batches that may still read the
 pages freed before it, and records an event; :meth:`LoraPool.wait_ready` makes the compute
@@ -62,8 +66,15 @@ import torch
 
 from vajra.adapters.format import BaseModelSpec, InvalidAdapter
 from vajra.errors import OverloadedError
-from vajra.gpu.lora.packing import LLAMA_TARGET_MODULES, HostAdapter, LoraLayout
-from vajra.gpu.lora.pages import PageRuns, Run, expand
+from vajra.gpu.lora.packing import (
+    LLAMA_TARGET_MODULES,
+    HostAdapter,
+    LoraLayout,
+    copy_rows,
+    group_view,
+    segment_view,
+)
+from vajra.gpu.lora.pages import PageRuns, Run
 
 DEFAULT_MAX_RANK = 64
 DEFAULT_MEAN_RANK = 32
@@ -76,7 +87,8 @@ class PoolFull(OverloadedError):
 @dataclass(eq=False)
 class _Arena:
     kinds: tuple[int, ...]  # the module kinds whose rows live here
-    storage: torch.Tensor  # [pages, row_numel]; page 0 is the zero page
+    storage: torch.Tensor  # the block of ``pages`` rank rows, 1-D; page 0 is the zero page
+    pages: int  # including the zero page
     free: PageRuns
 
 
@@ -118,8 +130,8 @@ class LoraPool:
             kinds = tuple(k for k, arena in enumerate(layout.kind_arenas) if arena == a)
             pages = self.pages_per_kind * len(kinds)
             row = layout.row_numels[kinds[0]]
-            storage = torch.zeros(pages + 1, row, dtype=dtype, device=self.device)
-            self._arenas.append(_Arena(kinds, storage, PageRuns(1, pages)))
+            storage = torch.zeros((pages + 1) * row, dtype=dtype, device=self.device)
+            self._arenas.append(_Arena(kinds, storage, pages + 1, PageRuns(1, pages)))
         n_kinds = len(layout.kinds)
         table_shape = (n_kinds, max_vram_adapters, max_rank)
         self.page_table = torch.zeros(table_shape, dtype=torch.int32, device=self.device)
@@ -129,6 +141,10 @@ class LoraPool:
         self._free_slots = list(range(max_vram_adapters))  # a heap
         self._resident: dict[int, _Resident] = {}
         self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._group_views: list[list[torch.Tensor]] = []  # per kind: its groups, whole arena
+        for kind, groups in enumerate(layout.kind_groups):
+            arena = self._arena(kind)
+            self._group_views.append([group_view(arena.storage, arena.pages, g) for g in groups])
         cuda = self.device.type == "cuda"
         self._copy_stream: Any = torch.cuda.Stream(self.device) if cuda else None  # type: ignore[no-untyped-call]
         self._freed: Any = None  # CUDA event: batches that may read freed pages are done
@@ -227,7 +243,7 @@ class LoraPool:
         for kind, r in enumerate(adapter.ranks):
             needs[layout.kind_arenas[kind]] += r
         for arena, n in zip(self._arenas, needs, strict=True):
-            if n > arena.storage.shape[0] - 1:
+            if n > arena.pages - 1:
                 raise InvalidAdapter(f"adapter needs {n} pages of an arena of fewer")
         return needs
 
@@ -259,8 +275,8 @@ class LoraPool:
         """Copy ``host`` into free pages under a free slot id and return the slot; raise
         :class:`PoolFull` when there is no room now, InvalidAdapter when there never is.
 
-        One copy per run of pages (usually one per targeted kind) and a few small writes to
-        the page and rank tables; on CUDA all on the copy stream, see :meth:`wait_ready`.
+        One copy per segment group and run of pages (usually two per targeted kind) and a few
+        small writes to the page and rank tables; on CUDA all on the copy stream, see :meth:`wait_ready`.
         """
         needs = self._needs(host)
         if not self._free_slots:
@@ -299,11 +315,12 @@ class LoraPool:
             self.rank_table[slot, kind].fill_(r)
             if not r:
                 continue
-            storage = self._arena(kind).storage
-            rows = host.rows(self.layout, kind)
+            block = host.block(self.layout, kind)
+            sources = [group_view(block, r, g) for g in self.layout.kind_groups[kind]]
             row = 0
             for first, n in runs[kind]:
-                storage[first : first + n].copy_(rows[row : row + n], non_blocking=non_blocking)
+                for to, source in zip(self._group_views[kind], sources, strict=True):
+                    to[:, first : first + n].copy_(source[:, row : row + n], non_blocking)
                 pages = torch.arange(first, first + n, dtype=torch.int32, device=self.device)
                 self.page_table[kind, slot, row : row + n].copy_(pages)
                 row += n
@@ -350,15 +367,18 @@ class LoraPool:
     # ------------------------------------------------------------------ views for layers
 
     def module_views(self, module_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This module's ``A`` [pages, in] and ``Bt`` [pages, out]: strided views into its
+        """This module's ``A`` [pages, in] and ``Bt`` [pages, out]: contiguous views into its
         arena (no copy); row ``p`` is page ``p``."""
         views = self._views.get(module_index)
         if views is None:
             layout = self.layout
             in_f, out_f = layout.shapes[module_index]
             a_off, b_off = layout.a_offsets[module_index], layout.b_offsets[module_index]
-            storage = self._arena(layout.module_kinds[module_index]).storage
-            views = (storage[:, a_off : a_off + in_f], storage[:, b_off : b_off + out_f])
+            arena = self._arena(layout.module_kinds[module_index])
+            views = (
+                segment_view(arena.storage, arena.pages, a_off, in_f),
+                segment_view(arena.storage, arena.pages, b_off, out_f),
+            )
             self._views[module_index] = views
         return views
 
@@ -366,11 +386,23 @@ class LoraPool:
         """A copy of the slot's rows in packed form (as :class:`HostAdapter.buffer`), on the
         pool's device (for tests and debugging)."""
         resident = self._resident[slot]
-        parts = [
-            self._arena(k).storage[expand(resident.runs[k])].reshape(-1)
-            for k, r in enumerate(resident.ranks)
-            if r
-        ]
+        parts = []
+        for kind, r in enumerate(resident.ranks):
+            if not r:
+                continue
+            arena, groups = self._arena(kind), self.layout.kind_groups[kind]
+            block = torch.empty(
+                r * self.layout.row_numels[kind], dtype=self.dtype, device=self.device
+            )
+            row = 0
+            for first, n in resident.runs[kind]:
+                copy_rows(block, r, row, arena.storage, arena.pages, first, n, groups)
+                row += n
+            parts.append(block)
         if not parts:
             return torch.zeros(0, dtype=self.dtype, device=self.device)
         return torch.cat(parts)
+
+    def arena_pages(self, kind: int) -> int:
+        """Pages (rows of :meth:`module_views`) of ``kind``'s arena, the zero page included."""
+        return self._arena(kind).pages
