@@ -103,7 +103,7 @@ async def test_scheduler_fails_requests_of_a_silent_executor_and_of_a_restart(
             ex.connect(cfg.cluster.scheduler_dispatch_address)
             ex_in = Inbox(ex, routed=False)
             await ex.send(encode(ExecutorHello("exec-9", "inc-1", "m", 2, 1)))
-            await trio.sleep(0.05)
+            await wait_until(lambda: "exec-9" in sched.executors)
             for i in range(3):
                 await gw.send(encode(_work(f"r{i + 1}")))
             got = [(await ex_in.next()) for _ in range(3)]
@@ -111,7 +111,7 @@ async def test_scheduler_fails_requests_of_a_silent_executor_and_of_a_restart(
             # It reports itself full (batch 2 + queue 1): the next request waits for room
             # (scheduler.no_capacity_wait_ms, 0 here), then is refused as no_capacity.
             await ex.send(encode(LoadReport("exec-9", "inc-1", 1, 2, finished_ids=["r1"])))
-            await trio.sleep(0.05)
+            await wait_until(lambda: "r1" not in sched.executors["exec-9"].inflight)
             await gw.send(encode(_work("r4")))
             reply = await gw_in.next()
             assert isinstance(reply, ErrorReply) and reply.code == "no_capacity"
@@ -156,9 +156,9 @@ async def test_gateway_sheds_load_expires_deadlines_and_answers_unknown_adapters
                     await c.infer("x", adapter="someone-elses")
                 assert nf.value.field == "adapter"
 
-                async def hang() -> None:
+                async def hang() -> None:  # long enough to be in flight when the third comes
                     with pytest.raises(TimeoutError):
-                        await c.infer("x", timeout_s=0.5)
+                        await c.infer("x", timeout_s=3)
 
                 nursery.start_soon(hang)
                 nursery.start_soon(hang)
@@ -167,10 +167,10 @@ async def test_gateway_sheds_load_expires_deadlines_and_answers_unknown_adapters
                 await sched_in.next()
                 with pytest.raises(OverloadedError):
                     await c.infer("x", timeout_s=2)
-                await trio.sleep(0.8)  # both deadlines pass: the gateway answers and forgets them
-                # (the client's own deadline usually fires first and cancels: the same end)
-                ended = gateway.counters["deadline_expired"] + gateway.counters["cancels"]
-                assert ended == 2
+                # Both deadlines pass: the gateway answers and forgets them (the client's own
+                # deadline usually fires first and cancels: the same end).
+                counters = gateway.counters
+                await wait_until(lambda: counters["deadline_expired"] + counters["cancels"] == 2)
                 assert not gateway.replies._pending and not gateway.replies._by_client
                 assert gateway.limits.inflight(tenant_id) == 0
                 # Draining: new work is refused with a retriable error.

@@ -218,26 +218,29 @@ async def test_scheduler_places_by_residency_holds_for_room_and_redispatches_onc
             await b.send(encode(ExecutorHello("exec-b", "i1", "m", 1, 0)))
             await b.send(encode(_report("exec-b", resident_adapters=["d1"])))
             await a.send(encode(_report("exec-a")))
-            await trio.sleep(0.05)
+            # until both hellos and exec-b's residency report are in (white box: before a
+            # placement names d1's tenant, the residency is kept by digest only)
+            await wait_until(
+                lambda: "exec-a" in sched.executors and "d1" in sched.placement._holders
+            )
             # d1 sits in exec-b's GPU memory: the request goes there.
             await gw.send(encode(_work("r1")))
             assert (await b_in.next()).request_id == "r1"  # type: ignore[attr-defined]
             # exec-b is now full (batch 1, no queue): the next d1 request goes to exec-a.
             await b.send(encode(_report("exec-b", running=1, resident_adapters=["d1"])))
-            await trio.sleep(0.05)
+            await wait_until(lambda: sched.executors["exec-b"].reported_load == 1)
             await gw.send(encode(_work("r2")))
             assert (await a_in.next()).request_id == "r2"  # type: ignore[attr-defined]
             await a.send(encode(_report("exec-a", running=1)))
-            await trio.sleep(0.05)
+            await wait_until(lambda: sched.executors["exec-a"].reported_load == 1)
             # Both full: r3 is held, then placed when exec-a reports r2 finished.
             await gw.send(encode(_work("r3")))
-            await trio.sleep(0.1)
-            assert sched.counters["held_for_room"] == 1
+            await wait_until(lambda: sched.counters["held_for_room"] == 1)
             await a.send(encode(_report("exec-a", finished_ids=["r2"])))
             assert (await a_in.next()).request_id == "r3"  # type: ignore[attr-defined]
             # Both full again: r4 waits no_capacity_wait_ms, then is refused as no_capacity.
             await a.send(encode(_report("exec-a", running=1)))
-            await trio.sleep(0.05)
+            await wait_until(lambda: sched.executors["exec-a"].reported_load == 1)
             await gw.send(encode(_work("r4")))
             reply = await gw_in.next()
             assert isinstance(reply, ErrorReply) and reply.request_id == "r4"
