@@ -73,7 +73,15 @@ def test_a_silent_gateway_times_out_and_the_late_reply_is_ignored(
         assert thread_gateway.requests[0].deadline_ms == 200
         with pytest.raises(builtins.TimeoutError):
             c.infer("!delay:200", timeout_s=0.05)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while len(thread_gateway.requests) < 2:  # the gateway has the delayed request
+            assert time.monotonic() < deadline, "the delayed request never arrived"
+            time.sleep(0.02)
+        late = thread_gateway.requests[1].request_id
+        while late not in thread_gateway.reply_order:  # and has answered it
+            assert time.monotonic() < deadline, "the delayed reply was never sent"
+            time.sleep(0.02)
+        time.sleep(0.05)  # and the reply has crossed the socket before the next request
         assert c.infer("next").text == echo_text("next")
         assert c.ignored_replies == 1
 
