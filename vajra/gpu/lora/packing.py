@@ -92,24 +92,6 @@ def group_view(block: torch.Tensor, rows: int, group: Group) -> torch.Tensor:
     )
 
 
-def copy_rows(
-    dst: torch.Tensor,
-    dst_rows: int,
-    dst_first: int,
-    src: torch.Tensor,
-    src_rows: int,
-    src_first: int,
-    n: int,
-    groups: Iterable[Group],
-    non_blocking: bool = False,
-) -> None:
-    """Copy rank rows ``src_first .. src_first + n`` of the block ``src`` (of ``src_rows``
-    rows) to rows ``dst_first ..`` of the block ``dst`` (of ``dst_rows``): one copy per group."""
-    for g in groups:
-        to = group_view(dst, dst_rows, g)[:, dst_first : dst_first + n]
-        to.copy_(group_view(src, src_rows, g)[:, src_first : src_first + n], non_blocking)
-
-
 @dataclass(frozen=True)
 class LoraLayout:
     """The targeted modules, their kinds, and where each sits inside its kind's rank row."""

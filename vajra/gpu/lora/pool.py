@@ -70,7 +70,6 @@ from vajra.gpu.lora.packing import (
     LLAMA_TARGET_MODULES,
     HostAdapter,
     LoraLayout,
-    copy_rows,
     group_view,
     segment_view,
 )
@@ -390,13 +389,13 @@ class LoraPool:
         for kind, r in enumerate(resident.ranks):
             if not r:
                 continue
-            arena, groups = self._arena(kind), self.layout.kind_groups[kind]
-            block = torch.empty(
-                r * self.layout.row_numels[kind], dtype=self.dtype, device=self.device
-            )
+            numel = r * self.layout.row_numels[kind]
+            block = torch.empty(numel, dtype=self.dtype, device=self.device)
+            targets = [group_view(block, r, g) for g in self.layout.kind_groups[kind]]
             row = 0
             for first, n in resident.runs[kind]:
-                copy_rows(block, r, row, arena.storage, arena.pages, first, n, groups)
+                for whole, to in zip(self._group_views[kind], targets, strict=True):
+                    to[:, row : row + n].copy_(whole[:, first : first + n])
                 row += n
             parts.append(block)
         if not parts:
