@@ -23,7 +23,7 @@ LOCK_ARGS ?=
 # `make gpu-check` runs on a GPU machine with its own torch, transformers, peft and
 # safetensors; everything else comes from wheels downloaded here for CPython 3.11 and 3.12.
 GPU_WHEELS := .gpu-wheels
-GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+GPU_PLATFORMS := manylinux_2_34_x86_64 manylinux_2_31_x86_64 manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
 GPU_PY ?= python3
 
 .PHONY: up test lint typecheck unit bench-bus lock gpu-wheels gpu-check clean

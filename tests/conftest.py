@@ -1,19 +1,24 @@
 """Session-wide fixtures shared by every test package: a real Valkey server, a tiny model.
 
-Rules: loopback only, free ports chosen at start, no fakes.
+Rules: loopback only, free ports chosen at start, no fakes. The null cluster is imported where
+its fixture runs: it pulls in the whole stack (HTTP bridge, ZeroMQ), which ``make gpu-check``
+does not carry to the GPU machine for ``tests/gpu``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
 
-from tests.null_cluster import NullCluster, null_cluster
 from vajra.gpu.tiny import init_tiny_model
 from vajra.state import EmbeddedValkey
+
+if TYPE_CHECKING:
+    from tests.null_cluster import NullCluster
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +40,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def null_cluster_running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NullCluster]:
     """A model-less cluster with the HTTP bridge, in a thread (see :mod:`tests.null_cluster`)."""
+    from tests.null_cluster import null_cluster
+
     with null_cluster(tmp_path_factory.mktemp("null-cluster")) as cluster:
         yield cluster
 

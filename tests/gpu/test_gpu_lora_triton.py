@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_triton_kernels_in_the_interpreter_equal_torch_and_a_per_token_reference() -> None:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     done = subprocess.run(
         [sys.executable, "-m", "tests.gpu.lora_kit"],
         cwd=REPO,

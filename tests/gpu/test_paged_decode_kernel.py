@@ -140,7 +140,8 @@ def interpreter_check() -> None:
 
 def test_kernel_in_the_interpreter_equals_the_reference() -> None:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     done = subprocess.run(
         [sys.executable, "-m", "tests.gpu.test_paged_decode_kernel"],
         cwd=REPO,

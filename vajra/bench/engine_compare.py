@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -104,8 +105,11 @@ def _transformers_cb(
     page = 256
     longest = max(len(x) for x in inputs) + max(r.max_tokens for r in requests)
     blocks = n * (-(-longest // page) + 1) + 4
+    # transformers renamed block_size to page_size in 5.2x; the GPU machine's may be older
+    accepted = inspect.signature(ContinuousBatchingConfig).parameters
+    sizing: dict[str, Any] = {"page_size" if "page_size" in accepted else "block_size": page}
     cb_config = ContinuousBatchingConfig(
-        page_size=page,
+        **sizing,
         num_blocks=blocks,
         max_batch_tokens=ctx.config.max_batch_tokens,
         max_requests_per_batch=n,
