@@ -13,9 +13,10 @@ One worker thread calls :meth:`TorchEngine.step` over and over (never concurrent
 3. plans the step (:mod:`vajra.gpu.step_planner`): one decode token per running request,
    then prefill chunks of new requests under the ``max_batch_tokens`` budget; KV-aware
    admission, prefix reuse, preemption of the newest request when blocks run short;
-4. runs ONE forward over the packed tokens (no padding): the model is transformers' own,
-   with attention switched to :mod:`vajra.gpu.paged_attention` (which writes only the step's
-   positions into the block-paged cache) and its LoRA layers told each token's adapter;
+4. runs ONE forward over the packed tokens (no padding; on CUDA on a stream that outranks
+   training's, :mod:`vajra.gpu.streams`): transformers' model, attention switched to
+   :mod:`vajra.gpu.paged_attention` (which writes only the step's positions into the
+   block-paged cache) and its LoRA layers told each token's adapter;
 5. samples every request whose chunk reached its last token (:mod:`vajra.gpu.sampling`,
    vectorised; the one device synchronisation of the step is reading those tokens), and
    emits text (:mod:`vajra.gpu.text_stream`, incremental).
@@ -57,6 +58,7 @@ from vajra.gpu.sampling import BAD_ROW, Sampler, SamplingParams
 from vajra.gpu.step_buffers import PackedStep, StepBuffers
 from vajra.gpu.step_outputs import ended, error_output, refusal
 from vajra.gpu.step_planner import Sequence, StepPlan, StepPlanner, is_decode
+from vajra.gpu.streams import INFERENCE_PRIORITY, fork_join, priority_stream
 from vajra.gpu.text_stream import TextStream
 
 DEFAULT_BLOCK_SIZE = 16
@@ -101,6 +103,7 @@ class TorchEngine:
         self.model = self._model = loaded.model  # Any; also the trainer's (vajra.gpu.training)
         self._device = loaded.device
         self._eos = loaded.eos_token_ids
+        self._stream = priority_stream(loaded.device, INFERENCE_PRIORITY)  # vajra.gpu.streams
         use_paged_attention(self._model)
 
         shape = KvShape.of_model(self._model)
@@ -129,9 +132,8 @@ class TorchEngine:
             max_rows=max_batch_size,
             max_blocks=-(-self.max_model_len // block_size) + 1,
         )
-        vocab = int(self._model.config.vocab_size)
         self._sampler = Sampler(
-            vocab_size=vocab,
+            vocab_size=int(self._model.config.vocab_size),
             device=loaded.device,
             eos_token_ids=sorted(self._eos),
             tokenizer=self.tokenizer,
@@ -208,7 +210,7 @@ class TorchEngine:
     def step(self, admit: Seq[GenerationRequest], abort: Seq[str]) -> list[StepOutput]:
         outputs: list[StepOutput] = []
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), fork_join(self._stream):
                 for request in admit:
                     refused = self._admit(request)
                     if refused is not None:
@@ -318,10 +320,8 @@ class TorchEngine:
             reason = "length"
         if reason is not None and seq.text.flush():
             reason = "stop"
-        first = seq.completion_tokens == 1
-        prompt_lp = (
-            tuple(seq.prompt_logprobs) if first and params.prompt_logprobs is not None else None
-        )
+        want_lp = seq.completion_tokens == 1 and params.prompt_logprobs is not None
+        prompt_lp = tuple(seq.prompt_logprobs) if want_lp else None
         if reason is not None:
             self._planner.remove(seq)
         return StepOutput(

@@ -8,10 +8,9 @@ copy of the base) -> ``adapter_tensors`` / ``adapter_config`` (a PEFT adapter) ;
 
 from vajra.gpu.training.interleave import Interleaver, Ran
 from vajra.gpu.training.tokenize import TrainExample, tokenize_examples
-from vajra.gpu.training.trainer import TRAINING_STREAM_PRIORITY, LoraTrainer, StepReport
+from vajra.gpu.training.trainer import LoraTrainer, StepReport
 
 __all__ = [
-    "TRAINING_STREAM_PRIORITY",
     "Interleaver",
     "LoraTrainer",
     "Ran",

@@ -27,9 +27,8 @@ from a shuffle seeded by ``(seed, epoch)``; ``A`` is drawn like PEFT (Kaiming-un
 device; ``B`` is zero. Nothing else is random, so a run is deterministic and a checkpoint
 needs no RNG state.
 
-On CUDA the micro-steps run on their own stream created with priority 0, CUDA's *lowest*
-(lower numbers are higher priorities; inference's streams are at 0 or above it), under bf16
-autocast; the one synchronisation per optimizer step is reading its loss. Errors: bad
+On CUDA the micro-steps run on their own stream of CUDA's *lowest* priority, below the
+engine's steps (:mod:`vajra.gpu.streams`), under bf16 autocast; the one synchronisation per optimizer step is reading its loss. Errors: bad
 targets or init weights raise :class:`~vajra.errors.InvalidRequest` at construction, before
 any device work; an exception inside a micro-step propagates after the model was restored.
 """
@@ -48,14 +47,13 @@ from safetensors.torch import save as st_save
 from torch import nn
 from torch.nn import functional as F
 
+from vajra.gpu.streams import TRAINING_PRIORITY, priority_stream
 from vajra.gpu.training.checkpoint import load_checkpoint, save_checkpoint
 from vajra.gpu.training.targets import make_targets
 from vajra.gpu.training.tokenize import TrainExample
 from vajra.policies.training import TrainParams, micro_batches, step_examples
 from vajra.training.dataset import InvalidDataset
 
-#: CUDA's lowest stream priority (lower numbers are higher priorities).
-TRAINING_STREAM_PRIORITY = 0
 IGNORE = -100
 
 
@@ -128,11 +126,7 @@ class LoraTrainer:
         self._ms = 0.0
         self._events: list[tuple[Any, Any]] = []
         self._closed = False
-        self._stream: Any = None
-        if self.device.type == "cuda":
-            self._stream = torch.cuda.Stream(  # type: ignore[no-untyped-call]
-                self.device, priority=TRAINING_STREAM_PRIORITY
-            )
+        self._stream: Any = priority_stream(self.device, TRAINING_PRIORITY)  # None on the CPU
 
     # ------------------------------------------------------------------ public
 
