@@ -57,6 +57,12 @@ def test_b_c_e_run_on_both_engines(result: dict[str, Any]) -> None:
         contexts = result["b_context"][kind]["contexts"]
         assert [c["context"] for c in contexts] == [128, 512]
         assert all(c["step_p50_ms"] > 0 for c in contexts)
+        # The floor: weights plus every row's KV, over a copy bandwidth measured in the run.
+        assert result["b_context"][kind]["bandwidth_gb_s"] > 0
+        floors = [c["floor_ms"] for c in contexts]
+        assert 0 < floors[0] < floors[1]  # more context, more KV to read
+        for c in contexts:
+            assert c["vs_floor"] == pytest.approx(c["step_p50_ms"] / c["floor_ms"], rel=0.02)
         c = result["c_prefill_interference"][kind]
         assert c["ttft_p50_ms"] > 0
         _ordered(c, "itl_before_p50_ms", "itl_before_p99_ms")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from vajra.bench.bandwidth import copy_bandwidth, decode_floor_s
 from vajra.bench.baseline_engine import load_baseline_engine
 from vajra.bench.engine_driver import drive, intervals, kv_summary, percentile, summarize
 from vajra.bench.engine_trace import (
@@ -116,3 +117,12 @@ def test_baseline_engine_matches_generate_and_the_driver_counts_its_tokens(
         assert tokens[r.request_id] == expected, r.request_id
     stats = engine.kv_stats()
     assert stats["allocated_bytes"] == 0 and stats["live_tokens"] == 0  # nothing left running
+
+
+def test_decode_floor_is_weights_plus_every_rows_kv_over_bandwidth() -> None:
+    floor = decode_floor_s(
+        weight_bytes=2_000, kv_bytes_per_token=10, rows=4, context=50, bandwidth=1_000.0
+    )
+    assert floor == pytest.approx((2_000 + 4 * 50 * 10) / 1_000)
+    # A copy moves bytes read plus bytes written; any machine moves more than 10 MB/s.
+    assert copy_bandwidth("cpu", nbytes=1 << 20, repeats=3) > 1e7

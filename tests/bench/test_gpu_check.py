@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from vajra.bench.gpu_check import judge_targets, read_junit
+from vajra.bench.gpu_check import judge_engine_targets, judge_targets, read_junit
 
 REPO = Path(__file__).resolve().parent.parent.parent
 PROBE = "vajra_gpu_check_probe"
@@ -54,6 +54,10 @@ def test_dry_run_runs_the_whole_plan_and_writes_every_json(tmp_path: Path) -> No
     assert any(line.startswith("tests (pytest -m gpu tests/gpu): ") for line in lines)
     assert any(line.startswith("adapters-llama-3.2-1b (tiny, ") for line in lines)
     assert any(line.startswith("engine (tok/s at ") for line in lines)
+    assert any(line.startswith("engine decode step of ") and "x floor)" in line for line in lines)
+    assert any(
+        line.startswith("engine with distinct adapters, against base-only: ") for line in lines
+    )
     assert lines[-1].startswith("result: OK in ")
 
     names = {"environment", "tests", "adapters-llama-3.2-1b", "adapters-llama-3-8b", "summary"}
@@ -65,9 +69,9 @@ def test_dry_run_runs_the_whole_plan_and_writes_every_json(tmp_path: Path) -> No
         "install",
         "environment",
         "tests",
+        "engine-llama-3.2-1b",
         "adapters-llama-3.2-1b",
         "adapters-llama-3-8b",
-        "engine-llama-3.2-1b",
     ]
     assert all(s["status"] == "ok" for s in summary["steps"]), summary["steps"]
     assert summary["wheels"]["installed"] == [PROBE]
@@ -145,3 +149,44 @@ def test_targets_are_met_missed_or_not_measured() -> None:
         ("not measured", None),
         ("missed", 2.5),
     ]
+
+
+def test_engine_targets_judge_the_worst_context_and_each_adapter_count() -> None:
+    assert [t["status"] for t in judge_engine_targets({})] == ["not measured"] * 3
+    contexts = [{"context": 128, "vs_floor": 1.5}, {"context": 4096, "vs_floor": 2.5}]
+    engine = {
+        "b_context": {"current": {"rows": 32, "contexts": contexts}},
+        "g_adapters": {"results": [{"adapters": 32, "adapters_vs_base": 0.9}]},
+    }
+    judged = judge_engine_targets(engine)
+    assert [(t["status"], t["value"]) for t in judged] == [
+        ("missed", 2.5),
+        ("met", 0.9),
+        ("not measured", None),
+    ]
+    assert "32 rows" in judged[0]["target"]
+    contexts[1]["vs_floor"] = 1.9
+    engine["g_adapters"]["results"].append({"adapters": 128, "adapters_vs_base": 0.8})
+    assert [t["status"] for t in judge_engine_targets(engine)] == ["met", "met", "missed"]
+
+
+#: Vajra's dependencies that the GPU machine lacks and ``requirements-gpu.txt`` does not carry.
+NOT_ON_THE_GPU_MACHINE = ("zmq", "aiobotocore", "fastapi", "hypercorn", "multipart", "openai")
+_COLLECT_WITHOUT = """
+import sys, pytest
+blocked = set(sys.argv[1].split(","))
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r} (not on the GPU machine)")
+sys.meta_path.insert(0, Missing())
+sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/gpu"]))
+"""
+
+
+def test_the_cuda_tests_collect_with_only_what_the_gpu_machine_has() -> None:
+    """The GPU run imports ``tests/conftest.py`` too: it must not pull in the whole stack."""
+    cmd = [sys.executable, "-c", _COLLECT_WITHOUT, ",".join(NOT_ON_THE_GPU_MACHINE)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "test_gpu_training.py::test_bf16_training_on_cuda_follows_float32" in done.stdout

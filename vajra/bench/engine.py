@@ -70,9 +70,11 @@ def run_engine_bench(
     *,
     skip: frozenset[str] = frozenset(),
     log: Callable[[str], None] = lambda _: None,
+    partial: Callable[[dict[str, Any]], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Run every section not in ``skip`` (letters a-g); a section that fails records
-    ``{"error": ...}`` and the others still run."""
+    ``{"error": ...}`` and the others still run. ``partial`` gets the result so far after
+    each section, so a run cut short by a time limit keeps what it measured."""
     cuda = torch.cuda.is_available() if config.device is None else config.device.startswith("cuda")
     device = config.device or ("cuda" if cuda else "cpu")
     dtype = config.dtype or ("bfloat16" if cuda else "float32")
@@ -117,6 +119,7 @@ def run_engine_bench(
                 result[key] = {"error": f"{type(exc).__name__}: {exc}"}
             seconds[key] = round(time.perf_counter() - begin, 1)
             log(f"{key}: done in {seconds[key]} s")
+            partial({**result, "meta": {**result["meta"], "partial": True}})
 
         both: tuple[EngineKind, ...] = ("current", "baseline")
         section("a_concurrency", lambda: concurrency_section(ctx))
@@ -178,14 +181,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run with parsed options: the JSON to ``args.json``, a short table to stdout; 1 if a
     section failed."""
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(result: dict[str, Any]) -> None:
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
     result = run_engine_bench(
         config_from_args(args),
         skip=skipped_sections(args),
         log=lambda line: print(line, file=sys.stderr, flush=True),
+        partial=write,
     )
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write(result)
     print("\n".join(summary_lines(result)))
     return 1 if section_errors(result) else 0
 

@@ -123,6 +123,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate-scale", type=float, default=None, help="arrivals this many times the trace's (100)"
     )
     parser.add_argument("--contexts", default=None, help="context lengths for (b)")
+    parser.add_argument("--context-rows", type=int, default=None, help="rows decoding in (b)")
     parser.add_argument("--adapter-counts", default=None, help="adapter counts for (g)")
     parser.add_argument(
         "--threads",
@@ -164,6 +165,7 @@ def config_from_args(args: argparse.Namespace) -> EngineBenchConfig:
         ("max_output_tokens", args.max_output_tokens),
         ("rate_scale", args.rate_scale),
         ("contexts", ints(args.contexts)),
+        ("context_rows", args.context_rows),
         ("adapter_counts", ints(args.adapter_counts)),
         ("max_batch_tokens", args.max_batch_tokens),
         ("threads", args.threads),

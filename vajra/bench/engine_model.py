@@ -65,6 +65,7 @@ class ModelFacts:
 
     max_positions: int
     kv_bytes_per_token: int  # keys and values of every layer, in the benchmark's dtype
+    weight_bytes: int  # every parameter once (tied ones once), in the benchmark's dtype
     spec: BaseModelSpec  # its linear layers, for random adapters
 
 
@@ -84,6 +85,7 @@ def model_facts(model_dir: Path, dtype: torch.dtype) -> ModelFacts:
     return ModelFacts(
         max_positions=int(config.max_position_embeddings),
         kv_bytes_per_token=2 * int(config.num_hidden_layers) * kv_heads * head_dim * element,
+        weight_bytes=sum(p.numel() for p in model.parameters()) * element,
         spec=BaseModelSpec(model_type=str(config.model_type), modules=modules),
     )
 

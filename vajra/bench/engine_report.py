@@ -54,12 +54,17 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             )
     b = result.get("b_context")
     if isinstance(b, dict) and "current" in b:
-        lines.append("(b) context | decode step p50 ms: current | baseline")
+        rows, gb_s = b["current"].get("rows"), b["current"].get("bandwidth_gb_s")
+        lines.append(
+            f"(b) context | decode step p50 ms of {rows} rows: current | baseline | bandwidth "
+            f"floor at {gb_s} GB/s (current / floor)"
+        )
         base = {e["context"]: e for e in b["baseline"].get("contexts", [])}
         for e in b["current"].get("contexts", []):
             other = base.get(e["context"], {})
             lines.append(
-                f"    {e['context']:>6} | {e.get('step_p50_ms')} | {other.get('step_p50_ms')}"
+                f"    {e['context']:>6} | {e.get('step_p50_ms')} | {other.get('step_p50_ms')} | "
+                f"{e.get('floor_ms')} ({e.get('vs_floor')}x)"
             )
     c = result.get("c_prefill_interference")
     if isinstance(c, dict) and "current" in c:

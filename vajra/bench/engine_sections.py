@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vajra.bench.bandwidth import copy_bandwidth, decode_floor_s
 from vajra.bench.engine_args import EngineBenchConfig
 from vajra.bench.engine_driver import (
     drive,
@@ -36,6 +38,9 @@ from vajra.bench.engine_trace import (
     trace_requests,
 )
 from vajra.gpu.interface import Engine, StepOutput
+
+#: Measured once per device and run: both engines of (b) are judged against the same floor.
+_bandwidth = functools.cache(copy_bandwidth)
 
 
 @dataclass
@@ -129,11 +134,13 @@ def concurrency_section(ctx: BenchContext) -> dict[str, Any]:
 
 def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
     """(b): ``context_rows`` rows with prompts of each context length; once every row has its
-    first token, the next ``context_steps`` steps are pure decode steps and are timed."""
+    first token, the next ``context_steps`` steps are pure decode steps and are timed, against
+    the step's memory-bandwidth floor (:mod:`vajra.bench.bandwidth`)."""
     cfg = ctx.config
     rows, steps = cfg.context_rows, cfg.context_steps
     max_len = min(max(cfg.contexts) + steps + 8, ctx.facts.max_positions)
     engine, _ = ctx.engine(kind, max_batch_size=rows, max_model_len=max_len)
+    bandwidth = _bandwidth(ctx.device)
     results: list[dict[str, Any]] = []
     for context in cfg.contexts:
         if context + steps + 2 > max_len:
@@ -158,6 +165,13 @@ def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
             step_s.append(time.perf_counter() - begin)
         _drain(engine, sorted(ids))
         p50 = percentile(step_s, 50) or 0.0
+        floor = decode_floor_s(
+            weight_bytes=ctx.facts.weight_bytes,
+            kv_bytes_per_token=ctx.facts.kv_bytes_per_token,
+            rows=rows,
+            context=context + steps // 2,
+            bandwidth=bandwidth,
+        )
         entry = {
             "context": context,
             "rows": rows,
@@ -165,11 +179,13 @@ def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
             "step_p50_ms": ms(p50),
             "step_p90_ms": ms(percentile(step_s, 90)),
             "ms_per_token": ms(p50 / rows),
+            "floor_ms": ms(floor),
+            "vs_floor": round(p50 / floor, 2),
             "prefill_s": round(prefill_s, 3),
         }
         ctx.log(f"(b) {kind} context {context}: {entry}")
         results.append(entry)
-    return {"rows": rows, "contexts": results}
+    return {"rows": rows, "bandwidth_gb_s": round(bandwidth / 1e9, 1), "contexts": results}
 
 
 def interference_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
