@@ -9,13 +9,12 @@ token-for-token what it is alone. Skipped without a CUDA device (``make gpu-chec
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.gpu.training_kit import jsonl, pairs
+from tests.gpu.training_kit import jsonl, pairs, storages
 from vajra.gpu.engine import TorchEngine
 from vajra.gpu.interface import GenerationRequest
 from vajra.gpu.streams import INFERENCE_PRIORITY, TRAINING_PRIORITY
@@ -42,20 +41,6 @@ def examples_of(engine: TorchEngine, n: int) -> list[TrainExample]:
     return tokenize_examples(parsed, engine.tokenizer, max_len=engine.max_model_len)
 
 
-def cuda_storages() -> dict[int, int]:
-    """Every live CUDA tensor's storage: its address and size in bytes."""
-    gc.collect()
-    seen: dict[int, int] = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cuda":
-            try:
-                storage = obj.untyped_storage()
-            except RuntimeError:  # a tensor without storage of its own
-                continue
-            seen[storage.data_ptr()] = storage.nbytes()
-    return seen
-
-
 def train(trainer: LoraTrainer) -> list[float]:
     losses = []
     while not trainer.finished:
@@ -73,7 +58,7 @@ def test_bf16_training_on_cuda_follows_float32_on_the_cpu(tiny_model_dir: Path) 
     assert next(model.parameters()).dtype == torch.bfloat16
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    storages_before = cuda_storages()
+    storages_before = storages("cuda")
 
     on_cpu = LoraTrainer(cpu, cpu.tokenizer, examples_of(cpu, 16), PARAMS)
     on_gpu = LoraTrainer(gpu, gpu.tokenizer, examples_of(gpu, 16), PARAMS)
@@ -92,7 +77,7 @@ def test_bf16_training_on_cuda_follows_float32_on_the_cpu(tiny_model_dir: Path) 
 
     # Tensors, not the allocator's total: cuBLAS takes a fixed workspace for each new stream
     # (64 MiB on an H200), far above this tiny model's size.
-    grown = sum(n for ptr, n in cuda_storages().items() if ptr not in storages_before)
+    grown = sum(n for ptr, n in storages("cuda").items() if ptr not in storages_before)
     held = sum(p.numel() * 4 * 3 for p in on_gpu._trainable)  # weights + 2 AdamW moments
     assert grown < held + base_bytes // 4, (grown, held, base_bytes)
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())

@@ -8,13 +8,12 @@ weights are never copied; a job resumed from a checkpoint ends bit-identical.
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.gpu.training_kit import jsonl, pairs
+from tests.gpu.training_kit import jsonl, pairs, storages
 from vajra.adapters.format import base_model_spec, validate_adapter
 from vajra.errors import InvalidRequest
 from vajra.gpu.engine import TorchEngine
@@ -124,29 +123,16 @@ def test_inference_during_training_is_unchanged(engine: TorchEngine, preempt: bo
     assert generate(engine, prompts, None) == alone
 
 
-def storages() -> dict[int, int]:
-    gc.collect()
-    seen: dict[int, int] = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
-            try:
-                storage = obj.untyped_storage()
-            except RuntimeError:
-                continue
-            seen[storage.data_ptr()] = storage.nbytes()
-    return seen
-
-
 def test_base_weights_are_not_copied(engine: TorchEngine) -> None:
     model = engine.model
     before_ptrs = [p.data_ptr() for p in model.parameters()]
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    before = storages()
+    before = storages("cpu")
     params = TrainParams(rank=4, target_modules=("q_proj", "v_proj"), max_steps=2)
     trainer = LoraTrainer(engine, engine.tokenizer, examples_of(engine, pairs(8)), params)
     while not trainer.finished:
         trainer.micro_step()
-    after = storages()
+    after = storages("cpu")
     grown = sum(n for ptr, n in after.items() if ptr not in before)
     held = sum(p.numel() * 4 * 3 for p in trainer._trainable)  # weights + 2 AdamW moments
     assert grown < held + base_bytes // 4, (grown, held, base_bytes)

@@ -3,6 +3,7 @@ reference the trainer is compared with (same init, data order, loss and AdamW)."
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -99,3 +100,18 @@ def peft_train(
         if v.requires_grad
     }
     return losses, final
+
+
+def storages(device_type: str) -> dict[int, int]:
+    """Every live tensor's storage on ``device_type`` ("cpu", "cuda"): address -> bytes. Counts
+    tensors only, not what libraries hold beside them (cuBLAS workspaces, allocator caches)."""
+    gc.collect()
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == device_type:
+            try:
+                storage = obj.untyped_storage()
+            except RuntimeError:  # a tensor without storage of its own
+                continue
+            seen[storage.data_ptr()] = storage.nbytes()
+    return seen
