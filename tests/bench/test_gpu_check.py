@@ -16,7 +16,12 @@ from typing import Any
 
 import pytest
 
-from vajra.bench.gpu_check import judge_engine_targets, judge_targets, read_junit
+from vajra.bench.gpu_check import (
+    judge_engine_targets,
+    judge_targets,
+    judge_train_targets,
+    read_junit,
+)
 
 REPO = Path(__file__).resolve().parent.parent.parent
 PROBE = "vajra_gpu_check_probe"
@@ -58,10 +63,11 @@ def test_dry_run_runs_the_whole_plan_and_writes_every_json(tmp_path: Path) -> No
     assert any(
         line.startswith("engine with distinct adapters, against base-only: ") for line in lines
     )
+    assert any(line.startswith("training: ") and "x PEFT's tokens/s" in line for line in lines)
     assert lines[-1].startswith("result: OK in ")
 
     names = {"environment", "tests", "adapters-llama-3.2-1b", "adapters-llama-3-8b", "summary"}
-    names.add("engine-llama-3.2-1b")
+    names |= {"engine-llama-3.2-1b", "train-llama-3.2-1b"}
     assert {p.name for p in out.iterdir()} == {f"{name}.json" for name in names}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "dry-run" and summary["ok"] is True
@@ -70,6 +76,7 @@ def test_dry_run_runs_the_whole_plan_and_writes_every_json(tmp_path: Path) -> No
         "environment",
         "tests",
         "engine-llama-3.2-1b",
+        "train-llama-3.2-1b",
         "adapters-llama-3.2-1b",
         "adapters-llama-3-8b",
     ]
@@ -168,6 +175,23 @@ def test_engine_targets_judge_the_worst_context_and_each_adapter_count() -> None
     contexts[1]["vs_floor"] = 1.9
     engine["g_adapters"]["results"].append({"adapters": 128, "adapters_vs_base": 0.8})
     assert [t["status"] for t in judge_engine_targets(engine)] == ["met", "met", "missed"]
+
+
+def test_train_targets_judge_the_ratio_and_the_latency_bound() -> None:
+    assert [t["status"] for t in judge_train_targets({})] == ["not measured"] * 2
+    train = {
+        "training": {"ratio": 1.2},
+        "latency": {"preemption_on": {"itl_ms": {"p99": 30.0}}, "target_p99_itl_ms": 25.0},
+    }
+    assert [(t["status"], t["value"]) for t in judge_train_targets(train)] == [
+        ("met", 1.2),
+        ("missed", 30.0),
+    ]
+    train["training"]["ratio"] = 0.9
+    train["latency"]["target_p99_itl_ms"] = 31.0
+    judged = judge_train_targets(train)
+    assert [t["status"] for t in judged] == ["missed", "met"]
+    assert "(31.0 ms)" in judged[1]["target"]
 
 
 #: Vajra's dependencies that the GPU machine lacks and ``requirements-gpu.txt`` does not carry.

@@ -14,9 +14,11 @@ One plan, run in order, each step a subprocess with its own time limit inside on
 4. ``engine-llama-3.2-1b``: ``vajra bench engine`` on the Llama-3.2-1B shape in bfloat16,
    sections (b) (decode step of 32 rows at 128, 1,024 and 4,096 tokens of context, against
    its memory-bandwidth floor) and (g) (32 and 128 distinct adapters against base-only).
-5. ``adapters-llama-3.2-1b``: ``vajra bench adapters`` (run as ``python -m
+5. ``train-llama-3.2-1b``: ``vajra bench train`` on that shape: training tokens/s against
+   PEFT's, and inference latency with no job and with a job, preemption on and off.
+6. ``adapters-llama-3.2-1b``: ``vajra bench adapters`` (run as ``python -m
    vajra.bench.adapters``, which needs no CLI install) on that model shape.
-6. ``adapters-llama-3-8b``: ``vajra bench adapters`` on the Llama-3-8B shape, last: the step
+7. ``adapters-llama-3-8b``: ``vajra bench adapters`` on the Llama-3-8B shape, last: the step
    a short budget cuts.
 
 Every step writes its JSON into one folder (``bench-results/gpu/`` by default) and
@@ -144,11 +146,21 @@ def plan(opts: Options) -> list[Step]:
     engine_out = opts.out / "engine-llama-3.2-1b.json"
     engine = Step("engine-llama-3.2-1b", tuple(engine_bench_args(engine_out, opts)), 260)
     steps.append(engine)
+    train_out = opts.out / "train-llama-3.2-1b.json"
+    steps.append(Step("train-llama-3.2-1b", tuple(train_bench_args(train_out, opts)), 150))
     for shape, limit_s in (("llama-3.2-1b", 240), ("llama-3-8b", 240)):
         json_out = opts.out / f"adapters-{shape}.json"
         bench = adapters_bench_args(shape, json_out, dry_run=opts.dry_run)
         steps.append(Step(f"adapters-{shape}", tuple(bench), limit_s))
     return steps
+
+
+def train_bench_args(out: Path, opts: Options) -> list[str]:
+    """``vajra bench train`` on the Llama-3.2-1B shape (its quick form on the CPU when dry)."""
+    args = ["-m", "vajra.bench.train", "--json", str(out)]
+    if opts.dry_run:
+        return [*args, "--quick", "--device", "cpu", "--shape", "tiny"]
+    return [*args, "--device", "cuda", "--shape", "llama-3.2-1b", "--steps", "10"]
 
 
 def engine_bench_args(out: Path, opts: Options) -> list[str]:
@@ -294,6 +306,20 @@ def judge_engine_targets(engine: dict[str, Any]) -> list[dict[str, Any]]:
     return targets
 
 
+def judge_train_targets(train: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets of ``vajra bench train`` (issue "Fine-tuning on the shared frozen core")."""
+    training, latency = train.get("training") or {}, train.get("latency") or {}
+    ratio = training.get("ratio")
+    targets = [_target("training tokens/s >= 1.0 x PEFT's", ratio, (ratio or 0.0) >= 1.0)]
+    p99 = ((latency.get("preemption_on") or {}).get("itl_ms") or {}).get("p99")
+    bound = latency.get("target_p99_itl_ms")
+    text = "inference p99 ITL with a job, preemption on <= no-job p99 + one micro-step"
+    text += f" ({bound} ms)" if bound is not None else ""
+    met = p99 is not None and bound is not None and p99 <= bound
+    targets.append(_target(text, p99, met))
+    return targets
+
+
 def judge_targets(figures: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The GPU speed targets of ``vajra bench adapters``, each met, missed, or not measured."""
     targets = []
@@ -370,10 +396,12 @@ def run_check(opts: Options) -> tuple[dict[str, Any], list[str]]:
     summary["engine"] = {
         key: engine.get(key) for key in ("b_context", "f_comparison", "g_adapters")
     }
+    train = _load(opts.out / "train-llama-3.2-1b.json") or {}
+    summary["train"] = {key: train.get(key) for key in ("device", "training", "latency")}
     summary["targets"] = (
         "not judged: a dry run on the CPU with tiny shapes"
         if opts.dry_run
-        else judge_engine_targets(engine) + judge_targets(figures)
+        else judge_engine_targets(engine) + judge_train_targets(train) + judge_targets(figures)
     )
     summary["seconds"] = round(time.monotonic() - started, 1)
     tests = summary.get("tests", {})
@@ -432,6 +460,17 @@ def summary_lines(summary: dict[str, Any], opts: Options) -> list[str]:
     if g.get("results"):
         ratios = ", ".join(f"{r['adapters']}: {r.get('adapters_vs_base')}x" for r in g["results"])
         lines.append(f"engine with distinct adapters, against base-only: {ratios}")
+    training = (summary.get("train") or {}).get("training") or {}
+    latency = (summary.get("train") or {}).get("latency") or {}
+    if training:
+        itl = ", ".join(
+            f"{name} {(latency.get(name) or {}).get('itl_ms', {}).get('p99', 0):.2f}"
+            for name in ("no_job", "preemption_on", "preemption_off")
+        )
+        lines.append(
+            f"training: {training.get('ratio', 0):.3f} x PEFT's tokens/s; inference ITL p99 ms: "
+            f"{itl} (bound with preemption on: {latency.get('target_p99_itl_ms', 0):.2f})"
+        )
     comparison = engine.get("f_comparison") or {}
     if comparison:
         rates = {k: v.get("output_tok_s") for k, v in comparison.items() if isinstance(v, dict)}

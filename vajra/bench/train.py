@@ -16,8 +16,8 @@ inference.
    cluster and the SDK, preemption on and off (:mod:`vajra.bench.train_cluster`).
 
 Model: :func:`vajra.bench.engine_model.build_bench_model` (``tiny`` or the ``small`` CPU
-shape; EOS never sampled so every request runs to its length). On the CPU torch uses one
-thread. Results are JSON; nothing here asserts a speed.
+shape, ``llama-3.2-1b`` on a GPU; EOS never sampled so every request runs to its length). On
+the CPU torch uses one thread. Results are JSON; nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -398,3 +399,17 @@ def run_from_args(args: argparse.Namespace) -> int:
         }
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vajra.bench.train``: the benchmark without the CLI (what ``make gpu-check``
+    runs on a machine that has no ZeroMQ)."""
+    from vajra.bench.train_args import add_train_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m vajra.bench.train")
+    add_train_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

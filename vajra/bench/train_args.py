@@ -7,7 +7,12 @@ import argparse
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", required=True, help="where to write the results")
-    parser.add_argument("--shape", default="tiny", choices=["tiny", "small"])
+    parser.add_argument(
+        "--shape",
+        default="tiny",
+        choices=["tiny", "small", "llama-3.2-1b"],
+        help="the built random model (llama-3.2-1b: for a GPU)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA if present)")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     parser.add_argument("--rank", type=int, default=16)
