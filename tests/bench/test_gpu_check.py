@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from vajra.bench.gpu_check import (
+    _relative_paths,
     judge_engine_targets,
     judge_targets,
     judge_train_targets,
@@ -69,6 +70,7 @@ def test_dry_run_runs_the_whole_plan_and_writes_every_json(tmp_path: Path) -> No
     names = {"environment", "tests", "adapters-llama-3.2-1b", "adapters-llama-3-8b", "summary"}
     names |= {"engine-llama-3.2-1b", "train-llama-3.2-1b"}
     assert {p.name for p in out.iterdir()} == {f"{name}.json" for name in names}
+    assert f"{REPO}/" not in (out / "summary.json").read_text()  # the checkout's paths: relative
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "dry-run" and summary["ok"] is True
     assert [s["name"] for s in summary["steps"]] == [
@@ -156,6 +158,21 @@ def test_targets_are_met_missed_or_not_measured() -> None:
         ("not measured", None),
         ("missed", 2.5),
     ]
+
+
+def test_the_summary_names_paths_inside_the_checkout_relative_to_it() -> None:
+    summary = {
+        "command": ["python", "-m", "pytest", "/repo/tests/gpu", "/tmp/out/junit.xml"],
+        "wheels": {"folder": "/repo/.gpu-wheels", "installed": ["trio"]},
+        "seconds": 1.5,
+        "other": "/repository/x",
+    }
+    assert _relative_paths(summary, "/repo/") == {
+        "command": ["python", "-m", "pytest", "tests/gpu", "/tmp/out/junit.xml"],
+        "wheels": {"folder": ".gpu-wheels", "installed": ["trio"]},
+        "seconds": 1.5,
+        "other": "/repository/x",
+    }
 
 
 def test_engine_targets_judge_the_worst_context_and_each_adapter_count() -> None:

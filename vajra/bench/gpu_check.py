@@ -410,8 +410,22 @@ def run_check(opts: Options) -> tuple[dict[str, Any], list[str]]:
         and tests.get("failed", 1) == 0
         and (opts.dry_run or tests.get("skipped", 1) == 0)
     )
-    (opts.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # Kept as a record (docs/bench-results): paths inside the checkout are written relative
+    # to it, so the record names the repository's files, not the machine's folders.
+    record = _relative_paths(summary, f"{opts.root}{os.sep}")
+    (opts.out / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
     return summary, summary_lines(summary, opts)
+
+
+def _relative_paths(value: Any, root: str) -> Any:
+    """``value`` with every string that starts with ``root`` shortened to what follows it."""
+    if isinstance(value, str):
+        return value.removeprefix(root)
+    if isinstance(value, list):
+        return [_relative_paths(v, root) for v in value]
+    if isinstance(value, dict):
+        return {k: _relative_paths(v, root) for k, v in value.items()}
+    return value
 
 
 def summary_lines(summary: dict[str, Any], opts: Options) -> list[str]:
