@@ -203,7 +203,32 @@ def triton_interpreter_check() -> None:
             got[backend] = check_packed_batch(state, names, adapters, tol=1e-5)
         for module, delta in got["triton"].items():
             assert (delta - got["torch"][module]).abs().max().item() <= 1e-5, (mode, module)
+    static_check(pool, adapters)
     print("triton interpreter: ok")
+
+
+def static_check(pool: LoraPool, adapters: dict[int, Adapter]) -> None:
+    """The static (graph) form on the Triton backend: decode tokens whose slots are device
+    data, base tokens on the pool's null slot, equal the per-token reference."""
+    slots: list[int | None] = [*adapters, None, *reversed(adapters), None]
+    n = len(slots)
+    tokens = torch.arange(n, dtype=torch.int32, device=pool.device)
+    device_slots = torch.tensor(
+        [pool.null_slot if s is None else s for s in slots], dtype=torch.int32, device=pool.device
+    )
+    state = LoraBatchState(pool, backend="triton")
+    state.set_static(tokens, device_slots)
+    gen = torch.Generator().manual_seed(5)
+    try:
+        for index, module in enumerate(LAYOUT.modules):
+            in_f, out_f = SPEC.modules[module]
+            x = torch.randn(n, in_f, generator=gen)
+            y = torch.zeros(n, out_f, dtype=pool.dtype, device=pool.device)
+            got = state.apply(index, x.to(pool.device, pool.dtype), y).cpu().double()
+            error = (got - reference_delta(x, slots, adapters, module)).abs().max().item()
+            assert error <= 1e-5, (module, error)
+    finally:
+        state.clear()
 
 
 if __name__ == "__main__":

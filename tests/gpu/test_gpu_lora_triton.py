@@ -2,7 +2,8 @@
 
 Rules: the interpreter must be switched on before triton is first imported, so that check runs
 in a fresh process (``TRITON_INTERPRET=1``) on the packed batch of tests/gpu/lora_kit.py:
-mixed ranks and targets, decode tokens, two prefill chunks, base and uncovered tokens, float32.
+mixed ranks and targets, decode tokens, two prefill chunks, base and uncovered tokens, float32;
+then the static (CUDA-graph) form of a decode batch, whose slots are device data.
 Most of its time is the process's imports; the kernels themselves take a couple of seconds.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.gpu.lora_kit import check_packed_batch, mixed_pool, packed_deltas
+from tests.gpu.lora_kit import check_packed_batch, mixed_pool, packed_deltas, static_check
 from vajra.gpu.lora import HostAdapter, LoraBatchState, LoraPool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,3 +67,4 @@ def test_triton_kernels_on_the_gpu_equal_the_torch_path(dtype: torch.dtype) -> N
     if dtype == torch.float32:
         by_slot = {moved[name]: adapters[slot] for name, slot in names.items()}
         check_packed_batch(LoraBatchState(cuda_pool, backend="triton"), moved, by_slot, tol=1e-5)
+        static_check(cuda_pool, by_slot)

@@ -60,8 +60,8 @@ from vajra.bus.outbox import Outbox
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.config import VajraConfig
 from vajra.errors import UnavailableError
-from vajra.gpu.engine import load_engine
 from vajra.gpu.interface import Engine
+from vajra.gpu.loading import load_engine
 from vajra.state import ClusterState, OffLoop
 
 log = logging.getLogger("vajra.executor")
@@ -196,6 +196,7 @@ class Executor:
             kv_memory_fraction=e.kv_memory_fraction,
             kv_block_size=e.kv_block_size,
             max_batch_tokens=e.max_batch_tokens,
+            decode_graphs=e.decode_graphs,  # type: ignore[arg-type]  # checked by the engine
         )
 
     def _build_tiers(self, engine: Engine) -> AdapterTiers | None:

@@ -4,8 +4,9 @@ Data flows left to right: GenerationRequest -> Engine.step() -> StepOutput. The 
 engine only through :mod:`vajra.gpu.interface` (the step, and the adapter slots).
 """
 
-from vajra.gpu.engine import TorchEngine, load_engine
+from vajra.gpu.engine import TorchEngine
 from vajra.gpu.interface import AdapterResidency, Engine, GenerationRequest, StepOutput
+from vajra.gpu.loading import load_engine
 from vajra.gpu.null_engine import NullEngine
 from vajra.gpu.sampling import Sampler, SamplingParams
 from vajra.gpu.tiny import init_tiny_model

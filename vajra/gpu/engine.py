@@ -16,7 +16,8 @@ One worker thread calls :meth:`TorchEngine.step` over and over (never concurrent
 4. runs ONE forward over the packed tokens (no padding; on CUDA on a stream that outranks
    training's, :mod:`vajra.gpu.streams`): transformers' model, attention switched to
    :mod:`vajra.gpu.paged_attention` (which writes only the step's positions into the
-   block-paged cache) and its LoRA layers told each token's adapter;
+   block-paged cache) and its LoRA layers told each token's adapter; a step of decode tokens
+   only replays a CUDA graph of that forward on CUDA (:mod:`vajra.gpu.decode_graphs`);
 5. samples every request whose chunk reached its last token (:mod:`vajra.gpu.sampling`,
    vectorised; the one device synchronisation of the step is reading those tokens), and
    emits text (:mod:`vajra.gpu.text_stream`, incremental).
@@ -42,11 +43,11 @@ from typing import Any
 import torch
 
 from vajra.errors import InternalError, InvalidRequest, VajraError
-from vajra.gpu.interface import AdapterResidency, Engine, GenerationRequest, StepOutput
+from vajra.gpu.decode_graphs import DecodeGraphs, GraphMode, can_capture
+from vajra.gpu.interface import AdapterResidency, GenerationRequest, StepOutput
 from vajra.gpu.kv_blocks import BlockManager
 from vajra.gpu.lora import LoraBatchState, LoraPool, inject_lora
 from vajra.gpu.model import load_model
-from vajra.gpu.null_engine import NullEngine
 from vajra.gpu.paged_attention import (
     KvCache,
     KvShape,
@@ -74,7 +75,8 @@ class TorchEngine:
     ``max_position_embeddings``); a longer prompt is refused. Prompts are encoded with the
     tokenizer's special tokens (BOS in front for Llama-style tokenizers) unless the prompt
     already starts with the BOS text, e.g. from a chat template; an empty prompt becomes the
-    BOS token alone.
+    BOS token alone. ``decode_graphs``: see :mod:`vajra.gpu.decode_graphs` ("auto": captured
+    on CUDA when its kernels allow; "eager": the static path uncaptured; "off").
     """
 
     def __init__(
@@ -92,7 +94,10 @@ class TorchEngine:
         kv_memory_fraction: float = 0.9,
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        decode_graphs: GraphMode = "auto",
     ) -> None:
+        if decode_graphs not in ("auto", "eager", "off"):
+            raise ValueError(f"decode_graphs must be auto, eager or off, not {decode_graphs!r}")
         loaded = load_model(Path(model_dir), device=device, dtype=dtype)
         self.blocking = True
         self.model_name = Path(model_dir).name
@@ -120,7 +125,8 @@ class TorchEngine:
                 f"the KV cache ({num_blocks} blocks of {block_size}) cannot hold one request "
                 f"of max_model_len={self.max_model_len}; raise kv_cache_bytes"
             )
-        self.kv = KvCache(shape, num_blocks, block_size, loaded.device)
+        # The budget's blocks, and one more: the decode graphs' scratch, never a request's.
+        self.kv = KvCache(shape, num_blocks + 1, block_size, loaded.device)
         self._planner = StepPlanner(
             BlockManager(num_blocks, block_size),
             max_rows=max_batch_size,
@@ -150,6 +156,26 @@ class TorchEngine:
         if lora_pool is not None:
             self.lora_state = LoraBatchState(lora_pool, max_tokens=self._planner.max_batch_tokens)
             inject_lora(self._model, self.lora_state)
+        self.decode_graphs: DecodeGraphs | None = None
+        self.decode_graphs_error: str | None = None  # why "auto" could not capture, if it failed
+        capture = decode_graphs == "auto" and can_capture(loaded.device, self.lora_state)
+        if capture or decode_graphs == "eager":
+            try:
+                with fork_join(self._stream):
+                    self.decode_graphs = DecodeGraphs(
+                        self._model,
+                        self.kv,
+                        scratch_block=num_blocks,
+                        lora=self.lora_state,
+                        max_rows=max_batch_size,
+                        max_blocks=-(-self.max_model_len // block_size) + 1,
+                        capture=capture,
+                    )
+            except Exception as exc:  # serve without graphs rather than not at all
+                if not capture:
+                    raise
+                log.exception("capturing decode graphs failed; every step runs eagerly")
+                self.decode_graphs_error = f"{type(exc).__name__}: {exc}"
 
     # ------------------------------------------------------------------ Engine protocol
 
@@ -243,11 +269,8 @@ class TorchEngine:
         )
         start = time.perf_counter()
         try:
-            step = self._buffers.fill(chunks, self.kv.block_size)
-            logits = self._forward(step)
-            sampled = [seq for seq, _ in step.sampled]
-            rows = logits.index_select(0, step.sample_rows) if sampled else logits[:0]
-            result = self._sampler.sample(rows.float(), [seq.sampler for seq in sampled])
+            rows, sampled, prompt_logits, total = self._logits(chunks)
+            result = self._sampler.sample(rows.float(), [seq.sampler for seq, _ in sampled])
             host = result.to_host()  # the step's one synchronisation
         except Exception as exc:
             log.exception("model step failed; finishing its %d requests", len(chunks))
@@ -255,16 +278,28 @@ class TorchEngine:
                 self._planner.remove(seq)
             return [error_output(seq, exc) for seq, _ in chunks]
         ms = (time.perf_counter() - start) * 1000.0
-        total = step.layout.num_tokens
         for seq, n in chunks:
             seq.compute_ms += ms * n / total
             self._planner.computed(seq, n)
-        for seq, (first, count, pos) in step.prompt_rows.items():
-            self._collect_prompt_logprobs(seq, logits[first : first + count], pos)
-        outputs: list[StepOutput] = []
-        for (seq, _), token, lp in zip(step.sampled, host.tokens, host.logprobs, strict=True):
-            outputs.append(self._emit(seq, token, lp))
-        return outputs
+        for seq, logits, pos in prompt_logits:
+            self._collect_prompt_logprobs(seq, logits, pos)
+        return [
+            self._emit(seq, token, lp)
+            for (seq, _), token, lp in zip(sampled, host.tokens, host.logprobs, strict=True)
+        ]
+
+    def _logits(
+        self, chunks: list[tuple[Sequence, int]]
+    ) -> tuple[torch.Tensor, list[tuple[Sequence, int]], list[tuple[Sequence, Any, int]], int]:
+        """The step's forward: logits to sample (a row per sampled chunk), the sampled chunks,
+        prompt-logprob chunks' logits and first positions, and the forward's token count."""
+        if self.decode_graphs is not None and self.decode_graphs.fits(chunks):
+            return self.decode_graphs.run(chunks), chunks, [], len(chunks)
+        step = self._buffers.fill(chunks, self.kv.block_size)
+        logits = self._forward(step)
+        rows = logits.index_select(0, step.sample_rows) if step.sampled else logits[:0]
+        prompt = [(s, logits[at : at + n], pos) for s, (at, n, pos) in step.prompt_rows.items()]
+        return rows, step.sampled, prompt, step.layout.num_tokens
 
     def _forward(self, step: PackedStep) -> torch.Tensor:
         """The one model call of a step: logits at the kept positions, [kept, vocab]."""
@@ -383,38 +418,3 @@ class TorchEngine:
         if not ids and self.tokenizer.bos_token_id is not None:
             ids = [self.tokenizer.bos_token_id]
         return ids
-
-
-def load_engine(
-    model: str,
-    *,
-    device: str | None = None,
-    dtype: str = "auto",
-    max_batch_size: int = 32,
-    max_model_len: int = 2048,
-    max_adapters: int = 0,
-    max_adapter_rank: int = 64,
-    kv_cache_bytes: int | None = None,
-    kv_memory_fraction: float = 0.9,
-    kv_block_size: int = DEFAULT_BLOCK_SIZE,
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-) -> Engine:
-    """``"null"`` gives a :class:`NullEngine`; anything else is a model directory for TorchEngine
-    (with a LoRA pool of ``max_adapters`` slots when that is above zero)."""
-    if model == "null":
-        return NullEngine(
-            device=device, dtype=dtype, max_batch_size=max_batch_size, max_model_len=max_model_len
-        )
-    return TorchEngine(
-        Path(model),
-        device=device,
-        dtype=dtype,
-        max_batch_size=max_batch_size,
-        max_model_len=max_model_len,
-        max_adapters=max_adapters,
-        max_adapter_rank=max_adapter_rank,
-        kv_cache_bytes=kv_cache_bytes,
-        kv_memory_fraction=kv_memory_fraction,
-        block_size=kv_block_size,
-        max_batch_tokens=max_batch_tokens,
-    )

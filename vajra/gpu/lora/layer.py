@@ -39,7 +39,9 @@ pool is on CUDA and triton imports, with one shrink and one expand launch per st
 
 Per step, the index data is built as host lists and copied in one transfer into a
 preallocated device buffer (grown only when a batch is larger than any before); the adapters'
-page and rank tables already live on the device (:mod:`vajra.gpu.lora.pool`).
+page and rank tables already live on the device (:mod:`vajra.gpu.lora.pool`). The static form
+(:meth:`LoraBatchState.set_static`, Triton only) plans nothing on the host: a captured decode
+graph (:mod:`vajra.gpu.decode_graphs`) reads each token's slot from a device buffer.
 
 :meth:`LoraBatchState.set_rows` is the row form, for callers that run padded ``[rows,
 tokens, in]`` batches through ``transformers``' ``generate`` (the adapter benchmark, the torch
@@ -135,6 +137,8 @@ class LoraBatchState:
         self._num_tokens = -1
         self._kinds: list[KindWork] = []
         self._triton: _TritonWork | None = None
+        self._triton_scratch = self._scratch
+        self._static_scratch: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ per step
 
@@ -154,13 +158,42 @@ class LoraBatchState:
         ``slots[i]`` (None: base model only), until :meth:`clear`."""
         self.clear()
         used = sorted({s for s in slots if s is not None})
-        for slot in used:
-            if not self.pool.is_loaded(slot):
-                raise KeyError(f"slot {slot} holds no adapter")
         if used:
-            self.pool.wait_ready(used)
+            self.ready(used)
             self._rows = list(slots)
             self.active = True
+
+    def set_static(self, tokens: torch.Tensor, slots: torch.Tensor) -> None:
+        """Graph form, Triton backend only: the next forwards' ``tokens.numel()`` tokens are
+        decode tokens (``tokens``: int32 ``[n]``, token ``i`` is ``i``) whose slots the kernels
+        read from the device tensor ``slots`` (int32 ``[n]``; ``pool.null_slot`` for a base
+        row) when they run. So one captured forward (:mod:`vajra.gpu.decode_graphs`) serves any
+        mix of adapters: every kind is launched at the width of the pool's ``max_rank`` into a
+        scratch buffer allocated on the first call (a later call with more tokens raises
+        ValueError). Nothing is checked or awaited: call :meth:`ready` with the slots before
+        each replay. Raises ValueError on the torch backend."""
+        if self.backend != "triton":
+            raise ValueError("the static (graph) form needs the triton backend")
+        self.clear()
+        n = tokens.numel()
+        width = max(16, rank_bucket(self.pool.max_rank))
+        if self._static_scratch is None:
+            self._static_scratch = torch.zeros(n * width, dtype=torch.float32, device=slots.device)
+        elif self._static_scratch.numel() < n * width:
+            raise ValueError(f"{n} static tokens: more than the first call's scratch holds")
+        kinds = len(self.pool.layout.kinds)
+        self._triton = _TritonWork(decode=(tokens, slots), blocks=None, widths=[width] * kinds)
+        self._triton_scratch = self._static_scratch
+        self._num_tokens = n
+        self.active = True
+
+    def ready(self, slots: Sequence[int]) -> None:
+        """Check that every one of ``slots`` holds an adapter (KeyError if not) and order the
+        current stream after the copies into them (``pool.wait_ready``)."""
+        for slot in slots:
+            if not self.pool.is_loaded(slot):
+                raise KeyError(f"slot {slot} holds no adapter")
+        self.pool.wait_ready(slots)
 
     def clear(self) -> None:
         """Back to "no adapters": a forward runs the base model alone."""
@@ -187,12 +220,9 @@ class LoraBatchState:
         limit = {"auto": self.gather_max_tokens, "gather": num_tokens, "segmented": 0}[self.mode]
         gather, long = split_segments(segments, num_tokens, gather_max_tokens=limit)
         slots = sorted({s for _, s in gather} | {s for _, _, s in long})
-        for slot in slots:
-            if not self.pool.is_loaded(slot):
-                raise KeyError(f"slot {slot} holds no adapter")
         if not slots:
             return
-        self.pool.wait_ready(slots)
+        self.ready(slots)
         ranks = {s: self.pool.ranks_of(s) for s in slots}
         if self.backend == "triton":
             self._plan_triton(gather, long, ranks, num_tokens)
@@ -235,6 +265,7 @@ class LoraBatchState:
         need = num_tokens * max(widths)
         if need > self._scratch.numel():
             self._scratch = torch.zeros(2 * need, dtype=torch.float32, device=self.pool.device)
+        self._triton_scratch = self._scratch
 
     def _upload(self, flat: list[int]) -> torch.Tensor:
         """``flat`` in the device index buffer, one copy; grown only past every earlier size."""
@@ -269,7 +300,7 @@ class LoraBatchState:
         kind = self.pool.layout.module_kinds[module_index]
         a, bt = self.pool.module_views(module_index)
         if self._triton is not None:
-            _apply_triton(self._triton, self.pool, kind, x2, y2, self._scratch, a, bt)
+            _apply_triton(self._triton, self.pool, kind, x2, y2, self._triton_scratch, a, bt)
             return y
         self._kinds[kind].apply(x2, y2, a, bt)
         return y

@@ -38,9 +38,11 @@ that): room for ``max_vram_adapters`` adapters of rank ``mean_rank`` on every mo
 more of them when they have lower ranks or fewer modules.
 
 Tables for the kernels, on the pool's device and written at load: :attr:`LoraPool.page_table`
-``[kinds, slots, max_rank]`` int32 (page of each rank row; the zero page past the adapter's
-rank) and :attr:`LoraPool.rank_table` ``[slots, kinds]`` int32. A batch then only says which
-slot each token uses. Each wrapped layer reads its module's ``A`` and ``Bt`` as views of its
+``[kinds, slots + 1, max_rank]`` int32 (page of each rank row; the zero page past the
+adapter's rank) and :attr:`LoraPool.rank_table` ``[slots + 1, kinds]`` int32. A batch then only
+says which slot each token uses. The extra row, :attr:`LoraPool.null_slot`, never holds an
+adapter (rank 0 for every kind): a base-model row of a batch whose slots are device data (a
+captured decode graph, :mod:`vajra.gpu.decode_graphs`) names it and gets no delta. Each wrapped layer reads its module's ``A`` and ``Bt`` as views of its
 arena (:meth:`LoraPool.module_views`): ``[pages, in]`` and ``[pages, out]``, each contiguous
 (segment-major storage), so a kernel can read any page's row where it lies, with no copy: the
 CPU's sampled matmul needs that, where row-major pages (a page row holding every layer's ``A``
@@ -132,10 +134,11 @@ class LoraPool:
             storage = torch.zeros((pages + 1) * row, dtype=dtype, device=self.device)
             self._arenas.append(_Arena(kinds, storage, pages + 1, PageRuns(1, pages)))
         n_kinds = len(layout.kinds)
-        table_shape = (n_kinds, max_vram_adapters, max_rank)
+        self.null_slot = max_vram_adapters  # a table row no adapter ever takes (docstring)
+        table_shape = (n_kinds, max_vram_adapters + 1, max_rank)
         self.page_table = torch.zeros(table_shape, dtype=torch.int32, device=self.device)
         self.rank_table = torch.zeros(
-            (max_vram_adapters, n_kinds), dtype=torch.int32, device=self.device
+            (max_vram_adapters + 1, n_kinds), dtype=torch.int32, device=self.device
         )
         self._free_slots = list(range(max_vram_adapters))  # a heap
         self._resident: dict[int, _Resident] = {}
