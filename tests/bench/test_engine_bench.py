@@ -21,6 +21,7 @@ from vajra.bench.engine_report import section_errors
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench") / "engine.json"
     cmd = [sys.executable, "-m", "vajra", "bench", "engine", "--json", str(out), "--quick"]
+    cmd += ["--decode-graphs", "eager"]  # the CUDA graphs' static path, uncaptured on the CPU
     proc = subprocess.run(cmd, timeout=280, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "(a) in flight" in proc.stdout  # the short table
@@ -63,6 +64,18 @@ def test_b_c_e_run_on_both_engines(result: dict[str, Any]) -> None:
         assert 0 < floors[0] < floors[1]  # more context, more KV to read
         for c in contexts:
             assert c["vs_floor"] == pytest.approx(c["step_p50_ms"] / c["floor_ms"], rel=0.02)
+        # --decode-graphs eager: the current engine's pure decode steps took the graphs' static
+        # path, and as many more ran without it (the control a GPU run compares against).
+        stats = result["b_context"][kind].get("decode_graphs")
+        if kind == "current":
+            assert stats["eager"] >= 4 * len(contexts) and stats["captured"] == 0
+            for c in contexts:
+                assert c["eager_step_p50_ms"] > 0
+                assert c["graph_speedup"] == pytest.approx(
+                    c["eager_step_p50_ms"] / c["step_p50_ms"], rel=0.05
+                )
+        else:
+            assert stats is None and "graph_speedup" not in contexts[0]
         c = result["c_prefill_interference"][kind]
         assert c["ttft_p50_ms"] > 0
         _ordered(c, "itl_before_p50_ms", "itl_before_p99_ms")

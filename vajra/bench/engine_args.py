@@ -51,6 +51,7 @@ class EngineBenchConfig:
     adapter_ranks: tuple[int, ...] = (8, 16, 32, 64)
     # engine settings passed only where load_engine takes them (the paged-KV engine)
     max_batch_tokens: int = 2048
+    decode_graphs: str = "auto"  # vajra.gpu.decode_graphs: auto | eager | off
     kv_cache_bytes: int | None = None  # None: enough for each run's rows at full length
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     seed: int = 0
@@ -139,6 +140,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokens per step, for an engine that takes it (2048)",
     )
     parser.add_argument(
+        "--decode-graphs",
+        choices=("auto", "eager", "off"),
+        default=None,
+        help="CUDA graphs of decode steps (auto: on CUDA; eager: their static path uncaptured, "
+        "e.g. to exercise it on the CPU; off)",
+    )
+    parser.add_argument(
         "--kv-cache-mb",
         type=float,
         default=None,
@@ -168,6 +176,7 @@ def config_from_args(args: argparse.Namespace) -> EngineBenchConfig:
         ("context_rows", args.context_rows),
         ("adapter_counts", ints(args.adapter_counts)),
         ("max_batch_tokens", args.max_batch_tokens),
+        ("decode_graphs", args.decode_graphs),
         ("threads", args.threads),
     ):
         if value is not None:

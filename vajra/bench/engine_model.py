@@ -101,6 +101,7 @@ def make_engine(
     max_adapters: int = 0,
     kv_cache_bytes: int | None = None,
     max_batch_tokens: int | None = None,
+    decode_graphs: str | None = None,
 ) -> tuple[Engine, dict[str, Any]]:
     """The engine, and the settings it was built with (those it did not take left out)."""
     settings: dict[str, Any] = {
@@ -118,7 +119,11 @@ def make_engine(
     accepted = inspect.signature(load_engine).parameters
     if max_adapters:
         settings["max_adapters"] = max_adapters
-    for name, value in (("kv_cache_bytes", kv_cache_bytes), ("max_batch_tokens", max_batch_tokens)):
+    for name, value in (
+        ("kv_cache_bytes", kv_cache_bytes),
+        ("max_batch_tokens", max_batch_tokens),
+        ("decode_graphs", decode_graphs),
+    ):
         if value is not None and name in accepted:
             settings[name] = value
     return load_engine(str(model_dir), **settings), settings

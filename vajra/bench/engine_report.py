@@ -65,6 +65,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             lines.append(
                 f"    {e['context']:>6} | {e.get('step_p50_ms')} | {other.get('step_p50_ms')} | "
                 f"{e.get('floor_ms')} ({e.get('vs_floor')}x)"
+                + (f"; graphs off {e['eager_step_p50_ms']}" if "eager_step_p50_ms" in e else "")
             )
     c = result.get("c_prefill_interference")
     if isinstance(c, dict) and "current" in c:

@@ -81,6 +81,7 @@ class BenchContext:
             max_adapters=max_adapters,
             kv_cache_bytes=kv_bytes,
             max_batch_tokens=self.config.max_batch_tokens,
+            decode_graphs=self.config.decode_graphs,
         )
         warm = [BenchRequest(f"warm{i}", self.prompts.prompt(16), 16, 2, 0.0) for i in range(2)]
         drive(engine, warm, concurrency=2)
@@ -135,19 +136,23 @@ def concurrency_section(ctx: BenchContext) -> dict[str, Any]:
 def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
     """(b): ``context_rows`` rows with prompts of each context length; once every row has its
     first token, the next ``context_steps`` steps are pure decode steps and are timed, against
-    the step's memory-bandwidth floor (:mod:`vajra.bench.bandwidth`)."""
+    the step's memory-bandwidth floor (:mod:`vajra.bench.bandwidth`). When the engine replays
+    CUDA graphs of decode steps (:mod:`vajra.gpu.decode_graphs`), as many steps more of the
+    same rows run with the graphs switched off: ``graph_speedup`` is eager over graph p50."""
     cfg = ctx.config
     rows, steps = cfg.context_rows, cfg.context_steps
-    max_len = min(max(cfg.contexts) + steps + 8, ctx.facts.max_positions)
+    max_len = min(max(cfg.contexts) + 2 * steps + 8, ctx.facts.max_positions)
     engine, _ = ctx.engine(kind, max_batch_size=rows, max_model_len=max_len)
+    graphs = getattr(engine, "decode_graphs", None)  # vajra.gpu.decode_graphs, when it runs
+    timed = 2 * steps if graphs is not None else steps
     bandwidth = _bandwidth(ctx.device)
     results: list[dict[str, Any]] = []
     for context in cfg.contexts:
-        if context + steps + 2 > max_len:
+        if context + 2 * steps + 2 > max_len:
             results.append({"context": context, "skipped": f"model holds {max_len} positions"})
             continue
         requests = [
-            BenchRequest(f"b{context}-{i}", ctx.prompts.prompt(context), context, steps + 2, 0.0)
+            BenchRequest(f"b{context}-{i}", ctx.prompts.prompt(context), context, timed + 2, 0.0)
             for i in range(rows)
         ]
         ids = {r.request_id for r in requests}
@@ -158,11 +163,14 @@ def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
             started |= {o.request_id for o in engine.step(admit, []) if o.token_ids}
             admit = []
         prefill_s = time.perf_counter() - begin
-        step_s = []
-        for _ in range(steps):
-            begin = time.perf_counter()
-            engine.step([], [])
-            step_s.append(time.perf_counter() - begin)
+        step_s = _timed_steps(engine, steps)
+        eager_s = []
+        if graphs is not None:  # the same rows, next steps, without the graphs: the control
+            engine.decode_graphs = None  # type: ignore[attr-defined]
+            try:
+                eager_s = _timed_steps(engine, steps)
+            finally:
+                engine.decode_graphs = graphs  # type: ignore[attr-defined]
         _drain(engine, sorted(ids))
         p50 = percentile(step_s, 50) or 0.0
         floor = decode_floor_s(
@@ -183,9 +191,30 @@ def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
             "vs_floor": round(p50 / floor, 2),
             "prefill_s": round(prefill_s, 3),
         }
+        if graphs is not None:
+            eager = percentile(eager_s, 50) or 0.0
+            entry |= {"eager_step_p50_ms": ms(eager), "graph_speedup": round(eager / p50, 2)}
         ctx.log(f"(b) {kind} context {context}: {entry}")
         results.append(entry)
-    return {"rows": rows, "bandwidth_gb_s": round(bandwidth / 1e9, 1), "contexts": results}
+    graph_facts = {} if graphs is None else {"decode_graphs": vars(graphs.stats)}
+    if getattr(engine, "decode_graphs_error", None):  # capture failed: the engine ran eagerly
+        graph_facts["decode_graphs_error"] = engine.decode_graphs_error  # type: ignore[attr-defined]
+    return {
+        "rows": rows,
+        "bandwidth_gb_s": round(bandwidth / 1e9, 1),
+        "contexts": results,
+        **graph_facts,
+    }
+
+
+def _timed_steps(engine: Engine, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` engine steps with nothing admitted."""
+    times = []
+    for _ in range(steps):
+        begin = time.perf_counter()
+        engine.step([], [])
+        times.append(time.perf_counter() - begin)
+    return times
 
 
 def interference_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:

@@ -466,10 +466,20 @@ def summary_lines(summary: dict[str, Any], opts: Options) -> list[str]:
     b = (engine.get("b_context") or {}).get("current") or {}
     if b.get("contexts"):
         steps = ", ".join(
-            f"{e['context']}: {e.get('step_p50_ms')} ms ({e.get('vs_floor')}x floor)"
+            f"{e['context']}: {e.get('step_p50_ms')} ms ({e.get('vs_floor')}x floor"
+            + (f", eager {e['eager_step_p50_ms']} ms" if "eager_step_p50_ms" in e else "")
+            + ")"
             for e in b["contexts"]
         )
         lines.append(f"engine decode step of {b.get('rows')} rows by context: {steps}")
+        if b.get("decode_graphs_error"):
+            lines.append(f"decode graphs failed to capture: {b['decode_graphs_error']}")
+        if b.get("decode_graphs"):
+            graphs = b["decode_graphs"]
+            lines.append(
+                f"decode graphs: {graphs['captured']} captured in {graphs['capture_s']:.2f} s, "
+                f"{graphs['replays']} replays, {graphs['eager']} uncaptured static steps"
+            )
     g = engine.get("g_adapters") or {}
     if g.get("results"):
         ratios = ", ".join(f"{r['adapters']}: {r.get('adapters_vs_base')}x" for r in g["results"])
