@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.gpu.peft_adapters import ADAPTERS
 from tests.gpu.test_paged_engine import prompt_of
@@ -173,6 +174,51 @@ def test_a_step_whose_adapter_was_freed_fails_its_rows_and_the_engine_goes_on(
     assert all(o.finish_reason == "error" for o in ended)
     later = drive(engine, {0: [GenerationRequest("c", "five", SamplingParams(max_tokens=4))]})
     assert len(later["c"]["tokens"]) == 4
+
+
+#: aten ops that make the host wait for the device (a value read back, or an output whose size
+#: depends on the data): any of them in a captured forward fails the capture.
+HOST_WAITS = {
+    "_local_scalar_dense",  # .item(), bool(t), int(t)
+    "nonzero",
+    "masked_select",
+    "unique",
+    "_unique2",
+    "unique_consecutive",
+    "repeat_interleave",
+    "bincount",
+    "equal",
+    "is_nonzero",
+}
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_forward_a_graph_captures_never_waits_for_the_device(tiny_model_dir: Path) -> None:
+    """What the capture records is the static forward (transformers' model with paged
+    attention): every aten op it calls on the CPU, recorded, includes none that reads a value
+    back to the host. (The CUDA kernels that replace the CPU's attention and LoRA paths are
+    Triton launches on device data.)"""
+    engine = engine_of(tiny_model_dir, "eager")
+    graphs = engine.decode_graphs
+    assert graphs is not None
+    with torch.inference_mode():
+        graphs._fill([], 8)
+        with OpRecorder() as recorder:
+            graphs._forward(8, False, 1, None)
+    assert {"embedding", "linear", "index_copy_"} <= recorder.ops  # it saw the forward
+    assert not recorder.ops & HOST_WAITS, recorder.ops & HOST_WAITS
+    with OpRecorder() as control:  # and it would see a wait
+        assert bool(torch.ones(1) > 0)
+    assert "_local_scalar_dense" in control.ops
 
 
 def test_graphs_are_never_captured_on_the_cpu_and_a_bad_mode_is_refused(
