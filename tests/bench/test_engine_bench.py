@@ -110,3 +110,7 @@ def test_g_adapters_against_base(result: dict[str, Any]) -> None:
     for r in rows:
         assert r["errors"] == 0 and not r["cut_short"], r
         assert r["base_tok_s"] > 0 and r["adapters_tok_s"] > 0
+        assert 0 < r["weights_bound_vs_base"] < 1
+    # Ranks cycle 8, 16, 32, 64 over the adapters: the first 16 weigh twice the first 8.
+    assert rows[1]["adapter_bytes"] == 2 * rows[0]["adapter_bytes"] > 0
+    assert rows[1]["weights_bound_vs_base"] < rows[0]["weights_bound_vs_base"]

@@ -14,7 +14,11 @@
     that concurrency: what a batch shape costs the first time (Triton compiling the LoRA
     kernels for its rank width, allocator growth) falls outside both timings. On an H200 the
     first form of this section timed those costs, and they landed on whichever run met the
-    shape first.
+    shape first. Each count also reports what its adapters weigh (``adapter_bytes``: every
+    rank row of the ``count`` adapters, which a step with all of them in its rows must read)
+    and ``weights_bound_vs_base``: base weights / (base weights + those adapter bytes), the
+    ratio a step bound by reading weights alone would reach (KV reads, the same in both runs,
+    raise it somewhat).
 """
 
 from __future__ import annotations
@@ -176,7 +180,7 @@ def adapter_section(ctx: BenchContext) -> dict[str, Any]:
     residency = engine.adapters
     if residency is None:
         return {"error": "the engine has no adapter slots"}
-    slots, ranks = [], []
+    slots, ranks, sizes = [], [], []
     for i in range(most):
         rank = cfg.adapter_ranks[i % len(cfg.adapter_ranks)]
         adapter = random_adapter(
@@ -190,6 +194,7 @@ def adapter_section(ctx: BenchContext) -> dict[str, Any]:
         )
         slots.append(residency.load(host))
         ranks.append(rank)
+        sizes.append(host.buffer.numel() * host.buffer.element_size())
     ctx.log(f"(g) loaded {most} adapters, ranks {sorted(set(ranks))}")
     results = []
     for count in cfg.adapter_counts:
@@ -208,6 +213,10 @@ def adapter_section(ctx: BenchContext) -> dict[str, Any]:
             "base_tok_s": base["output_tok_s"],
             "adapters_tok_s": lora["output_tok_s"],
             "adapters_vs_base": round(lora["output_tok_s"] / base["output_tok_s"], 3),
+            "adapter_bytes": sum(sizes[:count]),
+            "weights_bound_vs_base": round(
+                ctx.facts.weight_bytes / (ctx.facts.weight_bytes + sum(sizes[:count])), 3
+            ),
             "base_itl_p50_ms": base["itl_p50_ms"],
             "adapters_itl_p50_ms": lora["itl_p50_ms"],
             "adapters_itl_p99_ms": lora["itl_p99_ms"],

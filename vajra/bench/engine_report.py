@@ -110,7 +110,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         for e in g["results"]:
             lines.append(
                 f"(g) {e['adapters']} adapters: {e['adapters_tok_s']} tok/s vs base "
-                f"{e['base_tok_s']} ({e['adapters_vs_base']}x)"
+                f"{e['base_tok_s']} ({e['adapters_vs_base']}x; weights-bound "
+                f"{e.get('weights_bound_vs_base')}x)"
             )
     for error in section_errors(result):
         lines.append(f"ERROR {error}")

@@ -482,7 +482,15 @@ def summary_lines(summary: dict[str, Any], opts: Options) -> list[str]:
             )
     g = engine.get("g_adapters") or {}
     if g.get("results"):
-        ratios = ", ".join(f"{r['adapters']}: {r.get('adapters_vs_base')}x" for r in g["results"])
+        ratios = ", ".join(
+            f"{r['adapters']}: {r.get('adapters_vs_base')}x"
+            + (
+                f" (weights bound {r['weights_bound_vs_base']}x)"
+                if "weights_bound_vs_base" in r
+                else ""
+            )
+            for r in g["results"]
+        )
         lines.append(f"engine with distinct adapters, against base-only: {ratios}")
     training = (summary.get("train") or {}).get("training") or {}
     latency = (summary.get("train") or {}).get("latency") or {}
