@@ -110,6 +110,51 @@ async def test_supervisor_exit_during_startup_cancels_the_start(
     assert actor.events == ["run ended"]
 
 
+async def test_on_ready_runs_once_the_actor_started_and_not_for_a_cancelled_start(
+    lifeline: tuple[int, int],
+) -> None:
+    r, w = lifeline
+    actor = FakeActor()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            ready = partial(actor.events.append, "on_ready")
+            nursery.start_soon(partial(serve_until_signalled, actor, parent_fd=r, on_ready=ready))  # type: ignore[arg-type]
+            await actor.started.wait()
+            await trio.sleep(0.05)
+            os.close(w)
+    assert actor.events == ["started", "on_ready", "drain", "drained", "run ended"]
+    r2, w2 = os.pipe()
+    slow = FakeActor(start_s=3600)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            ready = partial(slow.events.append, "on_ready")
+            nursery.start_soon(partial(serve_until_signalled, slow, parent_fd=r2, on_ready=ready))  # type: ignore[arg-type]
+            await trio.sleep(0.1)
+            os.close(w2)
+    os.close(r2)
+    assert slow.events == ["run ended"]
+
+
+def test_freezing_the_startup_heap_leaves_the_collector_only_new_objects() -> None:
+    """In a process of its own (a freeze is for the rest of a process's life): what exists
+    when the actor is ready is out of the collector's reach; what serving allocates is not."""
+    script = (
+        "import gc\n"
+        "from vajra.actors.base import freeze_startup_heap\n"
+        "startup = [[i] for i in range(50_000)]\n"
+        "freeze_startup_heap()\n"
+        "assert gc.get_freeze_count() >= 50_000, gc.get_freeze_count()\n"
+        "cycle = []; cycle.append(cycle); del cycle\n"
+        "assert gc.collect() >= 1  # serving's garbage cycles are still collected\n"
+        "print('frozen', gc.get_freeze_count())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("frozen ")
+
+
 def test_inherited_parent_fd(lifeline: tuple[int, int], tmp_path: Path) -> None:
     r, _ = lifeline
     assert inherited_parent_fd({}) is None

@@ -6,7 +6,12 @@ import logging
 
 import trio
 
-from vajra.actors.base import Actor, configure_logging, serve_until_signalled
+from vajra.actors.base import (
+    Actor,
+    configure_logging,
+    freeze_startup_heap,
+    serve_until_signalled,
+)
 from vajra.config import VajraConfig
 from vajra.state import ClusterState
 
@@ -72,7 +77,7 @@ def run_actor_process(
                 from vajra.actors.metrics import serve_actor_metrics
 
                 serve_actor_metrics(actor, metrics_port)
-            await serve_until_signalled(actor)
+            await serve_until_signalled(actor, on_ready=freeze_startup_heap)
         finally:
             if state is not None:
                 state.close()
