@@ -97,8 +97,11 @@ def test_no_room_is_retriable_no_fit_is_invalid_and_freed_memory_is_reused() -> 
         pool.free(99)
 
 
-def test_pages_of_one_adapter_may_be_scattered_and_the_tables_follow_them() -> None:
-    pool = LoraPool(LAYOUT, max_vram_adapters=4, max_rank=64, mean_rank=10)  # 40 down pages
+# staged: each load copies the packed buffer whole into the pool's staging buffer first and
+# scatters from there (CUDA's default); the pages must end up the same either way.
+@pytest.mark.parametrize("staged", [False, True])
+def test_pages_of_one_adapter_may_be_scattered_and_the_tables_follow_them(staged: bool) -> None:
+    pool = LoraPool(LAYOUT, max_vram_adapters=4, max_rank=64, mean_rank=10, staged=staged)
     first = pool.load(host({"down_proj": 16}, 1.0))
     pool.load(host({"down_proj": 8}, 2.0))
     third = pool.load(host({"down_proj": 16}, 3.0))
@@ -122,7 +125,8 @@ def test_pages_of_one_adapter_may_be_scattered_and_the_tables_follow_them() -> N
     torch.testing.assert_close(bt[rows], adapter.bt[module])
 
 
-def test_layers_of_different_shapes_are_copied_segment_by_segment() -> None:
+@pytest.mark.parametrize("staged", [False, True])
+def test_layers_of_different_shapes_are_copied_segment_by_segment(staged: bool) -> None:
     """A kind whose layers disagree in shape: one group per segment, and every module's view
     still holds the adapter's own rows at the slot's pages, scattered or not."""
     q0, q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
@@ -135,7 +139,7 @@ def test_layers_of_different_shapes_are_copied_segment_by_segment() -> None:
     b = {q0: torch.randn(5, 3, generator=gen), q1: torch.randn(7, 2, generator=gen)}
     tensors = {f"{m}.A": a[m] for m in a} | {f"{m}.B": b[m] for m in b}
     packed = pack_adapter(manifest({q0: 3, q1: 2}, {q0: 3.0, q1: 4.0}), tensors, layout, pin=False)
-    pool = LoraPool(layout, max_vram_adapters=4, max_rank=8, mean_rank=3)  # 12 pages
+    pool = LoraPool(layout, max_vram_adapters=4, max_rank=8, mean_rank=3, staged=staged)
     x, _, z, w = (pool.load(host_for(layout, r, float(r))) for r in (2, 2, 2, 6))
     pool.free(x)
     pool.free(z)

@@ -19,37 +19,33 @@ evicting in any order never strands memory (S-LoRA's unified paging, with one pa
 module shape rather than one per hidden size).
 
 Pages need not be contiguous. :mod:`vajra.gpu.lora.pages` hands out the best-fitting single
-run when one exists, so usually a kind's rows are one run: one copy per segment group of each
-targeted kind at load (two on Llama: every layer's ``A``, every layer's ``Bt``), and a prefill
-segment reads the adapter through plain slices. Otherwise the rows come from a
-few runs and a kernel reads them through the page table. Page 0 of every arena is zeros and is
-never handed out: page-table entries past an adapter's rank point at it, so computing with
-more rows than an adapter has adds exactly nothing.
+run when one exists, so usually a kind's rows are one run (one copy per segment group at load,
+and plain slices for a prefill segment); otherwise kernels read them through the page table.
+Page 0 of every arena is zeros and never handed out: page-table entries past an adapter's rank
+point at it, so computing with more rows than an adapter has adds exactly nothing.
 
-Why not rank classes per module kind (one ``[slots, rank_c, row]`` tensor per kind and rank)?
-They fix at start how memory is split between kinds x classes (28 partitions on Llama), pad
-every adapter to its class's rank, and make a rank-8 adapter take a rank-64 slot once its own
-class is full. Pages cost one indirection instead: the page table, which the Triton kernels
-follow in their loads and the torch path follows with one small gather of an adapter's rows.
+Why not rank classes per module kind? They fix at start how memory is split between kinds x
+classes (28 on Llama), pad every adapter to its class's rank, and strand memory once a class is
+full. Pages cost one indirection instead: the page table, which the kernels follow.
 
-Capacity: ``max_vram_adapters`` adapters at once (slot ids ``0 .. max_vram_adapters - 1``),
-and per kind ``max_vram_adapters * mean_rank`` pages (an arena shared by two kinds has twice
-that): room for ``max_vram_adapters`` adapters of rank ``mean_rank`` on every module, and for
-more of them when they have lower ranks or fewer modules.
+Capacity: ``max_vram_adapters`` slots, and per kind ``max_vram_adapters * mean_rank`` pages
+(twice that in an arena of two kinds): room for that many adapters of rank ``mean_rank`` on
+every module, and for more when they have lower ranks or fewer modules.
 
 Tables for the kernels, on the pool's device and written at load: :attr:`LoraPool.page_table`
 ``[kinds, slots + 1, max_rank]`` int32 (page of each rank row; the zero page past the
 adapter's rank) and :attr:`LoraPool.rank_table` ``[slots + 1, kinds]`` int32. A batch then only
 says which slot each token uses. The extra row, :attr:`LoraPool.null_slot`, never holds an
 adapter (rank 0 for every kind): a base-model row of a batch whose slots are device data (a
-captured decode graph, :mod:`vajra.gpu.decode_graphs`) names it and gets no delta. Each wrapped layer reads its module's ``A`` and ``Bt`` as views of its
-arena (:meth:`LoraPool.module_views`): ``[pages, in]`` and ``[pages, out]``, each contiguous
-(segment-major storage), so a kernel can read any page's row where it lies, with no copy: the
-CPU's sampled matmul needs that, where row-major pages (a page row holding every layer's ``A``
-and ``Bt``) made it copy the whole view on every call.
+captured decode graph, :mod:`vajra.gpu.decode_graphs`) names it and gets no delta. Each
+wrapped layer reads its module's ``A`` and ``Bt`` as contiguous views of its arena
+(:meth:`LoraPool.module_views`, ``[pages, in]`` and ``[pages, out]``): any page's row is read
+where it lies, with no copy.
 
 On CUDA a load runs on a dedicated copy stream, after the batches that may still read the
-pages freed before it, and records an event; :meth:`LoraPool.wait_ready` makes the compute
+pages freed before it, and records an event. It copies the packed adapter whole into a staging
+buffer on the device (one contiguous copy from pinned memory: a strided copy from the host
+would first be gathered into pageable memory by the CPU), then into its pages there; :meth:`LoraPool.wait_ready` makes the compute
 stream wait for it before a batch reads the slot. On the CPU the copy is synchronous and
 nothing waits.
 
@@ -59,6 +55,7 @@ executor's adapter tiers drive it through that interface only.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -117,6 +114,7 @@ class LoraPool:
         max_vram_adapters: int = 100,
         max_rank: int = DEFAULT_MAX_RANK,
         mean_rank: int = DEFAULT_MEAN_RANK,
+        staged: bool | None = None,
     ) -> None:
         if max_vram_adapters < 1 or max_rank < 1 or mean_rank < 1:
             raise ValueError("max_vram_adapters, max_rank and mean_rank must be at least 1")
@@ -150,6 +148,9 @@ class LoraPool:
         cuda = self.device.type == "cuda"
         self._copy_stream: Any = torch.cuda.Stream(self.device) if cuda else None  # type: ignore[no-untyped-call]
         self._freed: Any = None  # CUDA event: batches that may read freed pages are done
+        largest = layout.packed_numel([max_rank] * n_kinds)  # an adapter at max_rank everywhere
+        stage = cuda if staged is None else staged  # see _staged
+        self._staging = torch.empty(largest, dtype=dtype, device=self.device) if stage else None
 
     @classmethod
     def for_spec(
@@ -275,11 +276,8 @@ class LoraPool:
 
     def load(self, host: HostAdapter) -> int:
         """Copy ``host`` into free pages under a free slot id and return the slot; raise
-        :class:`PoolFull` when there is no room now, InvalidAdapter when there never is.
-
-        One copy per segment group and run of pages (usually two per targeted kind) and a few
-        small writes to the page and rank tables; on CUDA all on the copy stream, see :meth:`wait_ready`.
-        """
+        :class:`PoolFull` when there is no room now, InvalidAdapter when there never is. On
+        CUDA: one copy in, then device copies into the pages; see :meth:`wait_ready`."""
         needs = self._needs(host)
         if not self._free_slots:
             raise PoolFull(f"adapter pool full: all {self.num_slots} slots hold adapters")
@@ -298,14 +296,25 @@ class LoraPool:
                 stream.wait_event(self._freed)  # batches that read freed pages are done
                 self._freed = None
             with torch.cuda.stream(stream):
-                self._write(slot, host, runs, non_blocking=True)
+                self._write(slot, self._staged(host, non_blocking=True), runs, non_blocking=True)
                 event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 event.record(stream)
             resident.ready, resident.host = event, host
         else:
-            self._write(slot, host, runs, non_blocking=False)
+            self._write(slot, self._staged(host, non_blocking=False), runs, non_blocking=False)
         self._resident[slot] = resident
         return slot
+
+    def _staged(self, host: HostAdapter, *, non_blocking: bool) -> HostAdapter:
+        """``host`` with its buffer copied whole (one contiguous copy) into the staging buffer,
+        whence the strided copies into pages run on the device; ``host`` when there is none.
+        Loads run in one stream's order, so the next cannot overwrite it early."""
+        n = host.buffer.numel()
+        if self._staging is None or n > self._staging.numel():
+            return host
+        staging = self._staging[:n]
+        staging.copy_(host.buffer, non_blocking=non_blocking)
+        return dataclasses.replace(host, buffer=staging)
 
     def _write(
         self, slot: int, host: HostAdapter, runs: tuple[list[Run], ...], *, non_blocking: bool
