@@ -5,7 +5,8 @@ check runs in a fresh process (``TRITON_INTERPRET=1``, this module run with ``-m
 tensors: rows of lengths 1, block_size - 1, block_size and a few blocks, each with its own
 shuffled blocks and arbitrary valid ids past its length; GQA, MHA and an uneven group; head
 sizes 16, 64 and one that is not a power of two; a strided query as the attention function
-passes it; float32 to 1e-4, float16 and bfloat16 loosely. Its seven launches take about a
+passes it; float32 to 1e-4, float16 and bfloat16 loosely; then launch plans of one and
+several splits, tiles that span or cut blocks, and empty splits. Its launches take about a
 second each in the interpreter, the process's imports a few more. The reference itself is checked here, in-process, against a per-row softmax. The
 CUDA test is marked ``gpu`` and skipped without a device.
 """
@@ -22,7 +23,9 @@ import pytest
 import torch
 
 from vajra.gpu.paged_decode_kernel import (
+    LaunchPlan,
     available,
+    launch_plan,
     paged_decode_attention,
     paged_decode_attention_reference,
 )
@@ -118,9 +121,22 @@ SHAPES = (
 )
 
 
+#: Launch plans the interpreter checks besides the default: one split with a tile of one
+#: block; splits whose ranges end mid-block, with tiles spanning two and four blocks; more
+#: splits than a short row has tiles (empty splits).
+PLANS = (
+    LaunchPlan(splits=1, tile=16, num_warps=4),
+    LaunchPlan(splits=2, tile=32, num_warps=4),
+    LaunchPlan(splits=4, tile=64, num_warps=8),
+    LaunchPlan(splits=16, tile=16, num_warps=4),
+)
+LONG_LENS = (1, 16, 33, 130, 257)
+
+
 def interpreter_check() -> None:
     """Run in a process started with ``TRITON_INTERPRET=1``: the kernel on CPU tensors against
-    the reference, float32 for every shape, float16 and bfloat16 for the first."""
+    the reference, float32 for every shape, float16 and bfloat16 for the first; then every
+    plan of ``PLANS`` on longer rows, with block sizes 16 and 12 (tiles then cut blocks)."""
     for i, shape in enumerate(SHAPES):
         case = make_case(LENS, shape, seed=i)
         got = paged_decode_attention(*case.args())
@@ -128,6 +144,12 @@ def interpreter_check() -> None:
         error = (got - want).abs().max().item()
         assert got.shape == want.shape and got.dtype == torch.float32, shape
         assert error <= 1e-4, (shape, error)
+    for j, plan in enumerate(PLANS):
+        for block_size in (16, 12):
+            case = make_case(LONG_LENS, SHAPES[j % 2], block_size=block_size, seed=10 + j)
+            got = paged_decode_attention(*case.args(), plan=plan)
+            error = (got - paged_decode_attention_reference(*case.args())).abs().max().item()
+            assert error <= 1e-4, (plan, block_size, error)
     case = make_case(LENS, SHAPES[0])
     for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
         low = case.to(dtype)
@@ -160,6 +182,31 @@ def test_reference_equals_a_per_row_softmax(shape: Shape) -> None:
     case = make_case(LENS, shape)
     got = paged_decode_attention_reference(*case.args())
     assert (got.double() - per_row_attention(case)).abs().max().item() <= 1e-5
+
+
+def test_launch_plan_fills_the_device_without_splits_shorter_than_two_tiles() -> None:
+    # Llama-3.2-1B (32 heads, 8 kv heads, 64 wide) on 132 processors: 32 rows give 256
+    # (row, kv head) pairs, so 4 splits for 528 programs, tiles of 32 positions.
+    plan = launch_plan(32, 32, 8, 64, max_positions=8192, processors=132)
+    assert plan == LaunchPlan(splits=4, tile=32, num_warps=4)
+    # a short table caps the splits: 128 positions hold two splits of two 32-position tiles
+    assert launch_plan(32, 32, 8, 64, max_positions=128, processors=132).splits == 2
+    assert launch_plan(32, 32, 8, 64, max_positions=16, processors=132).splits == 1
+    # one long row: as many splits as allowed
+    assert launch_plan(1, 32, 8, 64, max_positions=1 << 16, processors=132).splits == 16
+    # Llama-3-8B's 128-wide heads: more warps, the same product per warp
+    eight_b = launch_plan(32, 32, 8, 128, max_positions=8192, processors=132)
+    assert (eight_b.tile, eight_b.num_warps) == (32, 8)
+    # many rows need no split
+    assert launch_plan(512, 32, 8, 64, max_positions=8192, processors=132).splits == 1
+
+
+def test_plans_that_are_not_powers_of_two_are_refused() -> None:
+    pytest.importorskip("triton")
+    case = make_case(LENS, SHAPES[0])
+    for plan in (LaunchPlan(3, 16, 4), LaunchPlan(2, 24, 4), LaunchPlan(0, 16, 4)):
+        with pytest.raises(ValueError, match="powers of two"):
+            paged_decode_attention(*case.args(), plan=plan)
 
 
 def test_available_only_on_cuda() -> None:
@@ -199,10 +246,11 @@ def test_kernel_on_the_gpu_equals_the_reference(dtype: torch.dtype, tol: float) 
     lens = (1, 15, 16, 17, 100, 511, 1000, 2048)
     for shape in (Shape(heads=8, kv_heads=2, head_dim=128), Shape(4, 4, 64)):
         case = make_case(lens, shape, device="cuda").to(dtype)
-        got = paged_decode_attention(*case.args())
         want = paged_decode_attention_reference(*case.to(torch.float32).args())
-        error = (got.float() - want).abs().max().item()
-        assert got.dtype == dtype and error <= tol, (shape, dtype, error)
+        for plan in (None, *PLANS):
+            got = paged_decode_attention(*case.args(), plan=plan)
+            error = (got.float() - want).abs().max().item()
+            assert got.dtype == dtype and error <= tol, (shape, dtype, plan, error)
 
 
 if __name__ == "__main__":

@@ -264,3 +264,33 @@ def test_kv_memory_is_allocated_once_from_the_budget(tiny_model_dir: Path) -> No
     assert engine.kv_stats()["used_blocks"] == 0
     with pytest.raises(ValueError, match="cannot hold one request"):
         TorchEngine(tiny_model_dir, device="cpu", max_model_len=256, kv_cache_bytes=per_block)
+
+
+def test_a_decode_kernel_that_cannot_be_built_leaves_the_torch_path_serving(
+    tiny_model_dir: Path, reference: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Triton that cannot build the kernel (here: its launch raises ``OutOfResources``, as
+    too many registers would) is recorded once; decode rows fall back to torch, unchanged."""
+    triton_errors = pytest.importorskip("triton.runtime.errors")
+    from vajra.gpu import paged_attention
+
+    cpu = torch.device("cpu")
+    calls = []
+
+    def unbuildable(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        raise triton_errors.OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setitem(paged_attention._kernels, cpu, unbuildable)
+    monkeypatch.setattr(paged_attention, "_kernel_errors", {})
+    _, tokenizer = reference
+    engine = TorchEngine(tiny_model_dir, device="cpu", max_batch_size=2)
+    prompts = {f"k{i}": prompt_of(tokenizer, 9 + 7 * i, seed=40 + i) for i in range(2)}
+    admit = {0: [GenerationRequest(r, p, SamplingParams(max_tokens=6)) for r, p in prompts.items()]}
+    outputs = drive(engine, admit)
+    for rid, prompt in prompts.items():
+        assert tokens(outputs[rid]) == greedy(reference, prompt, 6), rid
+    assert len(calls) == 1  # tried once, then the torch path for good
+    assert paged_attention._kernels[cpu] is None
+    error = paged_attention.decode_kernel_error("cpu")
+    assert error is not None and error.startswith("OutOfResources")

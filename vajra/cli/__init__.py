@@ -70,6 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vajra.bench.adapters import main as bench_adapters
 
         return bench_adapters(argv[2:])
+    if argv[:2] == ["bench", "decode-kernel"]:
+        # Likewise: torch and triton alone (the GPU machine's packages).
+        from vajra.bench.decode_kernel import main as bench_decode_kernel
+
+        return bench_decode_kernel(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -124,6 +124,11 @@ def register(sub: Subcommands) -> None:
         help="adapter activation latency per tier and multi-adapter decode throughput vs PEFT "
         "(options: vajra bench adapters --help)",
     )
+    bsub.add_parser(
+        "decode-kernel",
+        help="the paged decode attention kernel alone, by launch plan, against the torch path "
+        "(options: vajra bench decode-kernel --help)",
+    )
 
 
 def cmd_model_init_tiny(args: argparse.Namespace) -> int:

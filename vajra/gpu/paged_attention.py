@@ -32,6 +32,7 @@ touched.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -163,19 +164,22 @@ def paged_attention(
     out = query.new_empty((layout.num_tokens, q.shape[0], head_dim))
     size = cache.block_size
     d = layout.num_decode
-    if d and _kernel_for(q.device) is not None:
+    kernel = _kernel_for(q.device) if d else None
+    if kernel is not None:
         assert layout.decode_tables is not None and layout.decode_lens is not None
-        kernel = _kernel_for(q.device)
-        assert kernel is not None
-        out[:d] = kernel(
-            q[:, :d].transpose(0, 1),
-            k_blocks,
-            v_blocks,
-            layout.decode_tables,
-            layout.decode_lens,
-            scaling if scaling is not None else head_dim**-0.5,
-        )
-    elif d:
+        try:
+            out[:d] = kernel(
+                q[:, :d].transpose(0, 1),
+                k_blocks,
+                v_blocks,
+                layout.decode_tables,
+                layout.decode_lens,
+                scaling if scaling is not None else head_dim**-0.5,
+            )
+        except _build_errors() as exc:  # this Triton or device cannot build it: torch serves
+            _kernel_failed(q.device, exc)
+            kernel = None
+    if d and kernel is None:
         assert layout.decode_tables is not None and layout.decode_lens is not None
         qd = q[:, :d].transpose(0, 1).unsqueeze(2)  # [D, heads, 1, head_dim]
         for first, end, flat, mask in _decode_inputs(layout, size):
@@ -257,6 +261,26 @@ def _decode_inputs(
 
 
 _kernels: dict[torch.device, Any] = {}
+_kernel_errors: dict[torch.device, str] = {}
+log = logging.getLogger(__name__)
+
+
+def decode_kernel_error(device: torch.device | str) -> str | None:
+    """Why the Triton decode kernel could not be built on ``device``, where it could not (the
+    torch path serves that device's decode rows from then on); None otherwise."""
+    return _kernel_errors.get(torch.device(device))
+
+
+def _build_errors() -> tuple[type[Exception], ...]:
+    from vajra.gpu import paged_decode_kernel
+
+    return paged_decode_kernel.BUILD_ERRORS
+
+
+def _kernel_failed(device: torch.device, exc: Exception) -> None:
+    _kernels[device] = None
+    _kernel_errors[device] = f"{type(exc).__name__}: {exc}"[:2000]
+    log.error("paged decode kernel failed to build on %s, torch serves: %s", device, exc)
 
 
 def _kernel_for(device: torch.device) -> Any:
