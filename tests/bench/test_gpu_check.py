@@ -60,7 +60,10 @@ def test_dry_run_runs_the_whole_plan_and_writes_every_json(tmp_path: Path) -> No
     assert any(line.startswith("tests (pytest -m gpu tests/gpu): ") for line in lines)
     assert any(line.startswith("adapters-llama-3.2-1b (tiny, ") for line in lines)
     assert any(line.startswith("engine (tok/s at ") for line in lines)
-    assert any(line.startswith("engine decode step of ") and "x floor)" in line for line in lines)
+    assert any(
+        line.startswith("engine decode step of ") and "x floor, ops " in line for line in lines
+    )
+    assert any(line.startswith("decode kernel tiny 3 rows x 40: ") for line in lines)
     assert any(
         line.startswith("engine with distinct adapters, against base-only: ") for line in lines
     )
@@ -68,7 +71,7 @@ def test_dry_run_runs_the_whole_plan_and_writes_every_json(tmp_path: Path) -> No
     assert lines[-1].startswith("result: OK in ")
 
     names = {"environment", "tests", "adapters-llama-3.2-1b", "adapters-llama-3-8b", "summary"}
-    names |= {"engine-llama-3.2-1b", "train-llama-3.2-1b"}
+    names |= {"engine-llama-3.2-1b", "train-llama-3.2-1b", "decode-kernel"}
     assert {p.name for p in out.iterdir()} == {f"{name}.json" for name in names}
     assert f"{REPO}/" not in (out / "summary.json").read_text()  # the checkout's paths: relative
     summary = json.loads((out / "summary.json").read_text())
@@ -77,6 +80,7 @@ def test_dry_run_runs_the_whole_plan_and_writes_every_json(tmp_path: Path) -> No
         "install",
         "environment",
         "tests",
+        "decode-kernel",
         "engine-llama-3.2-1b",
         "train-llama-3.2-1b",
         "adapters-llama-3.2-1b",
@@ -96,13 +100,20 @@ def test_dry_run_runs_the_whole_plan_and_writes_every_json(tmp_path: Path) -> No
     assert all("CUDA" in problem["skipped"] for problem in tests["problems"])
 
     assert summary["targets"].startswith("not judged")
+    kernel = summary["decode_kernel"]  # its quick form, in the interpreter
+    assert [(k["shape"], k["rows"], k["context"]) for k in kernel] == [
+        ("tiny", 3, 40),
+        ("tiny", 2, 100),
+    ]
+    assert all(k["auto_ms"] > 0 and k["best"]["ms"] <= k["auto_ms"] for k in kernel), kernel
     for name in ("adapters-llama-3.2-1b", "adapters-llama-3-8b"):
         figures = summary["figures"][name]
         assert figures["model_shape"] == "tiny" and figures["activation_shape"] == "tiny"
         assert set(figures["activation_p50_ms"]) == {"pinned", "page_cache"}
         assert [row["adapters"] for row in figures["by_adapters"]] == [1, 2]
-        for row in figures["by_adapters"]:
-            assert row["vajra_vs_base"] > 0 and row["vajra_vs_peft"] > 0, row
+        one, two = figures["by_adapters"]
+        assert one["vajra_vs_base"] > 0 and one["vajra_vs_peft"] > 0, one
+        assert two["vajra_vs_base"] > 0 and two["vajra_vs_peft"] is None, two  # PEFT up to 1
         bench = json.loads((out / f"{name}.json").read_text())
         assert bench["device"] == "cpu" and bench["throughput"]["model_shape"] == "tiny"
 

@@ -39,7 +39,9 @@ def _generate(
     model: Any, input_ids: torch.Tensor, new_tokens: int, repeats: int = 1, **kwargs: Any
 ) -> float:
     """Best seconds over ``repeats`` greedy ``generate`` calls of exactly ``new_tokens`` tokens
-    per row, after one untimed warm-up call at the same shape."""
+    per row, after one untimed warm-up call of the same length. (A 2-token warm-up left the
+    allocator's growth and each new length's kernels to the first timed call: on an H200,
+    with one timed call, base-only came out at a third of its speed, 2026-11-28.)"""
     times = []
     for i in range(repeats + 1):
         sync_device(input_ids.device)
@@ -49,8 +51,8 @@ def _generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 do_sample=False,
-                max_new_tokens=new_tokens if i else 2,
-                min_new_tokens=new_tokens if i else 2,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
                 pad_token_id=0,
                 **kwargs,
             )
@@ -71,6 +73,7 @@ def measure_throughput(
     new_tokens: int = 16,
     rank: int = 16,
     peft: bool = True,
+    peft_max_adapters: int | None = None,
     modes: Sequence[str] = ("auto",),
     repeats: int = 2,
     log: Callable[[str], None] = lambda _: None,
@@ -121,10 +124,14 @@ def measure_throughput(
     remove_lora(model)
     del pool, state
 
-    if peft:
+    # PEFT loads adapters one by one (slow at 128 on a GPU): compared up to peft_max_adapters.
+    peft_counts = [n for n in counts if peft_max_adapters is None or n <= peft_max_adapters]
+    if peft and peft_counts:
+        compared = [r for r in results if r["adapters"] in peft_counts]
         _peft_throughput(
-            model, adapters, counts, rows_per_count, prompts, new_tokens, repeats, results, log
-        )
+            model, adapters[: max(peft_counts)], peft_counts, rows_per_count, prompts,
+            new_tokens, repeats, compared, log,
+        )  # fmt: skip
     return {
         "model_shape": shape,
         "dtype": str(dtype).removeprefix("torch."),

@@ -45,6 +45,7 @@ def run_adapters_bench(
     new_tokens: int | None = None,
     rank: int = 16,
     peft: bool = True,
+    peft_max_adapters: int | None = None,
     modes: Sequence[str] = ("auto",),
     activation_shape: str | None = None,
     activation_repeats: int | None = None,
@@ -85,6 +86,7 @@ def run_adapters_bench(
         repeats=repeats or (3 if cuda else 1),
         rank=rank,
         peft=peft,
+        peft_max_adapters=peft_max_adapters,
         modes=modes,
         log=log,
     )
@@ -103,6 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument(
+        "--peft-max-adapters",
+        type=int,
+        default=None,
+        help="compare with PEFT only at counts up to this (PEFT loads adapters one by one)",
+    )
+    parser.add_argument(
         "--kernels", action="store_true", help="also time the gather and segmented paths alone"
     )
     parser.add_argument("--activation-shape", choices=sorted(SHAPES), default=None)
@@ -117,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         new_tokens=args.new_tokens,
         rank=args.rank,
         peft=not args.no_peft,
+        peft_max_adapters=args.peft_max_adapters,
         modes=("auto", "gather", "segmented") if args.kernels else ("auto",),
         activation_shape=args.activation_shape,
         activation_repeats=args.activation_repeats,

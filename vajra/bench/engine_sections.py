@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.profiler import DeviceType, ProfilerActivity, profile
+
 from vajra.bench.bandwidth import copy_bandwidth, decode_floor_s
 from vajra.bench.engine_args import EngineBenchConfig
 from vajra.bench.engine_driver import (
@@ -38,6 +41,7 @@ from vajra.bench.engine_trace import (
     trace_requests,
 )
 from vajra.gpu.interface import Engine, StepOutput
+from vajra.gpu.paged_attention import decode_kernel_error
 
 #: Measured once per device and run: both engines of (b) are judged against the same floor.
 _bandwidth = functools.cache(copy_bandwidth)
@@ -141,14 +145,14 @@ def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
     same rows run with the graphs switched off: ``graph_speedup`` is eager over graph p50."""
     cfg = ctx.config
     rows, steps = cfg.context_rows, cfg.context_steps
-    max_len = min(max(cfg.contexts) + 2 * steps + 8, ctx.facts.max_positions)
+    max_len = min(max(cfg.contexts) + 3 * steps + 8, ctx.facts.max_positions)
     engine, _ = ctx.engine(kind, max_batch_size=rows, max_model_len=max_len)
     graphs = getattr(engine, "decode_graphs", None)  # vajra.gpu.decode_graphs, when it runs
-    timed = 2 * steps if graphs is not None else steps
+    timed = (3 if graphs is not None else 2) * steps
     bandwidth = _bandwidth(ctx.device)
     results: list[dict[str, Any]] = []
     for context in cfg.contexts:
-        if context + 2 * steps + 2 > max_len:
+        if context + timed + 2 > max_len:
             results.append({"context": context, "skipped": f"model holds {max_len} positions"})
             continue
         requests = [
@@ -164,6 +168,7 @@ def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
             admit = []
         prefill_s = time.perf_counter() - begin
         step_s = _timed_steps(engine, steps)
+        busy = ops_time_per_step(engine, steps, ctx.device)
         eager_s = []
         if graphs is not None:  # the same rows, next steps, without the graphs: the control
             engine.decode_graphs = None  # type: ignore[attr-defined]
@@ -190,6 +195,7 @@ def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
             "floor_ms": ms(floor),
             "vs_floor": round(p50 / floor, 2),
             "prefill_s": round(prefill_s, 3),
+            **busy,
         }
         if graphs is not None:
             eager = percentile(eager_s, 50) or 0.0
@@ -199,11 +205,42 @@ def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
     graph_facts = {} if graphs is None else {"decode_graphs": vars(graphs.stats)}
     if getattr(engine, "decode_graphs_error", None):  # capture failed: the engine ran eagerly
         graph_facts["decode_graphs_error"] = engine.decode_graphs_error  # type: ignore[attr-defined]
+    if kernel_error := decode_kernel_error(ctx.device):  # Triton could not build it: torch ran
+        graph_facts["decode_kernel_error"] = kernel_error
     return {
         "rows": rows,
         "bandwidth_gb_s": round(bandwidth / 1e9, 1),
         "contexts": results,
         **graph_facts,
+    }
+
+
+def ops_time_per_step(engine: Engine, steps: int, device: str) -> dict[str, Any]:
+    """``steps`` more steps under torch's profiler: on CUDA the kernels' device time per step
+    (a step's wall time above it is host time the device waited for), on the CPU the time in
+    torch ops per step; and the five kernels or ops that take most of it."""
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step([], [])
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind]
+
+    def own_us(event: Any) -> float:
+        return float(event.self_device_time_total if cuda else event.self_cpu_time_total)
+
+    top = sorted(events, key=own_us, reverse=True)[:5]
+    return {
+        "ops_ms_per_step": round(sum(map(own_us, events)) / 1e3 / steps, 3),
+        "top_ops": [
+            {
+                "name": e.key[:100],
+                "ms_per_step": round(own_us(e) / 1e3 / steps, 3),
+                "calls_per_step": round(e.count / steps, 1),
+            }
+            for e in top
+        ],
     }
 
 

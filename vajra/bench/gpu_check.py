@@ -1,7 +1,7 @@
 """``make gpu-check``: the CUDA tests and the GPU benchmarks as one command for a GPU machine.
 
 One plan, run in order, each step a subprocess with its own time limit inside one budget
-(7.5 minutes by default, so the whole check ends within 8 on one H100 or H200):
+(470 s by default, so the whole check ends within 8 minutes on one H100 or H200):
 
 1. ``install``: the wheels that ``make gpu-wheels`` put in ``.gpu-wheels/`` (everything Vajra's
    GPU code, its CUDA tests and the benchmarks need besides torch, transformers, peft and
@@ -11,14 +11,16 @@ One plan, run in order, each step a subprocess with its own time limit inside on
    an import of every module the later steps need (a missing wheel shows up here, by name).
 3. ``tests``: ``pytest -m gpu tests/gpu``, every test marked as needing CUDA (the LoRA pool's
    copy stream from pinned host memory, the engine on CUDA, ...).
-4. ``engine-llama-3.2-1b``: ``vajra bench engine`` on the Llama-3.2-1B shape in bfloat16,
+4. ``decode-kernel``: ``vajra bench decode-kernel``, the paged decode attention alone by launch
+   plan, on the attention of both shapes (the dry run: in Triton's interpreter).
+5. ``engine-llama-3.2-1b``: ``vajra bench engine`` on the Llama-3.2-1B shape in bfloat16,
    sections (b) (decode step of 32 rows at 128, 1,024 and 4,096 tokens of context, against
    its memory-bandwidth floor) and (g) (32 and 128 distinct adapters against base-only).
-5. ``train-llama-3.2-1b``: ``vajra bench train`` on that shape: training tokens/s against
+6. ``train-llama-3.2-1b``: ``vajra bench train`` on that shape: training tokens/s against
    PEFT's, and inference latency with no job and with a job, preemption on and off.
-6. ``adapters-llama-3.2-1b``: ``vajra bench adapters`` (run as ``python -m
+7. ``adapters-llama-3.2-1b``: ``vajra bench adapters`` (run as ``python -m
    vajra.bench.adapters``, which needs no CLI install) on that model shape.
-7. ``adapters-llama-3-8b``: ``vajra bench adapters`` on the Llama-3-8B shape, last: the step
+8. ``adapters-llama-3-8b``: ``vajra bench adapters`` on the Llama-3-8B shape, last: the step
    a short budget cuts.
 
 Every step writes its JSON into one folder (``bench-results/gpu/`` by default) and
@@ -99,6 +101,7 @@ class Step:
     name: str
     args: tuple[str, ...]  # after ``python``
     timeout_s: float
+    env: tuple[tuple[str, str], ...] = ()  # set for this step alone
 
 
 @dataclass(frozen=True)
@@ -119,15 +122,15 @@ def adapters_bench_args(shape: str, out: Path, *, dry_run: bool) -> list[str]:
     if dry_run:
         settings = "--device cpu --model-shape tiny --activation-shape tiny --counts 1,2"
         settings += " --batch-size 2 --new-tokens 2 --repeats 1 --activation-repeats 2"
-        return args + settings.split()
-    args += f"--model-shape {shape} --activation-shape llama-3-8b --activation-repeats 10".split()
+        return args + settings.split() + ["--peft-max-adapters", "1"]
+    args += f"--model-shape {shape} --activation-shape {shape} --activation-repeats 10".split()
     if shape == "llama-3.2-1b":
-        # One timed run each: on an H200 (2026-11-28) 1, 8, 32, 128 adapters at best of 2 with
-        # PEFT did not finish in 300 s.
-        return [*args, "--counts", "1,32,128", "--repeats", "1"]
+        # One timed run each, PEFT up to 32 adapters: on an H200 (2026-11-28, seventh session)
+        # PEFT had not loaded 128 adapters after 116 s.
+        return [*args, "--counts", "1,32,128", "--repeats", "1", "--peft-max-adapters", "32"]
     # 8B: fewer adapters (the bench builds each, 168 MB in float32, on the CPU first) and no
-    # PEFT comparison, whose 32 adapters would take more of the budget than Vajra's own run.
-    return [*args, "--counts", "1,8,32", "--repeats", "2", "--no-peft"]
+    # PEFT comparison; 1 and 8 adapters took 25 s on an H200 (2026-11-28).
+    return [*args, "--counts", "1,8,32", "--repeats", "1", "--no-peft"]
 
 
 def plan(opts: Options) -> list[Step]:
@@ -139,6 +142,7 @@ def plan(opts: Options) -> list[Step]:
     steps = [
         Step("environment", tuple(probe), 120),
         Step("tests", (*pytest, "-m", "gpu", "tests/gpu"), 180),
+        decode_kernel_step(opts),
     ]
     # Most informative per second first: the engine's (b) and (g) carry the GPU targets; the
     # 8B run mostly repeats the 1B run's activation figures at a larger shape, so it comes
@@ -155,6 +159,17 @@ def plan(opts: Options) -> list[Step]:
     return steps
 
 
+def decode_kernel_step(opts: Options) -> Step:
+    """``vajra bench decode-kernel`` (the paged decode attention by launch plan, both shapes);
+    the dry run is its quick form in Triton's interpreter, on the CPU."""
+    args = ["-m", "vajra.bench.decode_kernel", "--json", str(opts.out / "decode-kernel.json")]
+    if not opts.dry_run:
+        return Step("decode-kernel", tuple(args), 90)
+    quick = "--quick --device cpu --shapes tiny --repeats 1 --dtype float32"
+    interpreter = (("TRITON_INTERPRET", "1"),)
+    return Step("decode-kernel", (*args, *quick.split()), 90, env=interpreter)
+
+
 def train_bench_args(out: Path, opts: Options) -> list[str]:
     """``vajra bench train`` on the Llama-3.2-1B shape (its quick form on the CPU when dry)."""
     args = ["-m", "vajra.bench.train", "--json", str(out)]
@@ -169,10 +184,11 @@ def engine_bench_args(out: Path, opts: Options) -> list[str]:
     args = ["-m", "vajra.bench.engine", "--json", str(out)]
     if opts.dry_run:
         return [*args, "--quick", "--device", "cpu", "--model-shape", "tiny"]
-    # (b) and (g) only, the sections with GPU targets: on an H200 (2026-11-28) (b) at two
-    # contexts and (g) took 162 s with the model's build; all sections would not fit.
+    # (b) and (g) only, the sections with GPU targets: on an H200 (2026-11-28) (b) at three
+    # contexts took 23 s and (g) at 256 and 512 requests 138 s; (g) runs half as many.
     settings = "--model-shape llama-3.2-1b --skip a,c,d,e,f --contexts 128,1024,4096"
-    settings += " --context-rows 32 --adapter-counts 32,128"
+    settings += " --context-rows 32 --adapter-counts 32,128 --concurrency 32,128"
+    settings += " --requests 128,256"
     settings += " --max-prompt-tokens 1024 --max-output-tokens 64"
     return args + settings.split()
 
@@ -210,7 +226,7 @@ def run_step(step: Step, opts: Options, env: dict[str, str], deadline: float) ->
             code = subprocess.run(
                 [sys.executable, *step.args],
                 cwd=opts.root,
-                env=env,
+                env={**env, **dict(step.env)},
                 stdout=sink,
                 stderr=subprocess.STDOUT,
                 timeout=timeout,
@@ -282,6 +298,23 @@ def _figures(result: dict[str, Any]) -> dict[str, Any]:
         ],
         "seconds": result.get("seconds"),
     }
+
+
+def decode_kernel_figures(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One line per case of ``vajra bench decode-kernel``: the chosen plan's time, its share
+    of the copy bandwidth, the best plan, and its speed-up on one split and on torch."""
+    figures = []
+    for shape, cases in (result.get("shapes") or {}).items():
+        for case in cases:
+            chosen: dict[str, Any] = next((p for p in case.get("plans", []) if p["auto"]), {})
+            figures.append({
+                "shape": shape, "rows": case.get("rows"), "context": case.get("context"),
+                "auto_ms": chosen.get("ms"), "vs_bandwidth": chosen.get("vs_bandwidth"),
+                "best": case.get("best"),
+                "vs_one_split": case.get("auto_speedup_vs_one_split"),
+                "vs_reference": case.get("auto_speedup_vs_reference"),
+            })  # fmt: skip
+    return figures
 
 
 def _target(text: str, value: float | None, met: bool) -> dict[str, Any]:
@@ -398,6 +431,7 @@ def run_check(opts: Options) -> tuple[dict[str, Any], list[str]]:
     }
     train = _load(opts.out / "train-llama-3.2-1b.json") or {}
     summary["train"] = {key: train.get(key) for key in ("device", "training", "latency")}
+    summary["decode_kernel"] = decode_kernel_figures(_load(opts.out / "decode-kernel.json") or {})
     summary["targets"] = (
         "not judged: a dry run on the CPU with tiny shapes"
         if opts.dry_run
@@ -462,11 +496,18 @@ def summary_lines(summary: dict[str, Any], opts: Options) -> list[str]:
             f"{name} ({fig['model_shape']}, {fig['seconds']} s): activation p50 of a "
             f"{fig['activation_shape']} adapter: {tiers}; Vajra by adapters in batch: {rows}"
         )
+    for k in summary.get("decode_kernel") or []:
+        lines.append(
+            f"decode kernel {k['shape']} {k['rows']} rows x {k['context']}: {k['auto_ms']} ms "
+            f"({k['vs_bandwidth']} of bandwidth), {k['vs_one_split']}x one split, "
+            f"{k['vs_reference']}x torch; best {k['best']}"
+        )
     engine = summary.get("engine") or {}
     b = (engine.get("b_context") or {}).get("current") or {}
     if b.get("contexts"):
         steps = ", ".join(
             f"{e['context']}: {e.get('step_p50_ms')} ms ({e.get('vs_floor')}x floor"
+            + (f", ops {e['ops_ms_per_step']} ms" if "ops_ms_per_step" in e else "")
             + (f", eager {e['eager_step_p50_ms']} ms" if "eager_step_p50_ms" in e else "")
             + ")"
             for e in b["contexts"]
@@ -474,6 +515,8 @@ def summary_lines(summary: dict[str, Any], opts: Options) -> list[str]:
         lines.append(f"engine decode step of {b.get('rows')} rows by context: {steps}")
         if b.get("decode_graphs_error"):
             lines.append(f"decode graphs failed to capture: {b['decode_graphs_error']}")
+        if b.get("decode_kernel_error"):
+            lines.append(f"decode kernel failed to build: {b['decode_kernel_error']}")
         if b.get("decode_graphs"):
             graphs = b["decode_graphs"]
             lines.append(
@@ -532,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("build/gpu-check"))
     parser.add_argument("--wheels", type=Path, default=Path(".gpu-wheels"))
     parser.add_argument("--requirements", type=Path, default=Path("requirements-gpu.txt"))
-    parser.add_argument("--budget-s", type=float, default=450.0, help="time for the whole plan")
+    parser.add_argument("--budget-s", type=float, default=470.0, help="time for the whole plan")
     args = parser.parse_args(argv)
     root = args.root.resolve()
     if not (root / "tests" / "gpu").is_dir():
