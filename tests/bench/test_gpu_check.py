@@ -83,8 +83,8 @@ def test_dry_run_runs_the_whole_plan_and_writes_every_json(tmp_path: Path) -> No
         "decode-kernel",
         "engine-llama-3.2-1b",
         "train-llama-3.2-1b",
-        "adapters-llama-3.2-1b",
         "adapters-llama-3-8b",
+        "adapters-llama-3.2-1b",
     ]
     assert all(s["status"] == "ok" for s in summary["steps"]), summary["steps"]
     assert summary["wheels"]["installed"] == [PROBE]

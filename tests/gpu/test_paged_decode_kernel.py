@@ -247,7 +247,9 @@ def test_kernel_on_the_gpu_equals_the_reference(dtype: torch.dtype, tol: float) 
     for shape in (Shape(heads=8, kv_heads=2, head_dim=128), Shape(4, 4, 64)):
         case = make_case(lens, shape, device="cuda").to(dtype)
         want = paged_decode_attention_reference(*case.to(torch.float32).args())
-        for plan in (None, *PLANS):
+        # every plan in bfloat16, the serving dtype; the default plan in the others (each plan
+        # and dtype is a compilation, and make gpu-check has a budget)
+        for plan in (None, *PLANS) if dtype == torch.bfloat16 else (None,):
             got = paged_decode_attention(*case.args(), plan=plan)
             error = (got.float() - want).abs().max().item()
             assert got.dtype == dtype and error <= tol, (shape, dtype, plan, error)

@@ -18,10 +18,11 @@ One plan, run in order, each step a subprocess with its own time limit inside on
    its memory-bandwidth floor) and (g) (32 and 128 distinct adapters against base-only).
 6. ``train-llama-3.2-1b``: ``vajra bench train`` on that shape: training tokens/s against
    PEFT's, and inference latency with no job and with a job, preemption on and off.
-7. ``adapters-llama-3.2-1b``: ``vajra bench adapters`` (run as ``python -m
-   vajra.bench.adapters``, which needs no CLI install) on that model shape.
-8. ``adapters-llama-3-8b``: ``vajra bench adapters`` on the Llama-3-8B shape, last: the step
-   a short budget cuts.
+7. ``adapters-llama-3-8b``: ``vajra bench adapters`` (run as ``python -m
+   vajra.bench.adapters``, which needs no CLI install) on the Llama-3-8B shape: the
+   activation target's adapter, and 1 and 8 adapters decoding.
+8. ``adapters-llama-3.2-1b``: ``vajra bench adapters`` on the Llama-3.2-1B shape (1, 32 and
+   128 adapters, PEFT up to 32), last: the step a short budget cuts.
 
 Every step writes its JSON into one folder (``bench-results/gpu/`` by default) and
 ``summary.json`` gathers them; a short summary goes to stdout, progress and failing steps' logs
@@ -128,9 +129,9 @@ def adapters_bench_args(shape: str, out: Path, *, dry_run: bool) -> list[str]:
         # One timed run each, PEFT up to 32 adapters: on an H200 (2026-11-28, seventh session)
         # PEFT had not loaded 128 adapters after 116 s.
         return [*args, "--counts", "1,32,128", "--repeats", "1", "--peft-max-adapters", "32"]
-    # 8B: fewer adapters (the bench builds each, 168 MB in float32, on the CPU first) and no
-    # PEFT comparison; 1 and 8 adapters took 25 s on an H200 (2026-11-28).
-    return [*args, "--counts", "1,8,32", "--repeats", "1", "--no-peft"]
+    # 8B: few adapters (the bench builds each, 168 MB in float32, on the CPU first) and no
+    # PEFT comparison; 1 and 8 adapters took 41 s in all on an H200 (2026-11-28).
+    return [*args, "--counts", "1,8", "--repeats", "1", "--no-peft"]
 
 
 def plan(opts: Options) -> list[Step]:
@@ -144,15 +145,15 @@ def plan(opts: Options) -> list[Step]:
         Step("tests", (*pytest, "-m", "gpu", "tests/gpu"), 180),
         decode_kernel_step(opts),
     ]
-    # Most informative per second first: the engine's (b) and (g) carry the GPU targets; the
-    # 8B run mostly repeats the 1B run's activation figures at a larger shape, so it comes
-    # last and is the one a short budget cuts.
+    # Most informative per second first: the engine's (b) and (g) carry the GPU targets, the
+    # 8B run the activation target; the 1B adapters run, the longest (PEFT), comes last and
+    # is the one a short budget cuts.
     engine_out = opts.out / "engine-llama-3.2-1b.json"
     engine = Step("engine-llama-3.2-1b", tuple(engine_bench_args(engine_out, opts)), 260)
     steps.append(engine)
     train_out = opts.out / "train-llama-3.2-1b.json"
     steps.append(Step("train-llama-3.2-1b", tuple(train_bench_args(train_out, opts)), 150))
-    for shape, limit_s in (("llama-3.2-1b", 240), ("llama-3-8b", 240)):
+    for shape, limit_s in (("llama-3-8b", 120), ("llama-3.2-1b", 240)):
         json_out = opts.out / f"adapters-{shape}.json"
         bench = adapters_bench_args(shape, json_out, dry_run=opts.dry_run)
         steps.append(Step(f"adapters-{shape}", tuple(bench), limit_s))
