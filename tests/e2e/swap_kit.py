@@ -6,6 +6,7 @@ the executors on P+10, P+11, ...
 
 from __future__ import annotations
 
+import random
 import re
 import socket
 import urllib.request
@@ -13,15 +14,27 @@ import urllib.request
 from vajra.client import AsyncClient
 
 
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out for bind(0) and outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
 def free_metrics_base(executors: int = 1) -> int:
-    """A port P such that P..P+3 and the executors' P+10.. are free now."""
+    """A port P such that P..P+3 and the executors' P+10.. are free now.
+
+    P is drawn below the kernel's ephemeral range: the cluster binds these ports minutes after
+    this runs (at collection), and a port from the ephemeral range may by then be taken by any
+    other test's bind(0) or outgoing connection (a CI run failed so once).
+    """
     offsets = (0, 1, 2, 3, *(10 + i for i in range(executors)))
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + max(offsets) > 65_000:
-            continue
+    high = min(_ephemeral_low(), 65_000) - max(offsets) - 1
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(10_000, high)
         try:
             for off in offsets:
                 with socket.socket() as t:
