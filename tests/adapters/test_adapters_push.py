@@ -31,7 +31,13 @@ from tests.storage.conftest import s3_store
 from tests.storage.seaweed import SeaweedS3, seaweed
 from vajra.actors.gateway import Gateway
 from vajra.bus.codec import DecodeError, decode, decode_many, encode
-from vajra.bus.messages import AdapterPush, InferResult, InferWork
+from vajra.bus.messages import (
+    AdapterPush,
+    AdapterSwap,
+    AdapterSwapDone,
+    InferResult,
+    InferWork,
+)
 from vajra.bus.zsocket import ZSocket, open_socket
 from vajra.client import (
     AsyncClient,
@@ -118,7 +124,8 @@ def new_tenant(valkey_url: str) -> str:
 
 
 class Cluster:
-    """A gateway with a fake scheduler that answers every InferWork and records it."""
+    """A gateway with a fake scheduler that answers every InferWork and records it, and
+    answers each warm-up of a hot swap at once (no executor holds the old version)."""
 
     def __init__(self, gateway: Gateway, address: str, sched: ZSocket) -> None:
         self.gateway, self.address, self.sched = gateway, address, sched
@@ -130,6 +137,10 @@ class Cluster:
             for env, _ in decode_many(frames):  # the gateway may send several at once
                 assert not isinstance(env, DecodeError), env
                 work = env.message
+                if isinstance(work, AdapterSwap):
+                    done = AdapterSwapDone(work.swap_id, ok=True)
+                    await self.sched.send([identity, *encode(done)])
+                    continue
                 if not isinstance(work, InferWork):  # announcements (a GatewayHello): no reply
                     continue
                 self.work.append(work)
