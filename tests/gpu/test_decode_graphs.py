@@ -235,7 +235,7 @@ def test_an_engine_whose_capture_fails_serves_eagerly_and_says_why(
 ) -> None:
     """Capturing on a machine without CUDA fails inside torch.cuda: the engine must start
     anyway, without graphs, and keep the reason."""
-    monkeypatch.setattr("vajra.gpu.engine.can_capture", lambda device, lora: True)
+    monkeypatch.setattr("vajra.gpu.decode_graphs.can_capture", lambda device, lora: True)
     engine = engine_of(tiny_model_dir, "auto")
     assert engine.decode_graphs is None
     assert engine.decode_graphs_error

@@ -197,6 +197,7 @@ class Executor:
             kv_block_size=e.kv_block_size,
             max_batch_tokens=e.max_batch_tokens,
             decode_graphs=e.decode_graphs,  # type: ignore[arg-type]  # checked by the engine
+            fused_layers=e.fused_layers,
         )
 
     def _build_tiers(self, engine: Engine) -> AdapterTiers | None:

@@ -202,7 +202,9 @@ def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
             entry |= {"eager_step_p50_ms": ms(eager), "graph_speedup": round(eager / p50, 2)}
         ctx.log(f"(b) {kind} context {context}: {entry}")
         results.append(entry)
-    graph_facts = {} if graphs is None else {"decode_graphs": vars(graphs.stats)}
+    graph_facts: dict[str, object] = {"fused_layers": getattr(engine, "fused_layers", 0)}
+    if graphs is not None:
+        graph_facts["decode_graphs"] = vars(graphs.stats)
     if getattr(engine, "decode_graphs_error", None):  # capture failed: the engine ran eagerly
         graph_facts["decode_graphs_error"] = engine.decode_graphs_error  # type: ignore[attr-defined]
     if kernel_error := decode_kernel_error(ctx.device):  # Triton could not build it: torch ran

@@ -46,6 +46,7 @@ from vajra.gpu.lora import LoraBatchState
 from vajra.gpu.lora.segments import Segment
 from vajra.gpu.paged_attention import KvCache, StepLayout, running_step
 from vajra.gpu.step_planner import Sequence, is_decode
+from vajra.gpu.streams import fork_join
 
 GraphMode = Literal["auto", "eager", "off"]
 
@@ -257,3 +258,39 @@ class DecodeGraphs:
             self.buckets,
             self.stats.capture_s,
         )
+
+
+def start_decode_graphs(
+    mode: GraphMode,
+    model: Any,
+    kv: KvCache,
+    *,
+    scratch_block: int,
+    lora: LoraBatchState | None,
+    max_rows: int,
+    max_blocks: int,
+    stream: Any,
+) -> tuple[DecodeGraphs | None, str | None]:
+    """An engine's decode graphs for ``mode`` (None for "off", or where "auto" cannot
+    capture), made on the engine's ``stream``, and why "auto" failed to capture if it did:
+    the engine then serves every step eagerly rather than not at all."""
+    capture = mode == "auto" and can_capture(kv.k[0].device, lora)
+    if not (capture or mode == "eager"):
+        return None, None
+    try:
+        with fork_join(stream):
+            graphs = DecodeGraphs(
+                model,
+                kv,
+                scratch_block=scratch_block,
+                lora=lora,
+                max_rows=max_rows,
+                max_blocks=max_blocks,
+                capture=capture,
+            )
+    except Exception as exc:
+        if not capture:
+            raise
+        log.exception("capturing decode graphs failed; every step runs eagerly")
+        return None, f"{type(exc).__name__}: {exc}"
+    return graphs, None

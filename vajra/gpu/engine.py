@@ -43,7 +43,8 @@ from typing import Any
 import torch
 
 from vajra.errors import InternalError, InvalidRequest, VajraError
-from vajra.gpu.decode_graphs import DecodeGraphs, GraphMode, can_capture
+from vajra.gpu import fused_layers as fused
+from vajra.gpu.decode_graphs import GraphMode, start_decode_graphs
 from vajra.gpu.interface import AdapterResidency, GenerationRequest, StepOutput
 from vajra.gpu.kv_blocks import BlockManager
 from vajra.gpu.lora import LoraBatchState, LoraPool, inject_lora
@@ -77,6 +78,7 @@ class TorchEngine:
     already starts with the BOS text, e.g. from a chat template; an empty prompt becomes the
     BOS token alone. ``decode_graphs``: see :mod:`vajra.gpu.decode_graphs` ("auto": captured
     on CUDA when its kernels allow; "eager": the static path uncaptured; "off").
+    ``fused_layers``: see :mod:`vajra.gpu.fused_layers` (on CUDA with triton).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class TorchEngine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         decode_graphs: GraphMode = "auto",
+        fused_layers: bool = True,
     ) -> None:
         if decode_graphs not in ("auto", "eager", "off"):
             raise ValueError(f"decode_graphs must be auto, eager or off, not {decode_graphs!r}")
@@ -110,6 +113,10 @@ class TorchEngine:
         self._eos = loaded.eos_token_ids
         self._stream = priority_stream(loaded.device, INFERENCE_PRIORITY)  # vajra.gpu.streams
         use_paged_attention(self._model)
+        # one kernel per RMS norm and MLP activation on CUDA (vajra.gpu.fused_layers)
+        self.fused_layers = (
+            fused.install(self._model) if fused_layers and fused.available(self._device) else 0
+        )
 
         shape = KvShape.of_model(self._model)
         num_blocks = kv_blocks_for_budget(
@@ -156,26 +163,17 @@ class TorchEngine:
         if lora_pool is not None:
             self.lora_state = LoraBatchState(lora_pool, max_tokens=self._planner.max_batch_tokens)
             inject_lora(self._model, self.lora_state)
-        self.decode_graphs: DecodeGraphs | None = None
-        self.decode_graphs_error: str | None = None  # why "auto" could not capture, if it failed
-        capture = decode_graphs == "auto" and can_capture(loaded.device, self.lora_state)
-        if capture or decode_graphs == "eager":
-            try:
-                with fork_join(self._stream):
-                    self.decode_graphs = DecodeGraphs(
-                        self._model,
-                        self.kv,
-                        scratch_block=num_blocks,
-                        lora=self.lora_state,
-                        max_rows=max_batch_size,
-                        max_blocks=-(-self.max_model_len // block_size) + 1,
-                        capture=capture,
-                    )
-            except Exception as exc:  # serve without graphs rather than not at all
-                if not capture:
-                    raise
-                log.exception("capturing decode graphs failed; every step runs eagerly")
-                self.decode_graphs_error = f"{type(exc).__name__}: {exc}"
+        # decode_graphs_error: why "auto" could not capture, if it failed
+        self.decode_graphs, self.decode_graphs_error = start_decode_graphs(
+            decode_graphs,
+            self._model,
+            self.kv,
+            scratch_block=num_blocks,
+            lora=self.lora_state,
+            max_rows=max_batch_size,
+            max_blocks=-(-self.max_model_len // block_size) + 1,
+            stream=self._stream,
+        )
 
     # ------------------------------------------------------------------ Engine protocol
 

@@ -24,6 +24,7 @@ def load_engine(
     kv_block_size: int = DEFAULT_BLOCK_SIZE,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     decode_graphs: GraphMode = "auto",
+    fused_layers: bool = True,
 ) -> Engine:
     """``"null"`` gives a :class:`NullEngine`; anything else is a model directory for TorchEngine
     (with a LoRA pool of ``max_adapters`` slots when that is above zero)."""
@@ -44,4 +45,5 @@ def load_engine(
         block_size=kv_block_size,
         max_batch_tokens=max_batch_tokens,
         decode_graphs=decode_graphs,
+        fused_layers=fused_layers,
     )

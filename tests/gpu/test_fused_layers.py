@@ -1,0 +1,198 @@
+"""The fused RMS norm and MLP activation kernels against transformers' own modules.
+
+Rules: the interpreter must be switched on before triton is first imported, so the kernels'
+check runs in a fresh process (``TRITON_INTERPRET=1``, this module run with ``-m``) on CPU
+tensors: transformers' ``LlamaRMSNorm`` and ``LlamaMLP`` with random weights, in float32
+(1e-5), float16 and bfloat16 (within two units in the last place of the output: the sum of
+squares runs in another order and the exponential is another implementation, and one unit
+of the rounded intermediate, times the weight or ``up``, may reach two of the output), rows not a power of two wide, a strided input and no rows;
+then the tiny model with its forwards installed: logits of a forward without gradients equal
+the model's own, and with gradients the module's own forward runs (gradients reach the
+input); and the engine's greedy tokens with them equal its tokens without. In-process: what :func:`install` picks and that it does nothing twice. The CUDA test
+is marked ``gpu`` and skipped without a device.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaMLP, LlamaRMSNorm
+
+from vajra.gpu import fused_layers
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def norm_and_mlp(hidden: int, dtype: torch.dtype, device: str = "cpu") -> tuple[Any, Any]:
+    torch.manual_seed(hidden)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + 3,
+        num_attention_heads=4,
+        hidden_act="silu",
+    )
+    norm = LlamaRMSNorm(hidden, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    return norm.to(device, dtype), LlamaMLP(config).to(device, dtype)
+
+
+def ulp_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest difference in units of the last place of ``want``'s dtype at its value."""
+    spacing = torch.finfo(want.dtype).eps * want.float().abs().clamp(min=1e-3)
+    return float(((got.float() - want.float()).abs() / spacing).max())
+
+
+def kernels_check(device: str) -> None:
+    """The kernels against the modules (see the module docstring); run on ``device``."""
+    for hidden in (64, 200):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            norm, mlp = norm_and_mlp(hidden, dtype, device)
+            x = torch.randn(3, 5, hidden, device=device).to(dtype)
+            with torch.no_grad():
+                want = norm(x)
+                got = fused_layers.rms_norm(x, norm.weight, norm.variance_epsilon)
+                assert got.shape == want.shape and got.dtype == want.dtype
+                if dtype == torch.float32:
+                    assert (got - want).abs().max().item() <= 1e-5, hidden
+                else:
+                    assert ulp_error(got, want) <= 2.5, (hidden, dtype, ulp_error(got, want))
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+                want_act = mlp.act_fn(gate) * up
+                got_act = fused_layers.silu_mul(gate, up)
+                if dtype == torch.float32:
+                    assert (got_act - want_act).abs().max().item() <= 1e-5
+                else:
+                    assert ulp_error(got_act, want_act) <= 2.5, (
+                        hidden,
+                        dtype,
+                        ulp_error(got_act, want_act),
+                    )
+    norm, _ = norm_and_mlp(64, torch.float32, device)
+    wide = torch.randn(4, 128, device=device)[:, ::2]  # a strided row
+    with torch.no_grad():
+        assert torch.allclose(fused_layers.rms_norm(wide, norm.weight, 1e-5), norm(wide), atol=1e-5)
+        empty = torch.empty(0, 64, device=device)
+        assert fused_layers.rms_norm(empty, norm.weight, 1e-5).shape == (0, 64)
+
+
+def model_check(device: str) -> None:
+    """The tiny model with fused forwards: the same logits without gradients; the module's
+    own forward, and gradients to the input, with them."""
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_act="silu",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device)
+    ids = torch.randint(0, 97, (2, 9), device=device)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    assert fused_layers.install(model) == 2 * 2 + 1 + 2  # norms: 2 per layer and the last
+    assert fused_layers.install(model) == 0
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert (got - want).abs().max().item() <= 1e-4
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    model(inputs_embeds=embeds).logits.sum().backward()
+    assert embeds.grad is not None and bool(embeds.grad.abs().sum() > 0)
+
+
+def engine_check() -> None:
+    """The engine on the tiny model gives the same greedy tokens with the fused forwards
+    installed (as the engine does on CUDA) as without: a mix of prefill and decode steps."""
+    import tempfile
+
+    from vajra.gpu.engine import TorchEngine
+    from vajra.gpu.interface import GenerationRequest
+    from vajra.gpu.sampling import SamplingParams
+    from vajra.gpu.tiny import init_tiny_model
+
+    model_dir = init_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
+    runs = []
+    for install in (False, True):
+        engine = TorchEngine(model_dir, device="cpu", dtype="float32", max_model_len=256)
+        if install:
+            assert fused_layers.install(engine.model) == 2 * 2 + 1 + 2
+        params = SamplingParams(max_tokens=12, ignore_eos=True)
+        prompts = ["The river", "Questions, answers, stories and lists", "0 1 2 3"]
+        admit = [GenerationRequest(f"r{i}", p, params) for i, p in enumerate(prompts)]
+        tokens: dict[str, list[int]] = {}
+        while admit or engine.has_work():
+            for out in engine.step(admit, []):
+                assert out.error is None, out.error
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            admit = []
+        runs.append(tokens)
+    assert runs[0] == runs[1] and all(len(t) == 12 for t in runs[0].values())
+
+
+def test_kernels_in_the_interpreter_equal_the_transformers_modules() -> None:
+    pytest.importorskip("triton")
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.gpu.test_fused_layers"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "fused layers interpreter: ok" in done.stdout
+
+
+def test_install_leaves_other_activations_and_modules_alone() -> None:
+    pytest.importorskip("triton")
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, hidden_act="gelu",
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    assert fused_layers.install(model) == 3  # the norms; the GELU MLP keeps its forward
+    assert "forward" not in vars(model.model.layers[0].mlp)
+    x = torch.randn(2, 32)
+    with torch.no_grad():  # without the interpreter or CUDA the module's own forward runs
+        norm = model.model.norm
+        assert torch.equal(norm(x), type(norm).forward(norm, x))
+
+
+def test_available_only_on_cuda() -> None:
+    assert not fused_layers.available("cpu")
+
+
+def test_mismatched_inputs_are_refused() -> None:
+    pytest.importorskip("triton")
+    with pytest.raises(ValueError, match="weight"):
+        fused_layers.rms_norm(torch.randn(2, 8), torch.ones(4), 1e-5)
+    with pytest.raises(ValueError, match="differ"):
+        fused_layers.silu_mul(torch.randn(2, 8), torch.randn(2, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernels_on_the_gpu_equal_the_transformers_modules() -> None:
+    assert fused_layers.available("cuda")
+    kernels_check("cuda")
+    model_check("cuda")
+
+
+if __name__ == "__main__":
+    kernels_check("cpu")
+    model_check("cpu")
+    engine_check()
+    print("fused layers interpreter: ok")

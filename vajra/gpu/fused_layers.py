@@ -1,0 +1,214 @@
+# mypy: disable-error-code="no-untyped-def, untyped-decorator, misc"
+# (the @triton.jit kernels below take untyped pointers and scalars; the launchers are typed)
+"""One Triton kernel each for the RMS norms and the gated MLP activation of Llama-family
+models, in place of transformers' chains of small ops.
+
+Why: a decode step of a small model on a GPU is bound by how many kernels it launches, not
+by their arithmetic. On an H200 the Llama-3.2-1B-shaped step at 32 rows and 128 tokens of
+context took 3.46 ms from a CUDA graph against a memory-bandwidth floor of 0.51 ms
+(docs/benchmarks.md, "The resized `make gpu-check` on an H200"). transformers' RMS norm is
+eight kernels (to float32, square, mean, add epsilon, reciprocal square root, scale, back to
+the input dtype, times the weight), run twice per layer and once at the end; its MLP runs the
+activation and the product as two. Here each is one kernel: 15 fewer launches per layer, 241
+fewer per step on the 1B shape's 16 layers.
+
+Semantics, the same as transformers' forwards, rounding included: the norm reduces in
+float32, rounds the normalised row to the input dtype, then multiplies by the weight in the
+dtype torch's promotion gives (the product of two bfloat16 numbers is exact in float32, so
+rounding it once matches torch's bfloat16 multiply); the activation is ``silu(gate)`` rounded
+to the input dtype, times ``up``, rounded. The sum of squares runs in another order than
+torch's ``mean``, so a float32 result may differ in the last bits.
+
+Where: :func:`install` swaps the ``forward`` of the model's ``LlamaRMSNorm``,
+``MistralRMSNorm``, ``Qwen2RMSNorm`` and ``LlamaMLP`` / ``MistralMLP`` / ``Qwen2MLP`` modules
+(their forwards are the code above, checked on transformers 5.17), the MLPs only with the SiLU
+activation. The fused forward runs only when no gradient is wanted and the input is on a CUDA
+device (or on the CPU under Triton's interpreter, for the tests); otherwise, as in training
+(:mod:`vajra.gpu.training`, which shares the model), the module's own forward runs. The
+kernels read only shapes on the host, so a CUDA graph captures them
+(:mod:`vajra.gpu.decode_graphs`).
+
+Tested in Triton's interpreter on CPU tensors against the transformers modules
+(``tests/gpu/test_fused_layers.py``); the CUDA test compares them on the device.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+try:
+    import triton  # type: ignore[import-untyped]
+    import triton.language as tl  # type: ignore[import-untyped]
+except ImportError:  # the modules keep their own forwards
+    _HAVE_TRITON = False
+else:
+    _HAVE_TRITON = True
+
+#: transformers' classes whose forwards the fused ones replace (module, class name).
+NORM_CLASSES = (
+    ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
+    ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm"),
+    ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm"),
+)
+MLP_CLASSES = (
+    ("transformers.models.llama.modeling_llama", "LlamaMLP"),
+    ("transformers.models.mistral.modeling_mistral", "MistralMLP"),
+    ("transformers.models.qwen2.modeling_qwen2", "Qwen2MLP"),
+)
+#: Elements one program of the activation kernel handles.
+ACT_BLOCK = 1024
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether the fused kernels can run on ``device``: CUDA with triton importable."""
+    return torch.device(device).type == "cuda" and _HAVE_TRITON
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMS norm of ``x`` over its last dimension, in one kernel (see the module
+    docstring for the rounding)."""
+    hidden = x.shape[-1]
+    if weight.shape != (hidden,):
+        raise ValueError(f"weight {tuple(weight.shape)} for rows of {hidden}")
+    rows = x.reshape(-1, hidden)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
+    if rows.shape[0]:
+        block = triton.next_power_of_2(hidden)
+        _rms_norm[(rows.shape[0],)](
+            rows, weight, out, rows.stride(0), out.stride(0), hidden, float(eps),
+            BLOCK=block,
+            ROUND=_ROUNDING[x.dtype],
+            num_warps=min(16, max(1, block // 256)),
+        )  # fmt: skip
+    return out.view(*x.shape[:-1], hidden)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` as transformers' MLP computes it, in one kernel."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gate {gate.shape} {gate.dtype} and up {up.shape} {up.dtype} differ")
+    g, u = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(g)
+    n = g.numel()
+    if n:
+        _silu_mul[(triton.cdiv(n, ACT_BLOCK),)](
+            g, u, out, n, BLOCK=ACT_BLOCK, ROUND=_ROUNDING[g.dtype], num_warps=4
+        )
+    return out
+
+
+def install(model: Any) -> int:
+    """Give the model's matching norms and MLPs the fused forwards (see the module
+    docstring); returns how many modules changed. Does nothing without triton."""
+    if not _HAVE_TRITON:
+        return 0
+    norms, mlps = _classes(NORM_CLASSES), _classes(MLP_CLASSES)
+    changed = 0
+    for module in model.modules():
+        if "forward" in vars(module):  # already installed, or someone else's
+            continue
+        if isinstance(module, norms):
+            fused = _fused_norm_forward(type(module).forward)
+        elif isinstance(module, mlps) and _is_silu(module):
+            fused = _fused_mlp_forward(type(module).forward)
+        else:
+            continue
+        module.forward = types.MethodType(fused, module)  # type: ignore[method-assign]
+        changed += 1
+    return changed
+
+
+# ------------------------------------------------------------------ the module forwards
+
+
+def _wanted(x: torch.Tensor) -> bool:
+    if torch.is_grad_enabled():
+        return False
+    return x.device.type == "cuda" or (x.device.type == "cpu" and _interpreted())
+
+
+def _fused_norm_forward(own: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not _wanted(hidden_states):
+            return own(self, hidden_states)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+    return forward
+
+
+def _fused_mlp_forward(own: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+        if not _wanted(x):
+            return own(self, x)
+        out: torch.Tensor = self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return out
+
+    return forward
+
+
+def _is_silu(mlp: Any) -> bool:
+    act = getattr(mlp, "act_fn", None)
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def _classes(names: tuple[tuple[str, str], ...]) -> tuple[type[torch.nn.Module], ...]:
+    import importlib
+
+    found: list[type[torch.nn.Module]] = []
+    for module_name, class_name in names:
+        try:
+            found.append(getattr(importlib.import_module(module_name), class_name))
+        except (ImportError, AttributeError):  # another transformers: that family keeps its own
+            continue
+    return tuple(found)
+
+
+def _interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ------------------------------------------------------------------ the kernels
+
+#: How a kernel rounds a float32 value to the input dtype and back (0: float32, no rounding).
+_ROUNDING = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _round(x, ROUND: tl.constexpr):
+        if ROUND == 1:
+            x = x.to(tl.float16).to(tl.float32)
+        elif ROUND == 2:
+            x = x.to(tl.bfloat16).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _rms_norm(x_ptr, w_ptr, out_ptr, x_stride, out_stride, hidden, eps,
+                  BLOCK: tl.constexpr, ROUND: tl.constexpr):  # fmt: skip
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        keep = cols < hidden
+        x = tl.load(x_ptr + row * x_stride + cols, mask=keep, other=0.0).to(tl.float32)
+        mean_square = tl.sum(x * x, axis=0) / hidden
+        normed = _round(x * tl.rsqrt(mean_square + eps), ROUND)
+        w = tl.load(w_ptr + cols, mask=keep, other=0.0).to(tl.float32)
+        y = w * normed
+        tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=keep)
+
+    @triton.jit
+    def _silu_mul(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+        at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        keep = at < n
+        g = tl.load(g_ptr + at, mask=keep, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + at, mask=keep, other=0.0).to(tl.float32)
+        act = _round(g / (1.0 + tl.exp(-g)), ROUND)
+        tl.store(out_ptr + at, (act * u).to(out_ptr.dtype.element_ty), mask=keep)
