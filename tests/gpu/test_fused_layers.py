@@ -1,4 +1,5 @@
-"""The fused RMS norm and MLP activation kernels against transformers' own modules.
+"""The fused RMS norm, rotary embedding and MLP activation kernels against transformers' own
+modules.
 
 Rules: the interpreter must be switched on before triton is first imported, so the kernels'
 check runs in a fresh process (``TRITON_INTERPRET=1``, this module run with ``-m``) on CPU
@@ -6,6 +7,9 @@ tensors: transformers' ``LlamaRMSNorm`` and ``LlamaMLP`` with random weights, in
 (1e-5), float16 and bfloat16 (within two units in the last place of the output: the sum of
 squares runs in another order and the exponential is another implementation, and one unit
 of the rounded intermediate, times the weight or ``up``, may reach two of the output), rows not a power of two wide, a strided input and no rows;
+the rotary kernel equal to ``apply_rotary_pos_emb`` (bit for bit in float16, and in bfloat16
+on CUDA: Triton's interpreter truncates float32 to bfloat16 where torch and the GPU round to
+nearest, so there bfloat16 is held to three units at the inputs' scale);
 then the tiny model with its forwards installed: logits of a forward without gradients equal
 the model's own, and with gradients the module's own forward runs (gradients reach the
 input); and the engine's greedy tokens with them equal its tokens without. In-process: what :func:`install` picks and that it does nothing twice. The CUDA test
@@ -23,7 +27,13 @@ from typing import Any
 import pytest
 import torch
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaMLP, LlamaRMSNorm
+from transformers.models.llama.modeling_llama import (
+    LlamaForCausalLM,
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
 
 from vajra.gpu import fused_layers
 
@@ -75,12 +85,38 @@ def kernels_check(device: str) -> None:
                         dtype,
                         ulp_error(got_act, want_act),
                     )
+    rotary_check(device)
     norm, _ = norm_and_mlp(64, torch.float32, device)
     wide = torch.randn(4, 128, device=device)[:, ::2]  # a strided row
     with torch.no_grad():
         assert torch.allclose(fused_layers.rms_norm(wide, norm.weight, 1e-5), norm(wide), atol=1e-5)
         empty = torch.empty(0, 64, device=device)
         assert fused_layers.rms_norm(empty, norm.weight, 1e-5).shape == (0, 64)
+
+
+def rotary_check(device: str) -> None:
+    """The rotary kernel against ``apply_rotary_pos_emb`` on the layout the attention passes
+    (projections viewed as [1, heads, T, D]), GQA, positions far apart, every dtype."""
+    config = LlamaConfig(hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
+    rope = LlamaRotaryEmbedding(config).to(device)
+    positions = torch.tensor([[0, 1, 2, 7, 300, 1999]], device=device)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.randn(1, 6, 96, device=device).to(dtype)
+        cos, sin = rope(x, positions)
+        q = torch.randn(1, 6, 96, device=device).to(dtype).view(1, 6, 6, 16).transpose(1, 2)
+        k = torch.randn(1, 6, 32, device=device).to(dtype).view(1, 6, 2, 16).transpose(1, 2)
+        want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+        got_q, got_k = fused_layers.rotary(q, k, cos, sin)
+        assert got_q.stride() == q.stride() and got_k.dtype == dtype
+        for got, want, x in ((got_q, want_q, q), (got_k, want_k, k)):
+            if dtype == torch.float32:
+                assert (got - want).abs().max().item() <= 1e-5
+            elif dtype == torch.float16 or device == "cuda":  # the same roundings: equal
+                assert torch.equal(got, want), (dtype, (got.float() - want.float()).abs().max())
+            else:  # the interpreter truncates to bfloat16 where torch and CUDA round: a unit
+                # of each product and of the sum, at the inputs' scale (a sum may cancel)
+                error = (got.float() - want.float()).abs().max().item()
+                assert error <= 3 * torch.finfo(dtype).eps * x.float().abs().max().item(), error
 
 
 def model_check(device: str) -> None:
@@ -100,7 +136,8 @@ def model_check(device: str) -> None:
     ids = torch.randint(0, 97, (2, 9), device=device)
     with torch.no_grad():
         want = model(input_ids=ids).logits
-    assert fused_layers.install(model) == 2 * 2 + 1 + 2  # norms: 2 per layer and the last
+    # per layer two norms, the attention and the MLP; the last norm
+    assert fused_layers.install(model) == 4 * 2 + 1
     assert fused_layers.install(model) == 0
     with torch.no_grad():
         got = model(input_ids=ids).logits
@@ -125,7 +162,7 @@ def engine_check() -> None:
     for install in (False, True):
         engine = TorchEngine(model_dir, device="cpu", dtype="float32", max_model_len=256)
         if install:
-            assert fused_layers.install(engine.model) == 2 * 2 + 1 + 2
+            assert fused_layers.install(engine.model) == 4 * 2 + 1
         params = SamplingParams(max_tokens=12, ignore_eos=True)
         prompts = ["The river", "Questions, answers, stories and lists", "0 1 2 3"]
         admit = [GenerationRequest(f"r{i}", p, params) for i, p in enumerate(prompts)]
@@ -163,7 +200,7 @@ def test_install_leaves_other_activations_and_modules_alone() -> None:
         num_attention_heads=2, num_key_value_heads=1, hidden_act="gelu",
     )  # fmt: skip
     model = LlamaForCausalLM(config)
-    assert fused_layers.install(model) == 3  # the norms; the GELU MLP keeps its forward
+    assert fused_layers.install(model) == 4  # norms, attention; the GELU MLP keeps its own
     assert "forward" not in vars(model.model.layers[0].mlp)
     x = torch.randn(2, 32)
     with torch.no_grad():  # without the interpreter or CUDA the module's own forward runs
@@ -181,6 +218,13 @@ def test_mismatched_inputs_are_refused() -> None:
         fused_layers.rms_norm(torch.randn(2, 8), torch.ones(4), 1e-5)
     with pytest.raises(ValueError, match="differ"):
         fused_layers.silu_mul(torch.randn(2, 8), torch.randn(2, 4))
+    q, k, cos = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16), torch.randn(1, 3, 16)
+    with pytest.raises(ValueError):
+        fused_layers.rotary(q, k[..., :8], cos, cos)
+    with pytest.raises(ValueError):
+        fused_layers.rotary(q, k.double(), cos, cos)
+    with pytest.raises(ValueError):
+        fused_layers.rotary(q, k, cos[:, :2], cos[:, :2])
 
 
 @pytest.mark.gpu
