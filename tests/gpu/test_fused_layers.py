@@ -227,16 +227,49 @@ def test_mismatched_inputs_are_refused() -> None:
         fused_layers.rotary(q, k, cos[:, :2], cos[:, :2])
 
 
+def test_a_kernel_that_cannot_run_is_reported_not_raised() -> None:
+    """Outside the interpreter a CPU launch fails inside Triton: the engine's start-up check
+    names it (and the engine installs nothing) instead of raising."""
+    pytest.importorskip("triton")
+    why = fused_layers.check("cpu", torch.float32, 64, 16)
+    assert why is not None and why.split(":")[0].isidentifier()
+
+
+def test_an_engine_whose_kernels_fail_their_check_serves_without_them(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("triton")
+    from vajra.gpu.engine import TorchEngine
+    from vajra.gpu.interface import GenerationRequest
+    from vajra.gpu.sampling import SamplingParams
+
+    monkeypatch.setattr(fused_layers, "available", lambda device: True)
+    engine = TorchEngine(tiny_model_dir, device="cpu", dtype="float32", max_model_len=128)
+    assert engine.fused_layers == 0 and engine.fused_layers_error
+    assert not any("forward" in vars(m) for m in engine.model.modules())
+    request = GenerationRequest("a", "The river", SamplingParams(max_tokens=3, ignore_eos=True))
+    tokens = []
+    admit = [request]
+    while admit or engine.has_work():
+        tokens += [t for out in engine.step(admit, []) for t in out.token_ids]
+        admit = []
+    assert len(tokens) == 3
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kernels_on_the_gpu_equal_the_transformers_modules() -> None:
     assert fused_layers.available("cuda")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert fused_layers.check("cuda", dtype, 2048, 64) is None, dtype
     kernels_check("cuda")
     model_check("cuda")
 
 
 if __name__ == "__main__":
     kernels_check("cpu")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert fused_layers.check("cpu", dtype, 200, 24) is None, dtype
     model_check("cpu")
     engine_check()
     print("fused layers interpreter: ok")

@@ -203,6 +203,8 @@ def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
         ctx.log(f"(b) {kind} context {context}: {entry}")
         results.append(entry)
     graph_facts: dict[str, object] = {"fused_layers": getattr(engine, "fused_layers", 0)}
+    if getattr(engine, "fused_layers_error", None):  # a kernel failed its check: none fused
+        graph_facts["fused_layers_error"] = engine.fused_layers_error  # type: ignore[attr-defined]
     if graphs is not None:
         graph_facts["decode_graphs"] = vars(graphs.stats)
     if getattr(engine, "decode_graphs_error", None):  # capture failed: the engine ran eagerly

@@ -514,7 +514,8 @@ def summary_lines(summary: dict[str, Any], opts: Options) -> list[str]:
             for e in b["contexts"]
         )
         lines.append(f"engine decode step of {b.get('rows')} rows by context: {steps}")
-        lines.append(f"fused norm and MLP layers: {b.get('fused_layers', 0)}")
+        fused = b.get("fused_layers_error") or b.get("fused_layers", 0)
+        lines.append(f"fused norm, rotary and MLP layers: {fused}")
         if b.get("decode_graphs_error"):
             lines.append(f"decode graphs failed to capture: {b['decode_graphs_error']}")
         if b.get("decode_kernel_error"):

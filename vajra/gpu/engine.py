@@ -113,12 +113,14 @@ class TorchEngine:
         self._eos = loaded.eos_token_ids
         self._stream = priority_stream(loaded.device, INFERENCE_PRIORITY)  # vajra.gpu.streams
         use_paged_attention(self._model)
-        # one kernel per RMS norm and MLP activation on CUDA (vajra.gpu.fused_layers)
-        self.fused_layers = (
-            fused.install(self._model) if fused_layers and fused.available(self._device) else 0
-        )
 
         shape = KvShape.of_model(self._model)
+        # one kernel per RMS norm, rotary and MLP activation on CUDA (vajra.gpu.fused_layers)
+        self.fused_layers, self.fused_layers_error = 0, None
+        if fused_layers and fused.available(self._device):
+            hidden = int(self._model.config.hidden_size)
+            self.fused_layers_error = fused.check(self._device, shape.dtype, hidden, shape.head_dim)
+            self.fused_layers = 0 if self.fused_layers_error else fused.install(self._model)
         num_blocks = kv_blocks_for_budget(
             shape,
             loaded.device,

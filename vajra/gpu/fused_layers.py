@@ -38,6 +38,7 @@ Tested in Triton's interpreter on CPU tensors against the transformers modules
 
 from __future__ import annotations
 
+import logging
 import types
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +52,8 @@ except ImportError:  # the modules keep their own forwards
     _HAVE_TRITON = False
 else:
     _HAVE_TRITON = True
+
+log = logging.getLogger(__name__)
 
 #: transformers' classes whose forwards the fused ones replace (module, class name).
 NORM_CLASSES = (
@@ -141,6 +144,53 @@ def rotary(
         num_warps=1,
     )  # fmt: skip
     return q_out, k_out
+
+
+def check(device: torch.device | str, dtype: torch.dtype, hidden: int, head_dim: int) -> str | None:
+    """Build and run each kernel once at a model's sizes against torch's ops; None when all
+    agree, else what failed (a kernel this Triton or device cannot build, or a wrong
+    result). The engine installs nothing then and says why, rather than failing every step."""
+    why = _check(device, dtype, hidden, head_dim)
+    if why is not None:
+        log.error("fused layers not installed: %s", why)
+    return why
+
+
+def _check(
+    device: torch.device | str, dtype: torch.dtype, hidden: int, head_dim: int
+) -> str | None:
+    if not _HAVE_TRITON:
+        return "triton does not import"
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    try:
+        with torch.no_grad():
+            x, w = rand(3, hidden), rand(hidden)
+            xf = x.float()
+            normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+            pairs = [(rms_norm(x, w, 1e-5), w * normed)]
+            gate, up = rand(3, 2 * hidden), rand(3, 2 * hidden)
+            pairs.append((silu_mul(gate, up), torch.nn.functional.silu(gate) * up))
+            q, k, cos, sin = (
+                rand(1, 4, 3, head_dim),
+                rand(1, 2, 3, head_dim),
+                *(rand(1, 3, head_dim) for _ in range(2)),
+            )
+            got_q, got_k = rotary(q, k, cos, sin)
+            for got, inp in ((got_q, q), (got_k, k)):
+                half = torch.cat((-inp[..., head_dim // 2 :], inp[..., : head_dim // 2]), -1)
+                pairs.append((got, inp * cos[:, None] + half * sin[:, None]))
+            for i, (got, want) in enumerate(pairs):
+                scale = want.float().abs().max().item() + 1.0
+                error = (got.float() - want.float()).abs().max().item() / scale
+                if not error <= (1e-4 if dtype == torch.float32 else 2e-2):
+                    return f"fused kernel {i} differs from torch by {error:.3g} (relative)"
+    except Exception as exc:  # a Triton compilation or launch error
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def install(model: Any) -> int:
