@@ -18,9 +18,6 @@ is marked ``gpu`` and skipped without a device.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +32,8 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
+from tests.gpu.interpreter import assert_passes_in_interpreter
 from vajra.gpu import fused_layers
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def norm_and_mlp(hidden: int, dtype: torch.dtype, device: str = "cpu") -> tuple[Any, Any]:
@@ -177,20 +173,7 @@ def engine_check() -> None:
 
 
 def test_kernels_in_the_interpreter_equal_the_transformers_modules() -> None:
-    pytest.importorskip("triton")
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.gpu.test_fused_layers"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "fused layers interpreter: ok" in done.stdout
+    assert_passes_in_interpreter("tests.gpu.test_fused_layers", "fused layers interpreter: ok")
 
 
 def test_install_leaves_other_activations_and_modules_alone() -> None:

@@ -9,35 +9,16 @@ Most of its time is the process's imports; the kernels themselves take a couple 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.gpu.interpreter import assert_passes_in_interpreter
 from tests.gpu.lora_kit import check_packed_batch, mixed_pool, packed_deltas, static_check
 from vajra.gpu.lora import HostAdapter, LoraBatchState, LoraPool
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def test_triton_kernels_in_the_interpreter_equal_torch_and_a_per_token_reference() -> None:
-    pytest.importorskip("triton")
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.gpu.lora_kit"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "triton interpreter: ok" in done.stdout
+    assert_passes_in_interpreter("tests.gpu.lora_kit", "triton interpreter: ok")
 
 
 @pytest.mark.gpu

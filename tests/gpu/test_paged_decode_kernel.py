@@ -13,15 +13,12 @@ CUDA test is marked ``gpu`` and skipped without a device.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.gpu.interpreter import assert_passes_in_interpreter
 from vajra.gpu.paged_decode_kernel import (
     LaunchPlan,
     available,
@@ -30,7 +27,6 @@ from vajra.gpu.paged_decode_kernel import (
     paged_decode_attention_reference,
 )
 
-REPO = Path(__file__).resolve().parents[2]
 Args = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]
 LENS = (1, 15, 16, 37, 50)  # with block size 16: 1, size - 1, size, a few blocks
 
@@ -161,20 +157,9 @@ def interpreter_check() -> None:
 
 
 def test_kernel_in_the_interpreter_equals_the_reference() -> None:
-    pytest.importorskip("triton")
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.gpu.test_paged_decode_kernel"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
+    assert_passes_in_interpreter(
+        "tests.gpu.test_paged_decode_kernel", "paged decode interpreter: ok"
     )
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "paged decode interpreter: ok" in done.stdout
 
 
 @pytest.mark.parametrize("shape", SHAPES)
