@@ -122,7 +122,7 @@ class ExecutorConfig:
     kv_memory_fraction: float = 0.9
     kv_block_size: int = 16  # token positions per KV block
     decode_graphs: str = "auto"  # auto | eager | off: CUDA graphs of decode steps
-    fused_layers: bool = True  # one Triton kernel per RMS norm and MLP activation on CUDA
+    fused_layers: bool = True  # fused norms, rotary, activation, merged projections on CUDA
     max_queue: int = 256
     load_report_interval_s: float = 0.1
     heartbeat_interval_s: float = 1.0

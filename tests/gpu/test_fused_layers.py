@@ -1,5 +1,5 @@
-"""The fused RMS norm, rotary embedding and MLP activation kernels against transformers' own
-modules.
+"""The fused kernels (RMS norm, residual add with RMS norm, rotary embedding, MLP activation)
+and the fused decoder-layer forwards against transformers' own modules.
 
 Rules: the interpreter must be switched on before triton is first imported, so the kernels'
 check runs in a fresh process (``TRITON_INTERPRET=1``, this module run with ``-m``) on CPU
@@ -7,12 +7,16 @@ tensors: transformers' ``LlamaRMSNorm`` and ``LlamaMLP`` with random weights, in
 (1e-5), float16 and bfloat16 (within two units in the last place of the output: the sum of
 squares runs in another order and the exponential is another implementation, and one unit
 of the rounded intermediate, times the weight or ``up``, may reach two of the output), rows not a power of two wide, a strided input and no rows;
-the rotary kernel equal to ``apply_rotary_pos_emb`` (bit for bit in float16, and in bfloat16
+the add-and-norm kernel equal to torch's add then the module (the sum exactly); the activation
+on the two halves of one merged gate-and-up row; the rotary kernel equal to ``apply_rotary_pos_emb`` (bit for bit in float16, and in bfloat16
 on CUDA: Triton's interpreter truncates float32 to bfloat16 where torch and the GPU round to
 nearest, so there bfloat16 is held to three units at the inputs' scale);
-then the tiny model with its forwards installed: logits of a forward without gradients equal
-the model's own, and with gradients the module's own forward runs (gradients reach the
-input); and the engine's greedy tokens with them equal its tokens without. In-process: what :func:`install` picks and that it does nothing twice. The CUDA test
+then the tiny model (and a Qwen2 one, whose projections have biases) with its forwards
+installed: every projection's weight a view of its merged weight (no memory added), logits of
+a forward without gradients equal the model's own, and with gradients the module's own
+forward runs (gradients reach the input); and the engine's greedy tokens with them equal its
+tokens without, with and without LoRA adapters in the batches (the projections run one by
+one while adapters are active). In-process: what :func:`install` picks and that it does nothing twice. The CUDA test
 is marked ``gpu`` and skipped without a device.
 """
 
@@ -23,7 +27,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig
+from transformers import LlamaConfig, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama.modeling_llama import (
     LlamaForCausalLM,
     LlamaMLP,
@@ -33,7 +37,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from tests.gpu.interpreter import assert_passes_in_interpreter
-from vajra.gpu import fused_layers
+from vajra.gpu import fused_kernels, fused_layers
 
 
 def norm_and_mlp(hidden: int, dtype: torch.dtype, device: str = "cpu") -> tuple[Any, Any]:
@@ -64,30 +68,47 @@ def kernels_check(device: str) -> None:
             x = torch.randn(3, 5, hidden, device=device).to(dtype)
             with torch.no_grad():
                 want = norm(x)
-                got = fused_layers.rms_norm(x, norm.weight, norm.variance_epsilon)
+                got = fused_kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
                 assert got.shape == want.shape and got.dtype == want.dtype
                 if dtype == torch.float32:
                     assert (got - want).abs().max().item() <= 1e-5, hidden
                 else:
                     assert ulp_error(got, want) <= 2.5, (hidden, dtype, ulp_error(got, want))
+                residual = torch.randn(3, 5, hidden, device=device).to(dtype)
+                got_normed, got_sum = fused_kernels.add_rms_norm(
+                    x, residual, norm.weight, norm.variance_epsilon
+                )
+                if dtype != torch.bfloat16 or device == "cuda":  # the same rounding: equal
+                    assert torch.equal(got_sum, residual + x), (hidden, dtype)
+                else:  # the interpreter truncates to bfloat16 where torch rounds: one unit
+                    assert ulp_error(got_sum, residual + x) <= 1.0, hidden
+                want_normed = norm(got_sum)  # the sum is checked above
+                if dtype == torch.float32:
+                    assert (got_normed - want_normed).abs().max().item() <= 1e-5, hidden
+                else:
+                    assert ulp_error(got_normed, want_normed) <= 2.5, (hidden, dtype)
                 gate, up = mlp.gate_proj(x), mlp.up_proj(x)
                 want_act = mlp.act_fn(gate) * up
-                got_act = fused_layers.silu_mul(gate, up)
-                if dtype == torch.float32:
-                    assert (got_act - want_act).abs().max().item() <= 1e-5
-                else:
-                    assert ulp_error(got_act, want_act) <= 2.5, (
-                        hidden,
-                        dtype,
-                        ulp_error(got_act, want_act),
-                    )
+                merged = torch.cat((gate, up), dim=-1)  # one gate-and-up row, read in halves
+                halves = merged[..., : gate.shape[-1]], merged[..., gate.shape[-1] :]
+                for got_act in (
+                    fused_kernels.silu_mul(gate, up),
+                    fused_kernels.silu_mul(*halves),
+                ):
+                    if dtype == torch.float32:
+                        assert (got_act - want_act).abs().max().item() <= 1e-5
+                    else:
+                        error = ulp_error(got_act, want_act)
+                        assert error <= 2.5, (hidden, dtype, error)
     rotary_check(device)
     norm, _ = norm_and_mlp(64, torch.float32, device)
     wide = torch.randn(4, 128, device=device)[:, ::2]  # a strided row
     with torch.no_grad():
-        assert torch.allclose(fused_layers.rms_norm(wide, norm.weight, 1e-5), norm(wide), atol=1e-5)
+        assert torch.allclose(
+            fused_kernels.rms_norm(wide, norm.weight, 1e-5), norm(wide), atol=1e-5
+        )
         empty = torch.empty(0, 64, device=device)
-        assert fused_layers.rms_norm(empty, norm.weight, 1e-5).shape == (0, 64)
+        assert fused_kernels.rms_norm(empty, norm.weight, 1e-5).shape == (0, 64)
 
 
 def rotary_check(device: str) -> None:
@@ -102,7 +123,7 @@ def rotary_check(device: str) -> None:
         q = torch.randn(1, 6, 96, device=device).to(dtype).view(1, 6, 6, 16).transpose(1, 2)
         k = torch.randn(1, 6, 32, device=device).to(dtype).view(1, 6, 2, 16).transpose(1, 2)
         want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
-        got_q, got_k = fused_layers.rotary(q, k, cos, sin)
+        got_q, got_k = fused_kernels.rotary(q, k, cos, sin)
         assert got_q.stride() == q.stride() and got_k.dtype == dtype
         for got, want, x in ((got_q, want_q, q), (got_k, want_k, k)):
             if dtype == torch.float32:
@@ -116,60 +137,113 @@ def rotary_check(device: str) -> None:
 
 
 def model_check(device: str) -> None:
-    """The tiny model with fused forwards: the same logits without gradients; the module's
-    own forward, and gradients to the input, with them."""
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        hidden_act="silu",
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device)
-    ids = torch.randint(0, 97, (2, 9), device=device)
-    with torch.no_grad():
-        want = model(input_ids=ids).logits
-    # per layer two norms, the attention and the MLP; the last norm
-    assert fused_layers.install(model) == 4 * 2 + 1
-    assert fused_layers.install(model) == 0
-    with torch.no_grad():
-        got = model(input_ids=ids).logits
-    assert (got - want).abs().max().item() <= 1e-4
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-    model(inputs_embeds=embeds).logits.sum().backward()
-    assert embeds.grad is not None and bool(embeds.grad.abs().sum() > 0)
+    """Tiny Llama and Qwen2 models with fused forwards: merged projections that add no
+    memory, the same logits without gradients; the module's own forward, and gradients to
+    the input, with them."""
+    shape: dict[str, Any] = {
+        "vocab_size": 97,
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_act": "silu",
+    }
+    for model_class, config in (
+        (LlamaForCausalLM, LlamaConfig(**shape)),
+        (Qwen2ForCausalLM, Qwen2Config(**shape)),  # biases on the query, key and value
+    ):
+        torch.manual_seed(0)
+        model = model_class(config).to(device)
+        ids = torch.randint(0, 97, (2, 9), device=device)
+        with torch.no_grad():
+            want = model(input_ids=ids).logits
+        before = storage_bytes(model)
+        # per layer two norms, the attention, the MLP and the layer; the last norm
+        assert fused_layers.install(model) == 5 * 3 + 1
+        assert fused_layers.install(model) == 0
+        assert storage_bytes(model) == before  # the projections are views of merged weights
+        attention = model.model.layers[1].self_attn
+        q, v = attention.q_proj, attention.v_proj
+        assert v.weight.untyped_storage().data_ptr() == q.weight.untyped_storage().data_ptr()
+        if q.bias is not None:  # Qwen2: the biases are merged too
+            assert v.bias.untyped_storage().data_ptr() == q.bias.untyped_storage().data_ptr()
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+            again = model(input_ids=ids).logits  # nothing left over from the first forward
+        assert (got - want).abs().max().item() <= 1e-4, model_class
+        assert torch.equal(got, again)
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        model(inputs_embeds=embeds).logits.sum().backward()
+        assert embeds.grad is not None and bool(embeds.grad.abs().sum() > 0)
+
+
+def storage_bytes(model: Any) -> int:
+    """Bytes of the distinct storages behind the model's parameters."""
+    storages = {
+        p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()
+    }
+    return sum(storages.values())
 
 
 def engine_check() -> None:
     """The engine on the tiny model gives the same greedy tokens with the fused forwards
-    installed (as the engine does on CUDA) as without: a mix of prefill and decode steps."""
+    installed (as the engine does on CUDA), with the paged attention's kernels, as without, on
+    the static decode path a graph captures: prefill and decode steps, base rows alone and mixed with the rows of two
+    adapters (one on the query and value, one on every projection) arriving at other steps."""
     import tempfile
 
+    from tests.gpu.peft_adapters import ADAPTERS, make_adapter
+    from vajra.adapters.format import base_model_spec
+    from vajra.gpu import paged_attention
     from vajra.gpu.engine import TorchEngine
     from vajra.gpu.interface import GenerationRequest
+    from vajra.gpu.lora import pack_adapter_dir
+    from vajra.gpu.paged_decode_kernel import paged_decode_attention
     from vajra.gpu.sampling import SamplingParams
     from vajra.gpu.tiny import init_tiny_model
 
-    model_dir = init_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
+    root = Path(tempfile.mkdtemp())
+    model_dir = init_tiny_model(root / "tiny")
+    adapters = [
+        make_adapter(model_dir, root / name, seed, **ADAPTERS[name])
+        for seed, name in enumerate(("r4-qv", "r8-all"), start=1)
+    ]
+    prompts = ["The river", "Questions, answers, stories and lists", "0 1 2 3", "a b", "x"]
     runs = []
     for install in (False, True):
-        engine = TorchEngine(model_dir, device="cpu", dtype="float32", max_model_len=256)
+        engine = TorchEngine(
+            model_dir, device="cpu", dtype="float32", max_model_len=256, max_adapters=4,
+            decode_graphs="eager",
+        )  # fmt: skip
         if install:
-            assert fused_layers.install(engine.model) == 4 * 2 + 1
-        params = SamplingParams(max_tokens=12, ignore_eos=True)
-        prompts = ["The river", "Questions, answers, stories and lists", "0 1 2 3"]
-        admit = [GenerationRequest(f"r{i}", p, params) for i, p in enumerate(prompts)]
+            assert fused_layers.install(engine.model) == 5 * 2 + 1
+        # the paged attention's kernels too (the decode attention and the KV write), as on
+        # CUDA: the whole path a decode graph captures on a GPU, here in the interpreter
+        paged_attention._kernels[torch.device("cpu")] = paged_decode_attention if install else None
+        assert engine.adapters is not None
+        spec = base_model_spec(model_dir)
+        layout = engine.adapters.layout
+        slots = [engine.adapters.load(pack_adapter_dir(a, spec, layout)) for a in adapters]
+        params = SamplingParams(max_tokens=10, ignore_eos=True)
+        admit = {  # base rows alone first, then adapter rows join them
+            0: [GenerationRequest("base0", prompts[0], params)],
+            2: [GenerationRequest("base1", prompts[1], params)],
+            4: [GenerationRequest(f"lora{i}", prompts[2], params, s) for i, s in enumerate(slots)]
+            + [GenerationRequest("base2", prompts[2], params)],
+            6: [GenerationRequest("base3", prompts[4], params)],
+        }
         tokens: dict[str, list[int]] = {}
-        while admit or engine.has_work():
-            for out in engine.step(admit, []):
+        step = 0
+        while step <= max(admit) or engine.has_work():
+            for out in engine.step(admit.get(step, []), []):
                 assert out.error is None, out.error
                 tokens.setdefault(out.request_id, []).extend(out.token_ids)
-            admit = []
+            step += 1
         runs.append(tokens)
-    assert runs[0] == runs[1] and all(len(t) == 12 for t in runs[0].values())
+    assert runs[0] == runs[1] and all(len(t) == 10 for t in runs[0].values())
+    outputs = [runs[0][name] for name in ("base2", "lora0", "lora1")]  # one prompt each
+    assert len({tuple(t) for t in outputs}) == 3  # the adapters change the output
 
 
 def test_kernels_in_the_interpreter_equal_the_transformers_modules() -> None:
@@ -183,7 +257,8 @@ def test_install_leaves_other_activations_and_modules_alone() -> None:
         num_attention_heads=2, num_key_value_heads=1, hidden_act="gelu",
     )  # fmt: skip
     model = LlamaForCausalLM(config)
-    assert fused_layers.install(model) == 4  # norms, attention; the GELU MLP keeps its own
+    # the norms, the attention and the layer; the GELU MLP keeps its own forward
+    assert fused_layers.install(model) == 5
     assert "forward" not in vars(model.model.layers[0].mlp)
     x = torch.randn(2, 32)
     with torch.no_grad():  # without the interpreter or CUDA the module's own forward runs
@@ -198,16 +273,16 @@ def test_available_only_on_cuda() -> None:
 def test_mismatched_inputs_are_refused() -> None:
     pytest.importorskip("triton")
     with pytest.raises(ValueError, match="weight"):
-        fused_layers.rms_norm(torch.randn(2, 8), torch.ones(4), 1e-5)
+        fused_kernels.rms_norm(torch.randn(2, 8), torch.ones(4), 1e-5)
     with pytest.raises(ValueError, match="differ"):
-        fused_layers.silu_mul(torch.randn(2, 8), torch.randn(2, 4))
+        fused_kernels.silu_mul(torch.randn(2, 8), torch.randn(2, 4))
     q, k, cos = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16), torch.randn(1, 3, 16)
     with pytest.raises(ValueError):
-        fused_layers.rotary(q, k[..., :8], cos, cos)
+        fused_kernels.rotary(q, k[..., :8], cos, cos)
     with pytest.raises(ValueError):
-        fused_layers.rotary(q, k.double(), cos, cos)
+        fused_kernels.rotary(q, k.double(), cos, cos)
     with pytest.raises(ValueError):
-        fused_layers.rotary(q, k, cos[:, :2], cos[:, :2])
+        fused_kernels.rotary(q, k, cos[:, :2], cos[:, :2])
 
 
 def test_a_kernel_that_cannot_run_is_reported_not_raised() -> None:

@@ -146,6 +146,14 @@ def interpreter_check() -> None:
             got = paged_decode_attention(*case.args(), plan=plan)
             error = (got - paged_decode_attention_reference(*case.args())).abs().max().item()
             assert error <= 1e-4, (plan, block_size, error)
+    for plan in PLANS[:2]:  # written into the rows of a caller's buffer, one split or two
+        case = make_case(LONG_LENS, SHAPES[1], seed=20)
+        rows = case.q.shape[0]
+        buffer = torch.full((rows + 3, *case.q.shape[1:]), 7.0)
+        got = paged_decode_attention(*case.args(), plan=plan, out=buffer[1 : rows + 1])
+        assert got.data_ptr() == buffer[1].data_ptr()
+        error = (got - paged_decode_attention_reference(*case.args())).abs().max().item()
+        assert error <= 1e-4 and bool((buffer[0] == 7).all() and (buffer[rows + 1 :] == 7).all())
     case = make_case(LENS, SHAPES[0])
     for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
         low = case.to(dtype)
@@ -192,6 +200,18 @@ def test_plans_that_are_not_powers_of_two_are_refused() -> None:
     for plan in (LaunchPlan(3, 16, 4), LaunchPlan(2, 24, 4), LaunchPlan(0, 16, 4)):
         with pytest.raises(ValueError, match="powers of two"):
             paged_decode_attention(*case.args(), plan=plan)
+
+
+def test_an_out_buffer_of_another_shape_or_layout_is_refused() -> None:
+    pytest.importorskip("triton")
+    case = make_case(LENS, SHAPES[0])
+    for out in (
+        torch.empty(case.q.shape[0] + 1, *case.q.shape[1:]),
+        torch.empty(case.q.shape, dtype=torch.float16),
+        torch.empty(*case.q.shape[:2], 2 * case.q.shape[2])[..., ::2],
+    ):
+        with pytest.raises(ValueError, match="out"):
+            paged_decode_attention(*case.args(), out=out)
 
 
 def test_available_only_on_cuda() -> None:

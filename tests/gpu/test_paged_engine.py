@@ -266,11 +266,16 @@ def test_kv_memory_is_allocated_once_from_the_budget(tiny_model_dir: Path) -> No
         TorchEngine(tiny_model_dir, device="cpu", max_model_len=256, kv_cache_bytes=per_block)
 
 
+@pytest.mark.parametrize("failing", ["decode", "kv write"])
 def test_a_decode_kernel_that_cannot_be_built_leaves_the_torch_path_serving(
-    tiny_model_dir: Path, reference: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path,
+    reference: tuple[Any, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    failing: str,
 ) -> None:
-    """A Triton that cannot build the kernel (here: its launch raises ``OutOfResources``, as
-    too many registers would) is recorded once; decode rows fall back to torch, unchanged."""
+    """A Triton that cannot build the decode kernel or the KV write kernel (here: its launch
+    raises ``OutOfResources``, as too many registers would) is recorded once; the step falls
+    back to torch for both, unchanged."""
     triton_errors = pytest.importorskip("triton.runtime.errors")
     from vajra.gpu import paged_attention
 
@@ -281,7 +286,16 @@ def test_a_decode_kernel_that_cannot_be_built_leaves_the_torch_path_serving(
         calls.append(1)
         raise triton_errors.OutOfResources(300_000, 232_448, "shared memory")
 
-    monkeypatch.setitem(paged_attention._kernels, cpu, unbuildable)
+    def torch_write(k_blocks: Any, v_blocks: Any, slots: Any, new_k: Any, new_v: Any) -> None:
+        for blocks, new in ((k_blocks, new_k), (v_blocks, new_v)):
+            blocks.view(-1, *blocks.shape[2:]).index_copy_(0, slots, new)
+
+    def never(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise AssertionError("the decode kernel ran after the KV write failed to build")
+
+    decode, write = (unbuildable, torch_write) if failing == "decode" else (never, unbuildable)
+    monkeypatch.setitem(paged_attention._kernels, cpu, decode)
+    monkeypatch.setattr(paged_attention, "write_kv", write)
     monkeypatch.setattr(paged_attention, "_kernel_errors", {})
     _, tokenizer = reference
     engine = TorchEngine(tiny_model_dir, device="cpu", max_batch_size=2)

@@ -115,7 +115,7 @@ class TorchEngine:
         use_paged_attention(self._model)
 
         shape = KvShape.of_model(self._model)
-        # one kernel per RMS norm, rotary and MLP activation on CUDA (vajra.gpu.fused_layers)
+        # fused decoder layers on CUDA: fewer, larger kernels (vajra.gpu.fused_layers)
         self.fused_layers, self.fused_layers_error = 0, None
         if fused_layers and fused.available(self._device):
             hidden = int(self._model.config.hidden_size)

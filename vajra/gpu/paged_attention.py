@@ -23,7 +23,9 @@ still reading their prompt. For each layer the function
    end - 1`` (a chunk with no earlier context attends to its own keys directly).
 
 Decode attention reads each request's blocks in place on CUDA (the Triton kernel of
-:mod:`vajra.gpu.paged_decode_kernel`, one launch for every decode row). On the CPU, and for
+:mod:`vajra.gpu.paged_decode_kernel`, one launch for every decode row, writing its rows of the
+output in place), and there the keys and values are written by one kernel for both
+(:mod:`vajra.gpu.kv_write_kernel`); if either cannot be built, torch serves both from then on. On the CPU, and for
 prefill chunks with earlier context, a request's blocks are gathered into a temporary for
 torch's attention (eager torch has no paged kernel); decode rows are grouped by length so the
 padding of a group stays within 1.5x. Nothing else is copied, and no other request's KV is
@@ -42,6 +44,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 from transformers import AttentionInterface
+
+from vajra.gpu.kv_write_kernel import write_kv
 
 ATTENTION_NAME = "vajra_paged"
 
@@ -157,24 +161,32 @@ def paged_attention(
     kv_heads, head_dim = k_blocks.shape[2], k_blocks.shape[3]
     new_k = key[0].transpose(0, 1)  # [T, kv_heads, D]
     new_v = value[0].transpose(0, 1)
-    k_blocks.view(-1, kv_heads, head_dim).index_copy_(0, layout.slot_mapping, new_k)
-    v_blocks.view(-1, kv_heads, head_dim).index_copy_(0, layout.slot_mapping, new_v)
+    kernel = _kernel_for(query.device)
+    if kernel is not None:  # both in one kernel where the decode kernel runs
+        try:
+            write_kv(k_blocks, v_blocks, layout.slot_mapping, new_k, new_v)
+        except _build_errors() as exc:  # this Triton or device cannot build it: torch serves
+            _kernel_failed(query.device, exc)
+            kernel = None
+    if kernel is None:
+        k_blocks.view(-1, kv_heads, head_dim).index_copy_(0, layout.slot_mapping, new_k)
+        v_blocks.view(-1, kv_heads, head_dim).index_copy_(0, layout.slot_mapping, new_v)
 
     q = query[0]  # [heads, T, D]
     out = query.new_empty((layout.num_tokens, q.shape[0], head_dim))
     size = cache.block_size
     d = layout.num_decode
-    kernel = _kernel_for(q.device) if d else None
-    if kernel is not None:
+    if d and kernel is not None:
         assert layout.decode_tables is not None and layout.decode_lens is not None
         try:
-            out[:d] = kernel(
+            kernel(
                 q[:, :d].transpose(0, 1),
                 k_blocks,
                 v_blocks,
                 layout.decode_tables,
                 layout.decode_lens,
                 scaling if scaling is not None else head_dim**-0.5,
+                out=out[:d],  # written in place: no copy after
             )
         except _build_errors() as exc:  # this Triton or device cannot build it: torch serves
             _kernel_failed(q.device, exc)
@@ -280,7 +292,7 @@ def _build_errors() -> tuple[type[Exception], ...]:
 def _kernel_failed(device: torch.device, exc: Exception) -> None:
     _kernels[device] = None
     _kernel_errors[device] = f"{type(exc).__name__}: {exc}"[:2000]
-    log.error("paged decode kernel failed to build on %s, torch serves: %s", device, exc)
+    log.error("paged attention kernels failed to build on %s, torch serves: %s", device, exc)
 
 
 def _kernel_for(device: torch.device) -> Any:

@@ -133,9 +133,11 @@ def paged_decode_attention(
     lens: torch.Tensor,  # [D] int64, each in 1 .. W * block_size
     scale: float,
     plan: LaunchPlan | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The Triton kernels (see the module docstring); returns a new ``[D, heads, head_dim]``
-    tensor of ``q``'s dtype. No synchronisation with the host; with several splits, float32
+    """The Triton kernels (see the module docstring); returns ``[D, heads, head_dim]`` of
+    ``q``'s dtype: ``out`` when given (its last dimension contiguous; the caller's buffer, so
+    no copy follows), else a new tensor. No synchronisation with the host; with several splits, float32
     partials of ``D x heads x splits x (head_dim + 2)``. ``plan`` defaults to
     :func:`launch_plan`'s. Lengths are not checked against the table width on the device: a
     length past it reads whatever ids follow the row."""
@@ -144,7 +146,10 @@ def paged_decode_attention(
     _check(q, k_blocks, v_blocks, tables, lens)
     rows, heads, head_dim = q.shape
     _, size, kv_heads, _ = k_blocks.shape
-    out = torch.empty((rows, heads, head_dim), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((rows, heads, head_dim), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} for q {tuple(q.shape)} {q.dtype}")
     if rows == 0:
         return out
     if plan is None:

@@ -360,6 +360,11 @@ class MultiLoraLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    @property
+    def lora_active(self) -> bool:
+        """Whether the current forward adds adapter deltas (the batch state is set)."""
+        return self._state.active
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.base_layer(x)
         return self._state.apply(self.module_index, x, y)
