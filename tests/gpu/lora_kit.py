@@ -155,9 +155,13 @@ def packed_batch(slots: dict[str, int]) -> tuple[list[tuple[int, int, int | None
     return segments, 75
 
 
-def packed_deltas(state: LoraBatchState, names: dict[str, int]) -> dict[str, torch.Tensor]:
+def packed_deltas(
+    state: LoraBatchState, names: dict[str, int], *, columns: bool = False
+) -> dict[str, torch.Tensor]:
     """The state's LoRA deltas on :func:`packed_batch` for every module of the layout
-    (float64 on the CPU), on fixed random inputs."""
+    (float64 on the CPU), on fixed random inputs. With ``columns`` each module's output is
+    its columns of a wider merged projection (rows strided, as the fused forwards pass it):
+    the deltas are added there in place and the other columns stay untouched."""
     segments, num_tokens = packed_batch(names)
     gen = torch.Generator().manual_seed(0)
     out = {}
@@ -167,20 +171,31 @@ def packed_deltas(state: LoraBatchState, names: dict[str, int]) -> dict[str, tor
             in_f, out_f = SPEC.modules[module]
             x = torch.randn(1, num_tokens, in_f, generator=gen)
             x = x.to(state.pool.device, state.pool.dtype)
-            y = torch.full((1, num_tokens, out_f), 0.5, device=x.device, dtype=x.dtype)
-            out[module] = state.apply(index, x, y)[0].cpu().double() - 0.5
+            wide = torch.full((1, num_tokens, out_f + 7), 0.5, device=x.device, dtype=x.dtype)
+            y = wide[..., 3 : 3 + out_f] if columns else wide[..., :out_f].contiguous()
+            got = state.apply(index, x, y)
+            if columns:
+                assert got.data_ptr() == y.data_ptr(), module  # in place, no copy
+                rest = torch.cat((wide[..., :3], wide[..., 3 + out_f :]), dim=-1)
+                assert bool((rest == 0.5).all()), module
+            out[module] = got[0].cpu().double() - 0.5
     finally:
         state.clear()
     return out
 
 
 def check_packed_batch(
-    state: LoraBatchState, names: dict[str, int], adapters: dict[int, Adapter], tol: float
+    state: LoraBatchState,
+    names: dict[str, int],
+    adapters: dict[int, Adapter],
+    tol: float,
+    *,
+    columns: bool = False,
 ) -> dict[str, torch.Tensor]:
     """:func:`packed_deltas` equal the per-token reference within ``tol``; returns them."""
     segments, num_tokens = packed_batch(names)
     slots = token_slots(segments, num_tokens)
-    got = packed_deltas(state, names)
+    got = packed_deltas(state, names, columns=columns)
     gen = torch.Generator().manual_seed(0)
     for module, delta in got.items():
         x = torch.randn(num_tokens, SPEC.modules[module][0], generator=gen)
@@ -194,13 +209,21 @@ def triton_interpreter_check() -> None:
     tensors against the per-token reference (and the torch backend on the same batch), with
     decode tokens through BGMV and prefill chunks through SGMV ("auto"), and every segment,
     length-1 ones included, through SGMV ("segmented"). The all-BGMV mode is left out: the
-    interpreter runs it one token at a time, slowly."""
+    interpreter runs it one token at a time, slowly. Each also into the modules' columns of
+    merged projections (strided rows), equal to the contiguous outputs."""
     pool, names, adapters = mixed_pool()
     for mode in ("auto", "segmented"):
         got = {}
         for backend in ("triton", "torch"):
             state = LoraBatchState(pool, mode=mode, backend=backend)  # type: ignore[arg-type]
             got[backend] = check_packed_batch(state, names, adapters, tol=1e-5)
+            # the same deltas into each module's columns of a merged projection
+            columns = check_packed_batch(state, names, adapters, tol=1e-5, columns=True)
+            assert all(torch.equal(columns[m], got[backend][m]) for m in columns), backend
+            segments, num_tokens = packed_batch(names)
+            state.set_segments(segments, num_tokens)  # and in groups of modules
+            group_check(state, token_slots(segments, num_tokens), adapters, tol=1e-5)
+            state.clear()
         for module, delta in got["triton"].items():
             assert (delta - got["torch"][module]).abs().max().item() <= 1e-5, (mode, module)
     static_check(pool, adapters)
@@ -227,8 +250,35 @@ def static_check(pool: LoraPool, adapters: dict[int, Adapter]) -> None:
             got = state.apply(index, x.to(pool.device, pool.dtype), y).cpu().double()
             error = (got - reference_delta(x, slots, adapters, module)).abs().max().item()
             assert error <= 1e-5, (module, error)
+        group_check(state, slots, adapters, tol=1e-5)
     finally:
         state.clear()
+
+
+def group_check(
+    state: LoraBatchState, slots: list[int | None], adapters: dict[int, Adapter], tol: float
+) -> None:
+    """With the state set for a forward of ``len(slots)`` tokens: each layer's attention
+    modules, which all read the hidden state, as one group (three, then one, on the Triton
+    path) into their columns of one merged output: written in place, equal to the per-token
+    reference, the columns around untouched."""
+    pool, n = state.pool, len(slots)
+    gen = torch.Generator().manual_seed(9)
+    for layer in range(2):
+        names = [f"model.layers.{layer}.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj")]
+        names.append(f"model.layers.{layer}.self_attn.o_proj")
+        widths = [SPEC.modules[name][1] for name in names]
+        x = torch.randn(n, HIDDEN, generator=gen)
+        merged = torch.zeros(n, sum(widths) + 2, dtype=pool.dtype, device=pool.device)
+        parts = list(torch.split(merged[:, 1 : 1 + sum(widths)], widths, dim=-1))
+        indices = [LAYOUT.modules.index(name) for name in names]
+        got = state.apply_group(indices, x.to(pool.device, pool.dtype), parts)
+        for name, delta, part in zip(names, got, parts, strict=True):
+            assert delta.data_ptr() == part.data_ptr(), name  # in place
+            want = reference_delta(x, slots, adapters, name)
+            error = (delta.cpu().double() - want).abs().max().item()
+            assert error <= tol, (name, error)
+        assert not merged[:, 0].any() and not merged[:, -1].any()
 
 
 if __name__ == "__main__":

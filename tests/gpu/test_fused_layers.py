@@ -3,25 +3,34 @@ and the fused decoder-layer forwards against transformers' own modules.
 
 Rules: the interpreter must be switched on before triton is first imported, so the kernels'
 check runs in a fresh process (``TRITON_INTERPRET=1``, this module run with ``-m``) on CPU
-tensors: transformers' ``LlamaRMSNorm`` and ``LlamaMLP`` with random weights, in float32
-(1e-5), float16 and bfloat16 (within two units in the last place of the output: the sum of
-squares runs in another order and the exponential is another implementation, and one unit
-of the rounded intermediate, times the weight or ``up``, may reach two of the output), rows not a power of two wide, a strided input and no rows;
-the add-and-norm kernel equal to torch's add then the module (the sum exactly); the activation
-on the two halves of one merged gate-and-up row; the rotary kernel equal to ``apply_rotary_pos_emb`` (bit for bit in float16, and in bfloat16
-on CUDA: Triton's interpreter truncates float32 to bfloat16 where torch and the GPU round to
-nearest, so there bfloat16 is held to three units at the inputs' scale);
-then the tiny model (and a Qwen2 one, whose projections have biases) with its forwards
-installed: every projection's weight a view of its merged weight (no memory added), logits of
-a forward without gradients equal the model's own, and with gradients the module's own
-forward runs (gradients reach the input); and the engine's greedy tokens with them equal its
-tokens without, with and without LoRA adapters in the batches (the projections run one by
-one while adapters are active). In-process: what :func:`install` picks and that it does nothing twice. The CUDA test
+tensors:
+
+- transformers' ``LlamaRMSNorm`` and ``LlamaMLP`` with random weights, in float32 (1e-5),
+  float16 and bfloat16 (within two units in the last place of the output: the sum of squares
+  runs in another order and the exponential is another implementation, and one unit of the
+  rounded intermediate, times the weight or ``up``, may reach two of the output); rows not a
+  power of two wide, a strided input and no rows;
+- the add-and-norm kernel: its sum equal to torch's add (one unit in bfloat16 in the
+  interpreter, which truncates where torch rounds), its norm equal to the module's of that sum;
+- the activation also on the two halves of one merged gate-and-up row;
+- the rotary kernel equal to ``apply_rotary_pos_emb`` (bit for bit in float16, and in bfloat16
+  on CUDA; in the interpreter bfloat16 is held to three units at the inputs' scale);
+- tiny Llama and Qwen2 models (Qwen2's projections have biases) with the forwards installed:
+  every projection's weight a view of its merged weight (no memory added), the model's logits
+  without gradients, twice in a row, and with gradients the module's own forward (gradients
+  reach the input);
+- the engine's greedy tokens with the forwards and the paged attention's kernels equal its
+  tokens without, with base rows alone and with LoRA adapters' rows (their deltas added to the
+  merged projections' columns);
+- the launches of one decode forward, per kernel (``tests/gpu/launch_count.py``).
+
+In-process: what :func:`install` picks and that it does nothing twice; refusals. The CUDA test
 is marked ``gpu`` and skipped without a device.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +255,34 @@ def engine_check() -> None:
     assert len({tuple(t) for t in outputs}) == 3  # the adapters change the output
 
 
+def launch_check() -> None:
+    """The static decode forward launches 11 kernels per layer (tests/gpu/launch_count.py):
+    the four matmuls, two add-and-norms, the rotary embedding, the KV write, the activation
+    and the decode attention's two; then the step's 14 (embedding, rotary table, first norm,
+    row selection, head). No residual add, KV copy or output copy of its own. With adapters,
+    8 more per layer."""
+    from tests.gpu.launch_count import count_decode_forward
+
+    layers, counts = count_decode_forward(fused=True, rows=8)
+    per_layer = {
+        "aten.linear": 4,
+        "triton:add_rms_norm": 2,
+        "triton:rotary": 1,
+        "triton:write_kv": 1,
+        "triton:silu_mul": 1,
+        "triton:paged_decode": 2,
+    }
+    for name, n in per_layer.items():
+        assert counts[name] == n * layers + (name == "aten.linear"), (name, counts)
+    assert counts["triton:rms_norm"] == 1, counts  # the first layer's; the others come fused
+    assert not any(counts[n] for n in ("aten.add", "aten.index_copy_", "aten.copy_")), counts
+    assert sum(counts.values()) == 11 * layers + 14, counts
+    # with adapters: one BGMV pair for the query, key and value, one for gate and up, one
+    # each for the output and down projections
+    layers, with_lora = count_decode_forward(fused=True, rows=8, lora=True)
+    assert with_lora - counts == Counter({"triton:bgmv": 8 * layers}), with_lora
+
+
 def test_kernels_in_the_interpreter_equal_the_transformers_modules() -> None:
     assert_passes_in_interpreter("tests.gpu.test_fused_layers", "fused layers interpreter: ok")
 
@@ -330,4 +367,5 @@ if __name__ == "__main__":
         assert fused_layers.check("cpu", dtype, 200, 24) is None, dtype
     model_check("cpu")
     engine_check()
+    launch_check()
     print("fused layers interpreter: ok")

@@ -15,10 +15,12 @@ from tests.gpu.lora_kit import (
     LAYOUT,
     SPEC,
     check_packed_batch,
+    group_check,
     make_adapter,
     mixed_pool,
     packed_batch,
     reference_delta,
+    token_slots,
 )
 from vajra.gpu.lora import LoraBatchState, LoraPool, lora_bgmv, lora_sgmv
 from vajra.gpu.lora.segments import gather_buckets, segment_blocks, split_segments
@@ -82,17 +84,20 @@ def test_torch_kernels_match_a_per_token_loop(slots: list[int | None], width: in
     torch.testing.assert_close(segmented.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("columns", [False, True])
 @pytest.mark.parametrize("kernel", ["csr", "union", "bmm"])
 @pytest.mark.parametrize(
     ("mode", "groups"), [("auto", 2), ("auto", 3), ("gather", 2), ("segmented", 2)]
 )
 def test_packed_batch_of_mixed_ranks_and_targets_equals_a_per_token_reference(
-    mode: str, groups: int, kernel: str
+    mode: str, groups: int, kernel: str, columns: bool
 ) -> None:
     """Base tokens, decode tokens of ranks 4, 16 and 64 adapters on different modules, two
     prefill chunks and an uncovered token, in one [1, T] forward, float32. (With
     ``segment_max_groups`` 3 the decode tokens go per adapter, with 2 by ``kernel``: one
-    sparse matrix per kind, one dense matmul against all adapters' rows, or rank buckets.)"""
+    sparse matrix per kind, one dense matmul against all adapters' rows, or rank buckets.)
+    With ``columns``, each module's output is its columns of a merged projection, written
+    in place."""
     pool, names, adapters = mixed_pool()
     state = LoraBatchState(
         pool,
@@ -101,8 +106,12 @@ def test_packed_batch_of_mixed_ranks_and_targets_equals_a_per_token_reference(
         segment_max_groups=groups,
         gather_kernel=kernel,  # type: ignore[arg-type]
     )
-    check_packed_batch(state, names, adapters, tol=1e-5)
+    check_packed_batch(state, names, adapters, tol=1e-5, columns=columns)
     assert not state.active  # cleared after the forward
+    segments, num_tokens = packed_batch(names)
+    state.set_segments(segments, num_tokens)  # the attention modules as one group
+    group_check(state, token_slots(segments, num_tokens), adapters, tol=1e-5)
+    state.clear()
     x, y = torch.randn(1, 75, 16), torch.ones(1, 75, 16)
     assert torch.equal(state.apply(0, x, y.clone()), y)  # nothing set: the base alone
 

@@ -18,9 +18,10 @@ product as two, the two residual adds as two more, and seven projections. Here, 
   projections, whose activation and product is one kernel reading both halves in place.
   The merged weights are made once at :func:`install`: each projection's weight (and bias)
   becomes a view of its rows of the merged one, so no memory is added and the modules keep
-  working alone. While a batch has LoRA adapters
-  (:class:`vajra.gpu.lora.MultiLoraLinear` with its batch state active) the projections
-  run one by one, each adding its adapters' deltas.
+  working alone. Projections wrapped for LoRA (:class:`vajra.gpu.lora.MultiLoraLinear`)
+  then add their adapters' deltas in place to their columns of the merged output; on the
+  Triton path one shrink and one expand launch serve the query, key and value together (and
+  gate and up), where each module took its own pair.
 
 Where: :func:`install` swaps the ``forward`` of the modules of the classes below (their
 forwards are transformers', checked on transformers 5.17 to 5.24). A fused forward runs only
@@ -49,6 +50,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vajra.gpu.fused_kernels import HAVE_TRITON, add_rms_norm, check, rms_norm, rotary, silu_mul
+from vajra.gpu.lora.layer import add_deltas
 
 __all__ = ["available", "check", "install"]  # check: the kernels' start-up check
 
@@ -155,13 +157,8 @@ def _fused_mlp_forward(
     def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
         if not _wanted(x):
             return own(self, x)
-        if merged is not None and not _lora_active(self.gate_proj, self.up_proj):
-            weight, bias, (width, _) = merged
-            gate_up = F.linear(x, weight, bias)
-            act = silu_mul(gate_up[..., :width], gate_up[..., width:])
-        else:
-            act = silu_mul(self.gate_proj(x), self.up_proj(x))
-        out: torch.Tensor = self.down_proj(act)
+        gate, up = _project((self.gate_proj, self.up_proj), merged, x)
+        out: torch.Tensor = self.down_proj(silu_mul(gate, up))
         return out
 
     return forward
@@ -191,12 +188,7 @@ def _fused_attention_forward(
             return own(self, hidden_states, position_embeddings, attention_mask, **kwargs)
         input_shape = hidden_states.shape[:-1]
         shape = (*input_shape, -1, self.head_dim)
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        if merged is not None and not _lora_active(*projections):
-            weight, bias, sizes = merged
-            qkv = torch.split(F.linear(hidden_states, weight, bias), sizes, dim=-1)
-        else:
-            qkv = tuple(p(hidden_states) for p in projections)
+        qkv = _project((self.q_proj, self.k_proj, self.v_proj), merged, hidden_states)
         q, k, v = (t.view(shape).transpose(1, 2) for t in qkv)
         q, k = rotary(q, k, *position_embeddings)
         if window == "module":
@@ -255,8 +247,17 @@ def _merge(projections: Sequence[nn.Module]) -> Merged | None:
     return weight, bias, sizes
 
 
-def _lora_active(*projections: nn.Module) -> bool:
-    return any(getattr(p, "lora_active", False) for p in projections)
+def _project(
+    projections: Sequence[nn.Module], merged: Merged | None, x: torch.Tensor
+) -> list[torch.Tensor]:
+    """Each projection of ``x``: with a merged weight one matmul, then the projections' LoRA
+    deltas (of :class:`vajra.gpu.lora.MultiLoraLinear` layers, when the batch has adapters)
+    added in place to their columns, together (one BGMV launch pair on the Triton path);
+    else each projection alone."""
+    if merged is None:
+        return [p(x) for p in projections]
+    weight, bias, sizes = merged
+    return add_deltas(projections, x, torch.split(F.linear(x, weight, bias), sizes, dim=-1))
 
 
 def _next_norms(

@@ -35,7 +35,10 @@ The row layer this replaced measured why, on the CPU (2 cores, "small" random Ll
 Backends: the torch path (:mod:`vajra.gpu.lora.torch_kernels`) on the CPU and wherever triton
 is missing; the Triton kernels (:mod:`vajra.gpu.lora.triton_kernels`), by default when the
 pool is on CUDA and triton imports, with one shrink and one expand launch per step kind
-(decode, prefill) per wrapped module for every adapter of the batch.
+(decode, prefill) per wrapped module for every adapter of the batch; for the decode tokens,
+per group of up to three modules reading one input (:meth:`LoraBatchState.apply_group`, which
+the fused forwards of :mod:`vajra.gpu.fused_layers` call for the query, key and value, and for
+the gate and up projections).
 
 Per step, the index data is built as host lists and copied in one transfer into a
 preallocated device buffer (grown only when a batch is larger than any before); the adapters'
@@ -75,6 +78,9 @@ from vajra.gpu.lora.torch_kernels import GatherKernel as PlannedKernel
 from vajra.gpu.lora.torch_kernels import KindWork, TorchPlanner
 
 Mode = Literal["auto", "gather", "segmented"]
+#: Modules one BGMV launch pair covers (:data:`vajra.gpu.lora.triton_kernels.MAX_GROUP`; that
+#: module imports triton, which the torch path does without).
+_MAX_GROUP = 3
 Backend = Literal["auto", "torch", "triton"]
 GatherKernel = Literal["auto", "csr", "union", "bmm"]
 
@@ -177,9 +183,10 @@ class LoraBatchState:
         self.clear()
         n = tokens.numel()
         width = max(16, rank_bucket(self.pool.max_rank))
+        need = n * width * _MAX_GROUP
         if self._static_scratch is None:
-            self._static_scratch = torch.zeros(n * width, dtype=torch.float32, device=slots.device)
-        elif self._static_scratch.numel() < n * width:
+            self._static_scratch = torch.zeros(need, dtype=torch.float32, device=slots.device)
+        elif self._static_scratch.numel() < need:
             raise ValueError(f"{n} static tokens: more than the first call's scratch holds")
         kinds = len(self.pool.layout.kinds)
         self._triton = _TritonWork(decode=(tokens, slots), blocks=None, widths=[width] * kinds)
@@ -262,7 +269,7 @@ class LoraBatchState:
             ),
             widths=widths,
         )
-        need = num_tokens * max(widths)
+        need = num_tokens * max(widths) * _MAX_GROUP
         if need > self._scratch.numel():
             self._scratch = torch.zeros(2 * need, dtype=torch.float32, device=self.pool.device)
         self._triton_scratch = self._scratch
@@ -280,13 +287,30 @@ class LoraBatchState:
     # ------------------------------------------------------------------ per layer
 
     def apply(self, module_index: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Add this forward's LoRA deltas for one module to ``y`` (module Semantics)."""
+        """Add this forward's LoRA deltas for one module to ``y`` (module Semantics) and
+        return it: :meth:`apply_group` of one."""
+        return self.apply_group([module_index], x, [y])[0]
+
+    def apply_group(
+        self, module_indices: Sequence[int], x: torch.Tensor, ys: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Add this forward's LoRA deltas for modules that read the same input ``x`` to their
+        outputs ``ys`` and return them. In place when an output's rows have their elements
+        adjacent, also when the rows are strided (a module's columns of one merged
+        projection, :mod:`vajra.gpu.fused_layers`); otherwise into a contiguous copy. On
+        the Triton path one BGMV launch pair covers the decode tokens of up to three
+        modules."""
+        outs = list(ys)
         if not self.active:
-            return y
-        if not y.is_contiguous():
-            y = y.contiguous()
+            return outs
+        rows = []
+        for i, y in enumerate(outs):
+            y2 = _rows_of(y)
+            if y2 is None:
+                outs[i] = y = y.contiguous()
+                y2 = y.view(-1, y.shape[-1])
+            rows.append(y2)
         x2 = x.reshape(-1, x.shape[-1])
-        y2 = y.view(-1, y.shape[-1])
         tokens = x2.shape[0]
         if tokens != self._num_tokens:
             if self._rows is None:
@@ -297,39 +321,28 @@ class LoraBatchState:
             if rest:
                 raise ValueError(f"{tokens} tokens do not make {len(self._rows)} equal rows")
             self._plan(row_segments(self._rows, per_row), tokens)
-        kind = self.pool.layout.module_kinds[module_index]
-        a, bt = self.pool.module_views(module_index)
         if self._triton is not None:
-            _apply_triton(self._triton, self.pool, kind, x2, y2, self._triton_scratch, a, bt)
-            return y
-        self._kinds[kind].apply(x2, y2, a, bt)
-        return y
+            from vajra.gpu.lora.triton_kernels import apply_modules
+
+            work, scratch = self._triton, self._triton_scratch
+            apply_modules(
+                self.pool, module_indices, x2, rows, scratch, work.decode, work.blocks, work.widths
+            )
+            return outs
+        for module_index, y2 in zip(module_indices, rows, strict=True):
+            a, bt = self.pool.module_views(module_index)
+            self._kinds[self.pool.layout.module_kinds[module_index]].apply(x2, y2, a, bt)
+        return outs
 
 
-def _apply_triton(
-    work: _TritonWork,
-    pool: LoraPool,
-    kind: int,
-    x: torch.Tensor,  # [tokens, in]
-    y: torch.Tensor,  # [tokens, out]
-    scratch: torch.Tensor,  # float32, at least tokens * widths[kind]
-    a: torch.Tensor,
-    bt: torch.Tensor,
-) -> None:
-    """One module's deltas by the Triton kernels: BGMV for decode tokens, SGMV for blocks."""
-    from vajra.gpu.lora import triton_kernels
-
-    width = work.widths[kind]
-    if not width:
-        return
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    xa = scratch[: x.shape[0] * width].view(x.shape[0], width)
-    pages, ranks = pool.page_table[kind], pool.rank_table[:, kind]
-    if work.decode is not None:
-        triton_kernels.bgmv(x, y, xa, *work.decode, pages, ranks, a, bt)
-    if work.blocks is not None:
-        triton_kernels.sgmv(x, y, xa, *work.blocks, pages, ranks, a, bt)
+def _rows_of(y: torch.Tensor) -> torch.Tensor | None:
+    """``y`` as a ``[tokens, out]`` view with adjacent elements in a row; None if none is."""
+    if y.stride(-1) != 1:
+        return None
+    try:
+        return y.view(-1, y.shape[-1])
+    except RuntimeError:  # rows that no single stride describes
+        return None
 
 
 def _choose_backend(backend: Backend, device: torch.device) -> Literal["torch", "triton"]:
@@ -360,14 +373,25 @@ class MultiLoraLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    @property
-    def lora_active(self) -> bool:
-        """Whether the current forward adds adapter deltas (the batch state is set)."""
-        return self._state.active
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y: torch.Tensor = self.base_layer(x)
-        return self._state.apply(self.module_index, x, y)
+        return self._state.apply(self.module_index, x, self.base_layer(x))
+
+
+def add_deltas(
+    projections: Sequence[nn.Module], x: torch.Tensor, ys: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Each projection's adapter deltas of input ``x`` added to its output in ``ys`` (its base
+    output, or its columns of a merged projection), which are returned: together
+    (:meth:`LoraBatchState.apply_group`) when every projection is a :class:`MultiLoraLinear`
+    of one batch state; a projection that is none gets no delta."""
+    states = {id(p._state) for p in projections if isinstance(p, MultiLoraLinear)}
+    if len(states) == 1 and all(isinstance(p, MultiLoraLinear) for p in projections):
+        wrapped = [p for p in projections if isinstance(p, MultiLoraLinear)]
+        return wrapped[0]._state.apply_group([p.module_index for p in wrapped], x, ys)
+    return [
+        p._state.apply(p.module_index, x, y) if isinstance(p, MultiLoraLinear) else y
+        for p, y in zip(projections, ys, strict=True)
+    ]
 
     def extra_repr(self) -> str:
         return f"module_index={self.module_index}"
