@@ -17,14 +17,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def assert_passes_in_interpreter(module: str, marker: str, timeout_s: float = 240) -> None:
-    """Run ``python -m module`` under the interpreter; fail with its stderr unless it exits 0
-    and printed ``marker``. Skips where triton does not import."""
+def assert_passes_in_interpreter(
+    module: str, marker: str, timeout_s: float = 240, args: tuple[str, ...] = ()
+) -> None:
+    """Run ``python -m module *args`` under the interpreter; fail with its stderr unless it
+    exits 0 and printed ``marker``. Skips where triton does not import."""
     pytest.importorskip("triton")
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     done = subprocess.run(
-        [sys.executable, "-m", module],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         env=env,
         capture_output=True,

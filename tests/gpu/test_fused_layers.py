@@ -19,9 +19,10 @@ tensors:
   every projection's weight a view of its merged weight (no memory added), the model's logits
   without gradients, twice in a row, and with gradients the module's own forward (gradients
   reach the input);
-- the engine's greedy tokens with the forwards and the paged attention's kernels equal its
-  tokens without, with base rows alone and with LoRA adapters' rows (their deltas added to the
-  merged projections' columns);
+- the engine's greedy tokens with the forwards and the paged attention's kernels, on the torch
+  and then the Triton LoRA backend, equal its tokens without, with base rows alone and with
+  LoRA adapters' rows (their deltas added to the merged projections' columns): on a GPU's path
+  but for the graph capture (its own process, ``engine``; the rest is ``kernels``);
 - the launches of one decode forward, per kernel (``tests/gpu/launch_count.py``).
 
 In-process: what :func:`install` picks and that it does nothing twice; refusals. The CUDA test
@@ -220,16 +221,18 @@ def engine_check() -> None:
     ]
     prompts = ["The river", "Questions, answers, stories and lists", "0 1 2 3", "a b", "x"]
     runs = []
-    for install in (False, True):
+    for install, lora_backend in ((False, "torch"), (True, "torch"), (True, "triton")):
         engine = TorchEngine(
             model_dir, device="cpu", dtype="float32", max_model_len=256, max_adapters=4,
             decode_graphs="eager",
         )  # fmt: skip
         if install:
             assert fused_layers.install(engine.model) == 5 * 2 + 1
-        # the paged attention's kernels too (the decode attention and the KV write), as on
-        # CUDA: the whole path a decode graph captures on a GPU, here in the interpreter
+        # the paged attention's kernels too (the decode attention and the KV write), and last
+        # the Triton LoRA backend, as on CUDA: the whole path a decode graph captures on a GPU
         paged_attention._kernels[torch.device("cpu")] = paged_decode_attention if install else None
+        assert engine.lora_state is not None
+        engine.lora_state.backend = lora_backend  # type: ignore[assignment]
         assert engine.adapters is not None
         spec = base_model_spec(model_dir)
         layout = engine.adapters.layout
@@ -250,7 +253,7 @@ def engine_check() -> None:
                 tokens.setdefault(out.request_id, []).extend(out.token_ids)
             step += 1
         runs.append(tokens)
-    assert runs[0] == runs[1] and all(len(t) == 10 for t in runs[0].values())
+    assert runs[0] == runs[1] == runs[2] and all(len(t) == 10 for t in runs[0].values())
     outputs = [runs[0][name] for name in ("base2", "lora0", "lora1")]  # one prompt each
     assert len({tuple(t) for t in outputs}) == 3  # the adapters change the output
 
@@ -284,7 +287,15 @@ def launch_check() -> None:
 
 
 def test_kernels_in_the_interpreter_equal_the_transformers_modules() -> None:
-    assert_passes_in_interpreter("tests.gpu.test_fused_layers", "fused layers interpreter: ok")
+    assert_passes_in_interpreter(
+        "tests.gpu.test_fused_layers", "fused layers interpreter: ok", args=("kernels",)
+    )
+
+
+def test_the_engine_in_the_interpreter_gives_the_plain_engines_tokens() -> None:
+    assert_passes_in_interpreter(
+        "tests.gpu.test_fused_layers", "fused layers interpreter: ok", args=("engine",)
+    )
 
 
 def test_install_leaves_other_activations_and_modules_alone() -> None:
@@ -361,11 +372,16 @@ def test_kernels_on_the_gpu_equal_the_transformers_modules() -> None:
     model_check("cuda")
 
 
-if __name__ == "__main__":
-    kernels_check("cpu")
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        assert fused_layers.check("cpu", dtype, 200, 24) is None, dtype
-    model_check("cpu")
-    engine_check()
-    launch_check()
+if __name__ == "__main__":  # under the interpreter: "kernels" or "engine" (both without)
+    import sys
+
+    part = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if part in ("kernels", "all"):
+        kernels_check("cpu")
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            assert fused_layers.check("cpu", dtype, 200, 24) is None, dtype
+        model_check("cpu")
+        launch_check()
+    if part in ("engine", "all"):
+        engine_check()
     print("fused layers interpreter: ok")
