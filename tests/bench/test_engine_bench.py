@@ -64,6 +64,8 @@ def test_b_c_e_run_on_both_engines(result: dict[str, Any]) -> None:
         assert 0 < floors[0] < floors[1]  # more context, more KV to read
         for c in contexts:
             assert c["vs_floor"] == pytest.approx(c["step_p50_ms"] / c["floor_ms"], rel=0.02)
+            # the profiled steps: time in ops, and how many ran (on the CPU, torch ops)
+            assert c["ops_ms_per_step"] > 0 and c["ops_per_step"] >= 50
         # --decode-graphs eager: the current engine's pure decode steps took the graphs' static
         # path, and as many more ran without it (the control a GPU run compares against).
         stats = result["b_context"][kind].get("decode_graphs")

@@ -61,8 +61,10 @@ def test_dry_run_runs_the_whole_plan_and_writes_every_json(tmp_path: Path) -> No
     assert any(line.startswith("adapters-llama-3.2-1b (tiny, ") for line in lines)
     assert any(line.startswith("engine (tok/s at ") for line in lines)
     assert any(
-        line.startswith("engine decode step of ") and "x floor, ops " in line for line in lines
+        line.startswith("engine decode step of ") and "x floor, ops " in line and " kernels" in line
+        for line in lines
     )
+    assert any(line.startswith("fused decoder-layer modules: ") for line in lines)
     assert any(line.startswith("decode kernel tiny 3 rows x 40: ") for line in lines)
     assert any(
         line.startswith("engine with distinct adapters, against base-only: ") for line in lines

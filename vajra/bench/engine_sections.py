@@ -221,8 +221,9 @@ def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
 
 def ops_time_per_step(engine: Engine, steps: int, device: str) -> dict[str, Any]:
     """``steps`` more steps under torch's profiler: on CUDA the kernels' device time per step
-    (a step's wall time above it is host time the device waited for), on the CPU the time in
-    torch ops per step; and the five kernels or ops that take most of it."""
+    (a step's wall time above it is host time the device waited for) and how many kernels a
+    step runs (those a graph replays included), on the CPU the time in torch ops and their
+    number per step; and the five kernels or ops that take most of the time."""
     cuda = torch.device(device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -237,6 +238,7 @@ def ops_time_per_step(engine: Engine, steps: int, device: str) -> dict[str, Any]
     top = sorted(events, key=own_us, reverse=True)[:5]
     return {
         "ops_ms_per_step": round(sum(map(own_us, events)) / 1e3 / steps, 3),
+        "ops_per_step": round(sum(e.count for e in events) / steps, 1),
         "top_ops": [
             {
                 "name": e.key[:100],

@@ -509,13 +509,14 @@ def summary_lines(summary: dict[str, Any], opts: Options) -> list[str]:
         steps = ", ".join(
             f"{e['context']}: {e.get('step_p50_ms')} ms ({e.get('vs_floor')}x floor"
             + (f", ops {e['ops_ms_per_step']} ms" if "ops_ms_per_step" in e else "")
+            + (f" in {e['ops_per_step']} kernels" if "ops_per_step" in e else "")
             + (f", eager {e['eager_step_p50_ms']} ms" if "eager_step_p50_ms" in e else "")
             + ")"
             for e in b["contexts"]
         )
         lines.append(f"engine decode step of {b.get('rows')} rows by context: {steps}")
         fused = b.get("fused_layers_error") or b.get("fused_layers", 0)
-        lines.append(f"fused norm, rotary and MLP layers: {fused}")
+        lines.append(f"fused decoder-layer modules: {fused}")
         if b.get("decode_graphs_error"):
             lines.append(f"decode graphs failed to capture: {b['decode_graphs_error']}")
         if b.get("decode_kernel_error"):
