@@ -65,6 +65,8 @@ from vajra.gpu.loading import load_engine
 from vajra.state import ClusterState, OffLoop
 
 log = logging.getLogger("vajra.executor")
+#: How long a drained executor's last messages to the scheduler may take to go out at close.
+DRAINED_FLUSH_MS = 2000
 
 
 class Executor:
@@ -88,6 +90,7 @@ class Executor:
         self.incarnation = uuid.uuid4().hex[:12]
         self.counters: Counter[str] = Counter()
         self._gpu = trio.CapacityLimiter(1)
+        self._drained = False  # drain() completed: flush the scheduler socket on close
         self._ctx = bus.new_context()
         hwm = cfg.bus.high_water_mark
         ident = executor_id.encode()
@@ -176,9 +179,13 @@ class Executor:
         finally:
             if self.tiers is not None:
                 await self.tiers.aclose()
-            for s in (self.work_in, self.replies, self.ledger):
+            for s in (self.replies, self.ledger):
                 s.close()
-            self._ctx.term()
+            # After a drain, what it sent the scheduler (the jobs handed back, the last load
+            # report) still goes out, for a bounded time: ZeroMQ's send only queues it.
+            self.work_in.close(linger_ms=DRAINED_FLUSH_MS if self._drained else 0)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._ctx.term)
 
     def _load_engine(self) -> Engine:
         e = self.ecfg
@@ -263,3 +270,4 @@ class Executor:
         with trio.move_on_after(self.ecfg.drain_timeout_s):
             await wait_until(lambda: not steps.running)
         await self.usage.drain()
+        self._drained = True

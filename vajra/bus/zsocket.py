@@ -221,7 +221,9 @@ class ZSocket:
         self._woke()
         return batch
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """Close now; what is still queued to send is dropped, or with ``linger_ms`` sent for
+        at most that long by the context's I/O thread (until the context is terminated)."""
         if self.closed:
             return
         self.closed = True
@@ -232,7 +234,7 @@ class ZSocket:
         if self._waiter is not None:
             self._waiter.cancel()
         self._lot.unpark_all()
-        self._sock.close(linger=0)
+        self._sock.close(linger=linger_ms)
 
 
 def open_socket(

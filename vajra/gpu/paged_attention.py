@@ -25,11 +25,11 @@ still reading their prompt. For each layer the function
 Decode attention reads each request's blocks in place on CUDA (the Triton kernel of
 :mod:`vajra.gpu.paged_decode_kernel`, one launch for every decode row, writing its rows of the
 output in place), and there the keys and values are written by one kernel for both
-(:mod:`vajra.gpu.kv_write_kernel`); if either cannot be built, torch serves both from then on. On the CPU, and for
-prefill chunks with earlier context, a request's blocks are gathered into a temporary for
-torch's attention (eager torch has no paged kernel); decode rows are grouped by length so the
-padding of a group stays within 1.5x. Nothing else is copied, and no other request's KV is
-touched.
+(:mod:`vajra.gpu.kv_write_kernel`); if either cannot be built, torch serves both from then
+on. On the CPU, and for prefill chunks with earlier context, a request's blocks are gathered
+into a temporary for torch's attention (eager torch has no paged kernel); decode rows are
+grouped by length so the padding of a group stays within 1.5x. Nothing else is copied, and
+no other request's KV is touched.
 """
 
 from __future__ import annotations

@@ -137,8 +137,8 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """The Triton kernels (see the module docstring); returns ``[D, heads, head_dim]`` of
     ``q``'s dtype: ``out`` when given (its last dimension contiguous; the caller's buffer, so
-    no copy follows), else a new tensor. No synchronisation with the host; with several splits, float32
-    partials of ``D x heads x splits x (head_dim + 2)``. ``plan`` defaults to
+    no copy follows), else a new tensor. No synchronisation with the host; with several
+    splits, float32 partials of ``D x heads x splits x (head_dim + 2)``. ``plan`` defaults to
     :func:`launch_plan`'s. Lengths are not checked against the table width on the device: a
     length past it reads whatever ids follow the row."""
     if not _HAVE_TRITON:

@@ -376,6 +376,9 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._state.apply(self.module_index, x, self.base_layer(x))
 
+    def extra_repr(self) -> str:
+        return f"module_index={self.module_index}"
+
 
 def add_deltas(
     projections: Sequence[nn.Module], x: torch.Tensor, ys: Sequence[torch.Tensor]
@@ -392,6 +395,3 @@ def add_deltas(
         p._state.apply(p.module_index, x, y) if isinstance(p, MultiLoraLinear) else y
         for p, y in zip(projections, ys, strict=True)
     ]
-
-    def extra_repr(self) -> str:
-        return f"module_index={self.module_index}"
