@@ -169,8 +169,8 @@ def model_check(device: str) -> None:
         with torch.no_grad():
             want = model(input_ids=ids).logits
         before = storage_bytes(model)
-        # per layer two norms, the attention, the MLP and the layer; the last norm
-        assert fused_layers.install(model) == 5 * 3 + 1
+        # per layer two norms, the attention, the MLP and the layer; the last norm, the rotary
+        assert fused_layers.install(model) == 5 * 3 + 2
         assert fused_layers.install(model) == 0
         assert storage_bytes(model) == before  # the projections are views of merged weights
         attention = model.model.layers[1].self_attn
@@ -227,7 +227,7 @@ def engine_check() -> None:
             decode_graphs="eager",
         )  # fmt: skip
         if install:
-            assert fused_layers.install(engine.model) == 5 * 2 + 1
+            assert fused_layers.install(engine.model) == 5 * 2 + 2
         # the paged attention's kernels too (the decode attention and the KV write), and last
         # the Triton LoRA backend, as on CUDA: the whole path a decode graph captures on a GPU
         paged_attention._kernels[torch.device("cpu")] = paged_decode_attention if install else None
@@ -261,8 +261,8 @@ def engine_check() -> None:
 def launch_check() -> None:
     """The static decode forward launches 11 kernels per layer (tests/gpu/launch_count.py):
     the four matmuls, two add-and-norms, the rotary embedding, the KV write, the activation
-    and the decode attention's two; then the step's 14 (embedding, rotary table, first norm,
-    row selection, head). No residual add, KV copy or output copy of its own. With adapters,
+    and the decode attention's two; then the step's 5 (embedding, the rotary table's gather,
+    first norm, row selection, head). No residual add, KV copy or output copy of its own. With adapters,
     8 more per layer."""
     from tests.gpu.launch_count import count_decode_forward
 
@@ -279,7 +279,8 @@ def launch_check() -> None:
         assert counts[name] == n * layers + (name == "aten.linear"), (name, counts)
     assert counts["triton:rms_norm"] == 1, counts  # the first layer's; the others come fused
     assert not any(counts[n] for n in ("aten.add", "aten.index_copy_", "aten.copy_")), counts
-    assert sum(counts.values()) == 11 * layers + 14, counts
+    assert counts["aten.index_select"] == 1, counts  # the rotary table's rows
+    assert sum(counts.values()) == 11 * layers + 5, counts
     # with adapters: one BGMV pair for the query, key and value, one for gate and up, one
     # each for the output and down projections
     layers, with_lora = count_decode_forward(fused=True, rows=8, lora=True)
@@ -305,8 +306,8 @@ def test_install_leaves_other_activations_and_modules_alone() -> None:
         num_attention_heads=2, num_key_value_heads=1, hidden_act="gelu",
     )  # fmt: skip
     model = LlamaForCausalLM(config)
-    # the norms, the attention and the layer; the GELU MLP keeps its own forward
-    assert fused_layers.install(model) == 5
+    # the norms, the attention, the layer and the rotary; the GELU MLP keeps its own forward
+    assert fused_layers.install(model) == 6
     assert "forward" not in vars(model.model.layers[0].mlp)
     x = torch.randn(2, 32)
     with torch.no_grad():  # without the interpreter or CUDA the module's own forward runs

@@ -113,14 +113,14 @@ class TorchEngine:
         self._eos = loaded.eos_token_ids
         self._stream = priority_stream(loaded.device, INFERENCE_PRIORITY)  # vajra.gpu.streams
         use_paged_attention(self._model)
-
         shape = KvShape.of_model(self._model)
         # fused decoder layers on CUDA: fewer, larger kernels (vajra.gpu.fused_layers)
         self.fused_layers, self.fused_layers_error = 0, None
         if fused_layers and fused.available(self._device):
             hidden = int(self._model.config.hidden_size)
             self.fused_layers_error = fused.check(self._device, shape.dtype, hidden, shape.head_dim)
-            self.fused_layers = 0 if self.fused_layers_error else fused.install(self._model)
+            if self.fused_layers_error is None:
+                self.fused_layers = fused.install(self._model, self.max_model_len)
         num_blocks = kv_blocks_for_budget(
             shape,
             loaded.device,

@@ -13,7 +13,12 @@ product as two, the two residual adds as two more, and seven projections. Here, 
   layer's second norm, the add after the MLP with the next layer's first norm (or the
   model's last); the decoder layer hands the normed rows to that norm, which returns them
   when it is called on the very tensor the layer returned, and computes as usual otherwise;
-* the rotary embedding of queries and keys is one kernel;
+* the rotary embedding of queries and keys is one kernel, and the cosines and sines it
+  reads are one gather per step from a table made at :func:`install` (one row per position
+  below ``max_positions``, in the model's dtype, computed by the rotary module's own forward),
+  where transformers computes them from the positions with ten kernels; rotary modules whose
+  frequencies change with the length (``dynamic`` and ``longrope`` scaling) keep their own
+  forward;
 * the query, key and value projections are one matmul, and so are the MLP's gate and up
   projections, whose activation and product is one kernel reading both halves in place.
   The merged weights are made once at :func:`install`: each projection's weight (and bias)
@@ -71,13 +76,18 @@ def available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" and HAVE_TRITON
 
 
-def install(model: Any) -> int:
-    """Give the model's matching norms, attentions, MLPs and decoder layers the fused
-    forwards (see the module docstring); returns how many modules changed. Does nothing
-    without triton, nor to a module already changed."""
+def install(model: Any, max_positions: int | None = None) -> int:
+    """Give the model's matching norms, attentions, MLPs, decoder layers and rotary
+    embeddings the fused forwards (see the module docstring); returns how many modules
+    changed. Does nothing without triton, nor to a module already changed.
+
+    ``max_positions``: the rotary table's rows (default: the model's
+    ``max_position_embeddings``); a fused forward must never see a position at or past it,
+    which the engine guarantees for its ``max_model_len``."""
     if not HAVE_TRITON:
         return 0
     kinds = _classes()
+    rows = int(max_positions or model.config.max_position_embeddings)
     next_norms = _next_norms(model, kinds["norm"], kinds["decoder"])
     changed = 0
     fused: Callable[..., Any]
@@ -95,6 +105,8 @@ def install(model: Any) -> int:
             fused = _fused_attention_forward(own, kinds["attention"][type(module)], merged)
         elif isinstance(module, kinds["decoder"]) and _has_fused_norms(module, kinds["norm"]):
             fused = _fused_decoder_forward(own, next_norms.get(id(module)))
+        elif isinstance(module, kinds["rotary"]) and _static_frequencies(module):
+            fused = _tabled_rotary_forward(own, _rotary_table(module, own, model, rows))
         else:
             continue
         module.forward = types.MethodType(fused, module)
@@ -204,7 +216,45 @@ def _fused_attention_forward(
     return forward
 
 
+def _tabled_rotary_forward(
+    own: Callable[..., tuple[torch.Tensor, torch.Tensor]], table: torch.Tensor
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The rotary module's cosines and sines for ``position_ids``, gathered from ``table``
+    ``[positions, 2, head_dim]`` in one kernel: views ``[B, T, head_dim]`` of the gathered rows
+    (the rotary kernel reads them where they lie)."""
+
+    def forward(
+        self: Any, x: torch.Tensor, position_ids: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if args or kwargs or not _wanted(x) or (table.device, table.dtype) != (x.device, x.dtype):
+            return own(self, x, position_ids, *args, **kwargs)
+        rows = table.index_select(0, position_ids.reshape(-1))
+        both = rows.view(*position_ids.shape, *table.shape[1:])
+        return both[..., 0, :], both[..., 1, :]
+
+    return forward
+
+
 # ------------------------------------------------------------------ install's helpers
+
+
+def _static_frequencies(rotary: Any) -> bool:
+    """Whether a rotary module's frequencies are the same at every length (not ``dynamic``
+    nor ``longrope`` scaling, which transformers recomputes from the positions it sees)."""
+    kind = getattr(rotary, "rope_type", None)
+    return isinstance(kind, str) and "dynamic" not in kind and kind != "longrope"
+
+
+def _rotary_table(rotary: Any, own: Callable[..., Any], model: Any, rows: int) -> torch.Tensor:
+    """``[rows, 2, head_dim]``: the module's own cosines and sines at positions ``0 ..
+    rows - 1``, in the model's dtype on the module's device."""
+    weight = next(model.parameters())
+    device = rotary.inv_freq.device
+    with torch.no_grad():
+        x = torch.empty(0, dtype=weight.dtype, device=device)
+        positions = torch.arange(rows, device=device).view(1, rows)
+        cos, sin = own(rotary, x, positions)
+    return torch.stack((cos[0], sin[0]), dim=1).contiguous()
 
 
 def _merge(projections: Sequence[nn.Module]) -> Merged | None:
@@ -295,14 +345,19 @@ def _is_silu(mlp: Any) -> bool:
 def _classes() -> dict[str, Any]:
     """The classes of :data:`_FAMILIES` this transformers has, by kind; for the attention
     classes, a mapping to their sliding-window rule."""
-    kinds: dict[str, list[type[nn.Module]]] = {"norm": [], "mlp": [], "decoder": []}
+    kinds: dict[str, list[type[nn.Module]]] = {"norm": [], "mlp": [], "decoder": [], "rotary": []}
     attention: dict[type[nn.Module], str] = {}
     for module_name, prefix in _FAMILIES:
         try:
             module = importlib.import_module(module_name)
         except ImportError:  # another transformers: that family keeps its own forwards
             continue
-        for kind, suffix in (("norm", "RMSNorm"), ("mlp", "MLP"), ("decoder", "DecoderLayer")):
+        for kind, suffix in (
+            ("norm", "RMSNorm"),
+            ("mlp", "MLP"),
+            ("decoder", "DecoderLayer"),
+            ("rotary", "RotaryEmbedding"),
+        ):
             if (cls := getattr(module, prefix + suffix, None)) is not None:
                 kinds[kind].append(cls)
         if (cls := getattr(module, prefix + "Attention", None)) is not None:
