@@ -6,9 +6,13 @@ tensors: rows of lengths 1, block_size - 1, block_size and a few blocks, each wi
 shuffled blocks and arbitrary valid ids past its length; GQA, MHA and an uneven group; head
 sizes 16, 64 and one that is not a power of two; a strided query as the attention function
 passes it; float32 to 1e-4, float16 and bfloat16 loosely; then launch plans of one and
-several splits, tiles that span or cut blocks, and empty splits. Its launches take about a
-second each in the interpreter, the process's imports a few more. The reference itself is checked here, in-process, against a per-row softmax. The
-CUDA test is marked ``gpu`` and skipped without a device.
+several splits, tiles that span or cut blocks, and empty splits; with the step's new keys
+and values (strided, as the attention function passes them): the cache afterwards equal bit
+for bit to ``index_copy_`` of them into each row's last slot (which held other values
+before), and the output equal to the reference on that cache, for every plan and both block
+sizes, and in bfloat16. Its launches take about a second each in the interpreter, the
+process's imports a few more. The reference itself is checked here, in-process, against a
+per-row softmax. The CUDA test is marked ``gpu`` and skipped without a device.
 """
 
 from __future__ import annotations
@@ -129,6 +133,44 @@ PLANS = (
 LONG_LENS = (1, 16, 33, 130, 257)
 
 
+def written_case(case: Case) -> tuple[Case, torch.Tensor, torch.Tensor]:
+    """``case`` with the step's new key and value of each row (random, strided as
+    ``key[0].transpose(0, 1)``) and the case whose cache holds them at each row's last
+    position, as ``index_copy_`` writes them: ``(want, new_k, new_v)``."""
+    rows, kv_heads, head_dim = case.q.shape[0], case.k_blocks.shape[2], case.k_blocks.shape[3]
+    gen = torch.Generator().manual_seed(rows)
+    news = [
+        torch.randn(kv_heads, rows + 2, head_dim, generator=gen).to(case.q).transpose(0, 1)[:rows]
+        for _ in range(2)
+    ]
+    size = case.k_blocks.shape[1]
+    last = case.lens - 1
+    slots = case.tables.gather(1, (last // size)[:, None])[:, 0] * size + last % size
+    caches = []
+    for blocks, new in zip((case.k_blocks, case.v_blocks), news, strict=True):
+        cache = blocks.clone()
+        cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, new)
+        caches.append(cache)
+    want = Case(case.q, caches[0], caches[1], case.tables, case.lens, case.scale)
+    return want, news[0], news[1]
+
+
+def write_check(case: Case, plan: LaunchPlan | None, tol: float) -> None:
+    """The kernel with new keys and values: the cache as ``index_copy_`` leaves it, bit for
+    bit, and the output of the reference on that cache."""
+    want, new_k, new_v = written_case(case)
+    k_blocks, v_blocks = case.k_blocks.clone(), case.v_blocks.clone()
+    assert not torch.equal(k_blocks, want.k_blocks)  # the last slots held other keys
+    got = paged_decode_attention(
+        case.q, k_blocks, v_blocks, case.tables, case.lens, case.scale,
+        plan=plan, new_k=new_k, new_v=new_v,
+    )  # fmt: skip
+    assert torch.equal(k_blocks, want.k_blocks) and torch.equal(v_blocks, want.v_blocks), plan
+    reference = paged_decode_attention_reference(*want.to(torch.float32).args())
+    error = (got.float() - reference).abs().max().item()
+    assert error <= tol, (plan, case.q.dtype, error)
+
+
 def interpreter_check() -> None:
     """Run in a process started with ``TRITON_INTERPRET=1``: the kernel on CPU tensors against
     the reference, float32 for every shape, float16 and bfloat16 for the first; then every
@@ -146,6 +188,9 @@ def interpreter_check() -> None:
             got = paged_decode_attention(*case.args(), plan=plan)
             error = (got - paged_decode_attention_reference(*case.args())).abs().max().item()
             assert error <= 1e-4, (plan, block_size, error)
+            write_check(case, plan, 1e-4)
+    write_check(make_case(LENS, SHAPES[4], seed=30), None, 1e-4)
+    write_check(make_case(LENS, SHAPES[0], seed=31).to(torch.bfloat16), None, 2e-2)
     for plan in PLANS[:2]:  # written into the rows of a caller's buffer, one split or two
         case = make_case(LONG_LENS, SHAPES[1], seed=20)
         rows = case.q.shape[0]
@@ -214,6 +259,21 @@ def test_an_out_buffer_of_another_shape_or_layout_is_refused() -> None:
             paged_decode_attention(*case.args(), out=out)
 
 
+def test_new_keys_without_values_or_of_another_shape_are_refused() -> None:
+    pytest.importorskip("triton")
+    case = make_case(LENS, SHAPES[0])
+    new = torch.zeros(len(LENS), 2, 16)
+    for k, v in (
+        (new, None),
+        (None, new),
+        (new, new[:2]),
+        (new, new.double()),
+        (new[..., :8],) * 2,
+    ):
+        with pytest.raises(ValueError, match="new_k and new_v"):
+            paged_decode_attention(*case.args(), new_k=k, new_v=v)
+
+
 def test_available_only_on_cuda() -> None:
     assert not available("cpu")
     assert not available(torch.device("cpu"))
@@ -258,6 +318,7 @@ def test_kernel_on_the_gpu_equals_the_reference(dtype: torch.dtype, tol: float) 
             got = paged_decode_attention(*case.args(), plan=plan)
             error = (got.float() - want).abs().max().item()
             assert got.dtype == dtype and error <= tol, (shape, dtype, plan, error)
+            write_check(case, plan, tol)  # and writing the rows' new keys and values
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ offset``)::
     v_blocks.view(-1, kv_heads, head_dim)[s] = new_v[t]
 
 which is what the torch path of :mod:`vajra.gpu.paged_attention` does with two
-``index_copy_`` calls, one kernel each. Here one program per token writes both; the inputs
+``index_copy_`` calls, one kernel each. On CUDA it writes the prefill chunks' tokens: the
+decode rows' are written by the decode attention kernel itself
+(:mod:`vajra.gpu.paged_decode_kernel`). Here one program per token writes both; the inputs
 may have any strides (the key from the rotary kernel, the value a view of the merged query,
 key and value projection of :mod:`vajra.gpu.fused_layers`), so nothing is made contiguous
 first. The launch reads only shapes on the host, so a CUDA graph captures it

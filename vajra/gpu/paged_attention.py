@@ -24,9 +24,10 @@ still reading their prompt. For each layer the function
 
 Decode attention reads each request's blocks in place on CUDA (the Triton kernel of
 :mod:`vajra.gpu.paged_decode_kernel`, one launch for every decode row, writing its rows of the
-output in place), and there the keys and values are written by one kernel for both
-(:mod:`vajra.gpu.kv_write_kernel`); if either cannot be built, torch serves both from then
-on. On the CPU, and for prefill chunks with earlier context, a request's blocks are gathered
+output in place, and the decode rows' new keys and values into the cache), and there the
+prefill chunks' keys and values are written by one kernel for both
+(:mod:`vajra.gpu.kv_write_kernel`); a decode-only step writes no KV of its own. If either
+kernel cannot be built, torch serves both from then on. On the CPU, and for prefill chunks with earlier context, a request's blocks are gathered
 into a temporary for torch's attention (eager torch has no paged kernel); decode rows are
 grouped by length so the padding of a group stays within 1.5x. Nothing else is copied, and
 no other request's KV is touched.
@@ -161,21 +162,22 @@ def paged_attention(
     kv_heads, head_dim = k_blocks.shape[2], k_blocks.shape[3]
     new_k = key[0].transpose(0, 1)  # [T, kv_heads, D]
     new_v = value[0].transpose(0, 1)
+    d = layout.num_decode
     kernel = _kernel_for(query.device)
-    if kernel is not None:  # both in one kernel where the decode kernel runs
+    # Where the decode kernel runs, it writes the decode rows' keys and values itself, and the
+    # chunks' go in one kernel for both; torch's index_copy_ otherwise.
+    if kernel is not None and layout.num_tokens > d:
         try:
-            write_kv(k_blocks, v_blocks, layout.slot_mapping, new_k, new_v)
+            write_kv(k_blocks, v_blocks, layout.slot_mapping[d:], new_k[d:], new_v[d:])
         except _build_errors() as exc:  # this Triton or device cannot build it: torch serves
             _kernel_failed(query.device, exc)
             kernel = None
     if kernel is None:
-        k_blocks.view(-1, kv_heads, head_dim).index_copy_(0, layout.slot_mapping, new_k)
-        v_blocks.view(-1, kv_heads, head_dim).index_copy_(0, layout.slot_mapping, new_v)
+        _copy_kv(k_blocks, v_blocks, layout.slot_mapping, new_k, new_v)
 
     q = query[0]  # [heads, T, D]
     out = query.new_empty((layout.num_tokens, q.shape[0], head_dim))
     size = cache.block_size
-    d = layout.num_decode
     if d and kernel is not None:
         assert layout.decode_tables is not None and layout.decode_lens is not None
         try:
@@ -187,10 +189,13 @@ def paged_attention(
                 layout.decode_lens,
                 scaling if scaling is not None else head_dim**-0.5,
                 out=out[:d],  # written in place: no copy after
+                new_k=new_k[:d],
+                new_v=new_v[:d],
             )
         except _build_errors() as exc:  # this Triton or device cannot build it: torch serves
             _kernel_failed(q.device, exc)
-            kernel = None
+            kernel = None  # it wrote nothing: the decode rows' keys and values as torch does
+            _copy_kv(k_blocks, v_blocks, layout.slot_mapping[:d], new_k[:d], new_v[:d])
     if d and kernel is None:
         assert layout.decode_tables is not None and layout.decode_lens is not None
         qd = q[:, :d].transpose(0, 1).unsqueeze(2)  # [D, heads, 1, head_dim]
@@ -252,6 +257,19 @@ def kv_blocks_for_budget(
 
 
 _CPU_KV_LIMIT = 1 << 30
+
+
+def _copy_kv(
+    k_blocks: torch.Tensor,
+    v_blocks: torch.Tensor,
+    slots: torch.Tensor,
+    new_k: torch.Tensor,
+    new_v: torch.Tensor,
+) -> None:
+    """The torch path's KV write: each token's key and value into its slot."""
+    _, _, kv_heads, head_dim = k_blocks.shape
+    k_blocks.view(-1, kv_heads, head_dim).index_copy_(0, slots, new_k)
+    v_blocks.view(-1, kv_heads, head_dim).index_copy_(0, slots, new_v)
 
 
 def _decode_inputs(

@@ -1,5 +1,7 @@
 # mypy: disable-error-code="no-untyped-def, untyped-decorator, misc"
 # (the @triton.jit kernels below take untyped pointers and scalars; the launcher is typed)
+# Over 400 lines: the kernels, their launch plan and launcher, and the torch reference they are
+# tested against share one layout and one semantics, read together.
 """Paged decode attention in Triton: each decode row reads its keys and values straight from
 the paged cache through its block table, with no gathered temporary.
 
@@ -26,6 +28,14 @@ rather than ``tl.dot``, so they compile for any group, block and head size (no 1
 no TF32) at the price of tensor-core throughput, which decode, bound by memory, barely uses.
 Table entries past a row's length are never read. The launch reads only shapes on the host
 (no device sync), so it can be captured in a CUDA graph (:mod:`vajra.gpu.decode_graphs`).
+
+With ``new_k`` and ``new_v`` (the step's key and value of each row, ``[D, kv_heads,
+head_dim]``), the kernel also writes them into the cache at each row's last position
+``lens[d] - 1`` (its slot through the block table), which the engine's decode rows would
+otherwise need a launch of :mod:`vajra.gpu.kv_write_kernel` for. The program whose range holds
+that position uses the new key and value there (the cache still holds an older value while it
+reads) and writes them at its end; no other program reads that position, so no program waits
+for another's write.
 
 :func:`launch_plan` picks ``splits``, ``tile`` and ``num_warps`` from the shapes alone (the
 lengths live on the device); ``vajra bench decode-kernel`` times the alternatives on a GPU.
@@ -134,18 +144,31 @@ def paged_decode_attention(
     scale: float,
     plan: LaunchPlan | None = None,
     out: torch.Tensor | None = None,
+    new_k: torch.Tensor | None = None,  # [D, kv_heads, head_dim], any strides
+    new_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Triton kernels (see the module docstring); returns ``[D, heads, head_dim]`` of
     ``q``'s dtype: ``out`` when given (its last dimension contiguous; the caller's buffer, so
     no copy follows), else a new tensor. No synchronisation with the host; with several
     splits, float32 partials of ``D x heads x splits x (head_dim + 2)``. ``plan`` defaults to
-    :func:`launch_plan`'s. Lengths are not checked against the table width on the device: a
-    length past it reads whatever ids follow the row."""
+    :func:`launch_plan`'s. ``new_k`` and ``new_v``, together or not at all: written into the
+    cache at each row's last position first (module docstring). Lengths are not checked
+    against the table width on the device: a length past it reads whatever ids follow the
+    row."""
     if not _HAVE_TRITON:
         raise RuntimeError("paged_decode_attention needs triton, which does not import here")
     _check(q, k_blocks, v_blocks, tables, lens)
     rows, heads, head_dim = q.shape
     _, size, kv_heads, _ = k_blocks.shape
+    write = new_k is not None or new_v is not None
+    if write:
+        for new in (new_k, new_v):
+            if new is None or new.shape != (rows, kv_heads, head_dim) or new.dtype != q.dtype:
+                raise ValueError(
+                    f"new_k and new_v must both be [{rows}, {kv_heads}, {head_dim}] {q.dtype}"
+                )
+    new_k = new_k if new_k is not None else q  # unread without a write (WRITE=False)
+    new_v = new_v if new_v is not None else q
     if out is None:
         out = torch.empty((rows, heads, head_dim), dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
@@ -165,13 +188,15 @@ def paged_decode_attention(
         sums = torch.empty(partial, dtype=torch.float32, device=q.device)
         values = torch.empty((*partial, head_dim), dtype=torch.float32, device=q.device)
     _paged_decode[(rows, kv_heads, plan.splits)](
-        q, k_blocks, v_blocks, tables, lens, out, maxes, sums, values,
+        q, k_blocks, v_blocks, tables, lens, out, maxes, sums, values, new_k, new_v,
         float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k_blocks.stride(0), k_blocks.stride(1), k_blocks.stride(2), k_blocks.stride(3),
         v_blocks.stride(0), v_blocks.stride(1), v_blocks.stride(2), v_blocks.stride(3),
         tables.stride(0), tables.stride(1), lens.stride(0),
         out.stride(0), out.stride(1),
+        new_k.stride(0), new_k.stride(1), new_k.stride(2),
+        new_v.stride(0), new_v.stride(1), new_v.stride(2),
         GROUP=group,
         GROUP_P=triton.next_power_of_2(group),
         BLOCK_SIZE=size,
@@ -179,6 +204,7 @@ def paged_decode_attention(
         HEAD_DIM=head_dim,
         HEAD_P=triton.next_power_of_2(head_dim),
         SPLITS=plan.splits,
+        WRITE=write,
         num_warps=plan.num_warps,
     )  # fmt: skip
     if plan.splits > 1:
@@ -254,6 +280,8 @@ if _HAVE_TRITON:
         max_ptr,  # [rows, heads, SPLITS] float32 partials (unused with one split)
         sum_ptr,
         value_ptr,  # [rows, heads, SPLITS, HEAD_DIM]
+        new_k_ptr,  # [rows, kv_heads, HEAD_DIM]: each row's key at its last position (WRITE)
+        new_v_ptr,
         scale_log2,  # scale * log2(e): the softmax runs in base 2
         stride_qd,
         stride_qh,
@@ -271,6 +299,12 @@ if _HAVE_TRITON:
         stride_len,
         stride_od,
         stride_oh,
+        stride_nkd,
+        stride_nkh,
+        stride_nkx,
+        stride_nvd,
+        stride_nvh,
+        stride_nvx,
         GROUP: tl.constexpr,  # query heads per kv head
         GROUP_P: tl.constexpr,  # GROUP rounded up to a power of two
         BLOCK_SIZE: tl.constexpr,  # positions per cache block
@@ -278,6 +312,7 @@ if _HAVE_TRITON:
         HEAD_DIM: tl.constexpr,
         HEAD_P: tl.constexpr,
         SPLITS: tl.constexpr,
+        WRITE: tl.constexpr,  # write new_k and new_v at each row's last position
     ):
         row = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1).to(tl.int64)
@@ -306,6 +341,14 @@ if _HAVE_TRITON:
         k_row = k_ptr + kv_head * stride_kh
         v_row = v_ptr + kv_head * stride_vh
         table_row = table_ptr + row * stride_td
+        last = length - 1
+        if WRITE:  # the row's new key and value, used at ``last`` and written there at the end
+            k_last = tl.load(
+                new_k_ptr + row * stride_nkd + kv_head * stride_nkh + x * stride_nkx, mask=x_in
+            )
+            v_last = tl.load(
+                new_v_ptr + row * stride_nvd + kv_head * stride_nvh + x * stride_nvx, mask=x_in
+            )
         for start in range(lo, hi, TILE):
             pos = start + t  # [TILE]
             live = pos < hi
@@ -329,6 +372,10 @@ if _HAVE_TRITON:
                 mask=kv_in,
                 other=0.0,
             ).to(tl.float32)
+            if WRITE:  # the cache holds an older value at ``last`` until the end
+                is_last = (pos == last)[:, None]
+                k = tl.where(is_last, k_last.to(tl.float32)[None, :], k)
+                v = tl.where(is_last, v_last.to(tl.float32)[None, :], v)
             scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale_log2
             scores = tl.where(live[None, :], scores, float("-inf"))  # [GROUP_P, TILE]
             # Every iteration has a live position, so m is finite from the first one on.
@@ -338,6 +385,17 @@ if _HAVE_TRITON:
             total = total * alpha + tl.sum(weights, axis=1)
             acc = acc * alpha[:, None] + tl.sum(weights[:, :, None] * v[None, :, :], axis=1)
             m = m_new
+
+        if WRITE:  # by the program whose range holds ``last``, after its reads
+            at_last = x * 0 + last  # [HEAD_P]: a vector mask (the interpreter wants one)
+            owner = x_in & (lo <= at_last) & (at_last < hi)
+            block = tl.load(table_row + (last // BLOCK_SIZE) * stride_tw).to(tl.int64)
+            offset = last % BLOCK_SIZE
+            k_at = k_row + block * stride_kb + offset * stride_kp + x * stride_kx
+            tl.store(k_at, k_last, mask=owner)
+            tl.store(
+                v_row + block * stride_vb + offset * stride_vp + x * stride_vx, v_last, mask=owner
+            )
 
         if SPLITS == 1:
             result = acc / total[:, None]
