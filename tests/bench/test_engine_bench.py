@@ -22,6 +22,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench") / "engine.json"
     cmd = [sys.executable, "-m", "vajra", "bench", "engine", "--json", str(out), "--quick"]
     cmd += ["--decode-graphs", "eager"]  # the CUDA graphs' static path, uncaptured on the CPU
+    cmd += ["--adapter-pairs", "2"]  # (g): two alternating pairs per count, medians reported
     proc = subprocess.run(cmd, timeout=280, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "(a) in flight" in proc.stdout  # the short table
@@ -113,6 +114,8 @@ def test_g_adapters_against_base(result: dict[str, Any]) -> None:
         assert r["errors"] == 0 and not r["cut_short"], r
         assert r["base_tok_s"] > 0 and r["adapters_tok_s"] > 0
         assert 0 < r["weights_bound_vs_base"] < 1
+        assert r["pairs"] == len(r["pairs_vs_base"]) == 2 and min(r["pairs_vs_base"]) > 0
+        assert r["adapters_vs_base"] == pytest.approx(sum(r["pairs_vs_base"]) / 2)  # the median
     # Ranks cycle 8, 16, 32, 64 over the adapters: the first 16 weigh twice the first 8.
     assert rows[1]["adapter_bytes"] == 2 * rows[0]["adapter_bytes"] > 0
     assert rows[1]["weights_bound_vs_base"] < rows[0]["weights_bound_vs_base"]

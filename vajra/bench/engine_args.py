@@ -49,6 +49,7 @@ class EngineBenchConfig:
     # (g) distinct adapters (each with its own concurrency level = adapter count)
     adapter_counts: tuple[int, ...] = (32, 128)
     adapter_ranks: tuple[int, ...] = (8, 16, 32, 64)
+    adapter_pairs: int = 1  # timed (base-only, adapters) pairs per count, alternating
     # engine settings passed only where load_engine takes them (the paged-KV engine)
     max_batch_tokens: int = 2048
     decode_graphs: str = "auto"  # vajra.gpu.decode_graphs: auto | eager | off
@@ -127,6 +128,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-rows", type=int, default=None, help="rows decoding in (b)")
     parser.add_argument("--adapter-counts", default=None, help="adapter counts for (g)")
     parser.add_argument(
+        "--adapter-pairs",
+        type=int,
+        default=None,
+        help="timed pairs of runs per count for (g), base-only then adapters, alternating; "
+        "the medians are reported (1)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -175,6 +183,7 @@ def config_from_args(args: argparse.Namespace) -> EngineBenchConfig:
         ("contexts", ints(args.contexts)),
         ("context_rows", args.context_rows),
         ("adapter_counts", ints(args.adapter_counts)),
+        ("adapter_pairs", args.adapter_pairs),
         ("max_batch_tokens", args.max_batch_tokens),
         ("decode_graphs", args.decode_graphs),
         ("threads", args.threads),

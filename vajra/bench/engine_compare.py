@@ -14,11 +14,16 @@
     what the engine can do rather than the trace's arrival rate (on an H200, with arrivals,
     both runs at 32 kept up with the trace and gave equal tokens/s while the adapters' steps
     took 2.3x as long). Before each count's timed
-    runs, ``count`` short requests base-only and ``count`` with the adapters run untimed at
-    that concurrency: what a batch shape costs the first time (Triton compiling the LoRA
-    kernels for its rank width, allocator growth) falls outside both timings. On an H200 the
-    first form of this section timed those costs, and they landed on whichever run met the
-    shape first. Each count also reports what its adapters weigh (``adapter_bytes``: every
+    runs, one wave of ``count`` trace requests base-only and one with the adapters run
+    untimed at that concurrency, to their full output lengths: what a batch shape costs the
+    first time (Triton compiling the LoRA kernels for its rank width, allocator growth)
+    falls outside both timings. On an H200 the first form of this section timed those costs,
+    and they landed on whichever run met the shape first; on the 2-core CPU, with warm-up
+    requests of 4 output tokens, the first timed run (base-only at 32) was still about a
+    quarter slower than the next ones. Then ``adapter_pairs`` timed pairs, base-only then
+    adapters, alternate; ``base_tok_s``, ``adapters_tok_s`` and the latencies are medians
+    over the runs, ``adapters_vs_base`` the median of the pairs' ratios (``pairs_vs_base``
+    lists them). Each count also reports what its adapters weigh (``adapter_bytes``: every
     rank row of the ``count`` adapters, which a step with all of them in its rows must read)
     and ``weights_bound_vs_base``: base weights / (base weights + those adapter bytes), the
     ratio a step bound by reading weights alone would reach (KV reads, the same in both runs,
@@ -27,8 +32,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
+import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -39,9 +44,6 @@ from vajra.bench.engine_sections import BenchContext, run_level
 from vajra.bench.engine_trace import BenchRequest
 from vajra.bench.lora_models import random_adapter, sync_device
 from vajra.gpu.model import load_model
-
-#: Output tokens of (g)'s untimed warm-up requests (the trace's prompts, one wave).
-WARMUP_TOKENS = 4
 
 
 def compare_section(ctx: BenchContext) -> dict[str, Any]:
@@ -204,36 +206,47 @@ def adapter_section(ctx: BenchContext) -> dict[str, Any]:
     for count in cfg.adapter_counts:
         for name, warm_slots in (("b", None), ("l", slots[:count])):
             warm = ctx.trace(count, f"g{count}w{name}-", adapter_slots=warm_slots, arrivals=False)
-            short = [dataclasses.replace(r, max_tokens=WARMUP_TOKENS) for r in warm]
-            run_level(ctx, "current", short, count, engine=engine)
+            run_level(ctx, "current", warm, count, engine=engine)
         n_requests = ctx.requests_for(count)
-        before = engine_counters(engine)
-        base_trace = ctx.trace(n_requests, f"g{count}b-", arrivals=False)
-        base = run_level(ctx, "current", base_trace, count, engine=engine)
-        middle = engine_counters(engine)
-        with_lora = ctx.trace(
-            n_requests, f"g{count}l-", adapter_slots=slots[:count], arrivals=False
-        )
-        lora = run_level(ctx, "current", with_lora, count, engine=engine)
-        after = engine_counters(engine)
+        runs: dict[str, list[dict[str, Any]]] = {"b": [], "l": []}
+        zero = dict.fromkeys(engine_counters(engine), 0)
+        counters = {"b": dict(zero), "l": dict(zero)}
+        for pair in range(max(1, cfg.adapter_pairs)):
+            for name, run_slots in (("b", None), ("l", slots[:count])):
+                trace = ctx.trace(
+                    n_requests, f"g{count}{name}{pair}-", adapter_slots=run_slots, arrivals=False
+                )
+                before = engine_counters(engine)
+                runs[name].append(run_level(ctx, "current", trace, count, engine=engine))
+                after = engine_counters(engine)
+                for key in before:
+                    counters[name][key] += after[key] - before[key]
+        base, lora = runs["b"], runs["l"]
+        ratios = [
+            round(lo["output_tok_s"] / b["output_tok_s"], 3)
+            for b, lo in zip(base, lora, strict=True)
+            if b["output_tok_s"] and lo["output_tok_s"]  # None: a run that gave no tokens
+        ]
         entry = {
             "adapters": count,
             "concurrency": count,
             "requests": n_requests,
-            "base_tok_s": base["output_tok_s"],
-            "adapters_tok_s": lora["output_tok_s"],
-            "adapters_vs_base": round(lora["output_tok_s"] / base["output_tok_s"], 3),
+            "pairs": len(base),
+            "base_tok_s": _median(base, "output_tok_s"),
+            "adapters_tok_s": _median(lora, "output_tok_s"),
+            "adapters_vs_base": statistics.median(ratios) if ratios else None,
+            "pairs_vs_base": ratios,
             "adapter_bytes": sum(sizes[:count]),
             "weights_bound_vs_base": round(
                 ctx.facts.weight_bytes / (ctx.facts.weight_bytes + sum(sizes[:count])), 3
             ),
-            "base_itl_p50_ms": base["itl_p50_ms"],
-            "adapters_itl_p50_ms": lora["itl_p50_ms"],
-            "adapters_itl_p99_ms": lora["itl_p99_ms"],
-            "errors": base["errors"] + lora["errors"],
-            "cut_short": base["cut_short"] or lora["cut_short"],
-            "base_counters": {k: middle[k] - before[k] for k in before},
-            "adapters_counters": {k: after[k] - middle[k] for k in middle},
+            "base_itl_p50_ms": _median(base, "itl_p50_ms"),
+            "adapters_itl_p50_ms": _median(lora, "itl_p50_ms"),
+            "adapters_itl_p99_ms": _median(lora, "itl_p99_ms"),
+            "errors": sum(r["errors"] for r in base + lora),
+            "cut_short": any(r["cut_short"] for r in base + lora),
+            "base_counters": counters["b"],
+            "adapters_counters": counters["l"],
         }
         ctx.log(f"(g) {entry}")
         results.append(entry)
@@ -252,3 +265,9 @@ def engine_counters(engine: Any) -> dict[str, int]:
         "preemptions": int(kv.get("preemptions", 0)),
         "prefix_hits": int(kv.get("prefix_hits", 0)),
     }
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    """The median of ``key`` over ``runs`` (those that have it), rounded as the runs are."""
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return round(statistics.median(values), 3) if values else None
