@@ -26,11 +26,11 @@ Decode attention reads each request's blocks in place on CUDA (the Triton kernel
 :mod:`vajra.gpu.paged_decode_kernel`, one launch for every decode row, writing its rows of the
 output in place, and the decode rows' new keys and values into the cache), and there the
 prefill chunks' keys and values are written by one kernel for both
-(:mod:`vajra.gpu.kv_write_kernel`); a decode-only step writes no KV of its own. If either
-kernel cannot be built, torch serves both from then on. On the CPU, and for prefill chunks with earlier context, a request's blocks are gathered
-into a temporary for torch's attention (eager torch has no paged kernel); decode rows are
-grouped by length so the padding of a group stays within 1.5x. Nothing else is copied, and
-no other request's KV is touched.
+(:mod:`vajra.gpu.kv_write_kernel`); a decode-only step launches no KV write of its own. If
+either kernel cannot be built, torch serves both from then on. On the CPU, and for prefill
+chunks with earlier context, a request's blocks are gathered into a temporary for torch's
+attention (eager torch has no paged kernel); decode rows are grouped by length so the padding
+of a group stays within 1.5x. Nothing else is copied, and no other request's KV is touched.
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ With ``new_k`` and ``new_v`` (the step's key and value of each row, ``[D, kv_hea
 head_dim]``), the kernel also writes them into the cache at each row's last position
 ``lens[d] - 1`` (its slot through the block table), which the engine's decode rows would
 otherwise need a launch of :mod:`vajra.gpu.kv_write_kernel` for. The program whose range holds
-that position uses the new key and value there (the cache still holds an older value while it
-reads) and writes them at its end; no other program reads that position, so no program waits
-for another's write.
+that position uses the new key and value there, whatever the cache holds while it reads, and
+writes them at its end; no other program reads that position, so no program waits for
+another's write, and no order between its own loads and that store matters.
 
 :func:`launch_plan` picks ``splits``, ``tile`` and ``num_warps`` from the shapes alone (the
 lengths live on the device); ``vajra bench decode-kernel`` times the alternatives on a GPU.
@@ -151,8 +151,8 @@ def paged_decode_attention(
     ``q``'s dtype: ``out`` when given (its last dimension contiguous; the caller's buffer, so
     no copy follows), else a new tensor. No synchronisation with the host; with several
     splits, float32 partials of ``D x heads x splits x (head_dim + 2)``. ``plan`` defaults to
-    :func:`launch_plan`'s. ``new_k`` and ``new_v``, together or not at all: written into the
-    cache at each row's last position first (module docstring). Lengths are not checked
+    :func:`launch_plan`'s. ``new_k`` and ``new_v``, together or not at all: used at, and
+    written into the cache at, each row's last position (module docstring). Lengths are not checked
     against the table width on the device: a length past it reads whatever ids follow the
     row."""
     if not _HAVE_TRITON:
