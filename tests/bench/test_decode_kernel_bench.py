@@ -41,6 +41,7 @@ def test_quick_run_in_the_interpreter_writes_every_case(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "dk.json").read_text())
     assert result["interpreted"] is True and result["bench"] == "decode-kernel"
+    assert "partial" not in result  # the whole result replaced the partial ones
     cases = result["shapes"]["tiny"]
     assert [(c["rows"], c["context"]) for c in cases] == [(3, 40), (2, 100)]
     for case in cases:

@@ -40,6 +40,7 @@ def test_no_section_failed(result: dict[str, Any]) -> None:
     for key in "abcdefg":
         assert any(k.startswith(f"{key}_") and result[k] is not None for k in result), key
     assert result["meta"]["seconds"] > 0
+    assert "partial" not in result  # the whole result replaced the partial ones
 
 
 def test_a_every_level_finishes_its_requests(result: dict[str, Any]) -> None:

@@ -16,7 +16,10 @@ from typing import Any
 
 import pytest
 
+from vajra.bench import gpu_check
 from vajra.bench.gpu_check import (
+    Options,
+    Step,
     _relative_paths,
     judge_engine_targets,
     judge_targets,
@@ -244,3 +247,41 @@ def test_the_cuda_tests_collect_with_only_what_the_gpu_machine_has() -> None:
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "test_gpu_training.py::test_bf16_training_on_cuda_follows_float32" in done.stdout
+
+
+# A step that writes part of its result, then outlives the budget (a GPU run's last step).
+_CUT_SHORT = """
+import sys, time
+from pathlib import Path
+from vajra.bench.result_file import write_result
+row = {"adapters": 32, "rows": 32, "vajra_tok_s": 900.0, "vajra_vs_base": 0.8, "vajra_vs_peft": None}
+part = {"device": "H200", "throughput": {"model_shape": "llama-3.2-1b", "results": [row]}}
+write_result(Path(sys.argv[1]), part, partial=True)
+print("written", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_step_cut_short_by_the_budget_keeps_the_figures_it_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    name = "adapters-llama-3.2-1b"
+    step = Step(name, ("-c", _CUT_SHORT, str(out / f"{name}.json")), timeout_s=600)
+    monkeypatch.setattr(gpu_check, "plan", lambda opts: [step])
+    opts = Options(
+        root=REPO, out=out, work=work, wheels=tmp_path / "none", requirements=tmp_path / "r",
+        dry_run=False, budget_s=15,
+    )  # fmt: skip
+    summary, lines = gpu_check.run_check(opts)
+    record = summary["steps"][0]
+    assert record["status"] == "timed out" and record["partial_json"] is True, record
+    assert "written" in (work / f"{name}.log").read_text()
+    assert summary["figures"][name]["by_adapters"][0]["vajra_vs_base"] == 0.8
+    assert ("met", 0.8) in [(t["status"], t["value"]) for t in summary["targets"]]
+    assert summary["ok"] is False
+    assert f"step {name}: timed out: the figures above are those it finished before it ended" in (
+        lines
+    )
+    assert any(line.startswith(f"{name} (llama-3.2-1b, None s): ") for line in lines)

@@ -13,6 +13,7 @@ def test_quick_train_bench_writes_its_json(tmp_path: Path) -> None:
     assert main(["bench", "train", "--quick", "--json", str(out), "--device", "cpu"]) == 0
     result = json.loads(out.read_text())
     assert result["bench"] == "train" and result["device"] == "cpu"
+    assert "partial" not in result  # the whole result replaced the partial ones
     training = result["training"]
     for side in ("vajra", "peft"):
         assert training[side]["tokens_per_s"] > 0

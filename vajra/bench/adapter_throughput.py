@@ -77,7 +77,10 @@ def measure_throughput(
     modes: Sequence[str] = ("auto",),
     repeats: int = 2,
     log: Callable[[str], None] = lambda _: None,
+    progress: Callable[[dict[str, Any]], None] = lambda _: None,
 ) -> dict[str, Any]:
+    """Decode throughput by adapter count (module docstring); ``progress`` gets the result so
+    far after each count of each system, so a run cut short keeps what it measured."""
     model = random_model(shape, device, dtype)
     spec = spec_for(shape)
     n_max = max(counts)
@@ -101,6 +104,15 @@ def measure_throughput(
 
     rows_per_count = {n: max(batch_size, n) for n in counts}
     results: list[dict[str, Any]] = []
+    report = {
+        "model_shape": shape,
+        "dtype": str(dtype).removeprefix("torch."),
+        "rank": rank,
+        "batch_size": batch_size,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "results": results,
+    }
     base_cache: dict[int, float] = {}
     for n in counts:
         rows = rows_per_count[n]
@@ -121,6 +133,7 @@ def measure_throughput(
             entry["vajra_vs_base"] = round(entry["vajra_tok_s"] / entry["base_tok_s"], 3)
         results.append(entry)
         log(f"vajra: {entry}")
+        progress(report)
     remove_lora(model)
     del pool, state
 
@@ -130,17 +143,9 @@ def measure_throughput(
         compared = [r for r in results if r["adapters"] in peft_counts]
         _peft_throughput(
             model, adapters[: max(peft_counts)], peft_counts, rows_per_count, prompts,
-            new_tokens, repeats, compared, log,
+            new_tokens, repeats, compared, log, lambda: progress(report),
         )  # fmt: skip
-    return {
-        "model_shape": shape,
-        "dtype": str(dtype).removeprefix("torch."),
-        "rank": rank,
-        "batch_size": batch_size,
-        "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens,
-        "results": results,
-    }
+    return report
 
 
 def _peft_throughput(
@@ -153,6 +158,7 @@ def _peft_throughput(
     repeats: int,
     results: list[dict[str, Any]],
     log: Callable[[str], None],
+    done_one: Callable[[], None],
 ) -> None:
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
@@ -175,4 +181,5 @@ def _peft_throughput(
         entry["peft_tok_s"] = round(rows * new_tokens / seconds, 2)
         entry["vajra_vs_peft"] = round(entry.get("vajra_tok_s", 0.0) / entry["peft_tok_s"], 3)
         log(f"peft: {entry}")
+        done_one()
     peft_model.unload()

@@ -34,6 +34,7 @@ import torch
 from vajra.bench.adapter_activation import TierFactory, measure_activation
 from vajra.bench.adapter_throughput import measure_throughput
 from vajra.bench.lora_models import SHAPES
+from vajra.bench.result_file import Progress, partial_writer, write_result
 
 
 def run_adapters_bench(
@@ -52,11 +53,13 @@ def run_adapters_bench(
     repeats: int | None = None,
     tiers: Mapping[str, TierFactory] | None = None,
     log: Callable[[str], None] = lambda _: None,
+    partial: Progress = lambda _: None,
 ) -> dict[str, Any]:
     """Run (a) and (b). Defaults on CUDA: a Llama-3.2-1B-shaped random model in bfloat16, batch
     32, 64 new tokens, best of 3, activation of a Llama-3-8B-shaped adapter. On the CPU (to
     finish in a few minutes on 2 cores): the "tiny" shape in float32, batch 32, 8 new tokens,
-    one timed run after a warm-up, activation of a "tiny"-shaped adapter."""
+    one timed run after a warm-up, activation of a "tiny"-shaped adapter. ``partial`` gets the
+    result so far after (a) and after each adapter count of (b)."""
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = target.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -76,6 +79,7 @@ def run_adapters_bench(
         repeats=activation_repeats or (20 if cuda else 10),
     )
     log(f"activation: {result['activation']}")
+    partial(result)
     result["throughput"] = measure_throughput(
         shape=shape,
         device=target,
@@ -89,6 +93,7 @@ def run_adapters_bench(
         peft_max_adapters=peft_max_adapters,
         modes=modes,
         log=log,
+        progress=lambda throughput: partial({**result, "throughput": throughput}),
     )
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
@@ -131,11 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         activation_repeats=args.activation_repeats,
         repeats=args.repeats,
         log=lambda line: print(line, file=sys.stderr, flush=True),
+        partial=partial_writer(args.json),
     )
-    text = json.dumps(result, indent=2)
     if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
+        write_result(args.json, result)
+    print(json.dumps(result, indent=2))
     return 0
 
 

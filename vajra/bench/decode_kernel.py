@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import time
@@ -32,6 +31,7 @@ import torch
 
 from vajra.bench.bandwidth import copy_bandwidth
 from vajra.bench.lora_models import sync_device
+from vajra.bench.result_file import Progress, partial_writer, write_result
 from vajra.gpu.paged_decode_kernel import (
     LaunchPlan,
     available,
@@ -148,7 +148,8 @@ def run_case(
     }
 
 
-def run(opts: argparse.Namespace) -> dict[str, Any]:
+def run(opts: argparse.Namespace, progress: Progress = lambda _: None) -> dict[str, Any]:
+    """Every case of every shape in ``opts``; ``progress`` gets the result so far after each."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if not available(opts.device) and not interpreted:
         raise SystemExit(
@@ -173,7 +174,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             case = run_case(SHAPES[name], rows, context, opts, bandwidth)
             print(f"[decode-kernel] {name} {rows}x{context}: {_brief(case)}", flush=True)
             cases.append(case)
-        out["shapes"][name] = cases
+            out["shapes"][name] = cases
+            progress(out)
     out["seconds"] = round(time.perf_counter() - begin, 1)
     return out
 
@@ -204,9 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     if opts.shapes and any(name not in SHAPES for name in opts.shapes.split(",")):
         parser.error(f"--shapes: choose among {', '.join(SHAPES)}")
-    result = run(opts)
-    opts.json.parent.mkdir(parents=True, exist_ok=True)
-    opts.json.write_text(json.dumps(result, indent=2) + "\n")
+    result = run(opts, partial_writer(opts.json))
+    write_result(opts.json, result)
     print(f"[decode-kernel] written to {opts.json}")
     return 0
 

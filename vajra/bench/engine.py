@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -61,6 +60,7 @@ from vajra.bench.engine_sections import (
     prefix_section,
 )
 from vajra.bench.engine_trace import PromptMaker, TraceShape, read_trace
+from vajra.bench.result_file import Progress, partial_writer, write_result
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -70,7 +70,7 @@ def run_engine_bench(
     *,
     skip: frozenset[str] = frozenset(),
     log: Callable[[str], None] = lambda _: None,
-    partial: Callable[[dict[str, Any]], None] = lambda _: None,
+    partial: Progress = lambda _: None,
 ) -> dict[str, Any]:
     """Run every section not in ``skip`` (letters a-g); a section that fails records
     ``{"error": ...}`` and the others still run. ``partial`` gets the result so far after
@@ -119,7 +119,7 @@ def run_engine_bench(
                 result[key] = {"error": f"{type(exc).__name__}: {exc}"}
             seconds[key] = round(time.perf_counter() - begin, 1)
             log(f"{key}: done in {seconds[key]} s")
-            partial({**result, "meta": {**result["meta"], "partial": True}})
+            partial(result)
 
         both: tuple[EngineKind, ...] = ("current", "baseline")
         section("a_concurrency", lambda: concurrency_section(ctx))
@@ -127,7 +127,10 @@ def run_engine_bench(
         section("c_prefill_interference", lambda: {k: interference_section(ctx, k) for k in both})
         section("e_prefix_cache", lambda: {k: prefix_section(ctx, k) for k in both})
         section("f_comparison", lambda: compare_section(ctx))
-        section("g_adapters", lambda: adapter_section(ctx))
+        section(
+            "g_adapters",
+            lambda: adapter_section(ctx, lambda g: partial({**result, "g_adapters": g})),
+        )
         result["d_kv_memory"] = None if "d" in skip else kv_memory_section(result)
         result["meta"]["section_seconds"] = seconds
     result["meta"]["seconds"] = round(time.perf_counter() - started, 1)
@@ -182,18 +185,13 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run with parsed options: the JSON to ``args.json``, a short table to stdout; 1 if a
     section failed."""
     path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(result: dict[str, Any]) -> None:
-        path.write_text(json.dumps(result, indent=2) + "\n")
-
     result = run_engine_bench(
         config_from_args(args),
         skip=skipped_sections(args),
         log=lambda line: print(line, file=sys.stderr, flush=True),
-        partial=write,
+        partial=partial_writer(path),
     )
-    write(result)
+    write_result(path, result)
     print("\n".join(summary_lines(result)))
     return 1 if section_errors(result) else 0
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -174,8 +174,11 @@ def _transformers_cb(
     }
 
 
-def adapter_section(ctx: BenchContext) -> dict[str, Any]:
-    """(g); see the module docstring."""
+def adapter_section(
+    ctx: BenchContext, progress: Callable[[dict[str, Any]], None] = lambda _: None
+) -> dict[str, Any]:
+    """(g); see the module docstring. ``progress`` gets the section so far after each adapter
+    count, so a run cut short keeps the counts it finished."""
     from vajra.gpu.lora import pack_adapter, read_adapter_tensors
 
     cfg = ctx.config
@@ -250,6 +253,7 @@ def adapter_section(ctx: BenchContext) -> dict[str, Any]:
         }
         ctx.log(f"(g) {entry}")
         results.append(entry)
+        progress({"ranks": list(cfg.adapter_ranks), "results": results})
     return {"ranks": list(cfg.adapter_ranks), "results": results}
 
 

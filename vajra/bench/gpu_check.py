@@ -24,16 +24,19 @@ One plan, run in order, each step a subprocess with its own time limit inside on
 8. ``adapters-llama-3.2-1b``: ``vajra bench adapters`` on the Llama-3.2-1B shape (1, 32 and
    128 adapters, PEFT up to 32), last: the step a short budget cuts.
 
-Every step writes its JSON into one folder (``bench-results/gpu/`` by default) and
-``summary.json`` gathers them; a short summary goes to stdout, progress and failing steps' logs
-to stderr. The exit status is 1 when a step fails, a test fails, or a CUDA test is skipped on
+Every step writes its JSON into one folder (``bench-results/gpu/`` by default), after each
+part it finishes, so a step cut short by its time limit still gives the figures it measured
+(its JSON says ``"partial": true``, its record ``"partial_json": true``). ``summary.json``
+gathers them; a short summary goes to stdout, progress and failing steps' logs to stderr.
+The exit status is 1 when a step fails, a test fails, or a CUDA test is skipped on
 a GPU machine.
 
 ``--dry-run`` runs the same plan on the CPU: the CUDA tests skip themselves, the "tiny" model
 shape stands in for both GPU shapes, and the speed targets are not judged; the summary says so.
 ``tests/bench/test_gpu_check.py`` runs it, so the check cannot rot between GPU runs.
 
-Standard library only: this module runs before the wheels are installed.
+Standard library only (with :mod:`vajra.bench.result_file`, itself standard library only):
+this module runs before the wheels are installed.
 """
 
 # Over 400 lines: the check must be one standard-library module, runnable before any wheel
@@ -53,6 +56,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vajra.bench.result_file import is_partial
 
 #: Modules every step after ``install`` imports; the environment step checks each.
 NEEDED_MODULES = (
@@ -407,6 +412,9 @@ def run_check(opts: Options) -> tuple[dict[str, Any], list[str]]:
             continue
         record = run_step(step, opts, env, deadline)
         summary["steps"].append(record)
+        written = _load(opts.out / f"{step.name}.json")
+        if record["status"] != "ok" and written is not None and is_partial(written):
+            record["partial_json"] = True  # its figures so far count; its end is missing
         if step.name == "environment":
             summary["environment"] = environment = _load(opts.out / "environment.json") or {}
             if not opts.dry_run and record["status"] == "ok" and not environment.get("cuda"):
@@ -559,6 +567,8 @@ def summary_lines(summary: dict[str, Any], opts: Options) -> list[str]:
     for step in summary["steps"]:
         if step["status"] != "ok":
             reason = f" ({step['reason']})" if "reason" in step else ""
+            if step.get("partial_json"):
+                reason += ": the figures above are those it finished before it ended"
             lines.append(f"step {step['name']}: {step['status']}{reason}")
     lines.append(
         f"JSON: {opts.out}/ ({', '.join(sorted(p.name for p in opts.out.glob('*.json')))})"

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from vajra.bench.engine_model import build_bench_model
+from vajra.bench.result_file import Progress, partial_writer, write_result
 from vajra.gpu.engine import TorchEngine
 from vajra.gpu.interface import GenerationRequest
 from vajra.gpu.training import Interleaver, LoraTrainer, TrainExample, tokenize_examples
@@ -41,31 +42,10 @@ from vajra.policies.training import TrainParams, step_examples
 from vajra.training import Example
 
 WORDS = [
-    "river",
-    "town",
-    "morning",
-    "baker",
-    "harbour",
-    "gulls",
-    "train",
-    "apples",
-    "station",
-    "numbers",
-    "daughter",
-    "letters",
-    "wind",
-    "clouds",
-    "teacher",
-    "windows",
-    "bells",
-    "soup",
-    "lessons",
-    "planets",
-    "stars",
-    "servers",
-    "models",
-    "tokens",
-]
+    "river", "town", "morning", "baker", "harbour", "gulls", "train", "apples", "station",
+    "numbers", "daughter", "letters", "wind", "clouds", "teacher", "windows", "bells", "soup",
+    "lessons", "planets", "stars", "servers", "models", "tokens",
+]  # fmt: skip
 
 
 def synthetic_examples(n: int, words: int, seed: int = 0) -> list[Example]:
@@ -276,8 +256,10 @@ def run_train_bench(
     max_micro_tokens: int = 256,
     inference_ratio: int = 10,
     workdir: Path | None = None,
+    partial: Progress = lambda _: None,
 ) -> dict[str, Any]:
-    """Both parts of the benchmark (module docstring); returns the JSON-ready result."""
+    """Both parts of the benchmark (module docstring); returns the JSON-ready result.
+    ``partial`` gets the result so far after the training part and after each latency run."""
     if (device or "cpu") == "cpu" and not torch.cuda.is_available():
         torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -300,6 +282,23 @@ def run_train_bench(
         trainer = LoraTrainer(engine, engine.tokenizer, examples, params)
         peft = bench_peft(model_dir, engine, examples, params, warmup, trainer.adapter_tensors())
         ours = bench_vajra(trainer, examples, params, warmup)
+        result: dict[str, Any] = {
+            "bench": "train",
+            "device": str(engine.device),
+            "dtype": str(next(engine.model.parameters()).dtype),
+            "shape": shape,
+            "torch_threads": torch.get_num_threads(),
+            "params": params.to_dict(),
+            "training": {
+                "steps_timed": steps,
+                "vajra": ours,
+                "peft": peft,
+                "ratio": ours["tokens_per_s"] / peft["tokens_per_s"],
+                "target_ratio": 1.0,
+                "met": ours["tokens_per_s"] >= peft["tokens_per_s"],
+            },
+        }
+        partial(result)
         job = TrainParams.from_dict(
             {
                 **params.to_dict(),
@@ -328,23 +327,11 @@ def run_train_bench(
             )
             if job_trainer is not None:
                 job_trainer.close()
+            partial({**result, "latency": latency})
         micro_max = latency["preemption_on"]["micro_step_ms"]["max"]
         bound = latency["no_job"]["itl_ms"]["p99"] + micro_max
         return {
-            "bench": "train",
-            "device": str(engine.device),
-            "dtype": str(next(engine.model.parameters()).dtype),
-            "shape": shape,
-            "torch_threads": torch.get_num_threads(),
-            "params": params.to_dict(),
-            "training": {
-                "steps_timed": steps,
-                "vajra": ours,
-                "peft": peft,
-                "ratio": ours["tokens_per_s"] / peft["tokens_per_s"],
-                "target_ratio": 1.0,
-                "met": ours["tokens_per_s"] >= peft["tokens_per_s"],
-            },
+            **result,
             "latency": {
                 **latency,
                 "inference_ratio": inference_ratio,
@@ -369,10 +356,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         max_tokens=8 if quick else args.max_tokens,
         max_micro_tokens=args.max_micro_tokens,
         inference_ratio=args.inference_ratio,
+        partial=partial_writer(Path(args.json)),
     )
     if args.cluster:
         from vajra.bench.train_cluster import run_train_cluster_bench
 
+        write_result(Path(args.json), result, partial=True)
         result["cluster"] = run_train_cluster_bench(
             requests=4 if quick else args.cluster_requests,
             concurrency=2 if quick else args.cluster_concurrency,
@@ -380,8 +369,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             rank=args.rank,
             inference_ratio=args.inference_ratio,
         )
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    write_result(Path(args.json), result)
     summary = {
         "ratio": result["training"]["ratio"],
         "vajra_tokens_per_s": result["training"]["vajra"]["tokens_per_s"],
