@@ -6,7 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vajra.gpu.interface import GenerationRequest
 from vajra.gpu.kv_blocks import BlockManager, block_keys
+from vajra.gpu.step_planner import Sequence
+from vajra.policies.decoding import SamplingParams
 
 
 def test_keys_chain_namespace_and_every_earlier_block() -> None:
@@ -17,6 +20,25 @@ def test_keys_chain_namespace_and_every_earlier_block() -> None:
     assert block_keys("adapter-v2", tokens, 16)[0] != keys[0]
     changed = [99, *tokens[1:]]
     assert block_keys("", changed, 16)[1] != keys[1]  # a different first block changes the chain
+
+
+def test_a_chain_extends_from_its_last_key_as_a_sequence_grows() -> None:
+    tokens = list(range(100, 170))
+    keys = block_keys("ns", tokens, 16)
+    assert block_keys("ns", tokens[32:], 16, after=keys[1]) == keys[2:]
+    request = GenerationRequest("r", "", SamplingParams(), None)
+    seq = Sequence(
+        request, prompt_len=20, tokens=tokens[:20], namespace="ns", sampler=None, text=None
+    )
+    assert seq.keys_upto(1, 16) == keys[:1]
+    for token in tokens[20:]:  # decoding: one token at a time, keys asked for as blocks fill
+        seq.tokens.append(token)
+        assert seq.keys_upto(len(seq.tokens) // 16, 16) == keys[: len(seq.tokens) // 16]
+    assert seq.keys == keys
+    other = Sequence(
+        request, prompt_len=70, tokens=tokens, namespace="other", sampler=None, text=None
+    )
+    assert other.keys_upto(4, 16)[0] != keys[0]  # the namespace starts the chain
 
 
 def test_allocate_is_all_or_nothing() -> None:

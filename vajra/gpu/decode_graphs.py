@@ -110,6 +110,9 @@ class DecodeGraphs:
         self._host = torch.zeros(size, dtype=torch.int64, pin_memory=cuda)
         self._host_np: Any = self._host.numpy()
         self._host_tables: Any = self._host_np[4 * rows :].reshape(rows, width)
+        # Each row's table as last written: the block list it came from and how much of it.
+        # A row holding the same list again gets only the blocks appended since.
+        self._written: list[tuple[list[int] | None, int]] = [(None, 0)] * rows
         self._buf = torch.zeros(size, dtype=torch.int64, device=device)
         self._keep = torch.arange(rows, dtype=torch.int64, device=device)
         self._lora_host = torch.zeros(rows, dtype=torch.int32, pin_memory=cuda)
@@ -173,7 +176,12 @@ class DecodeGraphs:
             host[rows + i] = pos
             host[2 * rows + i] = blocks[pos // size] * size + pos % size
             host[3 * rows + i] = pos + 1
-            tables[i, : len(blocks)] = blocks
+            source, done = self._written[i]
+            if source is not blocks or done > len(blocks):
+                done = 0  # another sequence's list, or a new list of this one's
+            if done < len(blocks):
+                tables[i, done : len(blocks)] = blocks[done:]
+            self._written[i] = (blocks, len(blocks))
             slot = seq.request.adapter_slot
             slots.append(slot)
             lora_host[i] = null if slot is None else slot
@@ -183,6 +191,7 @@ class DecodeGraphs:
         host[2 * rows + pad.start : 2 * rows + bucket] = self._scratch * size
         host[3 * rows + pad.start : 3 * rows + bucket] = 1
         tables[pad, 0] = self._scratch
+        self._written[pad] = [(None, 0)] * (bucket - len(chunks))
         lora_host[pad] = null
         self._buf.copy_(self._host, non_blocking=True)
         self._lora_slots.copy_(self._lora_host, non_blocking=True)

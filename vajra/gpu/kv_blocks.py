@@ -30,11 +30,14 @@ from dataclasses import dataclass
 BlockKey = int
 
 
-def block_keys(namespace: str, tokens: Sequence[int], block_size: int) -> list[BlockKey]:
+def block_keys(
+    namespace: str, tokens: Sequence[int], block_size: int, *, after: BlockKey | None = None
+) -> list[BlockKey]:
     """The keys of the full blocks of ``tokens`` under ``namespace`` (the partial last block,
-    if any, has none)."""
+    if any, has none). ``after``: the key of the block just before ``tokens[0]``, to extend
+    a chain already computed (none: ``tokens`` start the request)."""
     keys: list[BlockKey] = []
-    parent = hash(("vajra-kv", namespace))
+    parent = hash(("vajra-kv", namespace)) if after is None else after
     for start in range(0, len(tokens) - block_size + 1, block_size):
         parent = hash((parent, tuple(tokens[start : start + block_size])))
         keys.append(parent)

@@ -70,10 +70,15 @@ class Sequence:
         return len(self.tokens) - self.num_computed
 
     def keys_upto(self, num_blocks: int, block_size: int) -> list[BlockKey]:
-        """Prefix keys of the first ``num_blocks`` full blocks of the tokens."""
-        if len(self.keys) < num_blocks:
-            self.keys = block_keys(
-                self.namespace, self.tokens[: num_blocks * block_size], block_size
+        """Prefix keys of the first ``num_blocks`` full blocks of the tokens, the chain
+        extended from the keys already computed (tokens are only ever appended)."""
+        have = len(self.keys)
+        if have < num_blocks:
+            self.keys += block_keys(
+                self.namespace,
+                self.tokens[have * block_size : num_blocks * block_size],
+                block_size,
+                after=self.keys[-1] if have else None,
             )
         return self.keys[:num_blocks]
 
