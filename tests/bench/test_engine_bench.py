@@ -75,11 +75,13 @@ def test_b_c_e_run_on_both_engines(result: dict[str, Any]) -> None:
             assert stats["eager"] >= 4 * len(contexts) and stats["captured"] == 0
             for c in contexts:
                 assert c["eager_step_p50_ms"] > 0
+                assert c["outside_model_ms"] > 0  # the steps with the model skipped
                 assert c["graph_speedup"] == pytest.approx(
                     c["eager_step_p50_ms"] / c["step_p50_ms"], rel=0.05
                 )
         else:
             assert stats is None and "graph_speedup" not in contexts[0]
+            assert "outside_model_ms" not in contexts[0]
         c = result["c_prefill_interference"][kind]
         assert c["ttft_p50_ms"] > 0
         _ordered(c, "itl_before_p50_ms", "itl_before_p99_ms")

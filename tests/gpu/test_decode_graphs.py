@@ -221,6 +221,37 @@ def test_the_forward_a_graph_captures_never_waits_for_the_device(tiny_model_dir:
     assert "_local_scalar_dense" in control.ops
 
 
+def test_steps_with_the_model_skipped_run_one_forward_and_leave_the_engine_as_it_was(
+    tiny_model_dir: Path,
+) -> None:
+    """``model_skipped`` (what (b)'s ``outside_model_ms`` times): inside, four decode steps run
+    the model once and reuse its logits (so each row repeats its token); outside again, every
+    step runs the model and counts, and a row that joins takes its own tokens."""
+    engine = engine_of(tiny_model_dir, "eager")
+    graphs = engine.decode_graphs
+    assert graphs is not None
+    forwards: list[int] = []
+    engine.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    prompts = ["a b c", "one two three four five six", "x y"]
+    admit = [GenerationRequest(f"k{i}", p, params) for i, p in enumerate(prompts)]
+    while not all(engine.step(admit, [])[i].token_ids for i in range(3)):
+        admit = []
+    engine.step([], [])
+    eager, before = graphs.stats.eager, len(forwards)
+    with graphs.model_skipped():
+        inside = [engine.step([], []) for _ in range(4)]
+    assert len(forwards) == before + 1 and graphs.stats.eager == eager
+    for i in range(3):
+        assert len({step[i].token_ids for step in inside[1:]}) == 1  # the same logits each time
+    after = [engine.step([], []) for _ in range(3)]
+    assert len(forwards) == before + 4 and graphs.stats.eager == eager + 3
+    assert all(len(step) == 3 for step in after)
+    plain = engine_of(tiny_model_dir, "off")
+    late = GenerationRequest("late", "the late one", SamplingParams(max_tokens=5))
+    assert drive(engine, {0: [late]})["late"] == drive(plain, {0: [late]})["late"]
+
+
 def test_graphs_are_never_captured_on_the_cpu_and_a_bad_mode_is_refused(
     tiny_model_dir: Path,
 ) -> None:

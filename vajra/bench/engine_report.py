@@ -62,10 +62,11 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         base = {e["context"]: e for e in b["baseline"].get("contexts", [])}
         for e in b["current"].get("contexts", []):
             other = base.get(e["context"], {})
+            extra = {"eager_step_p50_ms": "graphs off", "outside_model_ms": "outside the model"}
             lines.append(
                 f"    {e['context']:>6} | {e.get('step_p50_ms')} | {other.get('step_p50_ms')} | "
                 f"{e.get('floor_ms')} ({e.get('vs_floor')}x)"
-                + (f"; graphs off {e['eager_step_p50_ms']}" if "eager_step_p50_ms" in e else "")
+                + "".join(f"; {text} {e[key]}" for key, text in extra.items() if key in e)
             )
     c = result.get("c_prefill_interference")
     if isinstance(c, dict) and "current" in c:

@@ -142,13 +142,15 @@ def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
     first token, the next ``context_steps`` steps are pure decode steps and are timed, against
     the step's memory-bandwidth floor (:mod:`vajra.bench.bandwidth`). When the engine replays
     CUDA graphs of decode steps (:mod:`vajra.gpu.decode_graphs`), as many steps more of the
-    same rows run with the graphs switched off: ``graph_speedup`` is eager over graph p50."""
+    same rows run with the graphs switched off: ``graph_speedup`` is eager over graph p50;
+    and as many with the model skipped (its logits reused): ``outside_model_ms``, the p50 of
+    what a step costs besides its forward."""
     cfg = ctx.config
     rows, steps = cfg.context_rows, cfg.context_steps
-    max_len = min(max(cfg.contexts) + 3 * steps + 8, ctx.facts.max_positions)
+    max_len = min(max(cfg.contexts) + 4 * steps + 8, ctx.facts.max_positions)
     engine, _ = ctx.engine(kind, max_batch_size=rows, max_model_len=max_len)
     graphs = getattr(engine, "decode_graphs", None)  # vajra.gpu.decode_graphs, when it runs
-    timed = (3 if graphs is not None else 2) * steps
+    timed = (4 if graphs is not None else 2) * steps + 1
     bandwidth = _bandwidth(ctx.device)
     results: list[dict[str, Any]] = []
     for context in cfg.contexts:
@@ -169,13 +171,15 @@ def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
         prefill_s = time.perf_counter() - begin
         step_s = _timed_steps(engine, steps)
         busy = ops_time_per_step(engine, steps, ctx.device)
-        eager_s = []
+        eager_s, outside_s = [], []
         if graphs is not None:  # the same rows, next steps, without the graphs: the control
             engine.decode_graphs = None  # type: ignore[attr-defined]
             try:
                 eager_s = _timed_steps(engine, steps)
             finally:
                 engine.decode_graphs = graphs  # type: ignore[attr-defined]
+            with graphs.model_skipped():  # the first step runs the forward whose logits recur
+                outside_s = _timed_steps(engine, steps + 1)[1:]
         _drain(engine, sorted(ids))
         p50 = percentile(step_s, 50) or 0.0
         floor = decode_floor_s(
@@ -200,6 +204,7 @@ def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
         if graphs is not None:
             eager = percentile(eager_s, 50) or 0.0
             entry |= {"eager_step_p50_ms": ms(eager), "graph_speedup": round(eager / p50, 2)}
+            entry["outside_model_ms"] = ms(percentile(outside_s, 50))
         ctx.log(f"(b) {kind} context {context}: {entry}")
         results.append(entry)
     graph_facts: dict[str, object] = {"fused_layers": getattr(engine, "fused_layers", 0)}

@@ -519,6 +519,7 @@ def summary_lines(summary: dict[str, Any], opts: Options) -> list[str]:
             + (f", ops {e['ops_ms_per_step']} ms" if "ops_ms_per_step" in e else "")
             + (f" in {e['ops_per_step']} kernels" if "ops_per_step" in e else "")
             + (f", eager {e['eager_step_p50_ms']} ms" if "eager_step_p50_ms" in e else "")
+            + (f", outside the model {e['outside_model_ms']} ms" if "outside_model_ms" in e else "")
             + ")"
             for e in b["contexts"]
         )

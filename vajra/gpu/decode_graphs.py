@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -160,6 +162,31 @@ class DecodeGraphs:
         logits = self._forward(bucket, with_lora, longest, segments)
         self.stats.eager += 1
         return logits[:d]
+
+    @contextmanager
+    def model_skipped(self) -> Iterator[None]:
+        """Within it, decode steps do all but the model: the first runs the forward uncaptured
+        and the next ones reuse its logits (a forward runs again only for a larger bucket).
+        So a step's time within is its cost outside the model (planning, the buffers' fill,
+        sampling, text): ``vajra bench engine`` (b)'s ``outside_model_ms``. Steps within
+        count in no :attr:`stats`."""
+        graphs, forward, eager = self._graphs, self._forward, self.stats.eager
+        kept: list[torch.Tensor] = []
+
+        def reuse(
+            bucket: int, with_lora: bool, longest: int, segments: list[Segment] | None
+        ) -> torch.Tensor:
+            if not kept or kept[0].shape[0] < bucket:
+                kept[:] = [forward(bucket, with_lora, longest, segments).clone()]
+            return kept[0][:bucket]
+
+        self._graphs = {}
+        setattr(self, "_forward", reuse)  # noqa: B010 (shadows the method, for this block)
+        try:
+            yield
+        finally:
+            del self._forward  # the method again
+            self._graphs, self.stats.eager = graphs, eager
 
     def _fill(self, chunks: list[tuple[Sequence, int]], bucket: int) -> list[int | None]:
         """Write the step's rows (and padding up to ``bucket``) into the static buffers: one
