@@ -270,6 +270,9 @@ def test_a_step_cut_short_by_the_budget_keeps_the_figures_it_wrote(
     name = "adapters-llama-3.2-1b"
     step = Step(name, ("-c", _CUT_SHORT, str(out / f"{name}.json")), timeout_s=600)
     monkeypatch.setattr(gpu_check, "plan", lambda opts: [step])
+    out.mkdir()
+    leftover = out / f".{name}.json.k9x.tmp"  # the last run's step killed while it wrote
+    leftover.write_text('{"device": ')
     opts = Options(
         root=REPO, out=out, work=work, wheels=tmp_path / "none", requirements=tmp_path / "r",
         dry_run=False, budget_s=15,
@@ -281,6 +284,7 @@ def test_a_step_cut_short_by_the_budget_keeps_the_figures_it_wrote(
     assert summary["figures"][name]["by_adapters"][0]["vajra_vs_base"] == 0.8
     assert ("met", 0.8) in [(t["status"], t["value"]) for t in summary["targets"]]
     assert summary["ok"] is False
+    assert not leftover.exists()
     assert f"step {name}: timed out: the figures above are those it finished before it ended" in (
         lines
     )

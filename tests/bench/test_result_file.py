@@ -9,7 +9,12 @@ from typing import Any
 import pytest
 
 from vajra.bench.adapters import run_adapters_bench
-from vajra.bench.result_file import is_partial, partial_writer, write_result
+from vajra.bench.result_file import (
+    is_partial,
+    partial_writer,
+    remove_temporaries,
+    write_result,
+)
 
 
 def test_a_write_replaces_the_file_whole_and_marks_a_partial_result(tmp_path: Path) -> None:
@@ -33,6 +38,14 @@ def test_a_failed_write_keeps_the_last_whole_result_and_leaves_no_temporary(
     assert json.loads(path.read_text()) == {"partial": True, "measured": [1, 2]}
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
     partial_writer(None)({"nothing": "written"})  # no path: a no-op
+
+
+def test_temporaries_of_killed_writes_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    write_result(tmp_path / "kept.json", {"a": 1})
+    (tmp_path / ".kept.json.x1y2.tmp").write_text('{"half": ')  # a write killed midway
+    (tmp_path / "notes.tmp").write_text("not ours")
+    remove_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json", "notes.tmp"]
 
 
 @pytest.mark.timeout(300)

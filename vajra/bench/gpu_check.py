@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vajra.bench.result_file import is_partial
+from vajra.bench.result_file import is_partial, remove_temporaries
 
 #: Modules every step after ``install`` imports; the environment step checks each.
 NEEDED_MODULES = (
@@ -386,6 +386,7 @@ def run_check(opts: Options) -> tuple[dict[str, Any], list[str]]:
     opts.out.mkdir(parents=True, exist_ok=True)
     for stale in opts.out.glob("*.json"):
         stale.unlink()
+    remove_temporaries(opts.out)  # a step killed while it wrote
     opts.work.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(site_dir(opts.work), ignore_errors=True)
     (opts.work / "junit.xml").unlink(missing_ok=True)  # a stale report must not count

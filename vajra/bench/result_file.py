@@ -17,6 +17,8 @@ from typing import Any
 
 #: The callback a benchmark hands its result so far (see :func:`partial_writer`).
 Progress = Callable[[Mapping[str, Any]], None]
+#: How the temporary files of :func:`write_result` end (their names start with a dot).
+_TEMPORARY = ".tmp"
 
 
 def write_result(path: Path, result: Mapping[str, Any], *, partial: bool = False) -> None:
@@ -24,7 +26,7 @@ def write_result(path: Path, result: Mapping[str, Any], *, partial: bool = False
     ``partial`` marks a result that later parts of the run would have added to."""
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {"partial": True, **result} if partial else dict(result)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMPORARY, dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(body, indent=2) + "\n")
@@ -44,3 +46,9 @@ def partial_writer(path: Path | None) -> Progress:
 def is_partial(result: Mapping[str, Any]) -> bool:
     """Whether a result read back was written before its run finished."""
     return result.get("partial") is True
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete the temporary files that writes killed midway left in ``folder``."""
+    for leftover in folder.glob(f".*.json.*{_TEMPORARY}"):
+        leftover.unlink(missing_ok=True)
