@@ -198,3 +198,17 @@ def test_token_texts_of_a_piece_of_a_character(byte_level: Any) -> None:
     texts = TokenTexts(byte_level)
     first = byte_level("😀", add_special_tokens=False).input_ids[0]
     assert texts(first) == "\ufffd"
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_a_word_after_a_run_of_special_tokens_keeps_its_space(metaspace: Any, slow: bool) -> None:
+    """A run of special tokens longer than the window restarts the decode; the restart decodes
+    after the last words released (not the prompt's), so the next word keeps its space even
+    when the prompt had no plain token."""
+    words = metaspace("hello there", add_special_tokens=False).input_ids
+    after = metaspace("hello world", add_special_tokens=False).input_ids
+    after = after[len(metaspace("hello", add_special_tokens=False).input_ids) :]  # "▁world"
+    ids = [*words, *[metaspace.bos_token_id] * (text_stream._MAX_PENDING + 2), *after]
+    tokenizer = Slow(metaspace) if slow else metaspace
+    text = stream_all(TextStream(tokenizer, [metaspace.bos_token_id], ()), ids)
+    assert text == metaspace.decode(ids, skip_special_tokens=True) == "hello there world"

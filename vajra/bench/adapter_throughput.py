@@ -25,6 +25,7 @@ from vajra.bench.lora_models import (
     spec_for,
     sync_device,
 )
+from vajra.bench.result_file import Progress
 from vajra.gpu.lora import (
     LoraBatchState,
     LoraPool,
@@ -77,7 +78,7 @@ def measure_throughput(
     modes: Sequence[str] = ("auto",),
     repeats: int = 2,
     log: Callable[[str], None] = lambda _: None,
-    progress: Callable[[dict[str, Any]], None] = lambda _: None,
+    progress: Progress = lambda _: None,
 ) -> dict[str, Any]:
     """Decode throughput by adapter count (module docstring); ``progress`` gets the result so
     far after each count of each system, so a run cut short keeps what it measured."""

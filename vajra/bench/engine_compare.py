@@ -35,7 +35,7 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ import torch
 from vajra.bench.engine_sections import BenchContext, run_level
 from vajra.bench.engine_trace import BenchRequest
 from vajra.bench.lora_models import random_adapter, sync_device
+from vajra.bench.result_file import Progress
 from vajra.gpu.model import load_model
 
 
@@ -174,9 +175,7 @@ def _transformers_cb(
     }
 
 
-def adapter_section(
-    ctx: BenchContext, progress: Callable[[dict[str, Any]], None] = lambda _: None
-) -> dict[str, Any]:
+def adapter_section(ctx: BenchContext, progress: Progress = lambda _: None) -> dict[str, Any]:
     """(g); see the module docstring. ``progress`` gets the section so far after each adapter
     count, so a run cut short keeps the counts it finished."""
     from vajra.gpu.lora import pack_adapter, read_adapter_tensors

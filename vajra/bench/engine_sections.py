@@ -137,20 +137,27 @@ def concurrency_section(ctx: BenchContext) -> dict[str, Any]:
     return {"workload": ctx.shape.describe(), "levels": levels}
 
 
+#: (b)'s runs of ``context_steps`` per row with the static path: timed, operators counted,
+#: without graphs, then ``_OUTSIDE_RUNS`` with the model skipped.
+_OUTSIDE_RUNS = 4
+_STEP_RUNS = 3 + _OUTSIDE_RUNS
+
+
 def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
     """(b): ``context_rows`` rows with prompts of each context length; once every row has its
     first token, the next ``context_steps`` steps are pure decode steps and are timed, against
     the step's memory-bandwidth floor (:mod:`vajra.bench.bandwidth`). When the engine replays
     CUDA graphs of decode steps (:mod:`vajra.gpu.decode_graphs`), as many steps more of the
     same rows run with the graphs switched off: ``graph_speedup`` is eager over graph p50;
-    and as many with the model skipped (its logits reused): ``outside_model_ms``, the p50 of
-    what a step costs besides its forward."""
+    and four times as many with the model skipped (its logits reused): ``outside_model_ms``,
+    the p50 of what a step costs besides its forward (cheap steps, so more of them: a p50 of
+    16 varied by half between runs on a busy 2-core machine)."""
     cfg = ctx.config
     rows, steps = cfg.context_rows, cfg.context_steps
-    max_len = min(max(cfg.contexts) + 4 * steps + 8, ctx.facts.max_positions)
+    max_len = min(max(cfg.contexts) + _STEP_RUNS * steps + 8, ctx.facts.max_positions)
     engine, _ = ctx.engine(kind, max_batch_size=rows, max_model_len=max_len)
     graphs = getattr(engine, "decode_graphs", None)  # vajra.gpu.decode_graphs, when it runs
-    timed = (4 if graphs is not None else 2) * steps + 1
+    timed = (_STEP_RUNS if graphs is not None else 2) * steps + 1
     bandwidth = _bandwidth(ctx.device)
     results: list[dict[str, Any]] = []
     for context in cfg.contexts:
@@ -179,7 +186,7 @@ def context_section(ctx: BenchContext, kind: EngineKind) -> dict[str, Any]:
             finally:
                 engine.decode_graphs = graphs  # type: ignore[attr-defined]
             with graphs.model_skipped():  # the first step runs the forward whose logits recur
-                outside_s = _timed_steps(engine, steps + 1)[1:]
+                outside_s = _timed_steps(engine, _OUTSIDE_RUNS * steps + 1)[1:]
         _drain(engine, sorted(ids))
         p50 = percentile(step_s, 50) or 0.0
         floor = decode_floor_s(

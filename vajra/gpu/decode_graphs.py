@@ -195,24 +195,31 @@ class DecodeGraphs:
         host, tables = self._host_np, self._host_tables
         null = self._lora.pool.null_slot if self._lora is not None else 0
         lora_host = self._lora_host_np
+        d = len(chunks)
+        ids: list[int] = []
+        positions: list[int] = []
+        cache_slots: list[int] = []
         slots: list[int | None] = []
-        for i, (seq, _) in enumerate(chunks):
+        for i, (seq, _) in enumerate(chunks):  # Python lists, then one numpy write per run
             pos = seq.num_computed
             blocks = seq.blocks
-            host[i] = seq.tokens[pos]
-            host[rows + i] = pos
-            host[2 * rows + i] = blocks[pos // size] * size + pos % size
-            host[3 * rows + i] = pos + 1
+            ids.append(seq.tokens[pos])
+            positions.append(pos)
+            cache_slots.append(blocks[pos // size] * size + pos % size)
             source, done = self._written[i]
             if source is not blocks or done > len(blocks):
                 done = 0  # another sequence's list, or a new list of this one's
             if done < len(blocks):
                 tables[i, done : len(blocks)] = blocks[done:]
             self._written[i] = (blocks, len(blocks))
-            slot = seq.request.adapter_slot
-            slots.append(slot)
-            lora_host[i] = null if slot is None else slot
-        pad = slice(len(chunks), bucket)
+            slots.append(seq.request.adapter_slot)
+        host[:d] = ids
+        host[rows : rows + d] = positions
+        host[2 * rows : 2 * rows + d] = cache_slots
+        host[3 * rows : 3 * rows + d] = positions
+        host[3 * rows : 3 * rows + d] += 1  # lengths: one past each position
+        lora_host[:d] = [null if slot is None else slot for slot in slots]
+        pad = slice(d, bucket)
         host[pad] = 0
         host[rows + pad.start : rows + bucket] = 0
         host[2 * rows + pad.start : 2 * rows + bucket] = self._scratch * size

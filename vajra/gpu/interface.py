@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
 import torch
 
 from vajra.errors import VajraError
@@ -45,8 +46,12 @@ class TokenLogprob:
     top: tuple[tuple[int, str, float], ...] = ()
 
 
-@dataclass(frozen=True)
-class StepOutput:
+class StepOutput(msgspec.Struct, frozen=True):
+    """One request's news from one engine step. A frozen msgspec struct rather than a
+    dataclass: an engine makes one per running row per step, and a frozen dataclass's
+    constructor costs about ten times as much (2 us against 0.2 us a row on the CPU), which on
+    a GPU is host time between decode steps."""
+
     request_id: str
     text_delta: str  # new text since the last output for this request (may be "")
     token_ids: tuple[int, ...]  # new token ids since the last output

@@ -254,7 +254,7 @@ class Sampler:
                 packed += [top.indices.double().flatten(), top.values.double().flatten()]
         return SampleResult(
             tokens,
-            torch.cat(packed),
+            torch.cat(packed) if len(packed) > 1 else packed[0],
             plan.logprob_rows,
             plan.logprob_ks,
             self.token_text,
@@ -285,6 +285,9 @@ class Sampler:
 
     def _upload(self, values: list[int] | list[float], dtype: torch.dtype) -> torch.Tensor:
         """Host numbers to the device: one non-blocking copy from pinned memory (the caching
-        host allocator keeps the buffer until the copy is done)."""
+        host allocator keeps the buffer until the copy is done); none for no numbers (a batch
+        of plain greedy rows has none)."""
+        if not values:
+            return torch.empty(0, dtype=dtype, device=self.device)
         host = torch.tensor(values, dtype=dtype, pin_memory=self._pin)
         return host.to(self.device, non_blocking=True)

@@ -134,8 +134,14 @@ class StepPlanner:
         plan = StepPlan()
         budget = self.max_batch_tokens
         planned: set[int] = set()
-        decoding = [s for s in self.running if s.remaining == 1]
-        prefilling = [s for s in self.running if s.remaining > 1]
+        decoding: list[Sequence] = []
+        prefilling: list[Sequence] = []
+        for seq in self.running:  # one pass: this runs every step for every row
+            remaining = len(seq.tokens) - seq.num_computed
+            if remaining == 1:
+                decoding.append(seq)
+            elif remaining > 1:
+                prefilling.append(seq)
         for seq in decoding:
             if seq in plan.preempted:
                 continue

@@ -49,8 +49,8 @@ class TextStream:
 
     def push(self, token_id: int) -> bool:
         """Add one generated token; return True once a stop string has appeared."""
-        if not self.stopped:
-            self._add(self._decoder.step(token_id))
+        if not self.stopped and (piece := self._decoder.step(token_id)):
+            self._add(piece)
         return self.stopped
 
     def flush(self) -> bool:
@@ -62,14 +62,20 @@ class TextStream:
     def release(self, finished: bool) -> str:
         """The text that became final since the last call (all of it once ``finished``)."""
         pending = self._unreleased
-        end = len(pending) if finished else max(0, len(pending) - self._hold)
-        piece, self._unreleased = pending[:end], pending[end:]
+        if finished or not self._hold:
+            piece, self._unreleased = pending, ""
+        else:
+            end = max(0, len(pending) - self._hold)
+            piece, self._unreleased = pending[:end], pending[end:]
         if piece:
             self._released.append(piece)
         return piece
 
     def _add(self, piece: str | None) -> None:
         if not piece:
+            return
+        if not self._stop:
+            self._unreleased += piece
             return
         search_from = max(0, len(self._unreleased) - self._hold)
         self._unreleased += piece
@@ -136,9 +142,17 @@ class _Decoder:
         return piece
 
     def _advance(self) -> None:
-        fresh = [t for t in self._pending[-_CONTEXT:] if t not in self._special]
-        self._context = (self._context + fresh)[-_CONTEXT:]
-        self._pending = []
+        pending = self._pending
+        if len(pending) == 1:  # the usual step: one token, one piece of text
+            if pending[0] not in self._special:
+                self._context.append(pending[0])
+                if len(self._context) > _CONTEXT:
+                    del self._context[0]
+            pending.clear()
+        else:
+            fresh = [t for t in pending[-_CONTEXT:] if t not in self._special]
+            self._context = (self._context + fresh)[-_CONTEXT:]
+            self._pending = []
         if self._stream is None:
             self._base = self._decode(self._context)
 
