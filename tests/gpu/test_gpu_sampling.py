@@ -131,12 +131,17 @@ def test_the_batch_equals_the_reference_row_by_row(sampler: Sampler, case: int) 
             assert not row.accept(token)
 
 
-def test_greedy_rows_take_the_argmax_and_have_no_random_stream(sampler: Sampler) -> None:
-    logits = torch.zeros(2, V)
+@pytest.mark.parametrize("banned", [False, True])  # with a ban, x is edited before its argmax
+def test_greedy_rows_take_the_argmax_and_have_no_random_stream(
+    sampler: Sampler, banned: bool
+) -> None:
+    logits = torch.zeros(3, V)
     logits[0, 1], logits[1, 0], logits[1, 3] = 3.0, 5.0, 4.9
+    logits[2, 4], logits[2, 6] = 2.0, 2.0  # a tie: the first of them
     rows = [sampler.new_row(SamplingParams(), [1]), sampler.new_row(SamplingParams(seed=1), [1])]
+    rows.append(sampler.new_row(SamplingParams(ignore_eos=banned), [1]))
     assert all(row.rng is None for row in rows)
-    assert sampler.sample(logits, rows).to_host().tokens == [1, 0]
+    assert sampler.sample(logits, rows).to_host().tokens == [1, 0, 4]
 
 
 def draws(sampler: Sampler, row: RowSampler, logits: torch.Tensor, others: int) -> list[int]:
