@@ -137,7 +137,7 @@ class StepPlanner:
         decoding: list[Sequence] = []
         prefilling: list[Sequence] = []
         for seq in self.running:  # one pass: this runs every step for every row
-            remaining = len(seq.tokens) - seq.num_computed
+            remaining = seq.remaining
             if remaining == 1:
                 decoding.append(seq)
             elif remaining > 1:
